@@ -1,0 +1,3 @@
+from eir.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,149 @@
+"""The native list format: CSV with the header `imei,status,imsi,reason`.
+
+    imei    a 14-16 digit IMEI (normalised to 14), an 8-digit TAC, or START-END, two IMEIs
+    status  whitelist | blacklist | greylist
+    imsi    optional: the rule then applies only to that subscriber
+    reason  optional free text, shown to whoever asks why
+
+`imsi` and `reason` columns may be left out; blank lines and lines whose first cell starts
+with `#` are skipped. A file with any bad row is refused whole, every problem reported as
+`file:line: field: problem`, so the lists in force stay in force.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+from pathlib import Path
+from typing import Iterable
+
+from eir.decision import EquipmentStatus, Rule, RuleSet, UnknownPolicy
+from eir.imei import ImeiError, is_tac, normalise_imei
+
+COLUMNS = ("imei", "status", "imsi", "reason")
+REQUIRED_COLUMNS = ("imei", "status")
+STATUSES = {"whitelist": EquipmentStatus.WHITELISTED,
+            "blacklist": EquipmentStatus.BLACKLISTED,
+            "greylist": EquipmentStatus.GREYLISTED}
+MAX_REPORTED_ERRORS = 50
+
+
+class ListError(Exception):
+    """One or more list files were refused; `problems` holds `file:line: field: problem`."""
+
+    def __init__(self, problems: list[str]):
+        shown = problems[:MAX_REPORTED_ERRORS]
+        more = len(problems) - len(shown)
+        text = "\n".join(shown) + (f"\n... and {more} more problems" if more > 0 else "")
+        super().__init__(text)
+        self.problems = problems
+
+
+def parse_imsi(text: str) -> str:
+    if not text.isascii() or not text.isdigit() or not 5 <= len(text) <= 15:
+        raise ValueError(f"{text!r} is not an IMSI (5 to 15 digits)")
+    return text
+
+
+def _subject(text: str) -> dict:
+    """The rule's key fields from the `imei` cell."""
+    if "-" in text:
+        start_text, _, end_text = text.partition("-")
+        try:
+            start = int(normalise_imei(start_text.strip()))
+            end = int(normalise_imei(end_text.strip()))
+        except ImeiError as exc:
+            raise ValueError(f"range {text!r}: {exc}") from None
+        if start > end:
+            raise ValueError(f"range {text!r} ends before it starts")
+        return {"imei_range": (start, end)}
+    if is_tac(text):
+        return {"tac": text}
+    try:
+        return {"imei": normalise_imei(text)}
+    except ImeiError as exc:
+        raise ValueError(f"{exc} (expected an IMEI, an 8-digit TAC or START-END)") from None
+
+
+def read_native_csv(path: Path | str, display_name: str | None = None) -> list[Rule]:
+    """All rules of one file, or ListError naming every bad row."""
+    path = Path(path)
+    name = display_name or str(path)
+    try:
+        handle = path.open(newline="", encoding="utf-8")
+    except OSError as exc:
+        raise ListError([f"{name}: cannot open: {exc.strerror or exc}"]) from None
+    problems: list[str] = []
+    rules: list[Rule] = []
+    with handle:
+        try:
+            reader = csv.reader(handle)
+            header = None
+            for row in reader:
+                line = reader.line_num
+                if not row or not "".join(row).strip() or row[0].lstrip().startswith("#"):
+                    continue
+                if header is None:
+                    header = [cell.strip().lower() for cell in row]
+                    unknown = [c for c in header if c not in COLUMNS]
+                    missing = [c for c in REQUIRED_COLUMNS if c not in header]
+                    if unknown or missing:
+                        what = []
+                        if missing:
+                            what.append(f"missing column(s) {', '.join(missing)}")
+                        if unknown:
+                            what.append(f"unknown column(s) {', '.join(unknown)}")
+                        raise ListError([f"{name}:{line}: header: {'; '.join(what)} "
+                                         f"(expected {','.join(COLUMNS)})"])
+                    continue
+                if len(row) > len(header):
+                    problems.append(f"{name}:{line}: row: {len(row)} cells, header has "
+                                    f"{len(header)}")
+                    continue
+                cells = dict(zip(header, (cell.strip() for cell in row)))
+                problems_before = len(problems)
+                rule_fields: dict = {"source": f"{name}:{line}"}
+                try:
+                    rule_fields.update(_subject(cells.get("imei", "")))
+                except ValueError as exc:
+                    problems.append(f"{name}:{line}: imei: {exc}")
+                status_text = cells.get("status", "").lower()
+                if status_text in STATUSES:
+                    rule_fields["status"] = STATUSES[status_text]
+                else:
+                    problems.append(f"{name}:{line}: status: {cells.get('status', '')!r} is "
+                                    f"not one of {', '.join(STATUSES)}")
+                imsi = cells.get("imsi", "")
+                if imsi:
+                    try:
+                        rule_fields["imsi"] = parse_imsi(imsi)
+                    except ValueError as exc:
+                        problems.append(f"{name}:{line}: imsi: {exc}")
+                rule_fields["reason"] = cells.get("reason", "")
+                if len(problems) == problems_before:
+                    rules.append(Rule(**rule_fields))
+        except UnicodeDecodeError as exc:
+            problems.append(f"{name}: encoding: not UTF-8 ({exc.reason} at byte {exc.start})")
+        except csv.Error as exc:
+            problems.append(f"{name}:{reader.line_num}: row: {exc}")
+    if header is None and not problems:
+        problems.append(f"{name}:1: header: file is empty (expected {','.join(COLUMNS)})")
+    if problems:
+        raise ListError(problems)
+    return rules
+
+
+def load_rule_set(paths: Iterable[Path | str], unknown_policy: UnknownPolicy) -> RuleSet:
+    """Read every list file and build one snapshot; any bad file refuses them all."""
+    rules: list[Rule] = []
+    problems: list[str] = []
+    digest = hashlib.sha256()
+    for path in paths:
+        try:
+            rules.extend(read_native_csv(path))
+            digest.update(Path(path).read_bytes())
+        except ListError as exc:
+            problems.extend(exc.problems)
+    if problems:
+        raise ListError(problems)
+    return RuleSet.build(rules, unknown_policy, version=digest.hexdigest()[:12])

@@ -1,0 +1,89 @@
+"""The S13 application (3GPP TS 29.272 §5.2.4): ME-Identity-Check-Request in, answer out.
+
+Everything the answer holds but the Session-Id and the verdict is the same for every request,
+so answers are built from pre-encoded templates: one per verdict.
+"""
+
+from __future__ import annotations
+
+from eir.decision import EquipmentStatus, RuleSet
+from eir.diameter.codec import Avp, Header, decode_avps, encode_avp, encode_message
+from eir.diameter.constants import (APPLICATION_S13, AVP_FLAG_MANDATORY, FLAG_PROXIABLE,
+                                    VENDOR_3GPP, ExperimentalResultCode, ResultCode)
+from eir.diameter.dictionary import AvpError, CommandDef, Dictionary
+from eir.diameter.peer import AnswerBuilder, LocalIdentity
+from eir.imei import ImeiError, normalise_imei
+
+IMEI_CODE = 1402
+SOFTWARE_VERSION_CODE = 1403
+NO_STATE_MAINTAINED = 1
+
+
+class S13Application:
+    application_id = APPLICATION_S13
+    vendor_id = VENDOR_3GPP
+
+    def __init__(self, dictionary: Dictionary, local: LocalIdentity, rule_set: RuleSet):
+        self.dictionary = dictionary
+        # Swapped whole by the server on reload; a request reads it once, so it sees one
+        # snapshot from start to end.
+        self.rule_set = rule_set
+        self.answers = AnswerBuilder(dictionary, local)
+        encode = dictionary.encode
+        self._terminal_information = dictionary["Terminal-Information"]
+        # Vendor-Specific-Application-Id and Auth-Session-State: in every ECA, errors too.
+        self._common = encode("Vendor-Specific-Application-Id", [
+            encode("Vendor-Id", VENDOR_3GPP),
+            encode("Auth-Application-Id", APPLICATION_S13)]) + encode(
+            "Auth-Session-State", NO_STATE_MAINTAINED)
+        success = encode("Result-Code", int(ResultCode.SUCCESS))
+        self._templates = {
+            status: self._common + success + self.answers.origin + encode(
+                "Equipment-Status", int(status))
+            for status in EquipmentStatus}
+        self._templates[None] = self._common + encode("Experimental-Result", [
+            encode("Vendor-Id", VENDOR_3GPP),
+            encode("Experimental-Result-Code",
+                   int(ExperimentalResultCode.ERROR_EQUIPMENT_UNKNOWN))]) + self.answers.origin
+
+    def handle_request(self, header: Header, command: CommandDef,
+                       avps: dict[str, list[Avp]]) -> bytes:
+        session_id = avps["Session-Id"][0]
+        terminal = avps["Terminal-Information"][0]
+        imei_avp = software_version = None
+        for child in decode_avps(terminal.data, 0, len(terminal.data)):
+            if child.vendor == VENDOR_3GPP:
+                if child.code == IMEI_CODE:
+                    imei_avp = child
+                elif child.code == SOFTWARE_VERSION_CODE:
+                    software_version = child.data.decode()
+        if imei_avp is None:
+            return self._error(header, session_id, ResultCode.MISSING_AVP, self._wrap_terminal(
+                self.dictionary["IMEI"].empty_instance()), "Terminal-Information: IMEI is missing")
+        try:
+            imei = normalise_imei(imei_avp.data.decode())
+        except ImeiError as exc:
+            return self._error(header, session_id, ResultCode.INVALID_AVP_VALUE,
+                               self._wrap_terminal(imei_avp.encode()), f"IMEI: {exc}")
+        user_name = avps.get("User-Name")
+        imsi = user_name[0].data.decode() if user_name else None
+        verdict = self.rule_set.decide(imei, imsi, software_version)
+        body = encode_avp(263, AVP_FLAG_MANDATORY, 0, session_id.data) + self._templates[
+            verdict.status]
+        proxy_info = avps.get("Proxy-Info")
+        if proxy_info:
+            body += b"".join(avp.encode() for avp in proxy_info)
+        return encode_message(header.flags & FLAG_PROXIABLE, header.code, header.application,
+                              header.hop_by_hop, header.end_to_end, body)
+
+    def error_answer(self, header: Header, session_id: Avp | None, error: AvpError) -> bytes:
+        return self._error(header, session_id, error.result_code, error.failed_avp, error.text)
+
+    def _error(self, header: Header, session_id: Avp | None, code: ResultCode,
+               failed_avp: bytes | None, text: str) -> bytes:
+        return self.answers.error(header, session_id, code, failed_avp, text,
+                                  extra=self._common)
+
+    def _wrap_terminal(self, child: bytes) -> bytes:
+        t = self._terminal_information
+        return encode_avp(t.code, t.flags, t.vendor, child)

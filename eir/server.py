@@ -1,0 +1,262 @@
+"""The asyncio shell: listeners, sockets, timers and signals around the sans-IO core."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import signal
+import socket
+import time
+from pathlib import Path
+
+from eir import __version__
+from eir.config import Settings, parse_host_port
+from eir.decision import RuleSet
+from eir.diameter.dictionary import Dictionary
+from eir.diameter.peer import LocalIdentity, PeerConnection, Timers
+from eir.lists import ListError, load_rule_set
+from eir.s13 import S13Application
+
+log = logging.getLogger("eir.server")
+
+
+def sctp_unavailable_reason() -> str | None:
+    """None when this kernel can open an SCTP socket, else why not."""
+    protocol = getattr(socket, "IPPROTO_SCTP", 132)
+    try:
+        probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM, protocol)
+    except OSError as exc:
+        return f"this kernel has no SCTP: socket(AF_INET, SOCK_STREAM, IPPROTO_SCTP): {exc}"
+    probe.close()
+    return None
+
+
+def firmware_revision(version: str = __version__) -> int:
+    """0.1.0 → 100: Firmware-Revision is an Unsigned32."""
+    parts = (version.split(".") + ["0", "0"])[:3]
+    try:
+        major, minor, patch = (int(part) for part in parts)
+    except ValueError:
+        return 0
+    return major * 10000 + minor * 100 + patch
+
+
+class DiameterProtocol(asyncio.Protocol):
+    """One transport connection: feeds the peer state machine and writes what it returns."""
+
+    def __init__(self, server: "EirServer"):
+        self.server = server
+        self.loop = server.loop
+        self.peer: PeerConnection | None = None
+        self.transport: asyncio.Transport | None = None
+        self.remote = "?"
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_when = 0.0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        local = transport.get_extra_info("sockname")
+        remote = transport.get_extra_info("peername")
+        self.remote = _format_address(remote)
+        local_ip = _plain_ip(local[0]) if local else None
+        server = self.server
+        self.peer = PeerConnection(
+            server.dictionary, server.local, server.applications, self.loop.time(),
+            local_addresses=(local_ip,) if local_ip else (), timers=server.timers,
+            max_message_bytes=server.settings.diameter.max_message_bytes)
+        server.connections.add(self)
+        log.info("connection from %s", self.remote)
+        self._schedule()
+
+    def data_received(self, data: bytes) -> None:
+        peer = self.peer
+        out = peer.receive(data, self.loop.time())
+        if out:
+            self.transport.write(out)
+        if peer.events or peer.closed:
+            self._after()
+        deadline = peer.next_deadline()
+        if deadline is not None and deadline < self._timer_when:
+            self._schedule()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.peer is not None:
+            self.peer.connection_lost(f"connection lost ({exc})" if exc else
+                                      "peer closed the connection")
+            self._log_events()
+        if self._timer is not None:
+            self._timer.cancel()
+        self.server.connections.discard(self)
+        self.server.connection_closed.set()
+
+    def disconnect(self) -> None:
+        """Orderly close at shutdown: DPR if open, then close on DPA or timeout."""
+        out = self.peer.disconnect(self.loop.time())
+        if out:
+            self.transport.write(out)
+        self._after()
+        self._schedule()
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        out = self.peer.on_timer(self.loop.time())
+        if out:
+            self.transport.write(out)
+        self._after()
+        self._schedule()
+
+    def _schedule(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        deadline = self.peer.next_deadline()
+        if deadline is not None and not self.peer.closed:
+            self._timer_when = deadline
+            self._timer = self.loop.call_at(deadline, self._on_timer)
+        else:
+            self._timer_when = float("inf")
+
+    def _after(self) -> None:
+        self._log_events()
+        if self.peer.closed and not self.transport.is_closing():
+            self.transport.close()  # flushes what was written first
+
+    def _log_events(self) -> None:
+        for level, message in self.peer.events:
+            log.log(level, "%s: %s", self.remote, message)
+        self.peer.events.clear()
+
+
+class EirServer:
+    def __init__(self, settings: Settings, rule_set: RuleSet, dictionary: Dictionary):
+        self.settings = settings
+        self.dictionary = dictionary
+        diameter = settings.diameter
+        self.local = LocalIdentity(
+            origin_host=diameter.origin_host, origin_realm=diameter.origin_realm,
+            product_name=diameter.product_name, vendor_id=diameter.vendor_id,
+            firmware_revision=firmware_revision(), origin_state_id=int(time.time()),
+            host_ip_addresses=tuple(diameter.host_ip_addresses))
+        self.timers = Timers(watchdog=diameter.watchdog_seconds,
+                             cer_timeout=diameter.cer_timeout_seconds,
+                             disconnect_timeout=diameter.disconnect_timeout_seconds)
+        self.s13 = S13Application(dictionary, self.local, rule_set)
+        self.applications = {self.s13.application_id: self.s13}
+        self.connections: set[DiameterProtocol] = set()
+        self.listeners: list[asyncio.AbstractServer] = []
+        self.addresses: list[tuple[str, int]] = []
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.connection_closed = asyncio.Event()
+        self._stop = asyncio.Event()
+
+    @property
+    def rule_set(self) -> RuleSet:
+        return self.s13.rule_set
+
+    async def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        transport = self.settings.diameter.transport
+        for item in self.settings.diameter.listen:
+            host, port = parse_host_port(item)
+            if transport == "sctp":
+                listener = await self.loop.create_server(
+                    lambda: DiameterProtocol(self), sock=_sctp_socket(host, port))
+            else:
+                listener = await self.loop.create_server(
+                    lambda: DiameterProtocol(self), host, port, reuse_address=True)
+            self.listeners.append(listener)
+            for sock in listener.sockets:
+                bound = sock.getsockname()
+                self.addresses.append((bound[0], bound[1]))
+                log.info("listening on %s %s", transport, _format_address(bound))
+
+    def reload_lists(self) -> bool:
+        """Build a new snapshot from the list files and swap it in; keep the old on error."""
+        lists = self.settings.lists
+        try:
+            rule_set = load_rule_set(lists.files, lists.unknown_policy)
+        except ListError as exc:
+            log.error("list reload refused, lists in force stay in force:\n%s", exc)
+            return False
+        self.s13.rule_set = rule_set
+        log.info("lists reloaded: version %s, %d rules", rule_set.version, rule_set.rule_count)
+        return True
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def serve_forever(self) -> None:
+        await self.start()
+        loop = self.loop
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self.stop)
+        loop.add_signal_handler(signal.SIGHUP, self.reload_lists)
+        log.info("open EIR %s serving as %s (realm %s), lists version %s, %d rules",
+                 __version__, self.local.origin_host, self.local.origin_realm,
+                 self.rule_set.version, self.rule_set.rule_count)
+        await self._stop.wait()
+        await self.shutdown()
+
+    async def shutdown(self) -> None:
+        """Stop listening, send DPR to every open peer, wait for DPA (bounded), exit."""
+        log.info("shutting down: %d connection(s)", len(self.connections))
+        for listener in self.listeners:
+            listener.close()
+        for connection in list(self.connections):
+            connection.disconnect()
+        deadline = self.loop.time() + self.timers.disconnect_timeout + 1
+        while self.connections and self.loop.time() < deadline:
+            self.connection_closed.clear()
+            try:
+                await asyncio.wait_for(self.connection_closed.wait(),
+                                       deadline - self.loop.time())
+            except asyncio.TimeoutError:
+                break
+        for connection in list(self.connections):
+            connection.transport.abort()
+        for listener in self.listeners:
+            await listener.wait_closed()
+        log.info("stopped")
+
+
+def _sctp_socket(host: str, port: int) -> socket.socket:
+    reason = sctp_unavailable_reason()
+    if reason:
+        raise OSError(reason)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, getattr(socket, "IPPROTO_SCTP", 132))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    sock.bind((host, port))
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock
+
+
+def _plain_ip(address: str) -> str:
+    """An IPv4-mapped IPv6 address as plain IPv4, for Host-IP-Address."""
+    ip = ipaddress.ip_address(address.split("%")[0])
+    if ip.version == 6 and ip.ipv4_mapped:
+        return str(ip.ipv4_mapped)
+    return str(ip)
+
+
+def _format_address(address) -> str:
+    if not address:
+        return "?"
+    host, port = address[0], address[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def build_server(settings: Settings) -> EirServer:
+    """Load dictionaries and lists as the settings say (raises on any error)."""
+    dictionary = Dictionary.load(default_dictionary_dirs() + list(settings.dictionaries))
+    rule_set = load_rule_set(settings.lists.files, settings.lists.unknown_policy)
+    return EirServer(settings, rule_set, dictionary)
+
+
+def default_dictionary_dirs() -> list[Path]:
+    from eir.diameter.dictionary import DEFAULT_DICTIONARY_DIR
+    return [DEFAULT_DICTIONARY_DIR]
