@@ -93,6 +93,7 @@ def decode_avps(buf: bytes, start: int, end: int) -> list[Avp]:
     avps = []
     append = avps.append
     unpack2 = _WORDS2.unpack_from
+    new = tuple.__new__  # Avp(...) without NamedTuple's Python-level __new__: hot path
     pos = start
     while pos < end:
         if end - pos < 8:
@@ -110,7 +111,7 @@ def decode_avps(buf: bytes, start: int, end: int) -> list[Avp]:
             header_length = 8
         if length < header_length or pos + length > end:
             raise AvpLengthError(code, flags, vendor, length)
-        append(Avp(code, flags, vendor, buf[pos + header_length:pos + length]))
+        append(new(Avp, (code, flags, vendor, buf[pos + header_length:pos + length])))
         pos += (length + 3) & ~3
     return avps
 

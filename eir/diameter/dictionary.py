@@ -20,7 +20,15 @@ import yaml
 from eir.diameter.codec import Avp, AvpLengthError, decode_avps, encode_avp
 from eir.diameter.constants import AVP_FLAG_MANDATORY, AVP_FLAG_VENDOR, ResultCode
 
-DEFAULT_DICTIONARY_DIR = Path(__file__).resolve().parent.parent.parent / "dictionaries"
+
+def _default_dictionary_dir() -> Path:
+    """dictionaries/ of the source tree, else the copy installed as package data."""
+    package = Path(__file__).resolve().parent.parent
+    source_tree = package.parent / "dictionaries"
+    return source_tree if source_tree.is_dir() else package / "dictionaries"
+
+
+DEFAULT_DICTIONARY_DIR = _default_dictionary_dir()
 
 _U32 = struct.Struct("!I")
 _I32 = struct.Struct("!i")
@@ -81,40 +89,37 @@ class AvpDef:
     grammar: Grammar | None = None
     _grammar_text: str = ""
 
-    @property
-    def key(self) -> int:
-        return avp_key(self.code, self.vendor)
+    def __post_init__(self) -> None:
+        # Precomputed once: `check` runs for every AVP of every request.
+        self.key = avp_key(self.code, self.vendor)
+        self.fixed_length = _FIXED_LENGTH.get(self.type)
+        self.value_set = frozenset(self.values.values()) if self.values else None
+        self.is_string = self.type in _STRING_TYPES
+        self.is_address = self.type == "Address"
 
     def check(self, avp: Avp) -> None:
         """Raise AvpError if the payload is not a valid value of this AVP's type."""
-        t = self.type
         data = avp.data
-        fixed = _FIXED_LENGTH.get(t)
+        fixed = self.fixed_length
         if fixed is not None:
             if len(data) != fixed:
                 raise AvpError(ResultCode.INVALID_AVP_LENGTH, avp.encode(),
-                               f"{self.name}: payload of {len(data)} bytes, {t} needs {fixed}")
-            if self.values and _U32.unpack(data)[0] not in self._value_set:
+                               f"{self.name}: payload of {len(data)} bytes, "
+                               f"{self.type} needs {fixed}")
+            if self.value_set is not None and _U32.unpack(data)[0] not in self.value_set:
                 raise AvpError(ResultCode.INVALID_AVP_VALUE, avp.encode(),
                                f"{self.name}: {_U32.unpack(data)[0]} is not a defined value")
-        elif t in _STRING_TYPES:
+        elif self.is_string:
             try:
                 data.decode("utf-8")
             except UnicodeDecodeError:
                 raise AvpError(ResultCode.INVALID_AVP_VALUE, avp.encode(),
                                f"{self.name}: not valid UTF-8") from None
-        elif t == "Address":
+        elif self.is_address:
             if not (len(data) == 6 and data[:2] == b"\0\1"
                     or len(data) == 18 and data[:2] == b"\0\2"):
                 raise AvpError(ResultCode.INVALID_AVP_VALUE, avp.encode(),
                                f"{self.name}: not an IPv4 or IPv6 Address")
-
-    @property
-    def _value_set(self) -> frozenset[int]:
-        cached = self.__dict__.get("_values_cache")
-        if cached is None:
-            cached = self.__dict__["_values_cache"] = frozenset(self.values.values())
-        return cached
 
     def decode(self, data: bytes) -> Any:
         t = self.type
@@ -328,19 +333,22 @@ class Dictionary:
         after the whole list, 5005 for a missing required AVP.
         """
         found: dict[str, list[Avp]] = {}
-        known = self.avps
         rules = grammar.rules
         for avp in avps:
-            definition = known.get((avp.vendor << 32) | avp.code)
-            if definition is None:
-                if avp.flags & AVP_FLAG_MANDATORY:
-                    raise AvpError(ResultCode.AVP_UNSUPPORTED, avp.encode(),
-                                   f"AVP {avp.code} (vendor {avp.vendor}) is not supported")
-                continue
-            rule = rules.get(definition.key)
-            if rule is None and not grammar.allows_any:
-                raise AvpError(ResultCode.AVP_NOT_ALLOWED, avp.encode(),
-                               f"{definition.name} is not allowed here")
+            key = (avp[2] << 32) | avp[0]
+            rule = rules.get(key)
+            if rule is not None:
+                definition = rule.avp
+            else:
+                definition = self.avps.get(key)
+                if definition is None:
+                    if avp[1] & AVP_FLAG_MANDATORY:
+                        raise AvpError(ResultCode.AVP_UNSUPPORTED, avp.encode(),
+                                       f"AVP {avp[0]} (vendor {avp[2]}) is not supported")
+                    continue
+                if not grammar.allows_any:
+                    raise AvpError(ResultCode.AVP_NOT_ALLOWED, avp.encode(),
+                                   f"{definition.name} is not allowed here")
             if definition.grammar is not None:
                 self._validate_grouped(avp, definition)
             else:

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The one test command (README, .ci/run): installs what the tests need, then runs them.
+#   - Debian packages: freediameterd + extensions (a real Diameter peer), tshark (a real
+#     dissector). Installed with apt-get when missing (root, or sudo when available).
+#   - a virtual environment in .venv with the project and its test extras.
+# Extra arguments go to pytest, e.g. `bash scripts/test.sh -k wire_errors`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+apt_packages=(freediameterd freediameter-extensions libfreediameter-dev tshark)
+missing=()
+command -v freeDiameterd >/dev/null || missing+=(freediameterd freediameter-extensions libfreediameter-dev)
+command -v tshark >/dev/null || missing+=(tshark)
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" -eq 0 ]; then sudo=""; elif command -v sudo >/dev/null; then sudo="sudo"; else
+    echo "scripts/test.sh: need root or sudo to install: ${apt_packages[*]}" >&2; exit 1; fi
+  echo "== installing Debian packages: ${missing[*]}"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
+    "${missing[@]}" >/dev/null
+fi
+
+python=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  echo "== creating .venv"
+  "$python" -m venv .venv
+fi
+echo "== installing open EIR with its test dependencies into .venv"
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+
+echo "== running the tests"
+exec .venv/bin/python -m pytest "$@"

@@ -1,0 +1,187 @@
+"""Wireshark's Diameter dissector (tshark, Debian) reads our ECAs as we meant them.
+
+A live loopback capture of a real `eir serve` answering CER and four ECRs (blacklisted,
+greylisted, whitelisted, unknown IMEI) built with python-diameter — an encoder independent of
+ours — is dissected by tshark; each ECA must carry the Result-Code / Equipment-Status (or the
+Experimental-Result-Code 5422) we meant, with no malformed-packet or expert complaint.
+"""
+
+from __future__ import annotations
+
+import re
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+from diameter.message import Message
+from diameter.message.avp.grouped import TerminalInformation, VendorSpecificApplicationId
+from diameter.message.commands import CapabilitiesExchangeRequest, MeIdentityCheckRequest
+
+pytestmark = [
+    pytest.mark.peer,
+    pytest.mark.skipif(shutil.which("tshark") is None, reason="tshark is not installed"),
+]
+
+S13 = 16777252
+TGPP = 10415
+TIMEOUT = 10.0
+
+# (IMEI, IMSI) → what the ECA must say; verdicts from config/lists/example.csv.
+CASES = {
+    "blacklisted": ("35209900176148", "001010000000001", {"Result-Code": "2001",
+                                                          "Equipment-Status": "1"}),
+    "greylisted": ("35332106470089", "001010000000002", {"Result-Code": "2001",
+                                                         "Equipment-Status": "2"}),
+    "whitelisted": ("35000000000001", "001010000000003", {"Result-Code": "2001",
+                                                          "Equipment-Status": "0"}),
+    "unknown": ("12345678901234", "001010000000004", {"Experimental-Result-Code": "5422"}),
+}
+FIELDS = ["frame.number", "diameter.cmd.code", "diameter.flags.request",
+          "diameter.hopbyhopid", "diameter.Result-Code", "diameter.Experimental-Result-Code",
+          "diameter.Equipment-Status", "diameter.Session-Id", "_ws.malformed",
+          "_ws.expert.message"]
+
+
+def wait_for_stderr_line(process: subprocess.Popen, pattern: str, timeout: float) -> list[str]:
+    """Read `process` stderr line by line until one matches; fail after `timeout`."""
+    regex = re.compile(pattern)
+    seen: list[str] = []
+    deadline = time.monotonic() + timeout
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise AssertionError(f"no stderr line matching {pattern!r} within {timeout}s:\n"
+                                 + "".join(seen))
+        ready, _, _ = select.select([process.stderr], [], [], remaining)
+        if not ready:
+            continue
+        line = process.stderr.readline()
+        if not line:
+            raise AssertionError(f"exited ({process.wait()}) before {pattern!r}:\n"
+                                 + "".join(seen))
+        seen.append(line)
+        if regex.search(line):
+            return seen
+
+
+def read_message(sock: socket.socket) -> Message:
+    """One Diameter message from a stream socket (python-diameter has no framer)."""
+    def exactly(count: int) -> bytes:
+        data = b""
+        while len(data) < count:
+            chunk = sock.recv(count - len(data))
+            assert chunk, "connection closed mid-message"
+            data += chunk
+        return data
+    header = exactly(4)
+    length = int.from_bytes(header[1:4], "big")
+    return Message.from_bytes(header + exactly(length - 4))
+
+
+def build_cer() -> bytes:
+    cer = CapabilitiesExchangeRequest()
+    cer.header.hop_by_hop_identifier = cer.header.end_to_end_identifier = 1
+    cer.origin_host = b"mme.localdomain"
+    cer.origin_realm = b"localdomain"
+    cer.host_ip_address = "127.0.0.1"
+    cer.vendor_id = 0
+    cer.product_name = "tshark-test"
+    cer.auth_application_id = S13
+    cer.vendor_specific_application_id = VendorSpecificApplicationId(
+        vendor_id=TGPP, auth_application_id=S13)
+    cer.supported_vendor_id = TGPP
+    return cer.as_bytes()
+
+
+def build_ecr(hop_by_hop: int, session_id: str, imei: str, imsi: str) -> bytes:
+    ecr = MeIdentityCheckRequest()
+    ecr.header.application_id = S13
+    ecr.header.hop_by_hop_identifier = ecr.header.end_to_end_identifier = hop_by_hop
+    ecr.session_id = session_id
+    ecr.auth_session_state = 1  # NO_STATE_MAINTAINED
+    ecr.origin_host = b"mme.localdomain"
+    ecr.origin_realm = b"localdomain"
+    ecr.destination_realm = b"localdomain"
+    ecr.terminal_information = TerminalInformation(imei=imei, software_version="23")
+    ecr.user_name = imsi
+    return ecr.as_bytes()
+
+
+def dissect(pcap, port: int) -> list[dict[str, str]]:
+    """Every Diameter frame of the capture as {field: value} (first occurrence only)."""
+    command = ["tshark", "-r", str(pcap), "-d", f"tcp.port=={port},diameter", "-Y", "diameter",
+               "-T", "fields", "-E", "separator=|", "-E", "occurrence=a", "-E", "aggregator=,"]
+    for name in FIELDS:
+        command += ["-e", name]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.returncode == 0, result.stderr
+    rows = []
+    for line in result.stdout.splitlines():
+        values = line.split("|")
+        assert len(values) == len(FIELDS), line
+        rows.append(dict(zip(FIELDS, values)))
+    return rows
+
+
+@pytest.fixture
+def captured_exchange(eir_server, tmp_path):
+    """Capture CER/CEA + one ECR/ECA per case on loopback; return (rows, sent, answers)."""
+    server = eir_server("--unknown", "unknown")
+    pcap = tmp_path / "eca.pcap"
+    tshark = subprocess.Popen(
+        ["tshark", "-i", "lo", "-f", f"tcp port {server.port}", "-w", str(pcap)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_stderr_line(tshark, r"Capture started", TIMEOUT)
+        sessions, answers = {}, {}
+        with socket.create_connection(server.address, timeout=TIMEOUT) as sock:
+            sock.sendall(build_cer())
+            assert read_message(sock).result_code == 2001
+            for number, (name, (imei, imsi, _)) in enumerate(CASES.items(), start=100):
+                sessions[name] = f"mme.localdomain;tshark;{name}"
+                sock.sendall(build_ecr(number, sessions[name], imei, imsi))
+                answers[name] = read_message(sock)
+    finally:
+        if tshark.poll() is None:
+            tshark.send_signal(signal.SIGINT)
+        _, errors = tshark.communicate(timeout=TIMEOUT)
+    assert tshark.returncode == 0, errors
+    return dissect(pcap, server.port), sessions, answers
+
+
+def test_tshark_reads_result_and_equipment_status_of_each_eca(captured_exchange):
+    rows, sessions, answers = captured_exchange
+    ecas = {row["diameter.Session-Id"]: row for row in rows
+            if row["diameter.cmd.code"] == "324" and row["diameter.flags.request"] == "0"}
+    for name, (_, _, expected) in CASES.items():
+        row = ecas.get(sessions[name])
+        assert row is not None, f"no ECA for {name} in the capture: {rows}"
+        wanted = {"Result-Code": "", "Experimental-Result-Code": "", "Equipment-Status": ""}
+        wanted.update(expected)
+        got = {key: row[f"diameter.{key}"] for key in wanted}
+        assert got == wanted, f"{name}: {row}"
+    # The independent decoder on the client side agrees with Wireshark.
+    assert answers["blacklisted"].equipment_status == 1
+    assert answers["unknown"].experimental_result.experimental_result_code == 5422
+
+
+def test_tshark_sees_cea_and_every_ecr_answered(captured_exchange):
+    rows, _, _ = captured_exchange
+    commands = [(row["diameter.cmd.code"], row["diameter.flags.request"]) for row in rows]
+    assert commands == [("257", "1"), ("257", "0")] + [("324", "1"), ("324", "0")] * len(
+        CASES), rows
+    cea = rows[1]
+    assert cea["diameter.Result-Code"] == "2001", cea
+
+
+def test_tshark_finds_nothing_malformed_in_our_answers(captured_exchange):
+    rows, _, _ = captured_exchange
+    answers = [row for row in rows if row["diameter.flags.request"] == "0"]
+    assert len(answers) == 1 + len(CASES)
+    for row in answers:
+        assert row["_ws.malformed"] == "", f"malformed: {row}"
+        assert row["_ws.expert.message"] == "", f"expert info: {row}"
