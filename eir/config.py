@@ -28,13 +28,15 @@ class ConfigError(Exception):
 def parse_host_port(text: str) -> tuple[str, int]:
     """`HOST:PORT` or `[IPV6]:PORT` → (host, port)."""
     text = text.strip()
-    if text.startswith("["):
+    bracketed = text.startswith("[")
+    if bracketed:
         host, sep, port_text = text[1:].partition("]:")
     else:
         host, sep, port_text = text.rpartition(":")
-    if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+    if (not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535
+            or ":" in host and not bracketed):
         raise ValueError(f"{text!r} is not HOST:PORT (IPv6 as [ADDR]:PORT)")
-    if ":" in host:
+    if bracketed:
         ipaddress.IPv6Address(host)  # raises ValueError with its own message
     return host, int(port_text)
 

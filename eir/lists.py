@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 from pathlib import Path
 from typing import Iterable
 
@@ -65,67 +66,79 @@ def _subject(text: str) -> dict:
         raise ValueError(f"{exc} (expected an IMEI, an 8-digit TAC or START-END)") from None
 
 
-def read_native_csv(path: Path | str, display_name: str | None = None) -> list[Rule]:
-    """All rules of one file, or ListError naming every bad row."""
+def _rule(cells: dict[str, str], where: str) -> tuple[Rule | None, list[str]]:
+    """The rule of one row, or the problems with it (`where: field: problem`)."""
+    problems = []
+    fields: dict = {"source": where, "reason": cells.get("reason", "")}
+    try:
+        fields.update(_subject(cells.get("imei", "")))
+    except ValueError as exc:
+        problems.append(f"{where}: imei: {exc}")
+    status = cells.get("status", "")
+    if status.lower() in STATUSES:
+        fields["status"] = STATUSES[status.lower()]
+    else:
+        problems.append(f"{where}: status: {status!r} is not one of {', '.join(STATUSES)}")
+    if cells.get("imsi"):
+        try:
+            fields["imsi"] = parse_imsi(cells["imsi"])
+        except ValueError as exc:
+            problems.append(f"{where}: imsi: {exc}")
+    return (None, problems) if problems else (Rule(**fields), [])
+
+
+def _header(row: list[str], where: str) -> list[str]:
+    header = [cell.strip().lower() for cell in row]
+    unknown = [column for column in header if column not in COLUMNS]
+    missing = [column for column in REQUIRED_COLUMNS if column not in header]
+    what = []
+    if missing:
+        what.append(f"missing column(s) {', '.join(missing)}")
+    if unknown:
+        what.append(f"unknown column(s) {', '.join(unknown)}")
+    if what:
+        raise ListError([f"{where}: header: {'; '.join(what)} (expected {','.join(COLUMNS)})"])
+    return header
+
+
+def read_native_csv(path: Path | str, display_name: str | None = None,
+                    digest=None) -> list[Rule]:
+    """All rules of one file, or ListError naming every bad row. `digest` (a hashlib
+    object), when given, is updated with the file's bytes."""
     path = Path(path)
     name = display_name or str(path)
     try:
-        handle = path.open(newline="", encoding="utf-8")
+        content = path.read_bytes()
     except OSError as exc:
         raise ListError([f"{name}: cannot open: {exc.strerror or exc}"]) from None
+    try:
+        text = content.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = content.count(b"\n", 0, exc.start) + 1
+        raise ListError([f"{name}:{line}: encoding: not UTF-8 ({exc.reason} at byte "
+                         f"{exc.start})"]) from None
+    if digest is not None:
+        digest.update(content)
     problems: list[str] = []
     rules: list[Rule] = []
-    with handle:
-        try:
-            reader = csv.reader(handle)
-            header = None
-            for row in reader:
-                line = reader.line_num
-                if not row or not "".join(row).strip() or row[0].lstrip().startswith("#"):
-                    continue
-                if header is None:
-                    header = [cell.strip().lower() for cell in row]
-                    unknown = [c for c in header if c not in COLUMNS]
-                    missing = [c for c in REQUIRED_COLUMNS if c not in header]
-                    if unknown or missing:
-                        what = []
-                        if missing:
-                            what.append(f"missing column(s) {', '.join(missing)}")
-                        if unknown:
-                            what.append(f"unknown column(s) {', '.join(unknown)}")
-                        raise ListError([f"{name}:{line}: header: {'; '.join(what)} "
-                                         f"(expected {','.join(COLUMNS)})"])
-                    continue
-                if len(row) > len(header):
-                    problems.append(f"{name}:{line}: row: {len(row)} cells, header has "
-                                    f"{len(header)}")
-                    continue
-                cells = dict(zip(header, (cell.strip() for cell in row)))
-                problems_before = len(problems)
-                rule_fields: dict = {"source": f"{name}:{line}"}
-                try:
-                    rule_fields.update(_subject(cells.get("imei", "")))
-                except ValueError as exc:
-                    problems.append(f"{name}:{line}: imei: {exc}")
-                status_text = cells.get("status", "").lower()
-                if status_text in STATUSES:
-                    rule_fields["status"] = STATUSES[status_text]
-                else:
-                    problems.append(f"{name}:{line}: status: {cells.get('status', '')!r} is "
-                                    f"not one of {', '.join(STATUSES)}")
-                imsi = cells.get("imsi", "")
-                if imsi:
-                    try:
-                        rule_fields["imsi"] = parse_imsi(imsi)
-                    except ValueError as exc:
-                        problems.append(f"{name}:{line}: imsi: {exc}")
-                rule_fields["reason"] = cells.get("reason", "")
-                if len(problems) == problems_before:
-                    rules.append(Rule(**rule_fields))
-        except UnicodeDecodeError as exc:
-            problems.append(f"{name}: encoding: not UTF-8 ({exc.reason} at byte {exc.start})")
-        except csv.Error as exc:
-            problems.append(f"{name}:{reader.line_num}: row: {exc}")
+    header = None
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        for row in reader:
+            where = f"{name}:{reader.line_num}"
+            if not row or not "".join(row).strip() or row[0].lstrip().startswith("#"):
+                continue
+            if header is None:
+                header = _header(row, where)
+            elif len(row) > len(header):
+                problems.append(f"{where}: row: {len(row)} cells, header has {len(header)}")
+            else:
+                rule, row_problems = _rule(dict(zip(header, map(str.strip, row))), where)
+                if rule is not None:
+                    rules.append(rule)
+                problems.extend(row_problems)
+    except csv.Error as exc:
+        problems.append(f"{name}:{reader.line_num}: row: {exc}")
     if header is None and not problems:
         problems.append(f"{name}:1: header: file is empty (expected {','.join(COLUMNS)})")
     if problems:
@@ -140,8 +153,7 @@ def load_rule_set(paths: Iterable[Path | str], unknown_policy: UnknownPolicy) ->
     digest = hashlib.sha256()
     for path in paths:
         try:
-            rules.extend(read_native_csv(path))
-            digest.update(Path(path).read_bytes())
+            rules.extend(read_native_csv(path, digest=digest))
         except ListError as exc:
             problems.extend(exc.problems)
     if problems:

@@ -7,15 +7,13 @@ so answers are built from pre-encoded templates: one per verdict.
 from __future__ import annotations
 
 from eir.decision import EquipmentStatus, RuleSet
-from eir.diameter.codec import Avp, Header, decode_avps, encode_avp, encode_message
+from eir.diameter.codec import Avp, Header, encode_avp, encode_message
 from eir.diameter.constants import (APPLICATION_S13, AVP_FLAG_MANDATORY, FLAG_PROXIABLE,
                                     VENDOR_3GPP, ExperimentalResultCode, ResultCode)
-from eir.diameter.dictionary import AvpError, CommandDef, Dictionary
+from eir.diameter.dictionary import AvpError, AvpIndex, CommandDef, Dictionary
 from eir.diameter.peer import AnswerBuilder, LocalIdentity
 from eir.imei import ImeiError, normalise_imei
 
-IMEI_CODE = 1402
-SOFTWARE_VERSION_CODE = 1403
 NO_STATE_MAINTAINED = 1
 
 
@@ -46,25 +44,24 @@ class S13Application:
             encode("Experimental-Result-Code",
                    int(ExperimentalResultCode.ERROR_EQUIPMENT_UNKNOWN))]) + self.answers.origin
 
-    def handle_request(self, header: Header, command: CommandDef,
-                       avps: dict[str, list[Avp]]) -> bytes:
+    def handle_request(self, header: Header, command: CommandDef, avps: AvpIndex) -> bytes:
         session_id = avps["Session-Id"][0]
-        terminal = avps["Terminal-Information"][0]
-        imei_avp = software_version = None
-        for child in decode_avps(terminal.data, 0, len(terminal.data)):
-            if child.vendor == VENDOR_3GPP:
-                if child.code == IMEI_CODE:
-                    imei_avp = child
-                elif child.code == SOFTWARE_VERSION_CODE:
-                    software_version = child.data.decode()
+        terminal = avps.groups["Terminal-Information"][0]
+        imei_avp = terminal.get("IMEI")
         if imei_avp is None:
-            return self._error(header, session_id, ResultCode.MISSING_AVP, self._wrap_terminal(
+            # The grammar makes IMEI optional (3GPP2-MEID may stand instead), but we decide
+            # on IMEIs only.
+            raise AvpError(ResultCode.MISSING_AVP, self._wrap_terminal(
                 self.dictionary["IMEI"].empty_instance()), "Terminal-Information: IMEI is missing")
+        imei_avp = imei_avp[0]
         try:
             imei = normalise_imei(imei_avp.data.decode())
         except ImeiError as exc:
-            return self._error(header, session_id, ResultCode.INVALID_AVP_VALUE,
-                               self._wrap_terminal(imei_avp.encode()), f"IMEI: {exc}")
+            raise AvpError(ResultCode.INVALID_AVP_VALUE, self._wrap_terminal(imei_avp.encode()),
+                           f"Terminal-Information: IMEI: {exc}") from None
+        software_version = terminal.get("Software-Version")
+        if software_version is not None:
+            software_version = software_version[0].data.decode()
         user_name = avps.get("User-Name")
         imsi = user_name[0].data.decode() if user_name else None
         verdict = self.rule_set.decide(imei, imsi, software_version)
@@ -77,12 +74,8 @@ class S13Application:
                               header.hop_by_hop, header.end_to_end, body)
 
     def error_answer(self, header: Header, session_id: Avp | None, error: AvpError) -> bytes:
-        return self._error(header, session_id, error.result_code, error.failed_avp, error.text)
-
-    def _error(self, header: Header, session_id: Avp | None, code: ResultCode,
-               failed_avp: bytes | None, text: str) -> bytes:
-        return self.answers.error(header, session_id, code, failed_avp, text,
-                                  extra=self._common)
+        return self.answers.error(header, session_id, error.result_code, error.failed_avp,
+                                  error.text, extra=self._common)
 
     def _wrap_terminal(self, child: bytes) -> bytes:
         t = self._terminal_information

@@ -187,11 +187,12 @@ class EirServer:
         self._stop.set()
 
     async def serve_forever(self) -> None:
-        await self.start()
-        loop = self.loop
+        # Signal handlers first: whoever sees "listening on" may signal us at once.
+        loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.stop)
         loop.add_signal_handler(signal.SIGHUP, self.reload_lists)
+        await self.start()
         log.info("open EIR %s serving as %s (realm %s), lists version %s, %d rules",
                  __version__, self.local.origin_host, self.local.origin_realm,
                  self.rule_set.version, self.rule_set.rule_count)

@@ -8,6 +8,7 @@ Experimental-Result-Code 5422) we meant, with no malformed-packet or expert comp
 
 from __future__ import annotations
 
+import os
 import re
 import select
 import shutil
@@ -46,26 +47,32 @@ FIELDS = ["frame.number", "diameter.cmd.code", "diameter.flags.request",
           "_ws.expert.message"]
 
 
-def wait_for_stderr_line(process: subprocess.Popen, pattern: str, timeout: float) -> list[str]:
-    """Read `process` stderr line by line until one matches; fail after `timeout`."""
-    regex = re.compile(pattern)
-    seen: list[str] = []
-    deadline = time.monotonic() + timeout
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise AssertionError(f"no stderr line matching {pattern!r} within {timeout}s:\n"
-                                 + "".join(seen))
-        ready, _, _ = select.select([process.stderr], [], [], remaining)
-        if not ready:
-            continue
-        line = process.stderr.readline()
-        if not line:
-            raise AssertionError(f"exited ({process.wait()}) before {pattern!r}:\n"
-                                 + "".join(seen))
-        seen.append(line)
-        if regex.search(line):
-            return seen
+class PipeLines:
+    """Lines of a subprocess pipe, read with select() so every wait is bounded."""
+
+    def __init__(self, pipe):
+        self.fd = pipe.fileno()
+        self.buffer = b""
+        self.seen: list[str] = []
+
+    def wait_for(self, pattern: str, timeout: float = TIMEOUT) -> str:
+        """Consume lines until one matches `pattern`; fail after `timeout` or at EOF."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while True:
+            while b"\n" in self.buffer:
+                line, self.buffer = self.buffer.split(b"\n", 1)
+                self.seen.append(line.decode(errors="replace"))
+                if regex.search(self.seen[-1]):
+                    return self.seen[-1]
+            remaining = deadline - time.monotonic()
+            ready = select.select([self.fd], [], [], max(remaining, 0))[0]
+            chunk = os.read(self.fd, 65536) if ready else b""
+            if not chunk:
+                why = "end of output" if ready else f"{timeout}s passed"
+                raise AssertionError(f"no line matching {pattern!r} ({why}):\n"
+                                     + "\n".join(self.seen))
+            self.buffer += chunk
 
 
 def read_message(sock: socket.socket) -> Message:
@@ -129,14 +136,20 @@ def dissect(pcap, port: int) -> list[dict[str, str]]:
 
 @pytest.fixture
 def captured_exchange(eir_server, tmp_path):
-    """Capture CER/CEA + one ECR/ECA per case on loopback; return (rows, sent, answers)."""
+    """Capture CER/CEA + one ECR/ECA per case on loopback; return (rows, sessions, answers).
+
+    tshark prints a summary line per packet it has written (-P, flushed with -l): waiting
+    for the last ECA's line there, rather than sleeping, tells that the capture holds it.
+    """
     server = eir_server("--unknown", "unknown")
     pcap = tmp_path / "eca.pcap"
     tshark = subprocess.Popen(
-        ["tshark", "-i", "lo", "-f", f"tcp port {server.port}", "-w", str(pcap)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        ["tshark", "-i", "lo", "-f", f"tcp port {server.port}", "-w", str(pcap), "-P", "-l",
+         "-d", f"tcp.port=={server.port},diameter"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        wait_for_stderr_line(tshark, r"Capture started", TIMEOUT)
+        PipeLines(tshark.stderr).wait_for(r"Capture started")
+        summaries = PipeLines(tshark.stdout)
         sessions, answers = {}, {}
         with socket.create_connection(server.address, timeout=TIMEOUT) as sock:
             sock.sendall(build_cer())
@@ -145,11 +158,13 @@ def captured_exchange(eir_server, tmp_path):
                 sessions[name] = f"mme.localdomain;tshark;{name}"
                 sock.sendall(build_ecr(number, sessions[name], imei, imsi))
                 answers[name] = read_message(sock)
+        for _ in CASES:
+            summaries.wait_for(r"ME-Identity-Check Answer")
     finally:
         if tshark.poll() is None:
             tshark.send_signal(signal.SIGINT)
         _, errors = tshark.communicate(timeout=TIMEOUT)
-    assert tshark.returncode == 0, errors
+    assert tshark.returncode == 0, errors.decode(errors="replace")
     return dissect(pcap, server.port), sessions, answers
 
 

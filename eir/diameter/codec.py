@@ -50,12 +50,15 @@ class AvpLengthError(Exception):
     short, as RFC 6733 §7.1.5 asks for in Failed-AVP.
     """
 
-    def __init__(self, code: int, flags: int, vendor: int, reported_length: int):
+    def __init__(self, code: int, flags: int, vendor: int, reported_length: int,
+                 decoded: list[Avp] | None = None):
         super().__init__(f"AVP {code} (vendor {vendor}) has invalid length {reported_length}")
         self.code = code
         self.flags = flags
         self.vendor = vendor
         self.reported_length = reported_length
+        # The AVPs before the broken one: an error answer still echoes their Session-Id.
+        self.decoded = decoded or []
 
 
 def parse_header(buf: bytes | bytearray | memoryview, offset: int = 0) -> Header:
@@ -97,20 +100,20 @@ def decode_avps(buf: bytes, start: int, end: int) -> list[Avp]:
     pos = start
     while pos < end:
         if end - pos < 8:
-            raise AvpLengthError(*_partial_header(buf, pos, end), end - pos)
+            raise AvpLengthError(*_partial_header(buf, pos, end), end - pos, avps)
         code, word = unpack2(buf, pos)
         flags = word >> 24
         length = word & 0xFFFFFF
         if flags & AVP_FLAG_VENDOR:
             if end - pos < 12:
-                raise AvpLengthError(code, flags, 0, length)
+                raise AvpLengthError(code, flags, 0, length, avps)
             vendor = _WORD.unpack_from(buf, pos + 8)[0]
             header_length = 12
         else:
             vendor = 0
             header_length = 8
         if length < header_length or pos + length > end:
-            raise AvpLengthError(code, flags, vendor, length)
+            raise AvpLengthError(code, flags, vendor, length, avps)
         append(new(Avp, (code, flags, vendor, buf[pos + header_length:pos + length])))
         pos += (length + 3) & ~3
     return avps

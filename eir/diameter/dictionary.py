@@ -60,6 +60,17 @@ class AvpError(Exception):
         self.text = text
 
 
+class AvpIndex(dict):
+    """Validated AVPs by name (name → occurrences, in order). `groups` holds, for each
+    Grouped AVP, the index of each occurrence's children, so nothing is decoded twice."""
+
+    __slots__ = ("groups",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.groups: dict[str, list[AvpIndex]] = {}
+
+
 def avp_key(code: int, vendor: int) -> int:
     return (vendor << 32) | code
 
@@ -88,6 +99,7 @@ class AvpDef:
     values: dict[str, int] = field(default_factory=dict)
     grammar: Grammar | None = None
     _grammar_text: str = ""
+    _where: str = ""  # file and entry it was defined in, for errors in its grammar
 
     def __post_init__(self) -> None:
         # Precomputed once: `check` runs for every AVP of every request.
@@ -233,7 +245,7 @@ class Dictionary:
         # Grammars refer to AVPs by name, possibly defined in a later file: resolve last.
         for avp in dictionary.avps.values():
             if avp.type == "Grouped":
-                avp.grammar = dictionary._grammar(avp._grammar_text, f"AVP {avp.name}: grammar")
+                avp.grammar = dictionary._grammar(avp._grammar_text, f"{avp._where}: grammar")
         for where, _, entry in pending_commands:
             dictionary._add_command(entry, where)
         return dictionary
@@ -263,7 +275,7 @@ class Dictionary:
             raise DictionaryError(f"{where}: grammar: a Grouped AVP needs one")
         definition = AvpDef(name, code, vendor, avp_type, flags,
                             {str(k): int(v) for k, v in values.items()},
-                            _grammar_text=grammar_text)
+                            _grammar_text=grammar_text, _where=where)
         existing = self.avps.get(definition.key)
         if existing is not None and existing.name != name:
             raise DictionaryError(
@@ -325,14 +337,14 @@ class Dictionary:
     def command(self, application: int, code: int) -> CommandDef | None:
         return self.commands.get((application, code))
 
-    def validate(self, avps: list[Avp], grammar: Grammar) -> dict[str, list[Avp]]:
+    def validate(self, avps: list[Avp], grammar: Grammar) -> AvpIndex:
         """Check `avps` against `grammar` (recursing into Grouped AVPs) and index them by name.
 
         Raises AvpError for the first problem found: 5001 unknown AVP with the M bit,
         5004 invalid value, 5014 invalid length, 5008 AVP not allowed, 5009 too many, and
         after the whole list, 5005 for a missing required AVP.
         """
-        found: dict[str, list[Avp]] = {}
+        found = AvpIndex()
         rules = grammar.rules
         for avp in avps:
             key = (avp[2] << 32) | avp[0]
@@ -350,7 +362,12 @@ class Dictionary:
                     raise AvpError(ResultCode.AVP_NOT_ALLOWED, avp.encode(),
                                    f"{definition.name} is not allowed here")
             if definition.grammar is not None:
-                self._validate_grouped(avp, definition)
+                children = self._validate_grouped(avp, definition)
+                group = found.groups.get(definition.name)
+                if group is None:
+                    found.groups[definition.name] = [children]
+                else:
+                    group.append(children)
             else:
                 definition.check(avp)
             same = found.get(definition.name)
@@ -367,10 +384,9 @@ class Dictionary:
                                f"{rule.avp.name} is missing")
         return found
 
-    def _validate_grouped(self, avp: Avp, definition: AvpDef) -> None:
+    def _validate_grouped(self, avp: Avp, definition: AvpDef) -> AvpIndex:
         try:
-            children = decode_avps(avp.data, 0, len(avp.data))
-            self.validate(children, definition.grammar)
+            return self.validate(decode_avps(avp.data, 0, len(avp.data)), definition.grammar)
         except AvpLengthError as exc:
             inner = self.failed_for_length_error(exc)
             raise AvpError(ResultCode.INVALID_AVP_LENGTH,

@@ -22,7 +22,7 @@ from eir.diameter.constants import (APPLICATION_COMMON, APPLICATION_RELAY,
                                     COMMAND_DEVICE_WATCHDOG, COMMAND_DISCONNECT_PEER,
                                     FLAG_ERROR, FLAG_PROXIABLE, FLAG_REQUEST, DisconnectCause,
                                     ResultCode)
-from eir.diameter.dictionary import AvpError, CommandDef, Dictionary
+from eir.diameter.dictionary import AvpError, AvpIndex, CommandDef, Dictionary
 
 SESSION_ID_CODE = 263
 
@@ -46,8 +46,10 @@ class Application(Protocol):
     application_id: int
     vendor_id: int
 
-    def handle_request(self, header: Header, command: CommandDef,
-                       avps: dict[str, list[Avp]]) -> bytes: ...
+    def handle_request(self, header: Header, command: CommandDef, avps: AvpIndex) -> bytes:
+        """The answer to a validated request; raises AvpError when a value the
+        application checks itself is wrong (the peer then logs and calls error_answer)."""
+        ...
 
     def error_answer(self, header: Header, session_id: Avp | None, error: AvpError) -> bytes: ...
 
@@ -260,7 +262,7 @@ class PeerConnection:
         except AvpLengthError as exc:
             error = AvpError(ResultCode.INVALID_AVP_LENGTH,
                              self.dictionary.failed_for_length_error(exc), str(exc))
-            return self._avp_error(header, handler, None, error)
+            return self._avp_error(header, handler, _session_id(exc.decoded), error)
         try:
             found = self.dictionary.validate(avps, command.request)
         except AvpError as error:
@@ -268,7 +270,11 @@ class PeerConnection:
         if handler is not None:
             if state is not PeerState.OPEN:
                 return b""  # CLOSING: we asked to disconnect, new work is not taken
-            return handler.handle_request(header, command, found)
+            try:
+                return handler.handle_request(header, command, found)
+            except AvpError as error:  # the application's own checks of AVP values
+                return self._avp_error(header, handler, found["Session-Id"][0]
+                                       if "Session-Id" in found else None, error)
         if header.code == COMMAND_DEVICE_WATCHDOG:
             return self._answer(header, ResultCode.SUCCESS, self.answers.origin_state)
         if header.code == COMMAND_DISCONNECT_PEER:
@@ -297,8 +303,8 @@ class PeerConnection:
                         text: str) -> bytes:
         try:
             session_id = _session_id(decode_avps(raw, 20, len(raw)))
-        except AvpLengthError:
-            session_id = None
+        except AvpLengthError as exc:
+            session_id = _session_id(exc.decoded)
         self.events.append((logging.INFO, f"{self.peer_host}: answering {code.value} "
                             f"{code.name}: {text}"))
         return self.answers.error(header, session_id, code, text=text)
@@ -318,16 +324,15 @@ class PeerConnection:
         return self.answers.error(header, session_id, error.result_code, error.failed_avp,
                                   error.text)
 
-    def _handle_cer(self, header: Header, found: dict[str, list[Avp]]) -> bytes:
+    def _handle_cer(self, header: Header, found: AvpIndex) -> bytes:
         host = found["Origin-Host"][0].data.decode()
         realm = found["Origin-Realm"][0].data.decode()
         advertised = set()
         for name in ("Auth-Application-Id", "Acct-Application-Id"):
             advertised.update(int.from_bytes(a.data, "big") for a in found.get(name, ()))
-        for group in found.get("Vendor-Specific-Application-Id", ()):
-            for child in decode_avps(group.data, 0, len(group.data)):
-                if child.code in (258, 259) and not child.vendor:
-                    advertised.add(int.from_bytes(child.data, "big"))
+        for group in found.groups.get("Vendor-Specific-Application-Id", ()):
+            for name in ("Auth-Application-Id", "Acct-Application-Id"):
+                advertised.update(int.from_bytes(a.data, "big") for a in group.get(name, ()))
         ours = set(self.applications)
         if not (advertised & ours or APPLICATION_RELAY in advertised):
             answer = self._capabilities_answer(
@@ -338,6 +343,11 @@ class PeerConnection:
             self._close("CER refused with 5010 DIAMETER_NO_COMMON_APPLICATION "
                         f"(peer offers {sorted(advertised)})", logging.WARNING)
             return answer
+        if self.state is PeerState.CLOSING:
+            # Our DPR is out: reopening now would forget the disconnect we asked for.
+            self.events.append((logging.INFO, f"{host}: CER while we are disconnecting"))
+            return self._capabilities_answer(header, ResultCode.UNABLE_TO_COMPLY,
+                                             text="disconnecting")
         if self.state is PeerState.OPEN:
             self.events.append((logging.INFO, f"{host}: CER repeated on an open connection"))
         self.peer_host, self.peer_realm = host, realm
