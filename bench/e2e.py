@@ -3,10 +3,14 @@
 Each server runs as a subprocess on 127.0.0.1:0 (the port is read from its "listening on tcp
 HOST:PORT" log line) with the same 105,000-rule list as hotpath.py. One asyncio client does
 CER/CEA, then pipelines pre-encoded ECRs (distinct hop-by-hop ids and Session-Ids) keeping a
-window of N requests outstanding, matches answers by hop-by-hop id and records each request's
-latency from the write of its request to the read of its answer. A warm-up precedes each
-measured run; the first answers are decoded with python-diameter and checked against the
-verdicts the list gives. The client also measures unloaded latency (window 1).
+window of N requests outstanding (default 128, written in chunks of at most 16 so the server
+always has the next requests queued, as with an MME's steady stream; --chunk 128 gives the
+lock-step pattern), matches answers by hop-by-hop id and records each request's latency from
+the write of its request to the read of its answer. After a warm-up, the measured requests
+are sent in 5 rounds on the same connection; ECR/s is the median round, p50/p99 are over all
+of them. The first answers are decoded with python-diameter and checked against the verdicts
+the list gives. Then unloaded latency (window 1). Also shown: the server's CPU time per ECR
+(from /proc) and the CPU other processes used meanwhile (a busy machine makes figures low).
 
 With taskset and two or more cores, the server is pinned to core 0 and the client to core 1.
 
@@ -24,6 +28,7 @@ import re
 import shlex
 import shutil
 import signal
+import statistics
 import struct
 import subprocess
 import sys
@@ -34,15 +39,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import hotpath
-from hotpath import (Workload, build_workload, ecr_stream, encode_cer, expected_from_rule_set,
-                     percentile, probe_of, verdict_of_answer)
+from hotpath import (OtherLoad, Workload, build_workload, ecr_stream, encode_cer,
+                     expected_from_rule_set, load_note, percentile, probe_of, verdict_of_answer)
 from pydiameter_eir import load_table, lookup
+
+from eir.decision import UnknownPolicy
+from eir.diameter.codec import encode_avp, encode_message, parse_header
+from eir.lists import load_rule_set
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 LISTENING = re.compile(r"listening on tcp (\S+):(\d+)")
 _WORD = struct.Struct("!I")
 VERIFY_SAMPLES = 2_000
+IDLE_REQUESTS = 2_000
 
 
 # -- the server under test -----------------------------------------------------------------
@@ -98,7 +108,7 @@ class ServerProcess:
 
     def stop(self, timeout: float = 20.0) -> int:
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT if self.command[0] == "py-spy"
+            self.process.send_signal(signal.SIGINT if "py-spy" in self.command
                                      else signal.SIGTERM)
         try:
             return self.process.wait(timeout)
@@ -188,7 +198,6 @@ class PipelineClient(asyncio.Protocol):
 
     def _answer_request(self, raw: bytes) -> None:
         # DWR → DWA: Result-Code 2001, Origin-Host, Origin-Realm (hop-by-hop ids echoed).
-        from eir.diameter.codec import encode_avp, encode_message, parse_header
         header = parse_header(raw)
         body = (encode_avp(268, 0x40, 0, _WORD.pack(2001)) +
                 encode_avp(264, 0x40, 0, hotpath.MME_HOST) +
@@ -233,77 +242,81 @@ class PipelineClient(asyncio.Protocol):
 
 @dataclass
 class Result:
-    per_s: float
-    p50_ms: float
+    per_s: float  # median of the rounds
+    rounds: list[float]  # ECR/s of each round
+    p50_ms: float  # over every measured request
     p99_ms: float
+    max_ms: float
     count: int
-    idle_p50_ms: float
+    idle_p50_ms: float  # window 1
     idle_p99_ms: float
     verified: int
-    per_write: float  # ECRs per client write: how much the pipelining batches
-    per_read: float  # ECAs per client read
+    per_write: float  # ECRs per client write
+    per_read: float  # ECAs per client read: how much the server batches its answers
     server_cpu_us: float  # server CPU time (user + system) per ECR
-    server_busy: float  # server CPU time / wall time of the measured run
-    client_busy: float
+    server_busy: float  # server CPU time / wall time of the measured rounds
+    other_cpus: float  # CPUs used by other processes meanwhile
 
 
-async def drive(host: str, port: int, requests: list[bytes], base: int, count: int,
-                warmup: int, window: int, chunk: int, seconds: float, expected,
-                server_cpu) -> Result:
+async def drive(host: str, port: int, requests: list[bytes], base: int,
+                args: argparse.Namespace, expected, server_cpu) -> Result:
+    """CER, warm-up, `args.rounds` measured rounds, then window-1 latency; verify answers."""
     loop = asyncio.get_running_loop()
     transport, client = await asyncio.wait_for(
         loop.create_connection(PipelineClient, host, port), 10)
+    cursor = 0
+
+    def phase(n: int, window: int, chunk: int, seconds: float, keep: int = 0) -> Phase:
+        nonlocal cursor
+        batch, first = requests[cursor:cursor + n], base + cursor
+        cursor += n
+        return Phase(batch, first, window, chunk, time.monotonic() + seconds, keep)
+
+    per_round = args.count // args.rounds
+    rounds: list[Phase] = []
     try:
         transport.write(encode_cer(hop_by_hop=base - 1))
         cea = await asyncio.wait_for(client.cea, 10)
         if verdict_of_answer(cea)[0] != 2001:
             raise SystemExit(f"CER refused: {verdict_of_answer(cea)}")
-        cursor = 0
-        size = chunk
-
-        def take(n: int) -> tuple[list[bytes], int]:
-            nonlocal cursor
-            chunk, first = requests[cursor:cursor + n], base + cursor
-            cursor += n
-            return chunk, first
-
-        forever = time.monotonic() + 3600
-        chunk, first = take(warmup)
-        await client.run(Phase(chunk, first, window, size, forever), 120)
-        chunk, first = take(count)
+        await client.run(phase(args.warmup, args.window, args.chunk, 3600), 120)
+        load = OtherLoad()
         cpu_before, client_before = server_cpu(), time.process_time()
-        measured = await client.run(
-            Phase(chunk, first, window, size, time.monotonic() + seconds, keep=VERIFY_SAMPLES),
-            seconds + 60)
-        cpu_used, client_used = server_cpu() - cpu_before, time.process_time() - client_before
-        chunk, first = take(min(2_000, len(requests) - cursor))
-        idle = await client.run(Phase(chunk, first, 1, 1, time.monotonic() + 5), 60)
+        for index in range(args.rounds):
+            seconds = args.seconds / args.rounds
+            rounds.append(await client.run(
+                phase(per_round, args.window, args.chunk, seconds,
+                      VERIFY_SAMPLES if index == 0 else 0), seconds + 60))
+        cpu_used = server_cpu() - cpu_before
+        other = load.cpus(cpu_used + time.process_time() - client_before)
+        idle = await client.run(phase(IDLE_REQUESTS, 1, 1, 5), 60)
     finally:
         transport.close()
-    for index, raw in measured.kept.items():
-        position = measured.base - base + index  # in `requests`, which cycle through probes
+    first = rounds[0]
+    for index, raw in first.kept.items():
+        position = first.base - base + index  # in `requests`, which cycle through the probes
         got, want = verdict_of_answer(raw), expected(position)
         if got != want:
             raise SystemExit(f"answer to request {position}: got {got}, want {want}")
-    latencies = sorted(measured.latencies)
+    rates = [r.answered * 1e9 / (r.ended_ns - r.started_ns) for r in rounds]
+    latencies = sorted(x for r in rounds for x in r.latencies)
     idle_latencies = sorted(idle.latencies)
-    elapsed = measured.ended_ns - measured.started_ns
-    return Result(measured.answered * 1e9 / elapsed, percentile(latencies, 0.5) / 1e6,
-                  percentile(latencies, 0.99) / 1e6, measured.answered,
-                  percentile(idle_latencies, 0.5) / 1e6,
-                  percentile(idle_latencies, 0.99) / 1e6, len(measured.kept),
-                  measured.sent / max(1, measured.writes),
-                  measured.answered / max(1, measured.reads),
-                  cpu_used * 1e6 / measured.answered, cpu_used * 1e9 / elapsed,
-                  client_used * 1e9 / elapsed)
+    answered = sum(r.answered for r in rounds)
+    elapsed_s = sum(r.ended_ns - r.started_ns for r in rounds) / 1e9
+    return Result(
+        statistics.median(rates), rates, percentile(latencies, 0.5) / 1e6,
+        percentile(latencies, 0.99) / 1e6, latencies[-1] / 1e6, answered,
+        percentile(idle_latencies, 0.5) / 1e6, percentile(idle_latencies, 0.99) / 1e6,
+        len(first.kept), sum(r.sent for r in rounds) / max(1, sum(r.writes for r in rounds)),
+        answered / max(1, sum(r.reads for r in rounds)), cpu_used * 1e6 / answered,
+        cpu_used / elapsed_s, other)
 
 
 def bench_server(name: str, command: list[str], requests: list[bytes], base: int,
                  args: argparse.Namespace, expected) -> Result:
     server = ServerProcess(command)
     try:
-        result = asyncio.run(drive(server.host, server.port, requests, base, args.count,
-                                   args.warmup, args.window, args.chunk, args.seconds, expected,
+        result = asyncio.run(drive(server.host, server.port, requests, base, args, expected,
                                    server.cpu_seconds))
     finally:
         code = server.stop()
@@ -312,14 +325,16 @@ def bench_server(name: str, command: list[str], requests: list[bytes], base: int
     problems = [line for line in server.lines if " ERROR " in line or "Traceback" in line]
     if problems:
         raise SystemExit(f"{name} logged errors:\n" + "\n".join(server.lines[-30:]))
-    print(f"  {name:<22}{result.per_s:>10,.0f} ECR/s   p50 {result.p50_ms:6.2f} ms   "
-          f"p99 {result.p99_ms:6.2f} ms   window 1: p50 {result.idle_p50_ms:5.2f} ms "
-          f"p99 {result.idle_p99_ms:5.2f} ms   ({result.count:,} ECRs, "
-          f"{result.verified:,} verified; exit {code})\n"
-          f"  {'':<22}server CPU {result.server_cpu_us:.1f} µs/ECR, busy "
-          f"{result.server_busy:.0%}; client busy {result.client_busy:.0%}, "
-          f"{result.per_write:.1f} ECRs per write, "
-          f"{result.per_read:.1f} ECAs per read", flush=True)
+    rounds = " ".join(f"{rate / 1000:.1f}k" for rate in result.rounds)
+    print(f"  {name:<20}{result.per_s:>8,.0f} ECR/s  p50 {result.p50_ms:5.2f} ms  "
+          f"p99 {result.p99_ms:5.2f} ms  max {result.max_ms:5.1f} ms  |  "
+          f"window 1: p50 {result.idle_p50_ms:5.2f} ms p99 {result.idle_p99_ms:5.2f} ms\n"
+          f"  {'':<20}rounds {rounds} ECR/s (median shown); {result.count:,} ECRs, first "
+          f"{result.verified:,} verified; exit {code}\n"
+          f"  {'':<20}server CPU {result.server_cpu_us:.1f} µs/ECR, busy "
+          f"{result.server_busy:.0%}; {result.per_write:.1f} ECRs per client write, "
+          f"{result.per_read:.1f} ECAs per client read; {load_note(result.other_cpus)}",
+          flush=True)
     return result
 
 
@@ -331,6 +346,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--window", type=int, default=128, help="outstanding requests")
     parser.add_argument("--chunk", type=int, default=16,
                         help="at most this many ECRs per client write")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="measured rounds; ECR/s is their median")
     parser.add_argument("--warmup", type=int, help="ECRs sent before measuring")
     parser.add_argument("--only", choices=["eir", "python-diameter"])
     parser.add_argument("--server-prefix", default="",
@@ -347,12 +364,10 @@ def main(argv: list[str] | None = None) -> dict:
     t = time.perf_counter()
     workload: Workload = build_workload()
     base = 1_000_000
-    total = args.warmup + args.count + 2_000
+    total = args.warmup + args.count + IDLE_REQUESTS
     requests = ecr_stream(workload, total, first_hop_by_hop=base)
     with tempfile.TemporaryDirectory() as tmp:
         csv_path = workload.write_csv(Path(tmp) / "bench.csv")
-        from eir.decision import UnknownPolicy
-        from eir.lists import load_rule_set
         rule_set = load_rule_set([csv_path], UnknownPolicy.UNKNOWN)
         table = load_table(str(csv_path))
         print(f"end to end: one TCP connection over loopback, window {args.window}, "
@@ -375,7 +390,10 @@ def main(argv: list[str] | None = None) -> dict:
                                 expect_eir)
             figures.update(e2e_ecr_per_s_one_conn=round(ours.per_s),
                            e2e_p50_ms=round(ours.p50_ms, 2), e2e_p99_ms=round(ours.p99_ms, 2),
+                           e2e_max_ms=round(ours.max_ms, 1),
                            e2e_idle_p50_ms=round(ours.idle_p50_ms, 3),
+                           e2e_server_cpu_us_per_ecr=round(ours.server_cpu_us, 1),
+                           e2e_other_cpu_load=round(ours.other_cpus, 2),
                            e2e_window=args.window)
         if args.only in (None, "python-diameter"):
             pd_command = [sys.executable, str(BENCH / "pydiameter_eir.py"), "--listen",

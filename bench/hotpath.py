@@ -37,7 +37,7 @@ import logging  # noqa: E402
 logging.getLogger("diameter").setLevel(logging.ERROR)
 
 from diameter.message import Message  # noqa: E402
-from diameter.message.avp.grouped import (ExperimentalResult, TerminalInformation,  # noqa: E402
+from diameter.message.avp.grouped import (TerminalInformation,  # noqa: E402
                                           VendorSpecificApplicationId)
 from diameter.message.commands import (CapabilitiesExchangeRequest,  # noqa: E402
                                        MeIdentityCheckRequest)
@@ -307,6 +307,37 @@ def verify(answers: list[bytes], workload: Workload, rule_set: RuleSet, samples:
     return min(samples, len(answers))
 
 
+class OtherLoad:
+    """CPU time the rest of the machine used while we measured (other processes, in CPUs).
+
+    The benchmark is only as good as the machine is quiet: this says when it was not."""
+
+    def __init__(self) -> None:
+        self.started = (self._busy(), time.monotonic())
+
+    @staticmethod
+    def _busy() -> float:
+        try:
+            fields = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+        except OSError:
+            return float("nan")
+        idle = fields[3] + fields[4]  # idle + iowait
+        return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+    def cpus(self, own_cpu_seconds: float) -> float:
+        """Average number of CPUs busy with something else than `own_cpu_seconds`."""
+        busy, started = self.started
+        wall = time.monotonic() - started
+        return max(0.0, (self._busy() - busy - own_cpu_seconds) / wall) if wall > 0 else 0.0
+
+
+def load_note(cpus: float) -> str:
+    if cpus != cpus:  # nan: no /proc
+        return ""
+    note = f"other processes used {cpus:.2f} CPU meanwhile"
+    return note + (" -- WARNING: machine not quiet, figures are low" if cpus > 0.10 else "")
+
+
 def pin_to(core: int) -> str:
     if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > core:
         os.sched_setaffinity(0, {core})
@@ -336,6 +367,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     peer = open_peer(rule_set)
     run_ours_single(peer, ecrs, min(count, 5_000))  # warm-up
+    load, own = OtherLoad(), time.process_time()
     ours, answers = run_ours_single(peer, ecrs, count)
     checked = verify(answers, workload, rule_set, 2_000)
     del answers
@@ -345,6 +377,7 @@ def main(argv: list[str] | None = None) -> dict:
     run_python_diameter(ecrs, 200)  # warm-up
     pd = run_python_diameter(ecrs, theirs)
     ratio = ours.per_s / pd.per_s
+    other = load.cpus(time.process_time() - own)
 
     print(f"  eir  receive(), 1 ECR/call   {ours.per_s:>10,.0f} msg/s   p50 {ours.p50_us:7.1f} µs"
           f"   p99 {ours.p99_us:7.1f} µs   ({count:,} calls; {checked:,} answers verified)")
@@ -353,7 +386,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"  python-diameter codec        {pd.per_s:>10,.0f} msg/s   p50 {pd.p50_us:7.1f} µs"
           f"   p99 {pd.p99_us:7.1f} µs   (from_bytes + to_answer + as_bytes; {theirs:,} calls)")
     print(f"  ratio eir / python-diameter codec: {ratio:.1f}x "
-          f"(batched: {batched.per_s / pd.per_s:.1f}x)")
+          f"(batched: {batched.per_s / pd.per_s:.1f}x); {load_note(other)}")
     figures = {
         "hotpath_ecr_per_s": round(ours.per_s), "hotpath_p50_us": round(ours.p50_us, 1),
         "hotpath_p99_us": round(ours.p99_us, 1),
@@ -362,6 +395,7 @@ def main(argv: list[str] | None = None) -> dict:
         "python_diameter_codec_p50_us": round(pd.p50_us, 1),
         "python_diameter_codec_p99_us": round(pd.p99_us, 1),
         "ratio_vs_python_diameter_codec": round(ratio, 2),
+        "hotpath_other_cpu_load": round(other, 2),
     }
     print(json.dumps(figures))
     return figures

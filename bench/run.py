@@ -60,10 +60,13 @@ def main() -> int:
          f"p50 {hot['python_diameter_codec_p50_us']:.1f} µs",
          f"p99 {hot['python_diameter_codec_p99_us']:.1f} µs"),
     ]
+    pinned = "server core 0, client core 1" if e2e["e2e_pinned"] else "not pinned"
     print(f"\nsummary ({'quick' if args.quick else 'full'} run; end-to-end window "
-          f"{e2e['e2e_window']}; {'pinned: server core 0, client core 1' if e2e['e2e_pinned'] else 'not pinned'})")
+          f"{e2e['e2e_window']}, {pinned}; other load: hot path "
+          f"{hot['hotpath_other_cpu_load']:.2f} CPU, "
+          f"end to end {e2e['e2e_other_cpu_load']:.2f} CPU)")
     for name, rate, p50, p99 in rows:
-        print(f"  {name:<40}{rate:>16}  {p50:>14}  {p99:>14}")
+        print(f"  {name:<40}{rate:>16}  {p50:>14}  {p99:>14}".rstrip())
     print(f"  ratio eir / python-diameter: codec {hot['ratio_vs_python_diameter_codec']:.1f}x, "
           f"server {e2e['ratio_vs_python_diameter_server']:.1f}x")
     print(f"  target {TARGET_ECR_PER_S:,} ECR/s end to end on one connection and one core: "

@@ -121,7 +121,7 @@ class AvpDef:
             if self.value_set is not None and _U32.unpack(data)[0] not in self.value_set:
                 raise AvpError(ResultCode.INVALID_AVP_VALUE, avp.encode(),
                                f"{self.name}: {_U32.unpack(data)[0]} is not a defined value")
-        elif self.is_string:
+        elif self.is_string and not data.isascii():  # ASCII is valid UTF-8: skip decoding
             try:
                 data.decode("utf-8")
             except UnicodeDecodeError:
