@@ -24,23 +24,21 @@ import argparse
 import asyncio
 import json
 import os
-import re
 import shlex
 import shutil
 import signal
 import statistics
 import struct
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import hotpath
+import hotpath  # first: it puts the checkout and tests/ on sys.path
 from hotpath import (OtherLoad, Workload, build_workload, ecr_stream, encode_cer,
                      expected_from_rule_set, load_note, percentile, probe_of, verdict_of_answer)
+from helpers_process import RunningServer, start_eir, start_server  # from tests/
 from pydiameter_eir import load_table, lookup
 
 from eir.decision import UnknownPolicy
@@ -48,8 +46,6 @@ from eir.diameter.codec import encode_avp, encode_message, parse_header
 from eir.lists import load_rule_set
 
 BENCH = Path(__file__).resolve().parent
-ROOT = BENCH.parent
-LISTENING = re.compile(r"listening on tcp (\S+):(\d+)")
 _WORD = struct.Struct("!I")
 VERIFY_SAMPLES = 2_000
 IDLE_REQUESTS = 2_000
@@ -57,64 +53,13 @@ IDLE_REQUESTS = 2_000
 
 # -- the server under test -----------------------------------------------------------------
 
-class ServerProcess:
-    """A server subprocess whose stderr is read line by line by a thread."""
-
-    def __init__(self, command: list[str], timeout: float = 60.0):
-        environment = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))
-        environment.pop("EIR_CONFIG", None)
-        self.command = command
-        self.process = subprocess.Popen(command, stderr=subprocess.PIPE,
-                                        stdout=subprocess.DEVNULL, text=True, cwd=ROOT,
-                                        env=environment)
-        self.lines: list[str] = []
-        self._changed = threading.Condition()
-        self._reading = True
-        threading.Thread(target=self._read, daemon=True).start()
-        match = self.wait_for(LISTENING, timeout)
-        self.host, self.port = match.group(1).strip("[]"), int(match.group(2))
-
-    def _read(self) -> None:
-        for line in self.process.stderr:
-            with self._changed:
-                self.lines.append(line.rstrip("\n"))
-                self._changed.notify_all()
-        with self._changed:
-            self._reading = False
-            self._changed.notify_all()
-
-    def wait_for(self, regex: re.Pattern, timeout: float) -> re.Match:
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            while True:
-                for line in self.lines:
-                    match = regex.search(line)
-                    if match:
-                        return match
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or not self._reading:
-                    self.process.kill()
-                    raise SystemExit(f"{shlex.join(self.command)}: no line matching "
-                                     f"{regex.pattern!r}; its log:\n" + "\n".join(self.lines))
-                self._changed.wait(remaining)
-
-    def cpu_seconds(self) -> float:
-        """User + system CPU time of the process so far (Linux /proc)."""
-        try:
-            fields = Path(f"/proc/{self.process.pid}/stat").read_text().rpartition(")")[2].split()
-        except OSError:
-            return float("nan")
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def stop(self, timeout: float = 20.0) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT if "py-spy" in self.command
-                                     else signal.SIGTERM)
-        try:
-            return self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            return self.process.wait()
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def pinning() -> tuple[list[str], int | None, str]:
@@ -312,14 +257,14 @@ async def drive(host: str, port: int, requests: list[bytes], base: int,
         cpu_used / elapsed_s, other)
 
 
-def bench_server(name: str, command: list[str], requests: list[bytes], base: int,
-                 args: argparse.Namespace, expected) -> Result:
-    server = ServerProcess(command)
+def bench_server(name: str, server: RunningServer, requests: list[bytes], base: int,
+                 args: argparse.Namespace, expected,
+                 stop_signal: int = signal.SIGTERM) -> Result:
     try:
         result = asyncio.run(drive(server.host, server.port, requests, base, args, expected,
-                                   server.cpu_seconds))
+                                   lambda: cpu_seconds(server.process.pid)))
     finally:
-        code = server.stop()
+        code = server.stop(stop_signal, timeout=20.0)
     if args.server_log:
         print("\n".join(f"    | {line}" for line in server.lines))
     problems = [line for line in server.lines if " ERROR " in line or "Traceback" in line]
@@ -383,11 +328,12 @@ def main(argv: list[str] | None = None) -> dict:
 
         figures: dict = {}
         if args.only in (None, "eir"):
-            eir_command = shlex.split(args.server_prefix) + [
-                sys.executable, "-m", "eir", "serve", "--listen", "127.0.0.1:0",
-                "--list", str(csv_path), "--unknown", "unknown", "--log-level", "info"]
-            ours = bench_server("eir serve", prefix + eir_command, requests, base, args,
-                                expect_eir)
+            server_prefix = shlex.split(args.server_prefix)
+            eir = start_eir("--unknown", "unknown", "--log-level", "info", lists=[csv_path],
+                            prefix=prefix + server_prefix, timeout=60.0)
+            # py-spy writes its profile on SIGINT; SIGTERM would lose it.
+            ours = bench_server("eir serve", eir, requests, base, args, expect_eir,
+                                signal.SIGINT if "py-spy" in server_prefix else signal.SIGTERM)
             figures.update(e2e_ecr_per_s_one_conn=round(ours.per_s),
                            e2e_p50_ms=round(ours.p50_ms, 2), e2e_p99_ms=round(ours.p99_ms, 2),
                            e2e_max_ms=round(ours.max_ms, 1),
@@ -396,10 +342,10 @@ def main(argv: list[str] | None = None) -> dict:
                            e2e_other_cpu_load=round(ours.other_cpus, 2),
                            e2e_window=args.window)
         if args.only in (None, "python-diameter"):
-            pd_command = [sys.executable, str(BENCH / "pydiameter_eir.py"), "--listen",
-                          "127.0.0.1:0", "--list", str(csv_path)]
-            theirs = bench_server("python-diameter EIR", prefix + pd_command, requests, base,
-                                  args, expect_pd)
+            pd = start_server(prefix + [sys.executable, str(BENCH / "pydiameter_eir.py"),
+                                        "--listen", "127.0.0.1:0", "--list", str(csv_path)],
+                              timeout=60.0)
+            theirs = bench_server("python-diameter EIR", pd, requests, base, args, expect_pd)
             figures.update(python_diameter_server_ecr_per_s=round(theirs.per_s),
                            python_diameter_server_p50_ms=round(theirs.p50_ms, 2),
                            python_diameter_server_p99_ms=round(theirs.p99_ms, 2))

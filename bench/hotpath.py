@@ -31,16 +31,17 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the checkout's eir/, installed or not
+# tests/ is not a package: its helpers (python-diameter request builders, used by the tests
+# too; the `eir serve` launcher for e2e.py) are imported as top-level modules from there.
+sys.path.insert(0, str(ROOT / "tests"))
 
 import logging  # noqa: E402
 
 logging.getLogger("diameter").setLevel(logging.ERROR)
 
 from diameter.message import Message  # noqa: E402
-from diameter.message.avp.grouped import (TerminalInformation,  # noqa: E402
-                                          VendorSpecificApplicationId)
-from diameter.message.commands import (CapabilitiesExchangeRequest,  # noqa: E402
-                                       MeIdentityCheckRequest)
+from diameter.message.avp.grouped import VendorSpecificApplicationId  # noqa: E402
+from helpers_pydiameter import S13, TGPP, build_cer, build_ecr  # noqa: E402
 
 from eir.decision import RuleSet, UnknownPolicy  # noqa: E402
 from eir.diameter.dictionary import Dictionary  # noqa: E402
@@ -49,8 +50,6 @@ from eir.imei import luhn_check_digit  # noqa: E402
 from eir.lists import load_rule_set  # noqa: E402
 from eir.s13 import S13Application  # noqa: E402
 
-APP_S13 = 16777252
-VENDOR_3GPP = 10415
 MME_HOST, MME_REALM = b"mme.bench.localdomain", b"localdomain"
 EIR_HOST, EIR_REALM = b"eir.localdomain", b"localdomain"
 SESSION_PREFIX = "mme.bench.localdomain;1700000000;"
@@ -132,30 +131,7 @@ def build_workload(sizes: Sizes = Sizes(), probes: int = 4096, seed: int = 13) -
 # -- messages, encoded by python-diameter (an encoder we did not write) ---------------------
 
 def encode_cer(hop_by_hop: int = 1) -> bytes:
-    cer = CapabilitiesExchangeRequest()
-    cer.header.hop_by_hop_identifier = cer.header.end_to_end_identifier = hop_by_hop
-    cer.origin_host, cer.origin_realm = MME_HOST, MME_REALM
-    cer.host_ip_address = "127.0.0.1"
-    cer.vendor_id = 0
-    cer.product_name = "bench"
-    cer.auth_application_id = APP_S13
-    cer.vendor_specific_application_id = VendorSpecificApplicationId(
-        vendor_id=VENDOR_3GPP, auth_application_id=APP_S13)
-    cer.supported_vendor_id = VENDOR_3GPP
-    return cer.as_bytes()
-
-
-def encode_ecr(imei: str, imsi: str, session_id: str, hop_by_hop: int = 0) -> bytes:
-    ecr = MeIdentityCheckRequest()
-    ecr.header.application_id = APP_S13
-    ecr.header.hop_by_hop_identifier = ecr.header.end_to_end_identifier = hop_by_hop
-    ecr.session_id = session_id
-    ecr.auth_session_state = 1
-    ecr.origin_host, ecr.origin_realm = MME_HOST, MME_REALM
-    ecr.destination_realm = EIR_REALM
-    ecr.terminal_information = TerminalInformation(imei=imei, software_version="23")
-    ecr.user_name = imsi
-    return ecr.as_bytes()
+    return build_cer(MME_HOST, MME_REALM, product_name="bench", hop_by_hop=hop_by_hop)
 
 
 def ecr_stream(workload: Workload, count: int, first_hop_by_hop: int = 1) -> list[bytes]:
@@ -164,7 +140,8 @@ def ecr_stream(workload: Workload, count: int, first_hop_by_hop: int = 1) -> lis
     templates = []
     placeholder = SESSION_PREFIX + "0" * SESSION_DIGITS
     for imei, imsi in workload.probes:
-        raw = encode_ecr(imei, imsi, placeholder)
+        raw = build_ecr(imei, imsi, placeholder, hop_by_hop=0, origin_host=MME_HOST,
+                        origin_realm=MME_REALM).as_bytes()
         templates.append((raw, raw.find(placeholder.encode()) + len(SESSION_PREFIX)))
     out = []
     pack_into = _IDS.pack_into
@@ -276,7 +253,7 @@ def python_diameter_answer(raw: bytes) -> bytes:
     answer = request.to_answer()
     answer.session_id = request.session_id
     answer.vendor_specific_application_id = VendorSpecificApplicationId(
-        vendor_id=VENDOR_3GPP, auth_application_id=APP_S13)
+        vendor_id=TGPP, auth_application_id=S13)
     answer.auth_session_state = 1
     answer.origin_host, answer.origin_realm = EIR_HOST, EIR_REALM
     answer.result_code = 2001

@@ -18,12 +18,16 @@ import csv
 import logging
 import signal
 import sys
+from pathlib import Path
 
 from diameter.message import Message
 from diameter.message.avp.grouped import ExperimentalResult, VendorSpecificApplicationId
 
-APP_S13 = 16777252
-VENDOR_3GPP = 10415
+# tests/ is not a package: the CEA capabilities come from its python-diameter helpers (shared
+# with the tests and hotpath.py), imported as a top-level module from there.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from helpers_pydiameter import S13, TGPP, set_s13_capabilities  # noqa: E402
+
 ORIGIN_HOST, ORIGIN_REALM = b"eir-pd.localdomain", b"localdomain"
 STATUS = {"whitelist": 0, "blacklist": 1, "greylist": 2}
 SEVERITY = {0: 0, 2: 1, 1: 2}  # a duplicate errs on blocking, as eir does
@@ -81,24 +85,18 @@ class PyDiameterProtocol(asyncio.Protocol):
         if code == 324:
             answer.session_id = request.session_id
             answer.vendor_specific_application_id = VendorSpecificApplicationId(
-                vendor_id=VENDOR_3GPP, auth_application_id=APP_S13)
+                vendor_id=TGPP, auth_application_id=S13)
             answer.auth_session_state = 1
             status = lookup(self.table, request.terminal_information.imei)
             if status is None:
                 answer.experimental_result = ExperimentalResult(
-                    vendor_id=VENDOR_3GPP, experimental_result_code=5422)
+                    vendor_id=TGPP, experimental_result_code=5422)
             else:
                 answer.result_code = 2001
                 answer.equipment_status = status
         elif code == 257:
             answer.result_code = 2001
-            answer.host_ip_address = "127.0.0.1"
-            answer.vendor_id = 0
-            answer.product_name = "pydiameter-eir"
-            answer.auth_application_id = APP_S13
-            answer.vendor_specific_application_id = VendorSpecificApplicationId(
-                vendor_id=VENDOR_3GPP, auth_application_id=APP_S13)
-            answer.supported_vendor_id = VENDOR_3GPP
+            set_s13_capabilities(answer, "pydiameter-eir")
         elif code in (280, 282):
             answer.result_code = 2001
         else:

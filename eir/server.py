@@ -160,19 +160,30 @@ class EirServer:
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
         transport = self.settings.diameter.transport
-        for item in self.settings.diameter.listen:
+        wanted = self.settings.diameter.listen
+        for item in wanted:
             host, port = parse_host_port(item)
-            if transport == "sctp":
-                listener = await self.loop.create_server(
-                    lambda: DiameterProtocol(self), sock=_sctp_socket(host, port))
-            else:
-                listener = await self.loop.create_server(
-                    lambda: DiameterProtocol(self), host, port, reuse_address=True)
+            try:
+                if transport == "sctp":
+                    listener = await self.loop.create_server(
+                        lambda: DiameterProtocol(self), sock=_sctp_socket(host, port))
+                else:
+                    listener = await self.loop.create_server(
+                        lambda: DiameterProtocol(self), host, port, reuse_address=True)
+            except OSError as exc:
+                # The default listens on both wildcards; a host (or container) without IPv6
+                # should still serve IPv4 rather than refuse to start.
+                if host == "::" and len(wanted) > 1:
+                    log.warning("not listening on %s: %s", item, exc)
+                    continue
+                raise OSError(f"{item}: {exc.strerror or exc}") from None
             self.listeners.append(listener)
             for sock in listener.sockets:
                 bound = sock.getsockname()
                 self.addresses.append((bound[0], bound[1]))
                 log.info("listening on %s %s", transport, _format_address(bound))
+        if not self.listeners:
+            raise OSError("no listen address could be bound")
 
     async def reload_lists(self) -> bool:
         """Build a new snapshot from the list files and swap it in; keep the old on error.

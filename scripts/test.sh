@@ -9,11 +9,15 @@ cd "$(dirname "$0")/.."
 
 apt_packages=(freediameterd freediameter-extensions libfreediameter-dev tshark)
 missing=()
-command -v freeDiameterd >/dev/null || missing+=(freediameterd freediameter-extensions libfreediameter-dev)
-command -v tshark >/dev/null || missing+=(tshark)
+for package in "${apt_packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" \
+    || missing+=("$package")
+done
 if [ ${#missing[@]} -gt 0 ]; then
+  if ! command -v apt-get >/dev/null; then
+    echo "scripts/test.sh: install these (Debian names) first: ${missing[*]}" >&2; exit 1; fi
   if [ "$(id -u)" -eq 0 ]; then sudo=""; elif command -v sudo >/dev/null; then sudo="sudo"; else
-    echo "scripts/test.sh: need root or sudo to install: ${apt_packages[*]}" >&2; exit 1; fi
+    echo "scripts/test.sh: need root or sudo to install: ${missing[*]}" >&2; exit 1; fi
   echo "== installing Debian packages: ${missing[*]}"
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \

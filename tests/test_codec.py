@@ -333,20 +333,11 @@ def test_framer_never_fails_on_any_bytes(chunks):
     assert framer.buffered <= sum(map(len, chunks))
 
 
+@pytest.mark.parametrize("make_peer", [new_peer, open_peer], ids=["before CER", "once open"])
 @FUZZ
 @given(chunks=st.lists(any_input, min_size=1, max_size=4))
-def test_peer_receive_never_raises_before_cer(chunks):
-    peer = new_peer()
-    for index, chunk in enumerate(chunks):
-        out = peer.receive(chunk, float(index))
-        assert_well_formed_output(out)
-        peer.on_timer(float(index))
-
-
-@FUZZ
-@given(chunks=st.lists(any_input, min_size=1, max_size=4))
-def test_peer_receive_never_raises_once_open(chunks):
-    peer = open_peer()
+def test_peer_receive_never_raises(make_peer, chunks):
+    peer = make_peer()
     for index, chunk in enumerate(chunks):
         out = peer.receive(chunk, float(index))
         assert_well_formed_output(out)

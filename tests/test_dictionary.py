@@ -120,38 +120,25 @@ def test_bad_avp_entry_names_file_and_entry(tmp_path, entry, names):
         assert name in message
 
 
-def test_unknown_avp_in_command_grammar_names_file_command_and_avp(tmp_path):
-    path = write_dictionary(tmp_path / "d", """\
+@pytest.mark.parametrize("second_line, name", [
+    ("{ No-Such-Avp }", "No-Such-Avp"),  # an AVP no dictionary defines
+    ("{ Origin-Realm ]", "Origin-Realm"),  # a line that does not parse
+], ids=["unknown AVP", "unreadable line"])
+def test_bad_command_grammar_line_names_file_command_line_and_avp(tmp_path, second_line, name):
+    path = write_dictionary(tmp_path / "d", f"""\
         commands:
           - name: Broken-Command
             code: 9000
             application: 0
             request: |
-              { Origin-Host }
-              { No-Such-Avp }
+              {{ Origin-Host }}
+              {second_line}
             answer: |
-              { Result-Code }
+              {{ Result-Code }}
         """)
     message = load_error(tmp_path / "d")
     assert str(path) in message
-    assert "Broken-Command" in message and "No-Such-Avp" in message and "line 2" in message
-
-
-def test_unreadable_command_grammar_line_names_file_and_line(tmp_path):
-    path = write_dictionary(tmp_path / "d", """\
-        commands:
-          - name: Broken-Command
-            code: 9000
-            application: 0
-            request: |
-              { Origin-Host }
-              { Origin-Realm ]
-            answer: |
-              { Result-Code }
-        """)
-    message = load_error(tmp_path / "d")
-    assert str(path) in message
-    assert "Broken-Command" in message and "line 2" in message and "Origin-Realm" in message
+    assert "Broken-Command" in message and "line 2" in message and name in message
 
 
 @pytest.mark.parametrize("grammar_line, names", [

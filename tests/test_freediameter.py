@@ -12,10 +12,10 @@ import shutil
 import signal
 import socket
 import subprocess
-import threading
-import time
 
 import pytest
+
+from helpers_process import LoggedProcess
 
 pytestmark = [
     pytest.mark.peer,
@@ -57,59 +57,21 @@ def write_config(directory, eir_port: int) -> str:
     return str(path)
 
 
-class FreeDiameter:
-    """A freeDiameterd process; a thread collects its stdout log line by line."""
+class FreeDiameter(LoggedProcess):
+    """A freeDiameterd process; its stdout (and stderr) log is collected line by line."""
 
     def __init__(self, config: str):
-        self.process = subprocess.Popen(
+        process = subprocess.Popen(
             ["freeDiameterd", "-dd", "-c", config], stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True, errors="replace")
-        self.lines: list[str] = []
-        self.reading = True
-        self.changed = threading.Condition()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        for line in self.process.stdout:
-            with self.changed:
-                self.lines.append(line.rstrip("\n"))
-                self.changed.notify_all()
-        with self.changed:
-            self.reading = False
-            self.changed.notify_all()
-
-    def log(self) -> str:
-        with self.changed:
-            return "\n".join(self.lines)
-
-    def line(self, index: int) -> str:
-        with self.changed:
-            return self.lines[index]
+        super().__init__(process, process.stdout, "freeDiameterd")
 
     def wait_for(self, pattern: str, start: int = 0, timeout: float = TIMEOUT) -> int:
         """Index of the first log line from `start` on matching `pattern`; fail after timeout."""
-        regex = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        with self.changed:
-            while True:
-                for index in range(start, len(self.lines)):
-                    if regex.search(self.lines[index]):
-                        return index
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or not self.reading:
-                    raise AssertionError(f"freeDiameterd logged no line matching {pattern!r} "
-                                         f"within {timeout}s; its log:\n" + "\n".join(self.lines))
-                self.changed.wait(remaining)
+        return self.wait_for_line(pattern, start, timeout)[0]
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = TIMEOUT) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-        try:
-            return self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-            raise AssertionError(f"freeDiameterd did not exit within {timeout}s:\n{self.log()}")
+        return super().stop(sig, timeout)
 
 
 @pytest.fixture
@@ -122,9 +84,7 @@ def open_pair(eir_server, tmp_path):
         server.wait_for_log(PEER_OPEN_IN_OUR_LOG)
         yield server, peer
     finally:
-        if peer.process.poll() is None:
-            peer.process.kill()
-            peer.process.wait()
+        peer.kill()
 
 
 def test_freediameter_reaches_open_with_eir(open_pair):

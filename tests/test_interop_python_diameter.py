@@ -8,21 +8,20 @@ import socket
 
 import pytest
 from diameter.message import Message
-from diameter.message.commands import (CapabilitiesExchangeAnswer, CapabilitiesExchangeRequest,
-                                       DeviceWatchdogAnswer, DeviceWatchdogRequest,
-                                       DisconnectPeerAnswer, DisconnectPeerRequest,
-                                       MeIdentityCheckAnswer, MeIdentityCheckRequest)
-from diameter.message.avp.grouped import TerminalInformation, VendorSpecificApplicationId
+from diameter.message.commands import (CapabilitiesExchangeAnswer, DeviceWatchdogAnswer,
+                                       DeviceWatchdogRequest, DisconnectPeerAnswer,
+                                       DisconnectPeerRequest, MeIdentityCheckAnswer,
+                                       MeIdentityCheckRequest)
 
-from helpers_wire import assert_closed_by_server, read_message
+from helpers_pydiameter import (S13, S13_VSAI, TGPP, build_cer, build_ecr, exchange,
+                                read_answer)
+from helpers_wire import assert_closed_by_server
 
-S13 = 16777252
-TGPP = 10415
 WHITELISTED, BLACKLISTED, GREYLISTED = 0, 1, 2
 EXPERIMENTAL_EQUIPMENT_UNKNOWN = 5422
 REGISTERED_IMSI = "001010123456789"  # paired with 49015420323751 in example.csv
 OTHER_IMSI = "001019999999999"
-S13_VSAI = VendorSpecificApplicationId(vendor_id=TGPP, auth_application_id=S13)
+MME_HOST, MME_REALM = b"mme.test", b"test"
 
 # Verdicts from config/lists/example.csv: (14-digit IMEI, IMSI, expected Equipment-Status or
 # None for Experimental-Result 5422).
@@ -55,51 +54,29 @@ def imei_forms(imei14: str) -> dict[str, str]:
 
 # -- python-diameter message builders --------------------------------------------------------
 
-def build_cer(host_ip: str = "127.0.0.1") -> bytes:
-    cer = CapabilitiesExchangeRequest()
-    cer.header.hop_by_hop_identifier = cer.header.end_to_end_identifier = 1
-    cer.origin_host, cer.origin_realm = b"mme.test", b"test"
-    cer.host_ip_address = host_ip
-    cer.vendor_id = 0
-    cer.product_name = "python-diameter MME"
-    cer.supported_vendor_id = TGPP
-    cer.auth_application_id = S13
-    cer.vendor_specific_application_id = S13_VSAI
-    return cer.as_bytes()
+def mme_cer(host_ip: str = "127.0.0.1") -> bytes:
+    return build_cer(MME_HOST, MME_REALM, host_ip=host_ip)
 
 
-def build_ecr(imei: str, imsi: str, number: int, software_version: str = "23"
-              ) -> MeIdentityCheckRequest:
-    ecr = MeIdentityCheckRequest()
-    ecr.header.application_id = S13  # python-diameter leaves it 0
-    ecr.header.hop_by_hop_identifier = 0x10000 + number
-    ecr.header.end_to_end_identifier = 0x7000000 + number
-    ecr.session_id = f"mme.test;1234;{number}"
-    ecr.auth_session_state = 1  # NO_STATE_MAINTAINED
-    ecr.origin_host, ecr.origin_realm = b"mme.test", b"test"
-    ecr.destination_realm = b"localdomain"
-    ecr.terminal_information = TerminalInformation(imei=imei, software_version=software_version)
-    ecr.user_name = imsi
-    return ecr
+def numbered_ecr(imei: str, imsi: str, number: int) -> MeIdentityCheckRequest:
+    """Request `number` of a connection: its own Session-Id, hop-by-hop and end-to-end ids."""
+    return build_ecr(imei, imsi, f"mme.test;1234;{number}", hop_by_hop=0x10000 + number,
+                     end_to_end=0x7000000 + number, origin_host=MME_HOST,
+                     origin_realm=MME_REALM)
 
 
 def build_base_request(request_class, **avps) -> bytes:
     request = request_class()
     request.header.hop_by_hop_identifier = request.header.end_to_end_identifier = 77
-    request.origin_host, request.origin_realm = b"mme.test", b"test"
+    request.origin_host, request.origin_realm = MME_HOST, MME_REALM
     for name, value in avps.items():
         setattr(request, name, value)
     return request.as_bytes()
 
 
-def exchange(sock: socket.socket, data: bytes) -> Message:
-    sock.sendall(data)
-    return Message.from_bytes(read_message(sock))
-
-
 def open_mme(address: tuple[str, int], host_ip: str = "127.0.0.1") -> socket.socket:
     sock = socket.create_connection(address, timeout=5)
-    cea = exchange(sock, build_cer(host_ip))
+    cea = exchange(sock, mme_cer(host_ip))
     assert isinstance(cea, CapabilitiesExchangeAnswer)
     assert cea.result_code == 2001
     return sock
@@ -134,7 +111,7 @@ def assert_eca_for(request: MeIdentityCheckRequest, answer: Message,
 def test_cea_carries_every_capability(eir_server):
     server = eir_server()
     with socket.create_connection(server.address, timeout=5) as sock:
-        cea = exchange(sock, build_cer())
+        cea = exchange(sock, mme_cer())
     assert isinstance(cea, CapabilitiesExchangeAnswer)
     assert not cea.header.is_request and not cea.header.is_error
     assert cea.header.hop_by_hop_identifier == cea.header.end_to_end_identifier == 1
@@ -156,7 +133,7 @@ def test_eca_verdict_for_every_imei_form(eir_server, verdict):
     server = eir_server()
     with open_mme(server.address) as sock:
         for number, (form, imei) in enumerate(imei_forms(imei14).items()):
-            request = build_ecr(imei, imsi, number)
+            request = numbered_ecr(imei, imsi, number)
             answer = exchange(sock, request.as_bytes())
             try:
                 assert_eca_for(request, answer, status)
@@ -170,10 +147,10 @@ def test_unknown_policy_flag_changes_the_unknown_answer(eir_server, policy, stat
     server = eir_server("--unknown", policy)
     imei14, imsi, _ = VERDICTS["unknown"]
     with open_mme(server.address) as sock:
-        request = build_ecr(imei14, imsi, 1)
+        request = numbered_ecr(imei14, imsi, 1)
         assert_eca_for(request, exchange(sock, request.as_bytes()), status)
         # A listed IMEI keeps its own verdict.
-        request = build_ecr(VERDICTS["greylisted"][0], imsi, 2)
+        request = numbered_ecr(VERDICTS["greylisted"][0], imsi, 2)
         assert_eca_for(request, exchange(sock, request.as_bytes()), GREYLISTED)
 
 
@@ -203,11 +180,11 @@ def test_dpr_gets_dpa_then_server_closes(eir_server):
 def test_500_pipelined_ecrs_in_one_write_are_answered_in_order(eir_server):
     server = eir_server()
     rows = list(VERDICTS.values())
-    requests = [build_ecr(rows[n % len(rows)][0], rows[n % len(rows)][1], n) for n in range(500)]
+    requests = [numbered_ecr(*rows[n % len(rows)][:2], n) for n in range(500)]
     with open_mme(server.address) as sock:
         sock.sendall(b"".join(request.as_bytes() for request in requests))
         for number, request in enumerate(requests):
-            answer = Message.from_bytes(read_message(sock, timeout=10))
+            answer = read_answer(sock, timeout=10)
             assert_eca_for(request, answer, rows[number % len(rows)][2])
 
 
@@ -216,9 +193,9 @@ def test_cer_and_ecr_over_ipv6_loopback(eir_server):
     assert server.host == "::1"
     with socket.create_connection(server.address, timeout=5) as sock:
         assert sock.family == socket.AF_INET6
-        cea = exchange(sock, build_cer(host_ip="::1"))
+        cea = exchange(sock, mme_cer(host_ip="::1"))
         assert cea.result_code == 2001
         assert cea.host_ip_address == [(2, "::1")]
         imei14, imsi, status = VERDICTS["blacklisted"]
-        request = build_ecr(imei14 + "0", imsi, 1)
+        request = numbered_ecr(imei14 + "0", imsi, 1)
         assert_eca_for(request, exchange(sock, request.as_bytes()), status)

@@ -9,60 +9,14 @@ import subprocess
 import sys
 
 import pytest
-from diameter.message import Message
-from diameter.message.avp.grouped import TerminalInformation, VendorSpecificApplicationId
-from diameter.message.commands import CapabilitiesExchangeRequest, MeIdentityCheckRequest
 
 from eir.server import sctp_unavailable_reason
+from helpers_pydiameter import S13, build_cer, build_ecr, exchange
 
-S13 = 16777252
-TGPP = 10415
 TIMEOUT = 10.0
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCTP_MISSING = sctp_unavailable_reason()
 BLACKLISTED_IMEI = "35209900176148"  # config/lists/example.csv: reported stolen
-
-
-def build_cer() -> bytes:
-    cer = CapabilitiesExchangeRequest()
-    cer.header.hop_by_hop_identifier = cer.header.end_to_end_identifier = 1
-    cer.origin_host = b"mme.localdomain"
-    cer.origin_realm = b"localdomain"
-    cer.host_ip_address = "127.0.0.1"
-    cer.vendor_id = 0
-    cer.product_name = "sctp-test"
-    cer.auth_application_id = S13
-    cer.vendor_specific_application_id = VendorSpecificApplicationId(
-        vendor_id=TGPP, auth_application_id=S13)
-    cer.supported_vendor_id = TGPP
-    return cer.as_bytes()
-
-
-def build_ecr(imei: str) -> bytes:
-    ecr = MeIdentityCheckRequest()
-    ecr.header.application_id = S13
-    ecr.header.hop_by_hop_identifier = ecr.header.end_to_end_identifier = 2
-    ecr.session_id = "mme.localdomain;sctp;1"
-    ecr.auth_session_state = 1  # NO_STATE_MAINTAINED
-    ecr.origin_host = b"mme.localdomain"
-    ecr.origin_realm = b"localdomain"
-    ecr.destination_realm = b"localdomain"
-    ecr.terminal_information = TerminalInformation(imei=imei, software_version="23")
-    ecr.user_name = "001010123456789"
-    return ecr.as_bytes()
-
-
-def read_message(sock: socket.socket) -> Message:
-    """One Diameter message: its 4-byte start gives the length of the rest."""
-    def exactly(count: int) -> bytes:
-        data = b""
-        while len(data) < count:
-            chunk = sock.recv(count - len(data))
-            assert chunk, "connection closed mid-message"
-            data += chunk
-        return data
-    start = exactly(4)
-    return Message.from_bytes(start + exactly(int.from_bytes(start[1:4], "big") - 4))
 
 
 @pytest.mark.skipif(SCTP_MISSING is not None, reason=str(SCTP_MISSING))
@@ -73,13 +27,12 @@ def test_cer_and_ecr_over_sctp(eir_server):
                        getattr(socket, "IPPROTO_SCTP", 132)) as sock:
         sock.settimeout(TIMEOUT)
         sock.connect(server.address)
-        sock.sendall(build_cer())
-        cea = read_message(sock)
+        cea = exchange(sock, build_cer(product_name="sctp-test"), TIMEOUT)
         assert (cea.header.command_code, cea.header.is_request) == (257, False)
         assert cea.result_code == 2001
         server.wait_for_log(r"peer mme\.localdomain \(realm localdomain\) is open")
-        sock.sendall(build_ecr(BLACKLISTED_IMEI))
-        eca = read_message(sock)
+        ecr = build_ecr(BLACKLISTED_IMEI, "001010123456789", "mme.localdomain;sctp;1", 2)
+        eca = exchange(sock, ecr.as_bytes(), TIMEOUT)
     assert (eca.header.command_code, eca.header.application_id) == (324, S13)
     assert eca.header.hop_by_hop_identifier == 2
     assert eca.session_id == "mme.localdomain;sctp;1"

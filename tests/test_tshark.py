@@ -18,17 +18,14 @@ import subprocess
 import time
 
 import pytest
-from diameter.message import Message
-from diameter.message.avp.grouped import TerminalInformation, VendorSpecificApplicationId
-from diameter.message.commands import CapabilitiesExchangeRequest, MeIdentityCheckRequest
+
+from helpers_pydiameter import build_cer, build_ecr, exchange
 
 pytestmark = [
     pytest.mark.peer,
     pytest.mark.skipif(shutil.which("tshark") is None, reason="tshark is not installed"),
 ]
 
-S13 = 16777252
-TGPP = 10415
 TIMEOUT = 10.0
 
 # (IMEI, IMSI) → what the ECA must say; verdicts from config/lists/example.csv.
@@ -75,49 +72,6 @@ class PipeLines:
             self.buffer += chunk
 
 
-def read_message(sock: socket.socket) -> Message:
-    """One Diameter message from a stream socket (python-diameter has no framer)."""
-    def exactly(count: int) -> bytes:
-        data = b""
-        while len(data) < count:
-            chunk = sock.recv(count - len(data))
-            assert chunk, "connection closed mid-message"
-            data += chunk
-        return data
-    header = exactly(4)
-    length = int.from_bytes(header[1:4], "big")
-    return Message.from_bytes(header + exactly(length - 4))
-
-
-def build_cer() -> bytes:
-    cer = CapabilitiesExchangeRequest()
-    cer.header.hop_by_hop_identifier = cer.header.end_to_end_identifier = 1
-    cer.origin_host = b"mme.localdomain"
-    cer.origin_realm = b"localdomain"
-    cer.host_ip_address = "127.0.0.1"
-    cer.vendor_id = 0
-    cer.product_name = "tshark-test"
-    cer.auth_application_id = S13
-    cer.vendor_specific_application_id = VendorSpecificApplicationId(
-        vendor_id=TGPP, auth_application_id=S13)
-    cer.supported_vendor_id = TGPP
-    return cer.as_bytes()
-
-
-def build_ecr(hop_by_hop: int, session_id: str, imei: str, imsi: str) -> bytes:
-    ecr = MeIdentityCheckRequest()
-    ecr.header.application_id = S13
-    ecr.header.hop_by_hop_identifier = ecr.header.end_to_end_identifier = hop_by_hop
-    ecr.session_id = session_id
-    ecr.auth_session_state = 1  # NO_STATE_MAINTAINED
-    ecr.origin_host = b"mme.localdomain"
-    ecr.origin_realm = b"localdomain"
-    ecr.destination_realm = b"localdomain"
-    ecr.terminal_information = TerminalInformation(imei=imei, software_version="23")
-    ecr.user_name = imsi
-    return ecr.as_bytes()
-
-
 def dissect(pcap, port: int) -> list[dict[str, str]]:
     """Every Diameter frame of the capture as {field: value} (first occurrence only)."""
     command = ["tshark", "-r", str(pcap), "-d", f"tcp.port=={port},diameter", "-Y", "diameter",
@@ -152,12 +106,12 @@ def captured_exchange(eir_server, tmp_path):
         summaries = PipeLines(tshark.stdout)
         sessions, answers = {}, {}
         with socket.create_connection(server.address, timeout=TIMEOUT) as sock:
-            sock.sendall(build_cer())
-            assert read_message(sock).result_code == 2001
+            cea = exchange(sock, build_cer(product_name="tshark-test"), TIMEOUT)
+            assert cea.result_code == 2001
             for number, (name, (imei, imsi, _)) in enumerate(CASES.items(), start=100):
                 sessions[name] = f"mme.localdomain;tshark;{name}"
-                sock.sendall(build_ecr(number, sessions[name], imei, imsi))
-                answers[name] = read_message(sock)
+                ecr = build_ecr(imei, imsi, sessions[name], hop_by_hop=number)
+                answers[name] = exchange(sock, ecr.as_bytes(), TIMEOUT)
         for _ in CASES:
             summaries.wait_for(r"ME-Identity-Check Answer")
     finally:
