@@ -135,3 +135,17 @@ def test_impossible_length_closes_only_that_connection(eir_server, tmp_path, dec
         assert assert_closed_by_server(offender) == b""
         server.wait_for_log(rf":{offender_port}: .*closing connection.*\b{declared}\b")
         assert_valid_ecr_still_answered(bystander)
+
+
+def test_proxy_info_is_echoed_in_order(eir_server):
+    """RFC 6733 §6.7.2: an answer carries the request's Proxy-Info AVPs unchanged, in order,
+    so relays between the MME and us can route it back."""
+    proxies = [AVP("Proxy-Info", val=[AVP("Proxy-Host", val=f"dra{n}.test"),
+                                      AVP("Proxy-State", val=f"state-{n}")]) for n in (1, 2)]
+    request = ecr(avps=ecr_avps(extra=tuple(proxies)))
+    server = eir_server()
+    with open_peer(server.address) as sock:
+        sock.sendall(request)
+        answer = parse_answer(read_message(sock))
+    assert answer.result_code == 2001
+    assert [avp.raw for avp in answer.all(284)] == [raw(p) for p in proxies]
