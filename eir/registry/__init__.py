@@ -1,0 +1,1 @@
+"""Lists from a national registry (DIRBS-style CEIR): formats, snapshots, sync."""
