@@ -15,14 +15,15 @@ Precedence (most specific first; the first level with a matching rule decides):
 
 A rule paired with an IMSI applies only when the request carries that IMSI. Within one level,
 BLACKLISTED beats GREYLISTED beats WHITELISTED, so a conflicting duplicate errs on blocking.
-Lookups are dictionary hits and one bisection: their cost does not grow with the rule count.
+Lookups are dictionary hits and bisections in a compiled snapshot (eir.snapshot): their
+cost does not grow with the rule count.
 """
 
 from __future__ import annotations
 
-import bisect
 import enum
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass
 from typing import Iterable
 
 
@@ -113,122 +114,62 @@ class Rule:
         return Verdict(self.status, self.match, why, self.source)
 
 
-def _best(rules: list[Rule]) -> Rule:
-    return max(rules, key=lambda rule: rule.status.severity)
+_day_cache = [-1, 0]  # [minute, YYYYMMDD]
 
 
-def _precedence(rule: Rule) -> tuple[bool, int]:
-    # Paired rules first (more specific), then the more severe status.
-    return (rule.imsi is None, -rule.status.severity)
+def today() -> int:
+    """The local date as YYYYMMDD, recomputed at most once a minute (hot path)."""
+    now = time.time()
+    minute = int(now // 60)
+    if minute != _day_cache[0]:
+        local = time.localtime(now)
+        _day_cache[:] = [minute, local.tm_year * 10000 + local.tm_mon * 100 + local.tm_mday]
+    return _day_cache[1]
 
 
-@dataclass(frozen=True, eq=False)
 class RuleSet:
-    """An immutable snapshot of every rule, indexed for constant-time lookups."""
+    """What the engine decides on: an immutable compiled snapshot of every list entry
+    (eir.snapshot) and the policy for equipment no entry matches.
 
-    unknown_policy: UnknownPolicy
-    version: str
-    rule_count: int
-    _imei_pairs: dict[tuple[str, str], Verdict] = field(repr=False)
-    _imei: dict[str, Verdict] = field(repr=False)
-    _tac_pairs: dict[tuple[str, str], Verdict] = field(repr=False)
-    _tac: dict[str, Verdict] = field(repr=False)
-    # Elementary segments of the range rules: _range_starts[i] is where segment i starts, and
-    # _range_rules[i] the rules covering it in precedence order (empty where none do).
-    _range_starts: list[int] = field(repr=False)
-    _range_rules: list[tuple[tuple[Rule, Verdict], ...]] = field(repr=False)
-    _unknown: Verdict = field(repr=False)
+    The server swaps whole RuleSets; a request reads one and uses it to the end.
+    """
+
+    def __init__(self, snapshot, unknown_policy: UnknownPolicy = UnknownPolicy.UNKNOWN):
+        self.snapshot = snapshot
+        self.unknown_policy = unknown_policy
+        if unknown_policy is UnknownPolicy.UNKNOWN:
+            self._unknown = Verdict(None, Match.UNKNOWN_POLICY,
+                                    "no list entry matches and the unknown policy is "
+                                    "'unknown'", "policy")
+        else:
+            self._unknown = Verdict(EquipmentStatus[unknown_policy.name], Match.UNKNOWN_POLICY,
+                                    "no list entry matches; unknown policy is "
+                                    f"{unknown_policy.value}", "policy")
 
     @classmethod
     def build(cls, rules: Iterable[Rule], unknown_policy: UnknownPolicy = UnknownPolicy.UNKNOWN,
-              version: str = "0") -> "RuleSet":
-        imei_pairs: dict[tuple[str, str], list[Rule]] = {}
-        imei: dict[str, list[Rule]] = {}
-        tac_pairs: dict[tuple[str, str], list[Rule]] = {}
-        tac: dict[str, list[Rule]] = {}
-        ranges: list[Rule] = []
-        count = 0
-        for rule in rules:
-            count += 1
-            if rule.imei is not None:
-                if rule.imsi is not None:
-                    imei_pairs.setdefault((rule.imei, rule.imsi), []).append(rule)
-                else:
-                    imei.setdefault(rule.imei, []).append(rule)
-            elif rule.tac is not None:
-                if rule.imsi is not None:
-                    tac_pairs.setdefault((rule.tac, rule.imsi), []).append(rule)
-                else:
-                    tac.setdefault(rule.tac, []).append(rule)
-            elif rule.imei_range is not None:
-                ranges.append(rule)
-            else:
-                raise ValueError(f"{rule.source}: rule has no IMEI, range or TAC")
-        starts, covering = _segments(ranges)
+              version: str = "0", name: str = "rules") -> "RuleSet":
+        """Compile rules (the native list's rows) into an in-memory snapshot."""
+        from eir.snapshot import Snapshot, compile_snapshot, entries_from_rules  # cycle
 
-        def best(table):
-            return {key: _best(candidates).verdict() for key, candidates in table.items()}
+        snapshot = compile_snapshot([entries_from_rules(rules, name)], version)
+        return cls(Snapshot.from_bytes(snapshot), unknown_policy)
 
-        if unknown_policy is UnknownPolicy.UNKNOWN:
-            unknown = Verdict(None, Match.UNKNOWN_POLICY,
-                              "no list entry matches and the unknown policy is 'unknown'",
-                              "policy")
-        else:
-            status = EquipmentStatus[unknown_policy.name]
-            unknown = Verdict(status, Match.UNKNOWN_POLICY,
-                              f"no list entry matches; unknown policy is {unknown_policy.value}",
-                              "policy")
-        return cls(unknown_policy, version, count, best(imei_pairs), best(imei),
-                   best(tac_pairs), best(tac), starts, covering, unknown)
+    @property
+    def version(self) -> str:
+        return self.snapshot.version
 
-    def decide(self, imei: str, imsi: str | None = None,
-               software_version: str | None = None) -> Verdict:
-        """The verdict for a normalised 14-digit IMEI, the subscriber's IMSI if known.
+    @property
+    def rule_count(self) -> int:
+        return self.snapshot.entry_count
+
+    def decide(self, imei: str, imsi: str | None = None, software_version: str | None = None,
+               day: int | None = None) -> Verdict:
+        """The verdict for a normalised 14-digit IMEI, with the subscriber's IMSI if known,
+        on `day` (YYYYMMDD, default today: registry entries change status with the date).
 
         `software_version` is accepted so that rules on it can be added without changing
         callers; no rule kind uses it yet.
         """
-        if imsi:
-            verdict = self._imei_pairs.get((imei, imsi))
-            if verdict is not None:
-                return verdict
-        verdict = self._imei.get(imei)
-        if verdict is not None:
-            return verdict
-        if self._range_starts:
-            index = bisect.bisect_right(self._range_starts, int(imei)) - 1
-            if index >= 0:
-                for rule, verdict in self._range_rules[index]:
-                    if rule.imsi is None or rule.imsi == imsi:
-                        return verdict
-        tac = imei[:8]
-        if imsi:
-            verdict = self._tac_pairs.get((tac, imsi))
-            if verdict is not None:
-                return verdict
-        verdict = self._tac.get(tac)
-        if verdict is not None:
-            return verdict
-        return self._unknown
-
-
-def _segments(ranges: list[Rule]) -> tuple[list[int], list[tuple[tuple[Rule, Verdict], ...]]]:
-    """Cut overlapping ranges into elementary segments, each with its covering rules."""
-    if not ranges:
-        return [], []
-    verdicts = {id(rule): rule.verdict() for rule in ranges}
-    points = sorted({r.imei_range[0] for r in ranges} | {r.imei_range[1] + 1 for r in ranges})
-    by_start = sorted(ranges, key=lambda r: r.imei_range[0])
-    active: list[Rule] = []
-    starts: list[int] = []
-    covering: list[tuple[tuple[Rule, Verdict], ...]] = []
-    next_rule = 0
-    for point in points:
-        while next_rule < len(by_start) and by_start[next_rule].imei_range[0] <= point:
-            active.append(by_start[next_rule])
-            next_rule += 1
-        active = [r for r in active if r.imei_range[1] >= point]
-        ordered = sorted(active, key=_precedence)
-        starts.append(point)
-        covering.append(tuple((rule, verdicts[id(rule)]) for rule in ordered))
-    return starts, covering
+        verdict = self.snapshot.lookup(imei, imsi, today() if day is None else day)
+        return verdict if verdict is not None else self._unknown

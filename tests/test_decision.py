@@ -293,7 +293,9 @@ def test_lookup_takes_the_same_steps_for_10_and_1_million_rules(small_and_large,
     small_verdict, large_verdict = small.decide(imei, imsi), large.decide(imei, imsi)
     assert (small_verdict.status, small_verdict.match) == (large_verdict.status,
                                                            large_verdict.match)
-    assert python_steps(large, imei, imsi) == python_steps(small, imei, imsi)
+    # A few steps of difference are one constant-time branch (a snapshot with over 4,096
+    # distinct meanings stores set indexes in a second array); a scan costs thousands.
+    assert abs(python_steps(large, imei, imsi) - python_steps(small, imei, imsi)) <= 3
 
 
 def test_lookup_time_stays_flat_from_10_to_1_million_rules(small_and_large):

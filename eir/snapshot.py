@@ -1,0 +1,498 @@
+"""Compiled list snapshots: immutable, memory-mappable, a few bytes per IMEI.
+
+A snapshot is one file (or one bytes object) holding every list entry in sorted arrays that
+are searched in place: opening it parses a small JSON header (attributes, sources, section
+table), never the entries, so start-up time does not grow with the list. The server swaps
+whole snapshots by reference; a request sees one snapshot from start to end.
+
+Layout (little-endian; every section 8-byte aligned):
+
+    b"EIRSNAP1", uint32 header length, uint32 0, header JSON, sections
+
+Sections (N exact IMEIs, T TACs among them, P paired entries, S range segments, R TAC rules):
+
+    tac          uint32[T]    sorted TACs that have exact-IMEI entries
+    tac_start    uint64[T+1]  where each TAC's entries start in imei_key
+    imei_key     uint32[N]    (SNR << 12) | low 12 bits of the entry's attribute set,
+                              sorted by SNR within each TAC: 4 bytes per IMEI
+    imei_set_hi  uint8[N]     high 8 bits of the attribute set, only when there are more
+                              than 4,096 sets (registry lists rarely have: one set per
+                              distinct block date × reasons)
+    pair_imei, pair_imsi  uint64[P], pair_set uint32[P]     IMEI+IMSI entries, sorted
+    range_start  uint64[S], range_first uint32[S+1]         elementary range segments
+    range_imsi   uint64[C], range_set uint32[C]             rules covering each segment
+    tacrule_tac  uint32[R], tacrule_imsi uint64[R], tacrule_set uint32[R]
+    tacname_tac  uint32[M], tacname_end uint32[M], tacname_text bytes   device names
+
+An attribute set is a sorted tuple of attribute indexes: the meanings of every list entry for
+that key (an IMEI on both the blacklist and a notification list has a set of two). Set i for
+i < len(attributes) is the single attribute i; combinations follow.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import mmap
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from eir.decision import EquipmentStatus, Match, Rule, Verdict
+from eir.registry.entries import Attribute, Kind, ListEntries, RangeRule, TacRule
+
+MAGIC = b"EIRSNAP1"
+FORMAT_VERSION = 1
+SNR_DIGITS = 1_000_000  # 6-digit serial number: the low digits of a 14-digit IMEI
+SET_LOW_BITS = 12
+SET_LOW_MASK = (1 << SET_LOW_BITS) - 1
+MAX_SETS = 1 << (SET_LOW_BITS + 8)
+
+_SECTION_TYPES = {
+    "tac": "I", "tac_start": "Q", "imei_key": "I", "imei_set_hi": "B",
+    "pair_imei": "Q", "pair_imsi": "Q", "pair_set": "I",
+    "range_start": "Q", "range_first": "I", "range_imsi": "Q", "range_set": "I",
+    "tacrule_tac": "I", "tacrule_imsi": "Q", "tacrule_set": "I",
+    "tacname_tac": "I", "tacname_end": "I", "tacname_text": "B",
+}
+_NUMPY_TYPES = {"I": "<u4", "Q": "<u8", "B": "u1"}
+
+
+# Precedence levels as ints (hashing an Enum member runs Python code: not on the hot path).
+_MATCHES = (Match.IMEI_IMSI, Match.IMEI, Match.RANGE_IMSI, Match.RANGE, Match.TAC_IMSI,
+            Match.TAC)
+IMEI_IMSI, IMEI, RANGE_IMSI, RANGE, TAC_IMSI, TAC = range(6)
+
+
+class SnapshotError(Exception):
+    """A snapshot file cannot be used; the message says which and why."""
+
+
+# -- compiling ------------------------------------------------------------------------------
+
+
+class _SetTable:
+    """Interns attribute combinations; set i < len(attributes) is attribute i alone."""
+
+    def __init__(self, attribute_count: int):
+        self.base = attribute_count
+        self.combinations: list[tuple[int, ...]] = []
+        self._index: dict[tuple[int, ...], int] = {}
+
+    def intern(self, members: Iterable[int]) -> int:
+        key = tuple(sorted(set(int(m) for m in members)))
+        if len(key) == 1:
+            return key[0]
+        found = self._index.get(key)
+        if found is None:
+            found = self._index[key] = self.base + len(self.combinations)
+            self.combinations.append(key)
+        return found
+
+
+def _merge_duplicates(keys: np.ndarray, sets: np.ndarray, table: _SetTable,
+                      secondary: np.ndarray | None = None):
+    """Sort entries by key (then secondary) and fold equal keys into one combined set."""
+    order = np.lexsort((sets, secondary, keys) if secondary is not None else (sets, keys))
+    keys = keys[order]
+    sets = sets[order]
+    secondary = secondary[order] if secondary is not None else None
+    same = keys[1:] == keys[:-1]
+    if secondary is not None:
+        same &= secondary[1:] == secondary[:-1]
+    if not same.any():
+        return keys, sets, secondary
+    starts = np.flatnonzero(np.concatenate(([True], ~same)))
+    bounds = np.append(starts, len(keys))
+    merged = sets[starts].copy()
+    # Python only over the groups that really have several entries (rare in real lists).
+    for group in np.flatnonzero(np.diff(bounds) > 1):
+        merged[group] = table.intern(sets[bounds[group]:bounds[group + 1]].tolist())
+    keep_secondary = secondary[starts] if secondary is not None else None
+    return keys[starts], merged, keep_secondary
+
+
+def _range_segments(ranges, attribute_ids):
+    """Elementary segments of overlapping ranges, each with every rule covering it."""
+    points = sorted({r.start for r in ranges} | {r.end + 1 for r in ranges})
+    by_start = sorted(range(len(ranges)), key=lambda i: ranges[i].start)
+    starts, first, imsis, sets = [], [0], [], []
+    active: list[int] = []
+    next_rule = 0
+    for point in points:
+        while next_rule < len(by_start) and ranges[by_start[next_rule]].start <= point:
+            active.append(by_start[next_rule])
+            next_rule += 1
+        active = [i for i in active if ranges[i].end >= point]
+        starts.append(point)
+        for i in active:
+            imsis.append(ranges[i].imsi)
+            sets.append(attribute_ids[i])
+        first.append(len(imsis))
+    return starts, first, imsis, sets
+
+
+def entries_from_rules(rules: Iterable[Rule], name: str = "rules") -> ListEntries:
+    """Native list rows (eir.decision.Rule) as ListEntries: one attribute per row, since
+    each row has its own source line and reason."""
+    imeis, imsis, ids = [], [], []
+    entries = ListEntries(name)
+    for rule in rules:
+        entries.rows += 1
+        attribute = Attribute(Kind.NATIVE, rule.source, rule.status, 0, rule.reason,
+                              rule.subject)
+        imsi = int(rule.imsi) if rule.imsi else 0
+        if rule.imei is not None:
+            imeis.append(int(rule.imei))
+            imsis.append(imsi)
+            ids.append(len(entries.attributes))
+            entries.attributes.append(attribute)
+        elif rule.imei_range is not None:
+            entries.ranges.append(RangeRule(*rule.imei_range, imsi, attribute))
+        elif rule.tac is not None:
+            entries.tacs.append(TacRule(int(rule.tac), imsi, attribute))
+        else:
+            raise ValueError(f"{rule.source}: rule has no IMEI, range or TAC")
+    entries.imei = np.array(imeis, dtype=np.uint64)
+    entries.imsi = np.array(imsis, dtype=np.uint64)
+    entries.attribute = np.array(ids, dtype=np.uint32)
+    return entries
+
+
+def compile_snapshot(lists: Iterable[ListEntries], version: str,
+                     tac_names: dict[int, str] | None = None,
+                     sources: list[dict] | None = None, created: float | None = None) -> bytes:
+    """Compile parsed lists into the bytes of one snapshot (see the module docstring)."""
+    lists = list(lists)
+    attributes: list[Attribute] = []
+    attribute_index: dict[Attribute, int] = {}
+
+    def intern(attribute: Attribute) -> int:
+        found = attribute_index.get(attribute)
+        if found is None:
+            found = attribute_index[attribute] = len(attributes)
+            attributes.append(attribute)
+        return found
+
+    imeis, imsis, sets = [], [], []
+    range_rules, range_ids, tac_rules = [], [], []
+    for entries in lists:
+        remap = np.array([intern(a) for a in entries.attributes] or [0], dtype=np.uint32)
+        imeis.append(entries.imei.astype(np.uint64, copy=False))
+        imsis.append(entries.imsi.astype(np.uint64, copy=False))
+        sets.append(remap[entries.attribute] if len(entries.attribute) else
+                    np.zeros(0, np.uint32))
+        for rule in entries.ranges:
+            range_rules.append(rule)
+            range_ids.append(intern(rule.attribute))
+        for rule in entries.tacs:
+            tac_rules.append((rule.tac, rule.imsi, intern(rule.attribute)))
+    table = _SetTable(len(attributes))
+    imei = np.concatenate(imeis) if imeis else np.zeros(0, np.uint64)
+    imsi = np.concatenate(imsis) if imsis else np.zeros(0, np.uint64)
+    entry_set = np.concatenate(sets).astype(np.uint32) if sets else np.zeros(0, np.uint32)
+    sections: dict[str, np.ndarray] = {}
+
+    plain = imsi == 0
+    keys, plain_sets, _ = _merge_duplicates(imei[plain], entry_set[plain], table)
+    tac = keys // SNR_DIGITS
+    snr = keys - tac * SNR_DIGITS
+    tacs, tac_first = np.unique(tac, return_index=True)
+    sections["tac"] = tacs.astype(np.uint32)
+    sections["tac_start"] = np.append(tac_first, len(keys)).astype(np.uint64)
+    sections["imei_key"] = ((snr << SET_LOW_BITS) | (plain_sets & SET_LOW_MASK)).astype(
+        np.uint32)
+
+    pair_imei, pair_sets, pair_imsi = _merge_duplicates(
+        imei[~plain], entry_set[~plain], table, secondary=imsi[~plain])
+    sections["pair_imei"] = pair_imei.astype(np.uint64)
+    sections["pair_imsi"] = (pair_imsi if pair_imsi is not None else
+                             np.zeros(0, np.uint64)).astype(np.uint64)
+    sections["pair_set"] = pair_sets.astype(np.uint32)
+
+    if range_rules:
+        starts, first, range_imsi, range_set = _range_segments(range_rules, range_ids)
+    else:
+        starts, first, range_imsi, range_set = [], [0], [], []
+    sections["range_start"] = np.array(starts, dtype=np.uint64)
+    sections["range_first"] = np.array(first, dtype=np.uint32)
+    sections["range_imsi"] = np.array(range_imsi, dtype=np.uint64)
+    sections["range_set"] = np.array(range_set, dtype=np.uint32)
+
+    tac_rules.sort()
+    sections["tacrule_tac"] = np.array([r[0] for r in tac_rules], dtype=np.uint32)
+    sections["tacrule_imsi"] = np.array([r[1] for r in tac_rules], dtype=np.uint64)
+    sections["tacrule_set"] = np.array([r[2] for r in tac_rules], dtype=np.uint32)
+
+    set_count = len(attributes) + len(table.combinations)
+    if set_count > MAX_SETS:
+        raise SnapshotError(f"{set_count} distinct list meanings (reason, date, source); at "
+                            f"most {MAX_SETS} fit in a snapshot")
+    if set_count > SET_LOW_MASK + 1:
+        sections["imei_set_hi"] = (plain_sets >> SET_LOW_BITS).astype(np.uint8)
+
+    names = sorted((tac_names or {}).items())
+    texts = [name.encode("utf-8") for _, name in names]
+    sections["tacname_tac"] = np.array([t for t, _ in names], dtype=np.uint32)
+    sections["tacname_end"] = np.cumsum([len(t) for t in texts], dtype=np.uint64).astype(
+        np.uint32) if texts else np.zeros(0, np.uint32)
+    sections["tacname_text"] = np.frombuffer(b"".join(texts), dtype=np.uint8)
+
+    counts = {"imei": int(len(keys)), "pairs": int(len(pair_imei)),
+              "ranges": len(range_rules), "tacs": len(tac_rules), "tac_names": len(names)}
+    header = {
+        "format": FORMAT_VERSION, "version": version,
+        "created": created if created is not None else time.time(),
+        "counts": counts, "sources": sources or [
+            {"name": entries.name, "rows": entries.rows} for entries in lists],
+        "attributes": [_attribute_to_json(a) for a in attributes],
+        "combinations": [list(c) for c in table.combinations],
+    }
+    return _serialise(header, sections)
+
+
+def _serialise(header: dict, sections: dict[str, np.ndarray]) -> bytes:
+    # Offsets depend on the header's length, which depends on the offsets: lay the sections
+    # out relative to the header's end, then fix the header length with padding.
+    relative, position = {}, 0
+    for name, array in sections.items():
+        data = array.astype(_NUMPY_TYPES[_SECTION_TYPES[name]], copy=False)
+        relative[name] = (position, data.nbytes)
+        position += (data.nbytes + 7) & ~7
+    header["sections"] = relative
+    header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    body_start = (16 + len(header_bytes) + 7) & ~7
+    header_bytes = header_bytes.ljust(body_start - 16)
+    parts = [MAGIC, len(header_bytes).to_bytes(4, "little"), bytes(4), header_bytes]
+    for name, array in sections.items():
+        data = array.astype(_NUMPY_TYPES[_SECTION_TYPES[name]], copy=False).tobytes()
+        parts.append(data + bytes(((len(data) + 7) & ~7) - len(data)))
+    return b"".join(parts)
+
+
+def _attribute_to_json(attribute: Attribute) -> list:
+    return [int(attribute.kind), attribute.source,
+            -1 if attribute.status is None else int(attribute.status), attribute.block_date,
+            attribute.reason, attribute.subject]
+
+
+def _attribute_from_json(item: list) -> Attribute:
+    kind, source, status, block_date, reason, subject = item
+    return Attribute(Kind(kind), source, None if status < 0 else EquipmentStatus(status),
+                     block_date, reason, subject)
+
+
+# -- reading --------------------------------------------------------------------------------
+
+
+def _describe(attribute: Attribute, status: EquipmentStatus) -> str:
+    """The reason a call centre reads out."""
+    text = attribute.reason
+    kind = attribute.kind
+    if kind is Kind.NATIVE:
+        why = f"{attribute.subject} is {status.name.lower()}"
+        return f"{why}: {text}" if text else why
+    date = _format_day(attribute.block_date)
+    if kind is Kind.BLACKLIST:
+        why = f"on the registry blacklist since {date}"
+    elif kind is Kind.NOTIFICATION:
+        why = (f"notified by the registry, blocked since {date}"
+               if status is EquipmentStatus.BLACKLISTED else
+               f"notified by the registry: will be blocked on {date} unless resolved")
+    else:
+        why = "paired with this IMSI by the registry's exception list"
+    return f"{why}: {text}" if text else why
+
+
+def _format_day(day: int) -> str:
+    return f"{day // 10000:04d}-{day // 100 % 100:02d}-{day % 100:02d}" if day else "always"
+
+
+@dataclass(frozen=True)
+class SnapshotInfo:
+    version: str
+    created: float
+    counts: dict
+    sources: list
+
+
+class Snapshot:
+    """A compiled snapshot, searched in place (from a memory map or a bytes object)."""
+
+    def __init__(self, buffer, path: Path | None = None, _keep=None):
+        self.path = path
+        self._keep = _keep  # the mmap/bytes the views point into
+        view = memoryview(buffer)
+        where = str(path) if path else "snapshot"
+        if bytes(view[:8]) != MAGIC:
+            raise SnapshotError(f"{where}: not an open EIR snapshot (bad magic)")
+        if sys.byteorder != "little":
+            raise SnapshotError(f"{where}: snapshots are little-endian; this host is not")
+        header_length = int.from_bytes(view[8:12], "little")
+        try:
+            header = json.loads(bytes(view[16:16 + header_length]))
+        except ValueError as exc:
+            raise SnapshotError(f"{where}: header unreadable: {exc}") from None
+        if header.get("format") != FORMAT_VERSION:
+            raise SnapshotError(f"{where}: format {header.get('format')} is not "
+                                f"{FORMAT_VERSION}")
+        body = (16 + header_length + 7) & ~7
+        self.info = SnapshotInfo(header["version"], header["created"], header["counts"],
+                                 header["sources"])
+        self.attributes = [_attribute_from_json(item) for item in header["attributes"]]
+        self.sets: list[tuple[int, ...]] = [(i,) for i in range(len(self.attributes))]
+        self.sets += [tuple(c) for c in header["combinations"]]
+        arrays = {}
+        for name, (offset, length) in header["sections"].items():
+            start = body + offset
+            if start + length > len(view):
+                raise SnapshotError(f"{where}: section {name} runs past the end (truncated?)")
+            arrays[name] = view[start:start + length].cast(_SECTION_TYPES[name])
+        self._tac = arrays["tac"]
+        self._tac_start = arrays["tac_start"]
+        self._imei_key = arrays["imei_key"]
+        self._imei_set_hi = arrays.get("imei_set_hi")
+        self._pair_imei, self._pair_imsi = arrays["pair_imei"], arrays["pair_imsi"]
+        self._pair_set = arrays["pair_set"]
+        self._range_start, self._range_first = arrays["range_start"], arrays["range_first"]
+        self._range_imsi, self._range_set = arrays["range_imsi"], arrays["range_set"]
+        self._tacrule_tac, self._tacrule_imsi = arrays["tacrule_tac"], arrays["tacrule_imsi"]
+        self._tacrule_set = arrays["tacrule_set"]
+        self._tacname_tac, self._tacname_end = arrays["tacname_tac"], arrays["tacname_end"]
+        self._tacname_text = arrays["tacname_text"]
+        # TAC → position: one dict of at most a few hundred thousand TACs (the world has
+        # about that many), built at open; its size does not grow with the IMEI count.
+        self._tac_index = {tac: i for i, tac in enumerate(self._tac)}
+        # (set << 3 | level) → (day, verdict): keyed by int, since hashing an Enum member
+        # runs Python code and this is the hot path.
+        self._verdicts: dict[int, tuple[int, Verdict | None]] = {}
+
+    @classmethod
+    def open(cls, path: Path | str) -> "Snapshot":
+        path = Path(path)
+        try:
+            with path.open("rb") as handle:
+                mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError) as exc:
+            raise SnapshotError(f"{path}: cannot map: {exc}") from None
+        return cls(mapped, path, _keep=mapped)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "Snapshot":
+        return cls(data, None, _keep=data)
+
+    @property
+    def version(self) -> str:
+        return self.info.version
+
+    @property
+    def entry_count(self) -> int:
+        counts = self.info.counts
+        return counts["imei"] + counts["pairs"] + counts["ranges"] + counts["tacs"]
+
+    def lookup(self, imei: str, imsi: str | None, day: int) -> Verdict | None:
+        """The verdict of the most specific level with an entry in force on `day`, or None.
+        Levels: IMEI+IMSI, IMEI, range+IMSI, range, TAC+IMSI, TAC (see eir.decision)."""
+        number = int(imei)
+        imsi_number = int(imsi) if imsi and imsi.isdigit() else 0
+        if imsi_number and self._pair_imei:
+            verdict = self._pair_lookup(number, imsi_number, day)
+            if verdict is not None:
+                return verdict
+        tac = number // SNR_DIGITS
+        position = self._tac_index.get(tac)
+        if position is not None:
+            snr = number - tac * SNR_DIGITS
+            keys = self._imei_key
+            low, high = self._tac_start[position], self._tac_start[position + 1]
+            index = bisect.bisect_left(keys, snr << SET_LOW_BITS, low, high)
+            if index < high and keys[index] >> SET_LOW_BITS == snr:
+                member = keys[index] & SET_LOW_MASK
+                if self._imei_set_hi is not None:
+                    member |= self._imei_set_hi[index] << SET_LOW_BITS
+                verdict = self._verdict(member, IMEI, day)
+                if verdict is not None:
+                    return verdict
+        if self._range_start:
+            segment = bisect.bisect_right(self._range_start, number) - 1
+            if segment >= 0:
+                first, last = self._range_first[segment], self._range_first[segment + 1]
+                if first < last:
+                    verdict = self._best(self._range_imsi, self._range_set, first, last,
+                                         imsi_number, day, RANGE_IMSI, RANGE)
+                    if verdict is not None:
+                        return verdict
+        if self._tacrule_tac:
+            first = bisect.bisect_left(self._tacrule_tac, tac)
+            last = bisect.bisect_right(self._tacrule_tac, tac, first)
+            if first < last:
+                return self._best(self._tacrule_imsi, self._tacrule_set, first, last,
+                                  imsi_number, day, TAC_IMSI, TAC)
+        return None
+
+    def device_name(self, tac: int) -> str | None:
+        index = bisect.bisect_left(self._tacname_tac, tac)
+        if index < len(self._tacname_tac) and self._tacname_tac[index] == tac:
+            start = self._tacname_end[index - 1] if index else 0
+            return bytes(self._tacname_text[start:self._tacname_end[index]]).decode("utf-8")
+        return None
+
+    def _pair_lookup(self, number: int, imsi_number: int, day: int) -> Verdict | None:
+        imeis, imsis = self._pair_imei, self._pair_imsi
+        index = bisect.bisect_left(imeis, number)
+        if index == len(imeis) or imeis[index] != number:
+            return None
+        members = []
+        while index < len(imeis) and imeis[index] == number:
+            if imsis[index] == imsi_number:
+                members.append(self._pair_set[index])
+            index += 1
+        return self._combined(members, day, IMEI_IMSI)
+
+    def _best(self, imsis, sets, first, last, imsi_number, day, paired_level, plain_level):
+        """Among candidates [first, last): paired ones for this IMSI first, then plain ones."""
+        if imsi_number:
+            paired = [sets[i] for i in range(first, last) if imsis[i] == imsi_number]
+            verdict = self._combined(paired, day, paired_level)
+            if verdict is not None:
+                return verdict
+        plain = [sets[i] for i in range(first, last) if imsis[i] == 0]
+        return self._combined(plain, day, plain_level)
+
+    def _combined(self, members: list[int], day: int, level: int) -> Verdict | None:
+        if not members:
+            return None
+        if len(members) == 1:
+            return self._verdict(members[0], level, day)
+        best = None
+        for member in members:
+            verdict = self._verdict(member, level, day)
+            if verdict is not None and (best is None or verdict.status.severity >
+                                        best.status.severity):
+                best = verdict
+        return best
+
+    def _verdict(self, member: int, level: int, day: int) -> Verdict | None:
+        """The verdict of attribute set `member` on `day`: the most severe status among its
+        attributes (cached per set and day: a hot-path hit allocates nothing)."""
+        key = (member << 3) | level
+        cached = self._verdicts.get(key)
+        if cached is not None and cached[0] == day:
+            return cached[1]
+        best_status, best_attribute = None, None
+        for attribute_id in self.sets[member]:
+            attribute = self.attributes[attribute_id]
+            status = attribute.status_on(day)
+            if status is not None and (best_status is None or
+                                       status.severity > best_status.severity):
+                best_status, best_attribute = status, attribute
+        verdict = None
+        if best_status is not None:
+            verdict = Verdict(best_status, _MATCHES[level], _describe(best_attribute, best_status),
+                              best_attribute.source)
+        self._verdicts[key] = (day, verdict)
+        return verdict
