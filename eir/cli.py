@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 from eir import __version__
@@ -15,8 +16,11 @@ from eir.config import ConfigError, Settings, default_config_path, load_settings
 from eir.decision import UnknownPolicy
 from eir.diameter.dictionary import DictionaryError
 from eir.imei import ImeiError, normalise_imei
-from eir.lists import ListError, load_rule_set, parse_imsi
+from eir.lists import ListError, parse_imsi
+from eir.store import Store, StoreError
+from eir.sync import SyncError, sync
 
+EXIT_REFUSED = 1
 EXIT_USAGE = 2
 
 
@@ -43,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
                               "(replaces the config file's lists)")
         sub.add_argument("--unknown", choices=[p.value for p in UnknownPolicy],
                          help="verdict for an IMEI no list entry matches")
+        store_option(sub)
+
+    def store_option(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--store", type=Path, metavar="DIR",
+                         help="snapshot store directory (answer from its snapshot in force "
+                              "instead of list files)")
 
     serve = commands.add_parser("serve", help="run the Diameter S13 server")
     common(serve)
@@ -62,6 +72,25 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--imsi", help="the subscriber's IMSI")
     check.add_argument("--software-version", help="the 2-digit software version")
     check.add_argument("--json", action="store_true", help="print a JSON object")
+
+    sync_command = commands.add_parser(
+        "sync", help="compile a registry drop directory into a new snapshot in the store")
+    sync_command.add_argument("--source", metavar="DIR", help="drop directory (default: "
+                              "sync.source of the config)")
+    sync_command.add_argument("--config", type=Path, metavar="FILE")
+    store_option(sync_command)
+
+    lists = commands.add_parser("lists", help="the snapshot store: status, rollback")
+    lists_commands = lists.add_subparsers(dest="lists_command", required=True,
+                                          metavar="ACTION")
+    status = lists_commands.add_parser("status", help="versions, sources, counts and age")
+    status.add_argument("--json", action="store_true", help="print a JSON array")
+    rollback = lists_commands.add_parser(
+        "rollback", help="put an earlier version back in force (default: the previous one)")
+    rollback.add_argument("version", nargs="?")
+    for sub in (status, rollback):
+        sub.add_argument("--config", type=Path, metavar="FILE")
+        store_option(sub)
     return parser
 
 
@@ -77,11 +106,15 @@ def settings_from(args: argparse.Namespace) -> Settings:
         if value is not None:
             diameter[key] = value
     lists: dict = {}
-    if args.lists:
+    if getattr(args, "lists", None):
         lists["files"] = args.lists
-    if args.unknown:
+    if getattr(args, "unknown", None):
         lists["unknown_policy"] = UnknownPolicy(args.unknown)
     update: dict = {}
+    if getattr(args, "store", None) is not None:
+        update["store"] = settings.store.model_copy(update={"directory": args.store})
+    if getattr(args, "source", None):
+        update["sync"] = settings.sync.model_copy(update={"source": args.source})
     if diameter:
         update["diameter"] = settings.diameter.model_validate(
             settings.diameter.model_dump() | diameter)
@@ -122,17 +155,78 @@ def _check(args: argparse.Namespace) -> int:
         except ValueError as exc:
             print(f"eir: IMSI: {exc}", file=sys.stderr)
             return EXIT_USAGE
-    rule_set = load_rule_set(settings.lists.files, settings.lists.unknown_policy)
+    from eir.server import load_rules
+
+    rule_set = load_rules(settings)
     verdict = rule_set.decide(imei, imsi, args.software_version)
+    device = rule_set.snapshot.device_name(int(imei[:8]))
     if args.json:
         print(json.dumps({"imei": imei, "imsi": imsi, "status": verdict.status_name,
                           "match": verdict.match.value, "reason": verdict.reason,
-                          "source": verdict.source, "list_version": rule_set.version}))
+                          "source": verdict.source, "device": device,
+                          "list_version": rule_set.version}))
     else:
         print(verdict.status_name)
         print(f"reason: {verdict.reason}")
         print(f"source: {verdict.source} (lists version {rule_set.version})")
+        if device:
+            print(f"device: {device}")
     return 0
+
+
+def _store(settings: Settings) -> Store:
+    if settings.store.directory is None:
+        raise StoreError("no store: give --store DIR or set store.directory in the config")
+    return Store(settings.store.directory, settings.store.keep)
+
+
+def _sync(args: argparse.Namespace) -> int:
+    settings = settings_from(args)
+    if not settings.sync.source:
+        raise SyncError("no source: give --source DIR or set sync.source in the config")
+    store = _store(settings)
+    result = sync(settings.sync.source, store)
+    for note in result.ignored:
+        print(f"ignored: {note}")
+    if result.published:
+        print(f"published version {result.version}: " + ", ".join(
+            f"{count} {name}" for name, count in result.counts.items()))
+    else:
+        print(f"up to date: version {result.version} already holds these files")
+    return 0
+
+
+def _lists(args: argparse.Namespace) -> int:
+    store = _store(settings_from(args))
+    if args.lists_command == "rollback":
+        version = store.rollback(args.version)
+        print(f"version {version} is in force")
+        return 0
+    versions = store.versions()
+    if args.json:
+        print(json.dumps([{"version": v.version, "in_force": v.in_force,
+                           "created": v.info.created, "age_seconds": round(v.age_seconds),
+                           "counts": v.info.counts, "sources": v.info.sources}
+                          for v in versions]))
+        return 0
+    if not versions:
+        print(f"{store.root}: no snapshot yet (run eir sync)")
+    for stored in versions:
+        mark = "*" if stored.in_force else " "
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(stored.info.created))
+        counts = ", ".join(f"{n} {k}" for k, n in stored.info.counts.items())
+        print(f"{mark} {stored.version}  {created}  age {_age(stored.age_seconds)}  {counts}")
+        for source in stored.info.sources:
+            digest = f" sha256 {source['sha256'][:12]}" if source.get("sha256") else ""
+            print(f"      {source['name']}: {source.get('rows', '?')} rows{digest}")
+    return 0
+
+
+def _age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit}"
+    return f"{seconds:.0f}s"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -140,6 +234,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "serve":
             return _serve(args)
+        if args.command == "sync":
+            return _sync(args)
+        if args.command == "lists":
+            return _lists(args)
         return _check(args)
     except ConfigError as exc:
         print(f"eir: bad configuration:\n{exc}", file=sys.stderr)
@@ -147,4 +245,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"eir: list refused:\n{exc}", file=sys.stderr)
     except DictionaryError as exc:
         print(f"eir: bad dictionary: {exc}", file=sys.stderr)
+    except SyncError as exc:
+        print(f"eir: sync refused, store untouched:\n{exc}", file=sys.stderr)
+        return EXIT_REFUSED
+    except StoreError as exc:
+        print(f"eir: store: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
     return EXIT_USAGE

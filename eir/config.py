@@ -86,6 +86,17 @@ class ListSettings(_Strict):
     unknown_policy: UnknownPolicy = UnknownPolicy.UNKNOWN
 
 
+class StoreSettings(_Strict):
+    directory: Path | None = None
+    keep: int = Field(5, ge=1)
+    poll_seconds: float = Field(5.0, gt=0)
+
+
+class SyncSettings(_Strict):
+    source: str | None = None
+    interval_seconds: float = Field(3600.0, gt=0)
+
+
 class LoggingSettings(_Strict):
     level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -93,6 +104,8 @@ class LoggingSettings(_Strict):
 class Settings(_Strict):
     diameter: DiameterSettings = Field(default_factory=DiameterSettings)
     lists: ListSettings = Field(default_factory=ListSettings)
+    store: StoreSettings = Field(default_factory=StoreSettings)
+    sync: SyncSettings = Field(default_factory=SyncSettings)
     dictionaries: list[Path] = Field(default_factory=list)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
 
@@ -134,9 +147,16 @@ def load_settings(path: Path | None) -> Settings:
             lines.append(f"{where}: {key}: {message}")
         raise ConfigError("\n".join(lines)) from None
     base = path.parent
+    source = settings.sync.source
+    if source and "://" not in source:
+        source = str(base / source)
     return settings.model_copy(update={
         "lists": settings.lists.model_copy(
             update={"files": [base / f for f in settings.lists.files]}),
+        "store": settings.store.model_copy(update={
+            "directory": base / settings.store.directory if settings.store.directory
+            else None}),
+        "sync": settings.sync.model_copy(update={"source": source}),
         "dictionaries": [base / d for d in settings.dictionaries],
     })
 

@@ -18,6 +18,8 @@ from eir.diameter.dictionary import Dictionary
 from eir.diameter.peer import LocalIdentity, PeerConnection, Timers
 from eir.lists import ListError, load_rule_set
 from eir.s13 import S13Application
+from eir.store import Store, StoreError
+from eir.sync import SyncError, sync
 
 log = logging.getLogger("eir.server")
 
@@ -186,18 +188,17 @@ class EirServer:
             raise OSError("no listen address could be bound")
 
     async def reload_lists(self) -> bool:
-        """Build a new snapshot from the list files and swap it in; keep the old on error.
+        """Load the lists (list files, or the store's snapshot in force) and swap them in;
+        keep the old ones on error.
 
-        The build runs in a thread so the event loop keeps answering meanwhile (a large list
+        Loading runs in a thread so the event loop keeps answering meanwhile (a large list
         takes seconds to parse); the swap itself is one reference assignment, so a request
         sees the old snapshot or the new one, never a mix. Reloads run one at a time.
         """
         async with self._reload_lock:
-            lists = self.settings.lists
             try:
-                rule_set = await self.loop.run_in_executor(
-                    None, load_rule_set, lists.files, lists.unknown_policy)
-            except ListError as exc:
+                rule_set = await self.loop.run_in_executor(None, load_rules, self.settings)
+            except (ListError, StoreError) as exc:
                 log.error("list reload refused, lists in force stay in force:\n%s", exc)
                 return False
             self.s13.rule_set = rule_set
@@ -206,11 +207,45 @@ class EirServer:
                      rule_set.rule_count)
             return True
 
+    async def _watch_store(self) -> None:
+        """Follow the store's snapshot in force (a sync or a rollback changes it)."""
+        store = Store(self.settings.store.directory, self.settings.store.keep)
+        while True:
+            await asyncio.sleep(self.settings.store.poll_seconds)
+            try:
+                version = store.current_version()
+            except StoreError as exc:
+                log.error("store: %s", exc)
+                continue
+            if version is not None and version != self.rule_set.version:
+                await self.reload_lists()
+
+    async def _sync_periodically(self) -> None:
+        store = Store(self.settings.store.directory, self.settings.store.keep)
+        source = self.settings.sync.source
+        while True:
+            try:
+                result = await self.loop.run_in_executor(None, sync, source, store)
+            except (SyncError, StoreError) as exc:
+                log.error("sync from %s refused; the snapshot in force keeps serving:\n%s",
+                          source, exc)
+            else:
+                log.info("sync from %s: %s", source, f"published version {result.version}"
+                         if result.published else f"up to date (version {result.version})")
+                for note in result.ignored:
+                    log.info("sync: ignored %s", note)
+                if result.version != self.rule_set.version:
+                    await self.reload_lists()
+            await asyncio.sleep(self.settings.sync.interval_seconds)
+
     def stop(self) -> None:
         self._stop.set()
 
     def _reload_on_signal(self) -> None:
-        task = self.loop.create_task(self.reload_lists())
+        self._spawn(self.reload_lists())
+
+    def _spawn(self, coroutine) -> None:
+        task = self.loop.create_task(coroutine)
         self._background.add(task)  # keep a reference until done (asyncio holds weak ones)
         task.add_done_callback(self._background.discard)
 
@@ -233,6 +268,8 @@ class EirServer:
         log.info("shutting down: %d connection(s)", len(self.connections))
         for listener in self.listeners:
             listener.close()
+        for task in list(self._background):
+            task.cancel()
         for connection in list(self.connections):
             connection.disconnect()
         deadline = self.loop.time() + self.timers.disconnect_timeout + 1
@@ -287,11 +324,26 @@ def _format_address(address) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def load_rules(settings: Settings) -> RuleSet:
+    """The rules the settings name: the store's snapshot in force when a store is set (it
+    syncs first when the store is empty and a source is set), else the list files."""
+    policy = settings.lists.unknown_policy
+    if settings.store.directory is None:
+        return load_rule_set(settings.lists.files, policy)
+    store = Store(settings.store.directory, settings.store.keep)
+    if store.current_version() is None and settings.sync.source:
+        try:
+            sync(settings.sync.source, store)
+        except SyncError as exc:
+            raise StoreError(f"first sync from {settings.sync.source} refused:\n{exc}") \
+                from None
+    return RuleSet(store.open_current(), policy)
+
+
 def build_server(settings: Settings) -> EirServer:
     """Load dictionaries and lists as the settings say (raises on any error)."""
     dictionary = Dictionary.load(default_dictionary_dirs() + list(settings.dictionaries))
-    rule_set = load_rule_set(settings.lists.files, settings.lists.unknown_policy)
-    return EirServer(settings, rule_set, dictionary)
+    return EirServer(settings, load_rules(settings), dictionary)
 
 
 def default_dictionary_dirs() -> list[Path]:

@@ -1,0 +1,153 @@
+"""The snapshot store: a directory of immutable, versioned snapshots and a pointer to the one
+in force.
+
+    STORE/snapshots/000007.eirsnap   one compiled snapshot per version, never modified
+    STORE/CURRENT                    the version in force ("000007\\n")
+    STORE/.lock                      held while publishing or rolling back
+
+Publishing writes the new snapshot under a temporary name, fsyncs it, renames it into place,
+then replaces CURRENT the same way. A crash (kill -9, power loss) at any point leaves CURRENT
+naming a complete snapshot: the previous one or the new one, never a mix, never none. Servers
+poll CURRENT and map the snapshot it names. The last `keep` versions are kept for rollback.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from eir.snapshot import Snapshot, SnapshotError, SnapshotInfo
+
+SUFFIX = ".eirsnap"
+
+
+class StoreError(Exception):
+    """The store cannot do what was asked; the message says why."""
+
+
+@dataclass(frozen=True)
+class StoredVersion:
+    version: str
+    path: Path
+    info: SnapshotInfo
+    in_force: bool
+
+    @property
+    def age_seconds(self) -> float:
+        return max(0.0, time.time() - self.info.created)
+
+
+class Store:
+    def __init__(self, root: Path | str, keep: int = 5):
+        if keep < 1:
+            raise ValueError("keep must be at least 1")
+        self.root = Path(root)
+        self.keep = keep
+        self.snapshots = self.root / "snapshots"
+        self.pointer = self.root / "CURRENT"
+
+    # -- reading ------------------------------------------------------------------------
+
+    def current_version(self) -> str | None:
+        try:
+            text = self.pointer.read_text(encoding="ascii").strip()
+        except FileNotFoundError:
+            return None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise StoreError(f"{self.pointer}: unreadable: {exc}") from None
+        return text or None
+
+    def path_of(self, version: str) -> Path:
+        return self.snapshots / f"{version}{SUFFIX}"
+
+    def open_current(self) -> Snapshot:
+        version = self.current_version()
+        if version is None:
+            raise StoreError(f"{self.root}: the store holds no snapshot yet (run eir sync)")
+        try:
+            return Snapshot.open(self.path_of(version))
+        except SnapshotError as exc:
+            raise StoreError(str(exc)) from None
+
+    def versions(self) -> list[StoredVersion]:
+        """Every stored version, newest first."""
+        current = self.current_version()
+        found = []
+        for path in sorted(self.snapshots.glob(f"*{SUFFIX}"), reverse=True):
+            version = path.name[:-len(SUFFIX)]
+            try:
+                info = Snapshot.open(path).info
+            except SnapshotError:
+                continue  # not ours or damaged: never offered for rollback
+            found.append(StoredVersion(version, path, info, version == current))
+        return found
+
+    # -- writing ------------------------------------------------------------------------
+
+    @contextmanager
+    def locked(self):
+        """Serialise writers (two syncs, a sync and a rollback) on this store."""
+        self.snapshots.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".lock", "a+b") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def next_version(self) -> str:
+        numbers = [int(p.name[:-len(SUFFIX)]) for p in self.snapshots.glob(f"*{SUFFIX}")
+                   if p.name[:-len(SUFFIX)].isdigit()]
+        return f"{max(numbers, default=0) + 1:06d}"
+
+    def publish(self, data: bytes, version: str) -> Path:
+        """Store a compiled snapshot and put it in force (call inside `locked()`)."""
+        Snapshot.from_bytes(data)  # refuse to publish what could not be opened
+        path = self.path_of(version)
+        _atomic_write(path, data)
+        _atomic_write(self.pointer, f"{version}\n".encode("ascii"))
+        self._prune()
+        return path
+
+    def rollback(self, version: str | None = None) -> str:
+        """Put `version` (default: the one before the version in force) back in force."""
+        with self.locked():
+            versions = self.versions()
+            current = self.current_version()
+            if version is None:
+                older = [v for v in versions if current is None or v.version < current]
+                if not older:
+                    raise StoreError(f"{self.root}: no version older than {current} is kept")
+                version = older[0].version
+            elif version not in {v.version for v in versions}:
+                kept = ", ".join(v.version for v in versions) or "none"
+                raise StoreError(f"{self.root}: version {version} is not kept (kept: {kept})")
+            _atomic_write(self.pointer, f"{version}\n".encode("ascii"))
+            return version
+
+    def _prune(self) -> None:
+        current = self.current_version()
+        stored = sorted(self.snapshots.glob(f"*{SUFFIX}"), reverse=True)
+        for path in stored[self.keep:]:
+            if path.name != f"{current}{SUFFIX}":
+                path.unlink(missing_ok=True)
+        for leftover in self.snapshots.glob("*.tmp"):
+            leftover.unlink(missing_ok=True)  # from a writer that died mid-write
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(temporary, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
