@@ -20,6 +20,7 @@ from typing import Iterable
 
 from eir.decision import EquipmentStatus, Rule, RuleSet, UnknownPolicy
 from eir.imei import ImeiError, is_tac, normalise_imei
+from eir.snapshot import entries_from_rules
 
 COLUMNS = ("imei", "status", "imsi", "reason")
 REQUIRED_COLUMNS = ("imei", "status")
@@ -159,3 +160,9 @@ def load_rule_set(paths: Iterable[Path | str], unknown_policy: UnknownPolicy) ->
     if problems:
         raise ListError(problems)
     return RuleSet.build(rules, unknown_policy, version=digest.hexdigest()[:12])
+
+
+def read_native_entries(path: Path | str, display_name: str | None = None):
+    """The native CSV in the neutral form of eir.registry.entries (ListEntries), validated
+    exactly as read_native_csv does: one NATIVE attribute per row (source `file:line`)."""
+    return entries_from_rules(read_native_csv(path, display_name), display_name or str(path))
