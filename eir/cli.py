@@ -158,19 +158,15 @@ def _check(args: argparse.Namespace) -> int:
     from eir.server import load_rules
 
     rule_set = load_rules(settings)
-    verdict = rule_set.decide(imei, imsi, args.software_version)
-    device = rule_set.snapshot.device_name(int(imei[:8]))
+    verdict = rule_set.explain(imei, imsi, args.software_version)
     if args.json:
         print(json.dumps({"imei": imei, "imsi": imsi, "status": verdict.status_name,
                           "match": verdict.match.value, "reason": verdict.reason,
-                          "source": verdict.source, "device": device,
-                          "list_version": rule_set.version}))
+                          "source": verdict.source, "list_version": rule_set.version}))
     else:
         print(verdict.status_name)
         print(f"reason: {verdict.reason}")
         print(f"source: {verdict.source} (lists version {rule_set.version})")
-        if device:
-            print(f"device: {device}")
     return 0
 
 

@@ -21,6 +21,7 @@ cost does not grow with the rule count.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import time
 from dataclasses import dataclass
@@ -173,3 +174,13 @@ class RuleSet:
         """
         verdict = self.snapshot.lookup(imei, imsi, today() if day is None else day)
         return verdict if verdict is not None else self._unknown
+
+    def explain(self, imei: str, imsi: str | None = None, software_version: str | None = None,
+                day: int | None = None) -> Verdict:
+        """decide(), with the device's name (from a TAC file in the lists) in the reason: for
+        people asking why, not for the hot path."""
+        verdict = self.decide(imei, imsi, software_version, day)
+        device = self.snapshot.device_name(int(imei[:8]))
+        if not device:
+            return verdict
+        return dataclasses.replace(verdict, reason=f"{verdict.reason} (device: {device})")
