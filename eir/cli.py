@@ -214,7 +214,9 @@ def _lists(args: argparse.Namespace) -> int:
         print(f"{mark} {stored.version}  {created}  age {_age(stored.age_seconds)}  {counts}")
         for source in stored.info.sources:
             digest = f" sha256 {source['sha256'][:12]}" if source.get("sha256") else ""
-            print(f"      {source['name']}: {source.get('rows', '?')} rows{digest}")
+            rows = f": {source['rows']} rows" if source.get("rows") is not None else ""
+            run = f" run {source['run']}" if source.get("run") else ""
+            print(f"      {source['name']}{rows}{run}{digest}")
     return 0
 
 

@@ -165,7 +165,8 @@ def entries_from_rules(rules: Iterable[Rule], name: str = "rules") -> ListEntrie
 
 def compile_snapshot(lists: Iterable[ListEntries], version: str,
                      tac_names: dict[int, str] | None = None,
-                     sources: list[dict] | None = None, created: float | None = None) -> bytes:
+                     sources: list[dict] | None = None, created: float | None = None,
+                     states: dict[str, str] | None = None) -> bytes:
     """Compile parsed lists into the bytes of one snapshot (see the module docstring)."""
     lists = list(lists)
     attributes: list[Attribute] = []
@@ -249,8 +250,9 @@ def compile_snapshot(lists: Iterable[ListEntries], version: str,
         "created": created if created is not None else time.time(),
         "counts": counts, "sources": sources or [
             {"name": entries.name, "rows": entries.rows} for entries in lists],
-        "attributes": [_attribute_to_json(a) for a in attributes],
+        "attributes": [attribute_to_json(a) for a in attributes],
         "combinations": [list(c) for c in table.combinations],
+        "states": states or {},
     }
     return _serialise(header, sections)
 
@@ -274,13 +276,13 @@ def _serialise(header: dict, sections: dict[str, np.ndarray]) -> bytes:
     return b"".join(parts)
 
 
-def _attribute_to_json(attribute: Attribute) -> list:
+def attribute_to_json(attribute: Attribute) -> list:
     return [int(attribute.kind), attribute.source,
             -1 if attribute.status is None else int(attribute.status), attribute.block_date,
             attribute.reason, attribute.subject]
 
 
-def _attribute_from_json(item: list) -> Attribute:
+def attribute_from_json(item: list) -> Attribute:
     kind, source, status, block_date, reason, subject = item
     return Attribute(Kind(kind), source, None if status < 0 else EquipmentStatus(status),
                      block_date, reason, subject)
@@ -317,7 +319,8 @@ class SnapshotInfo:
     version: str
     created: float
     counts: dict
-    sources: list
+    sources: list  # one dict per file: name, sha256, rows, list, run
+    states: dict  # list name → stored state file (eir.registry.state), for deltas
 
 
 class Snapshot:
@@ -342,8 +345,8 @@ class Snapshot:
                                 f"{FORMAT_VERSION}")
         body = (16 + header_length + 7) & ~7
         self.info = SnapshotInfo(header["version"], header["created"], header["counts"],
-                                 header["sources"])
-        self.attributes = [_attribute_from_json(item) for item in header["attributes"]]
+                                 header["sources"], header.get("states", {}))
+        self.attributes = [attribute_from_json(item) for item in header["attributes"]]
         self.sets: list[tuple[int, ...]] = [(i,) for i in range(len(self.attributes))]
         self.sets += [tuple(c) for c in header["combinations"]]
         arrays = {}

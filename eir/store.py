@@ -14,7 +14,9 @@ poll CURRENT and map the snapshot it names. The last `keep` versions are kept fo
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
+import re
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -48,6 +50,7 @@ class Store:
         self.root = Path(root)
         self.keep = keep
         self.snapshots = self.root / "snapshots"
+        self.states = self.root / "lists"
         self.pointer = self.root / "CURRENT"
 
     # -- reading ------------------------------------------------------------------------
@@ -129,14 +132,42 @@ class Store:
             _atomic_write(self.pointer, f"{version}\n".encode("ascii"))
             return version
 
+    def save_state(self, name: str, data: bytes) -> str:
+        """Store a list state (eir.registry.state) under a content-derived name; returns it."""
+        file_name = f"{_safe(name)}-{hashlib.sha256(data).hexdigest()[:16]}.state"
+        path = self.states / file_name
+        if not path.exists():
+            self.states.mkdir(parents=True, exist_ok=True)
+            _atomic_write(path, data)
+        return file_name
+
+    def load_state(self, file_name: str) -> bytes:
+        try:
+            return (self.states / file_name).read_bytes()
+        except OSError as exc:
+            raise StoreError(f"{self.states / file_name}: list state unreadable: "
+                             f"{exc.strerror or exc}") from None
+
     def _prune(self) -> None:
         current = self.current_version()
         stored = sorted(self.snapshots.glob(f"*{SUFFIX}"), reverse=True)
         for path in stored[self.keep:]:
             if path.name != f"{current}{SUFFIX}":
                 path.unlink(missing_ok=True)
-        for leftover in self.snapshots.glob("*.tmp"):
-            leftover.unlink(missing_ok=True)  # from a writer that died mid-write
+        for directory in (self.snapshots, self.states, self.root):
+            for leftover in directory.glob(".*.tmp"):
+                leftover.unlink(missing_ok=True)  # from a writer that died mid-write
+        referenced = set()
+        for version in self.versions():
+            referenced.update(version.info.states.values())
+        if self.states.is_dir():
+            for state in self.states.glob("*.state"):
+                if state.name not in referenced:
+                    state.unlink(missing_ok=True)
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)[:80]
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

@@ -7,10 +7,19 @@ GSMA-style TAC file, and optionally `manifest.json`:
 
 When the manifest is there, every list file must be named in it with its checksum, and every
 file it names must be there. Of several full lists of the same name (`20261119_blacklist.zip`,
-`20261120_blacklist.zip`) the newest date wins. Anything wrong (a checksum, a zip, a column,
-a row) refuses the whole sync with the file, line and field: the store is left untouched and
-the snapshot in force keeps serving. A sync whose files are byte-identical to those of the
-snapshot in force publishes nothing.
+`20261120_blacklist.zip`) the newest date wins.
+
+Deltas (`<date>_blacklist_delta_<base>_<run>_<reason>.csv`, and the import-side stolen and
+pairing deltas) are applied to the list in force, one run at a time in run order: a delta
+whose base is not the run of the list in force is refused. The store keeps each list's state
+(eir.registry.state) so the next sync can apply the next delta; a DIRBS zip that holds a full
+list with its deltas makes the full list that of their run. Deltas already applied (the same
+file and checksum, or a run not newer than the list's) are skipped; lists in force that the
+source does not mention stay in force.
+
+Anything wrong (a checksum, a zip, a column, a row, a delta's base) refuses the whole sync
+with the file, line and field: the store is left untouched and the snapshot in force keeps
+serving. A sync that brings nothing new publishes nothing.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ from pathlib import Path
 
 from eir.lists import ListError
 from eir.registry.entries import ListDelta, ListEntries
+from eir.registry.state import DeltaError, ListState
 from eir.snapshot import SnapshotError, compile_snapshot
 from eir.store import Store, StoreError
 
@@ -46,7 +56,7 @@ class SyncResult:
 
 def sync(source: str, store: Store) -> SyncResult:
     # Imported here: pyarrow loads only when a sync runs; serving never pays for it.
-    from eir.registry.formats import parse_path
+    from eir.registry.formats import parse_all
 
     if "://" in source:
         raise SyncError(f"{source}: only drop directories are supported so far, not URLs")
@@ -63,48 +73,148 @@ def sync(source: str, store: Store) -> SyncResult:
         _verify_manifest(manifest, digests)
 
     chosen, ignored = _newest_per_list(files)
-    lists: list[ListEntries] = []
-    tac_names: dict[int, str] = {}
-    sources = []
+    parsed: list[tuple[Path, list]] = []
     problems: list[str] = []
     for path in chosen:
         try:
-            parsed = parse_path(path, display_name=path.name)
+            parsed.append((path, parse_all(path, display_name=path.name)))
         except ListError as exc:
             problems.extend(exc.problems)
-            continue
-        if isinstance(parsed, ListDelta):
-            ignored.append(f"{path.name}: delta files are not applied yet; "
-                           "the full list is used")
-            continue
-        if isinstance(parsed, dict):
-            tac_names.update(parsed)
-            sources.append({"name": path.name, "sha256": digests[path.name], "kind": "tac",
-                            "rows": len(parsed)})
-            continue
-        lists.append(parsed)
-        sources.append({"name": path.name, "sha256": digests[path.name], "kind": "list",
-                        "rows": parsed.rows})
     if problems:
         raise SyncError(str(ListError(problems)))
+    updates = _updates(parsed, digests)
 
     with store.locked():
+        in_force = _in_force(store)
+        states = dict(in_force)
+        changed = False
+        for name, update in updates.items():
+            state = states.get(name)
+            if update.full is not None and (state is None or update.full.files[0]
+                                            not in state.files):
+                state = update.full
+                changed = True
+            for run_deltas, run_files in update.deltas:
+                if state is None and not run_deltas[0].base:
+                    # Import-side deltas (stolen, pairing) name no base: the list starts empty.
+                    state = ListState(name, "", ListEntries(name))
+                if state is None:
+                    names = ", ".join(f.rpartition("@")[0] for f in run_files)
+                    raise SyncError(f"{names}: delta for the {name} list, but no full list "
+                                    "of it is in force or in the source")
+                if all(f in state.files for f in run_files) or (
+                        run_deltas[0].run and state.run and _run_number(run_deltas[0].run)
+                        <= _run_number(state.run)):
+                    continue  # already applied, or already part of the full list
+                try:
+                    state = state.apply(run_deltas, run_files)
+                except DeltaError as exc:
+                    raise SyncError(str(exc)) from None
+                changed = True
+            if state is not None:
+                states[name] = state
         current = store.current_version()
-        if current is not None:
-            try:
-                in_force = store.open_current().info
-            except StoreError:
-                in_force = None
-            if in_force is not None and _same_files(in_force.sources, sources):
-                return SyncResult(current, False, sources, in_force.counts, ignored)
+        if current is not None and not changed:
+            return SyncResult(current, False, _sources(states),
+                              store.open_current().info.counts, ignored)
         version = store.next_version()
+        state_files = {name: store.save_state(name, state.to_bytes())
+                       for name, state in states.items()}
+        lists = [state.entries for state in states.values() if state.entries is not None]
+        tac_names: dict[int, str] = {}
+        for state in states.values():
+            tac_names.update(state.tac_names)
         try:
-            data = compile_snapshot(lists, version, tac_names, sources)
+            data = compile_snapshot(lists, version, tac_names, _sources(states),
+                                    states=state_files)
         except SnapshotError as exc:
             raise SyncError(str(exc)) from None
         store.publish(data, version)
-    snapshot_info = store.open_current().info
-    return SyncResult(version, True, sources, snapshot_info.counts, ignored)
+    return SyncResult(version, True, _sources(states),
+                      store.open_current().info.counts, ignored)
+
+
+@dataclass
+class _Update:
+    """What the source holds for one list: a full list and/or deltas grouped by run."""
+
+    full: ListState | None = None
+    deltas: list[tuple[list[ListDelta], list[str]]] = field(default_factory=list)
+
+
+def _file_id(label: str, digest: str) -> str:
+    """How a list state remembers the files it was built from: name (a zip member as
+    `archive.zip!member.csv`) and the sha256 of the file as delivered."""
+    return f"{label}@{digest}"
+
+
+def _updates(parsed: list[tuple[Path, list]], digests: dict[str, str]) -> dict[str, _Update]:
+    updates: dict[str, _Update] = {}
+    by_run: dict[tuple[str, str, str], tuple[list[ListDelta], list[str]]] = {}
+    for path, results in parsed:
+        digest = digests[path.name]
+        file_id = _file_id(path.name, digest)
+        full_results = [r for r in results if not isinstance(r, ListDelta)]
+        deltas = [r for r in results if isinstance(r, ListDelta)]
+        # A DIRBS zip holds the full list with the deltas that led to it: the full list is
+        # then from their run.
+        runs = {d.run for d in deltas if d.run}
+        full_run = max(runs, key=_run_number) if runs else ""
+        for result in full_results:
+            name = _list_name(path)
+            if isinstance(result, dict):
+                state = ListState(name, "", None, dict(result), [file_id])
+            else:
+                state = ListState(name, full_run, result, files=[file_id])
+            updates.setdefault(name, _Update()).full = state
+        for delta in deltas:
+            key = (delta.list_name, delta.base, delta.run)
+            group = by_run.setdefault(key, ([], []))
+            group[0].append(delta)
+            member_id = _file_id(delta.added.name or delta.removed.name, digest)
+            if member_id not in group[1]:
+                group[1].append(member_id)
+    for (name, _, run), group in sorted(by_run.items(),
+                                        key=lambda item: _run_number(item[0][2])):
+        updates.setdefault(name, _Update()).deltas.append(group)
+    return updates
+
+
+def _list_name(path: Path) -> str:
+    """`20261120_blacklist.zip` → `blacklist`; undated files are lists of their own."""
+    stem = path.name.rsplit(".", 1)[0]
+    match = _DATE_PREFIX.match(stem)
+    return match.group(2) if match else path.name
+
+
+def _run_number(run: str) -> int:
+    try:
+        return int(run)
+    except ValueError:
+        return -1
+
+
+def _in_force(store: Store) -> dict[str, ListState]:
+    if store.current_version() is None:
+        return {}
+    try:
+        info = store.open_current().info
+    except StoreError:
+        return {}
+    return {name: ListState.from_bytes(store.load_state(file_name))
+            for name, file_name in info.states.items()}
+
+
+def _sources(states: dict[str, ListState]) -> list[dict]:
+    """One entry per file in force: name, sha256, list, run, and the list's rows."""
+    sources = []
+    for name, state in states.items():
+        rows = state.entries.rows if state.entries is not None else len(state.tac_names)
+        for index, file_id in enumerate(state.files):
+            label, _, digest = file_id.rpartition("@")
+            sources.append({"name": label, "sha256": digest, "list": name, "run": state.run,
+                            "rows": rows if index == 0 else None})
+    return sources
 
 
 def _sha256(path: Path) -> str:
@@ -157,7 +267,3 @@ def _newest_per_list(files: list[Path]) -> tuple[list[Path], list[str]]:
     return chosen + [path for _, path in newest.values()], ignored
 
 
-def _same_files(old: list[dict], new: list[dict]) -> bool:
-    def key(sources):
-        return sorted((s.get("name"), s.get("sha256")) for s in sources)
-    return key(old) == key(new)
