@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+from datetime import date
 from pathlib import Path
 from typing import Literal
 
@@ -95,6 +96,19 @@ class StoreSettings(_Strict):
 class SyncSettings(_Strict):
     source: str | None = None
     interval_seconds: float = Field(3600.0, gt=0)
+    public_key: str | None = None
+
+
+class ObservationSettings(_Strict):
+    enabled: bool = True
+    database: Path | None = None
+    flush_seconds: float = Field(1.0, gt=0)
+    msisdn_file: Path | None = None
+    pseudonymise_key: str | None = None
+
+
+class GrandfatheringSettings(_Strict):
+    cutoff_date: date | None = None
 
 
 class LoggingSettings(_Strict):
@@ -106,6 +120,8 @@ class Settings(_Strict):
     lists: ListSettings = Field(default_factory=ListSettings)
     store: StoreSettings = Field(default_factory=StoreSettings)
     sync: SyncSettings = Field(default_factory=SyncSettings)
+    observations: ObservationSettings = Field(default_factory=ObservationSettings)
+    grandfathering: GrandfatheringSettings = Field(default_factory=GrandfatheringSettings)
     dictionaries: list[Path] = Field(default_factory=list)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
 
@@ -157,6 +173,9 @@ def load_settings(path: Path | None) -> Settings:
             "directory": base / settings.store.directory if settings.store.directory
             else None}),
         "sync": settings.sync.model_copy(update={"source": source}),
+        "observations": settings.observations.model_copy(update={
+            key: base / value for key in ("database", "msisdn_file")
+            if (value := getattr(settings.observations, key)) is not None}),
         "dictionaries": [base / d for d in settings.dictionaries],
     })
 
