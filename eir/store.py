@@ -109,7 +109,11 @@ class Store:
 
     def publish(self, data: bytes, version: str) -> Path:
         """Store a compiled snapshot and put it in force (call inside `locked()`)."""
-        Snapshot.from_bytes(data)  # refuse to publish what could not be opened
+        snapshot = Snapshot.from_bytes(data)  # refuse to publish what could not be opened
+        if snapshot.version != version:
+            # Servers compare CURRENT with the version in the snapshot they serve.
+            raise StoreError(f"snapshot says version {snapshot.version}, published as "
+                             f"{version}")
         path = self.path_of(version)
         _atomic_write(path, data)
         _atomic_write(self.pointer, f"{version}\n".encode("ascii"))

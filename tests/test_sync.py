@@ -1,0 +1,336 @@
+"""Sync (eir.sync and `eir sync`): a registry drop directory on disk becomes one published
+snapshot version whose verdicts follow each list's meaning; anything wrong (manifest, row,
+zip) refuses the whole sync and leaves the store byte for byte as it was."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from eir.decision import EquipmentStatus, Match, RuleSet, UnknownPolicy
+from eir.store import Store
+from eir.sync import SyncError, sync
+
+ROOT = Path(__file__).resolve().parent.parent
+BLACK, GREY, WHITE = (EquipmentStatus.BLACKLISTED, EquipmentStatus.GREYLISTED,
+                      EquipmentStatus.WHITELISTED)
+
+STOLEN = "35123456000017"  # on the blacklist, and paired with OWNER by the exceptions list
+NOTIFIED = "35123456000025"  # on the notifications list
+NATIVE = "35123456000033"  # on our own native CSV
+ELSEWHERE = "35123456000041"  # on no list
+OWNER, OTHER = "001010123456789", "001010999999999"
+BLACKLIST = "20261120_blacklist.csv"
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+def lines(*rows: str) -> str:
+    return "".join(row + "\n" for row in rows)
+
+
+def blacklist_rows(imei: str = STOLEN, block_date: int = 20261201) -> list[str]:
+    return ["imei,block_date,reasons", f"{imei},{block_date},stolen|reported by owner"]
+
+
+def write_drop(directory: Path, blacklist: list[str] | None = None, packing: str = "plain",
+               blacklist_name: str = BLACKLIST, manifest: bool = False) -> Path:
+    """A drop directory holding a DIRBS blacklist (plain or zipped), notifications and
+    exceptions lists, a native CSV and a TAC file; with manifest.json when asked."""
+    directory.mkdir(parents=True, exist_ok=True)
+    text = lines(*(blacklist or blacklist_rows()))
+    if packing == "zip":
+        with zipfile.ZipFile(directory / blacklist_name.replace(".csv", ".zip"), "w",
+                             zipfile.ZIP_DEFLATED) as archive:
+            archive.writestr(blacklist_name, text)
+    else:
+        (directory / blacklist_name).write_text(text)
+    (directory / "20261120_notifications_op1.csv").write_text(lines(
+        "imei,imsi,msisdn,block_date,reasons",
+        f"{NOTIFIED},{OTHER},6281100000001,20261215,duplicate IMEI"))
+    (directory / "20261120_exceptions_op1.csv").write_text(lines(
+        "imei,imsi,msisdn", f"{STOLEN},{OWNER},6281100000002"))
+    (directory / "native.csv").write_text(lines(
+        "imei,status,imsi,reason", f"{NATIVE},greylist,,under investigation"))
+    (directory / "tac.csv").write_text(lines(
+        "tac,manufacturer,model_name", f"{STOLEN[:8]},Acme,Phone 3"))
+    if manifest:
+        write_manifest(directory)
+    return directory
+
+
+def list_files(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.iterdir() if p.name != "manifest.json")
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def write_manifest(directory: Path, files: dict[str, str] | None = None) -> None:
+    if files is None:
+        files = {p.name: sha256(p) for p in list_files(directory)}
+    (directory / "manifest.json").write_text(json.dumps({"files": files}))
+
+
+def store_files(store: Store) -> dict[str, bytes]:
+    """Every file of the store with its bytes: what "untouched" compares."""
+    return {str(p.relative_to(store.root)): p.read_bytes()
+            for p in sorted(store.root.rglob("*")) if p.is_file()}
+
+
+def rules_in_force(store: Store) -> RuleSet:
+    return RuleSet(store.open_current(), UnknownPolicy.UNKNOWN)
+
+
+@pytest.fixture
+def store(tmp_path) -> Store:
+    return Store(tmp_path / "store")
+
+
+@pytest.fixture
+def served(tmp_path, store):
+    """A store holding version 000001 from a good drop directory, and the store's files as
+    they were then (refused syncs must leave exactly these)."""
+    result = sync(str(write_drop(tmp_path / "first")), store)
+    assert (result.version, result.published) == ("000001", True)
+    return store_files(store)
+
+
+def assert_refused_untouched(source: Path, store: Store, before: dict[str, bytes],
+                             *expected: str) -> str:
+    """The sync of `source` is refused with every `expected` text, and the store's files
+    (CURRENT, snapshots, states) are byte for byte what they were."""
+    with pytest.raises(SyncError) as caught:
+        sync(str(source), store)
+    message = str(caught.value)
+    for text in expected:
+        assert text in message, message
+    assert store_files(store) == before
+    assert store.current_version() == "000001"
+    return message
+
+
+def run_eir(*args: str) -> subprocess.CompletedProcess:
+    environment = dict(os.environ)
+    environment.pop("EIR_CONFIG", None)
+    return subprocess.run([sys.executable, "-m", "eir", *args], cwd=ROOT, env=environment,
+                          capture_output=True, text=True, timeout=30)
+
+
+# --- one drop directory, one version, each list's meaning ---------------------------------------
+
+@pytest.fixture(params=["plain", "zip"])
+def synced(request, tmp_path, store) -> RuleSet:
+    """Rules in force after syncing a full drop directory (blacklist plain or zipped)."""
+    result = sync(str(write_drop(tmp_path / "drop", packing=request.param)), store)
+    assert (result.version, result.published) == ("000001", True)
+    assert [(v.version, v.in_force) for v in store.versions()] == [("000001", True)]
+    return rules_in_force(store)
+
+
+@pytest.mark.parametrize("day, status", [(20261130, None), (20261201, BLACK), (20270101, BLACK)])
+def test_blacklist_entry_is_blacklisted_from_its_block_date(synced, day, status):
+    verdict = synced.decide(STOLEN, day=day)
+    assert verdict.status is status
+    if status is not None:
+        assert verdict.match is Match.IMEI
+        assert "stolen" in verdict.reason and "reported by owner" in verdict.reason
+
+
+@pytest.mark.parametrize("day, status", [(20261120, GREY), (20261214, GREY), (20261215, BLACK),
+                                         (20270101, BLACK)])
+def test_notification_is_greylisted_before_block_date_and_blacklisted_from_it(synced, day,
+                                                                              status):
+    verdict = synced.decide(NOTIFIED, OTHER, day=day)
+    assert verdict.status is status
+    assert "duplicate IMEI" in verdict.reason
+    # Keyed by the IMEI alone: another subscriber with the device gets the same.
+    assert synced.decide(NOTIFIED, OWNER, day=day).status is status
+
+
+def test_exception_whitelists_the_imei_only_for_its_imsi(synced):
+    day = 20261202  # the blacklist entry is in force
+    owner = synced.decide(STOLEN, OWNER, day=day)
+    assert (owner.status, owner.match) == (WHITE, Match.IMEI_IMSI)
+    assert synced.decide(STOLEN, OTHER, day=day).status is BLACK
+    assert synced.decide(STOLEN, None, day=day).status is BLACK
+    # Before the block date the exception still whitelists its pair, and nobody else.
+    assert synced.decide(STOLEN, OWNER, day=20261101).status is WHITE
+    assert synced.decide(STOLEN, OTHER, day=20261101).status is None
+
+
+def test_native_csv_rows_keep_their_status(synced):
+    verdict = synced.decide(NATIVE, day=20261201)
+    assert verdict.status is GREY and "under investigation" in verdict.reason
+
+
+def test_an_imei_on_no_list_gets_the_unknown_policy(synced):
+    assert synced.decide(ELSEWHERE, day=20261201).match is Match.UNKNOWN_POLICY
+
+
+def test_tac_file_device_name_appears_in_explained_verdicts(synced):
+    assert "Acme Phone 3" in synced.explain(STOLEN, OTHER, day=20261201).reason
+    assert "Acme" not in synced.explain("86000000000001", day=20261201).reason
+
+
+def test_every_file_is_recorded_with_its_sha256(tmp_path, store):
+    drop = write_drop(tmp_path / "drop")
+    result = sync(str(drop), store)
+    recorded = {s["name"]: s["sha256"] for s in store.open_current().info.sources}
+    assert recorded == {p.name: sha256(p) for p in list_files(drop)}
+    assert {s["name"] for s in result.sources} == set(recorded)
+
+
+# --- what is (not) published ------------------------------------------------------------------
+
+def test_a_second_sync_of_identical_files_publishes_nothing(tmp_path, store):
+    drop = write_drop(tmp_path / "drop")
+    assert sync(str(drop), store).published
+    before = store_files(store)
+    again = sync(str(drop), store)
+    assert (again.version, again.published) == ("000001", False)
+    assert [v.version for v in store.versions()] == ["000001"]
+    assert store_files(store) == before
+
+
+def test_a_changed_list_publishes_a_new_version(tmp_path, store, served):
+    changed = write_drop(tmp_path / "changed", blacklist_rows(ELSEWHERE))
+    result = sync(str(changed), store)
+    assert (result.version, result.published) == ("000002", True)
+    rules = rules_in_force(store)
+    assert rules.decide(ELSEWHERE, day=20261201).status is BLACK
+    assert rules.decide(STOLEN, day=20261201).status is None  # the new full list replaced it
+
+
+def test_the_newest_dated_file_of_a_list_wins_and_the_older_is_reported(tmp_path, store):
+    drop = write_drop(tmp_path / "drop")
+    (drop / "20261119_blacklist.csv").write_text(lines(*blacklist_rows(ELSEWHERE)))
+    result = sync(str(drop), store)
+    assert any(note.startswith("20261119_blacklist.csv") and BLACKLIST in note
+               for note in result.ignored), result.ignored
+    rules = rules_in_force(store)
+    assert rules.decide(STOLEN, day=20261201).status is BLACK
+    assert rules.decide(ELSEWHERE, day=20261201).status is None
+
+
+# --- manifest ---------------------------------------------------------------------------------
+
+def test_a_correct_manifest_is_accepted(tmp_path, store):
+    result = sync(str(write_drop(tmp_path / "drop", manifest=True)), store)
+    assert result.published
+
+
+def _wrong_checksum(drop: Path) -> None:
+    write_manifest(drop)
+    (drop / BLACKLIST).write_text(lines(*blacklist_rows(ELSEWHERE, 20270101)))  # changed since
+
+
+def _file_not_in_manifest(drop: Path) -> None:
+    write_manifest(drop, {p.name: sha256(p) for p in list_files(drop) if p.name != "native.csv"})
+
+
+def _entry_without_file(drop: Path) -> None:
+    files = {p.name: sha256(p) for p in list_files(drop)}
+    write_manifest(drop, files | {"20261120_exceptions_op2.csv": "0" * 64})
+
+
+def _unreadable_manifest(drop: Path) -> None:
+    (drop / "manifest.json").write_text('{"files": {"20261120_blacklist.csv": ')
+
+
+@pytest.mark.parametrize("spoil, expected", [
+    pytest.param(_wrong_checksum, [f"{BLACKLIST}: sha256:", "does not match"],
+                 id="checksum-mismatch"),
+    pytest.param(_file_not_in_manifest, ["native.csv: manifest: not listed"],
+                 id="file-missing-from-manifest"),
+    pytest.param(_entry_without_file, ["20261120_exceptions_op2.csv: listed but not in"],
+                 id="entry-without-file"),
+    pytest.param(_unreadable_manifest, ["manifest.json: unreadable manifest"],
+                 id="unreadable-manifest"),
+])
+def test_a_manifest_problem_refuses_the_sync_and_leaves_the_store_untouched(
+        tmp_path, store, served, spoil, expected):
+    drop = write_drop(tmp_path / "drop", blacklist_rows(ELSEWHERE))  # would change the lists
+    spoil(drop)
+    assert_refused_untouched(drop, store, served, *expected)
+
+
+# --- bad files --------------------------------------------------------------------------------
+
+def test_a_bad_row_refuses_the_sync_naming_file_line_and_field(tmp_path, store, served):
+    rows = blacklist_rows(ELSEWHERE) + ["3512345600005,20261201,stolen"]  # 13 digits, line 3
+    drop = write_drop(tmp_path / "drop", rows)
+    message = assert_refused_untouched(drop, store, served, f"{BLACKLIST}:3: imei:")
+    assert "3512345600005" in message
+
+
+def test_a_truncated_zip_refuses_the_sync(tmp_path, store, served):
+    drop = write_drop(tmp_path / "drop", blacklist_rows(ELSEWHERE), packing="zip")
+    archive = drop / "20261120_blacklist.zip"
+    archive.write_bytes(archive.read_bytes()[:-30])
+    assert_refused_untouched(drop, store, served, "20261120_blacklist.zip", "zip")
+
+
+# --- the command line -------------------------------------------------------------------------
+
+def test_cli_sync_publishes_and_prints_the_version(tmp_path):
+    drop = write_drop(tmp_path / "drop")
+    result = run_eir("sync", "--source", str(drop), "--store", str(tmp_path / "store"))
+    assert result.returncode == 0, result.stderr
+    assert "published version 000001" in result.stdout
+    assert Store(tmp_path / "store").current_version() == "000001"
+
+
+def test_cli_sync_refusal_exits_1_and_says_store_untouched(tmp_path, store, served):
+    drop = write_drop(tmp_path / "drop", blacklist_rows() + ["1234,20261201,stolen"])
+    result = run_eir("sync", "--source", str(drop), "--store", str(store.root))
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "store untouched" in result.stderr
+    assert f"{BLACKLIST}:3: imei:" in result.stderr
+    assert store_files(store) == served
+
+
+def test_cli_lists_status_json_lists_versions_with_counts_and_sources(tmp_path, store, served):
+    changed = write_drop(tmp_path / "changed", blacklist_rows(ELSEWHERE))
+    assert sync(str(changed), store).version == "000002"
+    result = run_eir("lists", "status", "--store", str(store.root), "--json")
+    assert result.returncode == 0, result.stderr
+    status = json.loads(result.stdout)
+    assert [(v["version"], v["in_force"]) for v in status] == [("000002", True),
+                                                               ("000001", False)]
+    newest = status[0]
+    assert newest["counts"]["imei"] == 3  # blacklist, notification, native rows
+    assert newest["counts"]["pairs"] == 1  # the exception
+    assert newest["counts"]["tac_names"] == 1
+    assert {s["name"]: s["sha256"] for s in newest["sources"]} == {
+        p.name: sha256(p) for p in list_files(changed)}
+    assert 0 <= newest["age_seconds"] < 60
+
+
+def test_cli_rollback_then_check_answers_from_the_rolled_back_version(tmp_path, store):
+    # Block dates in the past: `eir check` decides for today.
+    sync(str(write_drop(tmp_path / "first", blacklist_rows(STOLEN, 20200101))), store)
+    sync(str(write_drop(tmp_path / "second", blacklist_rows(ELSEWHERE, 20200101))), store)
+
+    def check(imei: str) -> dict:
+        result = run_eir("check", imei, "--store", str(store.root), "--json")
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
+
+    answer = check(ELSEWHERE)
+    assert (answer["status"], answer["list_version"]) == ("BLACKLISTED", "000002")
+    rollback = run_eir("lists", "rollback", "--store", str(store.root))
+    assert rollback.returncode == 0, rollback.stderr
+    assert "version 000001 is in force" in rollback.stdout
+    answer = check(STOLEN)
+    assert (answer["status"], answer["list_version"]) == ("BLACKLISTED", "000001")
+    assert "stolen" in answer["reason"] and "Acme Phone 3" in answer["reason"]
+    assert check(ELSEWHERE)["status"] == "UNKNOWN"
