@@ -166,13 +166,16 @@ def load_settings(path: Path | None) -> Settings:
     source = settings.sync.source
     if source and "://" not in source:
         source = str(base / source)
+    public_key = settings.sync.public_key
+    if public_key:
+        public_key = str(base / public_key)
     return settings.model_copy(update={
         "lists": settings.lists.model_copy(
             update={"files": [base / f for f in settings.lists.files]}),
         "store": settings.store.model_copy(update={
             "directory": base / settings.store.directory if settings.store.directory
             else None}),
-        "sync": settings.sync.model_copy(update={"source": source}),
+        "sync": settings.sync.model_copy(update={"source": source, "public_key": public_key}),
         "observations": settings.observations.model_copy(update={
             key: base / value for key in ("database", "msisdn_file")
             if (value := getattr(settings.observations, key)) is not None}),

@@ -1,13 +1,26 @@
-"""Sync: compile what a registry drop directory holds into a new snapshot in the store.
+"""Sync: compile what a registry publishes into a new snapshot in the store.
 
-A drop directory holds DIRBS-named list files (eir.registry.formats), native CSV lists and a
-GSMA-style TAC file, and optionally `manifest.json`:
+The source is a drop directory, or an http:// or https:// URL where the registry publishes
+the same files. A drop directory holds DIRBS-named list files (eir.registry.formats), native
+CSV lists and a GSMA-style TAC file, and optionally `manifest.json`:
 
     {"files": {"20261120_blacklist.zip": "<sha256 hex>", ...}}
 
 When the manifest is there, every list file must be named in it with its checksum, and every
 file it names must be there. Of several full lists of the same name (`20261119_blacklist.zip`,
 `20261120_blacklist.zip`) the newest date wins.
+
+A URL source must publish `manifest.json` at that URL (there is no directory listing over
+HTTP): eir.fetch downloads it and the files it names, with conditional requests (ETag,
+Last-Modified), into a cache in the store (STORE/download/), each checked against its sha256
+before it is kept; the cache is then synced from as a drop directory.
+
+With a public key (`public_key`, an Ed25519 key in a PEM file), the source must hold
+`manifest.json.sig`: the Ed25519 signature over the exact bytes of manifest.json, either the
+raw 64 bytes or their base64 (whitespace ignored), e.g. made with
+`openssl pkeyutl -sign -rawin -inkey registry-key.pem -in manifest.json -out manifest.json.sig`.
+The manifest is then required, and a missing or bad signature refuses the sync; for a URL it
+is checked before any list file is downloaded.
 
 Deltas (`<date>_blacklist_delta_<base>_<run>_<reason>.csv`, and the import-side stolen and
 pairing deltas) are applied to the list in force, one run at a time in run order: a delta
@@ -17,19 +30,23 @@ list with its deltas makes the full list that of their run. Deltas already appli
 file and checksum, or a run not newer than the list's) are skipped; lists in force that the
 source does not mention stay in force.
 
-Anything wrong (a checksum, a zip, a column, a row, a delta's base) refuses the whole sync
-with the file, line and field: the store is left untouched and the snapshot in force keeps
-serving. A sync that brings nothing new publishes nothing.
+Anything wrong (a download, a signature, a checksum, a zip, a column, a row, a delta's base)
+refuses the whole sync with the URL or file, line and field: the store's snapshots and list
+states are left untouched and the snapshot in force keeps serving (files already downloaded
+and verified stay in the download cache). A sync that brings nothing new publishes nothing.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from eir.fetch import SIGNATURE, FetchError, is_url, mirrored
 from eir.lists import ListError
 from eir.registry.entries import ListDelta, ListEntries
 from eir.registry.state import DeltaError, ListState
@@ -37,6 +54,7 @@ from eir.snapshot import SnapshotError, compile_snapshot
 from eir.store import Store, StoreError
 
 MANIFEST = "manifest.json"
+DOWNLOADS = "download"  # STORE/download/: the cache of URL sources
 LIST_SUFFIXES = (".csv", ".zip", ".txt")
 _DATE_PREFIX = re.compile(r"^(\d{8}(?:_\d{6})?)_(.+)$")
 
@@ -52,25 +70,70 @@ class SyncResult:
     sources: list[dict] = field(default_factory=list)
     counts: dict = field(default_factory=dict)
     ignored: list[str] = field(default_factory=list)  # files not applied, with why
+    fetched: list[str] = field(default_factory=list)  # URL sources: what was downloaded
 
 
-def sync(source: str, store: Store) -> SyncResult:
+def sync(source: str, store: Store, public_key: Path | str | None = None) -> SyncResult:
+    """Apply what `source` (a drop directory, or an http(s):// URL) holds to `store`; with
+    `public_key` (a PEM file) its manifest must carry a valid Ed25519 signature."""
+    key = Path(public_key) if public_key else None
+    if is_url(source):
+        return sync_url(source, store, key)
+    if "://" in source:
+        raise SyncError(f"{source}: neither a drop directory nor an http:// or https:// URL")
+    return sync_directory(Path(source), store, key)
+
+
+def sync_url(url: str, store: Store, public_key: Path | None = None) -> SyncResult:
+    """Download what `url` publishes into STORE/download/ and sync from that copy."""
+    # A bad key is refused before any request; a bad signature before any list download.
+    check = None if public_key is None else _signature_check(public_key)
+    try:
+        with mirrored(url, store.root / DOWNLOADS, signature=public_key is not None,
+                      check=check) as fetched:
+            result = sync_directory(fetched.directory, store, public_key)
+    except FetchError as exc:
+        raise SyncError(str(exc)) from None
+    result.fetched = ([f"{name}: downloaded" for name in fetched.downloaded]
+                      + [f"{name}: not modified" for name in fetched.not_modified])
+    return result
+
+
+def _signature_check(public_key: Path):
+    verifier = _load_key(public_key)
+
+    def check(manifest: bytes, signature: bytes | None, base: str) -> None:
+        _verify_signature(verifier, public_key, manifest, signature,
+                          base + MANIFEST, base + SIGNATURE)
+    return check
+
+
+def sync_directory(directory: Path, store: Store,
+                   public_key: Path | None = None) -> SyncResult:
+    """Apply what the drop directory holds to `store` (see the module's docstring)."""
     # Imported here: pyarrow loads only when a sync runs; serving never pays for it.
     from eir.registry.formats import parse_all
 
-    if "://" in source:
-        raise SyncError(f"{source}: only drop directories are supported so far, not URLs")
-    directory = Path(source)
     if not directory.is_dir():
         raise SyncError(f"{directory}: not a directory")
+    manifest = directory / MANIFEST
+    manifest_bytes = _read(manifest) if manifest.is_file() else None
+    if public_key is not None:
+        verifier = _load_key(public_key)
+        if manifest_bytes is None:
+            raise SyncError(f"{manifest}: missing, but a public key ({public_key}) is "
+                            f"configured: the source must hold a signed {MANIFEST}")
+        signature_path = directory / SIGNATURE
+        _verify_signature(verifier, public_key, manifest_bytes,
+                          _read(signature_path) if signature_path.is_file() else None,
+                          str(manifest), str(signature_path))
     files = sorted(p for p in directory.iterdir()
                    if p.is_file() and p.suffix.lower() in LIST_SUFFIXES)
     if not files:
         raise SyncError(f"{directory}: holds no list files (*.csv, *.zip)")
     digests = {path.name: _sha256(path) for path in files}
-    manifest = directory / MANIFEST
-    if manifest.exists():
-        _verify_manifest(manifest, digests)
+    if manifest_bytes is not None:
+        _verify_manifest(manifest, manifest_bytes, digests)
 
     chosen, ignored = _newest_per_list(files)
     parsed: list[tuple[Path, list]] = []
@@ -225,13 +288,58 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _verify_manifest(manifest: Path, digests: dict[str, str]) -> None:
+def _read(path: Path) -> bytes:
     try:
-        document = json.loads(manifest.read_text(encoding="utf-8"))
+        return path.read_bytes()
+    except OSError as exc:
+        raise SyncError(f"{path}: cannot read: {exc.strerror or exc}") from None
+
+
+def _load_key(path: Path):
+    """The Ed25519 public key of a PEM file (`-----BEGIN PUBLIC KEY-----`)."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+    data = _read(path)
+    try:
+        key = load_pem_public_key(data)
+    except (ValueError, TypeError) as exc:
+        raise SyncError(f"{path}: not a PEM public key: {exc}") from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise SyncError(f"{path}: not an Ed25519 public key ({type(key).__name__})")
+    return key
+
+
+def _verify_signature(key, key_path: Path, manifest: bytes, signature: bytes | None,
+                      manifest_name: str, signature_name: str) -> None:
+    from cryptography.exceptions import InvalidSignature
+
+    if signature is None:
+        raise SyncError(f"{signature_name}: missing: the signature over {manifest_name} is "
+                        f"required by the public key {key_path}")
+    raw = signature
+    if len(raw) != 64:  # not raw: base64 of the 64 bytes (line breaks allowed)
+        try:
+            raw = base64.b64decode(b"".join(signature.split()), validate=True)
+        except (binascii.Error, ValueError):
+            raw = b""
+    if len(raw) != 64:
+        raise SyncError(f"{signature_name}: not an Ed25519 signature (64 bytes, raw or "
+                        f"base64; got {len(signature)} bytes)")
+    try:
+        key.verify(raw, manifest)
+    except InvalidSignature:
+        raise SyncError(f"{signature_name}: signature over {manifest_name} does not verify "
+                        f"with {key_path}") from None
+
+
+def _verify_manifest(manifest: Path, data: bytes, digests: dict[str, str]) -> None:
+    try:
+        document = json.loads(data.decode("utf-8"))
         expected = document["files"]
         if not isinstance(expected, dict):
             raise TypeError("files is not a mapping")
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
         raise SyncError(f"{manifest}: unreadable manifest: {exc}") from None
     problems = []
     for name, digest in sorted(expected.items()):

@@ -1,0 +1,219 @@
+"""Ed25519-signed manifests: with a public key configured, a source (drop directory or URL)
+syncs only when manifest.json.sig verifies over the exact manifest bytes."""
+
+import base64
+import functools
+import hashlib
+import itertools
+import json
+import os
+import shutil
+import subprocess
+import threading
+import time
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from eir.decision import EquipmentStatus, RuleSet, UnknownPolicy
+from eir.store import Store
+from eir.sync import DOWNLOADS, SyncError, sync
+
+DAY = 20261201
+BLACK = EquipmentStatus.BLACKLISTED
+A, B, C = "35209900176148", "35332106470089", "35000000000001"
+FULL = "20261120_blacklist.csv"
+EXTRA = "20261121_extra.csv"
+_MTIMES = itertools.count(int(time.time()) - 100_000, 10)
+
+
+def rows(*imeis: str) -> bytes:
+    return ("imei,block_date,reasons\n"
+            + "".join(f"{imei},20200101,stolen\n" for imei in imeis)).encode()
+
+
+def write(path, data: bytes):
+    """Write with an mtime of its own: the URL source's If-Modified-Since has 1 s granularity."""
+    path.write_bytes(data)
+    mtime = next(_MTIMES)
+    os.utime(path, (mtime, mtime))
+
+
+def publish(directory, files: dict[str, bytes], key: Ed25519PrivateKey | None,
+            encoding: str = "raw") -> bytes:
+    """Write `files` and their manifest; sign it with `key` (raw or base64) unless None."""
+    for name, data in files.items():
+        write(directory / name, data)
+    manifest = json.dumps({"files": {name: hashlib.sha256(data).hexdigest()
+                                     for name, data in files.items()}}).encode()
+    write(directory / "manifest.json", manifest)
+    if key is not None:
+        signature = key.sign(manifest)
+        write(directory / "manifest.json.sig",
+              base64.b64encode(signature) + b"\n" if encoding == "base64" else signature)
+    return manifest
+
+
+def public_pem(key, path):
+    path.write_bytes(key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    return path
+
+
+def verdict(store, imei):
+    return RuleSet(store.open_current(), UnknownPolicy.UNKNOWN).decide(imei, None, day=DAY)
+
+
+def store_contents(store) -> dict[str, bytes]:
+    return {str(p.relative_to(store.root)): p.read_bytes() for p in store.root.rglob("*")
+            if p.is_file() and p.relative_to(store.root).parts[0] != DOWNLOADS}
+
+
+@pytest.fixture
+def signer():
+    return Ed25519PrivateKey.generate()
+
+
+@pytest.fixture
+def key_file(signer, tmp_path):
+    return public_pem(signer, tmp_path / "registry.pub.pem")
+
+
+@pytest.fixture
+def drop(tmp_path):
+    directory = tmp_path / "drop"
+    directory.mkdir()
+    return directory
+
+
+@pytest.fixture
+def store(tmp_path):
+    return Store(tmp_path / "store")
+
+
+@pytest.fixture
+def served(drop):
+    """A URL serving the drop directory (stdlib file server: Last-Modified, If-Modified-Since)."""
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(drop))
+    handler.log_message = lambda *args: None
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                              daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}/"
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=5)
+
+
+@pytest.fixture(params=["directory", "url"])
+def source(request, drop):
+    """The drop directory itself, or a URL serving it."""
+    return str(drop) if request.param == "directory" else request.getfixturevalue("served")
+
+
+def signed_and_synced(drop, source, store, signer, key_file) -> dict[str, bytes]:
+    """Publish {A, B} signed, sync it with the key; return the store's contents."""
+    publish(drop, {FULL: rows(A, B)}, signer)
+    assert sync(source, store, key_file).version == "000001"
+    return store_contents(store)
+
+
+def refused(source, store, key_file, before, match):
+    with pytest.raises(SyncError, match=match):
+        sync(source, store, key_file)
+    assert store_contents(store) == before
+    assert verdict(store, A).status is BLACK and verdict(store, C).status is None
+
+
+# -- accepted --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("encoding", ["raw", "base64"])
+def test_signed_manifest_syncs(drop, source, store, signer, key_file, encoding):
+    publish(drop, {FULL: rows(A, B)}, signer, encoding)
+    result = sync(source, store, key_file)
+    assert (result.published, result.version) == (True, "000001")
+    assert verdict(store, A).status is BLACK
+
+
+def test_signature_made_with_openssl_verifies(drop, store, signer, key_file, tmp_path):
+    """The README's recipe: openssl pkeyutl -sign -rawin over manifest.json."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    private = tmp_path / "registry-key.pem"
+    private.write_bytes(signer.private_bytes(serialization.Encoding.PEM,
+                                             serialization.PrivateFormat.PKCS8,
+                                             serialization.NoEncryption()))
+    publish(drop, {FULL: rows(A, B)}, None)
+    subprocess.run(["openssl", "pkeyutl", "-sign", "-rawin", "-inkey", str(private),
+                    "-in", str(drop / "manifest.json"), "-out", str(drop / "manifest.json.sig")],
+                   check=True, timeout=30)
+    assert sync(str(drop), store, key_file).published
+
+
+# -- refused: the store untouched ------------------------------------------------------------
+
+def test_manifest_changed_after_signing_is_refused(drop, source, store, signer, key_file):
+    before = signed_and_synced(drop, source, store, signer, key_file)
+    signature = (drop / "manifest.json.sig").read_bytes()
+    publish(drop, {FULL: rows(A, B), EXTRA: rows(C)}, None)  # new manifest, old signature
+    write(drop / "manifest.json.sig", signature)
+    refused(source, store, key_file, before,
+            rf"manifest\.json\.sig: signature over .*manifest\.json does not verify with "
+            rf"{key_file}")
+
+
+def test_signature_by_another_key_is_refused(drop, source, store, signer, key_file):
+    before = signed_and_synced(drop, source, store, signer, key_file)
+    publish(drop, {FULL: rows(A, B), EXTRA: rows(C)}, Ed25519PrivateKey.generate())
+    refused(source, store, key_file, before, f"does not verify with {key_file}")
+
+
+def test_missing_signature_is_refused(drop, source, store, signer, key_file):
+    before = signed_and_synced(drop, source, store, signer, key_file)
+    publish(drop, {FULL: rows(A, B), EXTRA: rows(C)}, None)
+    (drop / "manifest.json.sig").unlink()
+    refused(source, store, key_file, before,
+            rf"manifest\.json\.sig: missing: the signature over .*manifest\.json is required "
+            rf"by the public key {key_file}")
+
+
+def test_missing_manifest_is_refused_when_a_key_is_set(drop, source, store, signer, key_file):
+    before = signed_and_synced(drop, source, store, signer, key_file)
+    write(drop / EXTRA, rows(C))
+    (drop / "manifest.json").unlink()
+    refused(source, store, key_file, before, r"manifest\.json: (missing|HTTP 404)")
+
+
+def test_signature_that_is_not_64_bytes_is_refused(drop, source, store, signer, key_file):
+    before = signed_and_synced(drop, source, store, signer, key_file)
+    publish(drop, {FULL: rows(A, B), EXTRA: rows(C)}, None)
+    write(drop / "manifest.json.sig", b"not a signature\n")
+    refused(source, store, key_file, before, r"manifest\.json\.sig: not an Ed25519 signature")
+
+
+def test_bad_signature_over_a_url_downloads_no_list_file(drop, served, store, signer,
+                                                         key_file):
+    before = signed_and_synced(drop, served, store, signer, key_file)
+    publish(drop, {FULL: rows(A, B), EXTRA: rows(C)}, Ed25519PrivateKey.generate())
+    refused(served, store, key_file, before, "does not verify")
+    [cache] = [p for p in (store.root / DOWNLOADS).iterdir() if p.is_dir()]
+    assert sorted(p.name for p in cache.iterdir()) == [FULL, "manifest.json",
+                                                      "manifest.json.sig"]
+
+
+def test_key_that_is_not_ed25519_is_refused(drop, store, signer, tmp_path):
+    publish(drop, {FULL: rows(A, B)}, signer)
+    wrong = public_pem(ec.generate_private_key(ec.SECP256R1()), tmp_path / "ec.pem")
+    with pytest.raises(SyncError, match=rf"{wrong}: not an Ed25519 public key"):
+        sync(str(drop), store, wrong)
+    assert store.current_version() is None
+
+
+def test_unsigned_source_syncs_when_no_key_is_set(drop, source, store):
+    publish(drop, {FULL: rows(A, B)}, None)
+    assert sync(source, store).published
