@@ -97,10 +97,21 @@ class _SetTable:
 def _merge_duplicates(keys: np.ndarray, sets: np.ndarray, table: _SetTable,
                       secondary: np.ndarray | None = None):
     """Sort entries by key (then secondary) and fold equal keys into one combined set."""
-    order = np.lexsort((sets, secondary, keys) if secondary is not None else (sets, keys))
-    keys = keys[order]
-    sets = sets[order]
-    secondary = secondary[order] if secondary is not None else None
+    bits = int(sets.max()).bit_length() if len(sets) else 0
+    if secondary is None and len(keys) and int(keys.max()) < 1 << (64 - max(bits, 1)):
+        # One in-place sort of (key << bits | set) instead of an indirect lexsort and two
+        # gathers: several times faster, and no int64 permutation array.
+        composite = keys << np.uint64(bits)
+        composite |= sets.astype(np.uint64)
+        composite.sort()
+        keys = composite >> np.uint64(bits)
+        sets = (composite & np.uint64((1 << bits) - 1)).astype(np.uint32)
+        del composite
+    else:
+        order = np.lexsort((sets, secondary, keys) if secondary is not None else (sets, keys))
+        keys = keys[order]
+        sets = sets[order]
+        secondary = secondary[order] if secondary is not None else None
     same = keys[1:] == keys[:-1]
     if secondary is not None:
         same &= secondary[1:] == secondary[:-1]
@@ -193,16 +204,30 @@ def compile_snapshot(lists: Iterable[ListEntries], version: str,
         for rule in entries.tacs:
             tac_rules.append((rule.tac, rule.imsi, intern(rule.attribute)))
     table = _SetTable(len(attributes))
-    imei = np.concatenate(imeis) if imeis else np.zeros(0, np.uint64)
-    imsi = np.concatenate(imsis) if imsis else np.zeros(0, np.uint64)
-    entry_set = np.concatenate(sets).astype(np.uint32) if sets else np.zeros(0, np.uint32)
+
+    def joined(arrays, dtype):  # no copy for a single list (the usual full-list sync)
+        if not arrays:
+            return np.zeros(0, dtype)
+        return (arrays[0] if len(arrays) == 1 else np.concatenate(arrays)).astype(
+            dtype, copy=False)
+
+    imei = joined(imeis, np.uint64)
+    imsi = joined(imsis, np.uint64)
+    entry_set = joined(sets, np.uint32)
+    del imeis, imsis, sets
     sections: dict[str, np.ndarray] = {}
 
     plain = imsi == 0
-    keys, plain_sets, _ = _merge_duplicates(imei[plain], entry_set[plain], table)
+    if plain.all():  # no IMSI-paired entry (a blacklist): no masked copies
+        keys, plain_sets, _ = _merge_duplicates(imei, entry_set, table)
+    else:
+        keys, plain_sets, _ = _merge_duplicates(imei[plain], entry_set[plain], table)
     tac = keys // SNR_DIGITS
     snr = keys - tac * SNR_DIGITS
-    tacs, tac_first = np.unique(tac, return_index=True)
+    # keys are sorted: each TAC starts where the TAC changes (np.unique would sort again)
+    tac_first = np.flatnonzero(np.concatenate(([True], tac[1:] != tac[:-1]))) if len(tac) \
+        else np.zeros(0, np.int64)
+    tacs = tac[tac_first]
     sections["tac"] = tacs.astype(np.uint32)
     sections["tac_start"] = np.append(tac_first, len(keys)).astype(np.uint64)
     sections["imei_key"] = ((snr << SET_LOW_BITS) | (plain_sets & SET_LOW_MASK)).astype(
