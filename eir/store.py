@@ -8,7 +8,9 @@ in force.
 Publishing writes the new snapshot under a temporary name, fsyncs it, renames it into place,
 then replaces CURRENT the same way. A crash (kill -9, power loss) at any point leaves CURRENT
 naming a complete snapshot: the previous one or the new one, never a mix, never none. Servers
-poll CURRENT and map the snapshot it names. The last `keep` versions are kept for rollback.
+poll CURRENT and map the snapshot it names. The last `keep` versions are kept for rollback;
+a rollback pins the store, so that the next sync does not publish again what was rolled
+back, until `unpin`.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ class Store:
         self.snapshots = self.root / "snapshots"
         self.states = self.root / "lists"
         self.pointer = self.root / "CURRENT"
+        self.pin = self.root / "PINNED"
 
     # -- reading ------------------------------------------------------------------------
 
@@ -134,7 +137,23 @@ class Store:
                 kept = ", ".join(v.version for v in versions) or "none"
                 raise StoreError(f"{self.root}: version {version} is not kept (kept: {kept})")
             _atomic_write(self.pointer, f"{version}\n".encode("ascii"))
+            # Pinned: the next sync would otherwise publish again what was just rolled back.
+            _atomic_write(self.pin, f"{version}\n".encode("ascii"))
             return version
+
+    def pinned(self) -> str | None:
+        """The version a rollback pinned (syncs are refused until unpin), or None."""
+        try:
+            return self.pin.read_text(encoding="ascii").strip() or None
+        except FileNotFoundError:
+            return None
+
+    def unpin(self) -> str | None:
+        """Let syncs publish again; returns the version that was pinned."""
+        with self.locked():
+            pinned = self.pinned()
+            self.pin.unlink(missing_ok=True)
+            return pinned
 
     def save_state(self, name: str, data: bytes) -> str:
         """Store a list state (eir.registry.state) under a content-derived name; returns it."""

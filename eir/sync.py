@@ -148,6 +148,10 @@ def sync_directory(directory: Path, store: Store,
     updates = _updates(parsed, digests)
 
     with store.locked():
+        pinned = store.pinned()
+        if pinned is not None:
+            raise SyncError(f"{store.root}: pinned at version {pinned} by a rollback; "
+                            "`eir lists unpin` lets syncs publish again")
         in_force = _in_force(store)
         states = dict(in_force)
         changed = False

@@ -334,3 +334,19 @@ def test_cli_rollback_then_check_answers_from_the_rolled_back_version(tmp_path, 
     assert (answer["status"], answer["list_version"]) == ("BLACKLISTED", "000001")
     assert "stolen" in answer["reason"] and "Acme Phone 3" in answer["reason"]
     assert check(ELSEWHERE)["status"] == "UNKNOWN"
+
+
+def test_rollback_pins_the_store_until_unpinned(tmp_path, store):
+    """Without the pin, the next (periodic) sync would publish again what was rolled back."""
+    source = tmp_path / "pinned-drop"
+    write_drop(source)
+    sync(str(source), store)
+    write_drop(source, blacklist=blacklist_rows(block_date=20200101))
+    assert sync(str(source), store).version == "000002"
+    assert store.rollback() == "000001"
+    with pytest.raises(SyncError, match="pinned at version 000001 by a rollback"):
+        sync(str(source), store)
+    assert store.current_version() == "000001"
+    assert store.unpin() == "000001"
+    result = sync(str(source), store)
+    assert (result.published, store.current_version()) == (True, "000003")
