@@ -1,4 +1,5 @@
-"""Command line: `eir serve`, `eir check`, `eir --version`."""
+"""Command line: `eir serve`, `eir check`, `eir sync`, `eir lists`, `eir dump`, `eir report`,
+`eir --version`."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 import logging
 import sys
 import time
+from datetime import date
 from pathlib import Path
 
 from eir import __version__
@@ -17,6 +19,8 @@ from eir.decision import UnknownPolicy
 from eir.diameter.dictionary import DictionaryError
 from eir.imei import ImeiError, normalise_imei
 from eir.lists import ListError, parse_imsi
+from eir.observations import (ObservationError, clone_suspects, database_path, day_number,
+                              format_day, write_dump)
 from eir.store import Store, StoreError
 from eir.sync import SyncError, sync
 
@@ -75,8 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sync_command = commands.add_parser(
         "sync", help="compile a registry drop directory into a new snapshot in the store")
-    sync_command.add_argument("--source", metavar="DIR", help="drop directory (default: "
-                              "sync.source of the config)")
+    sync_command.add_argument("--source", metavar="DIR_OR_URL",
+                              help="drop directory, or http(s) URL of the registry's "
+                                   "manifest.json (default: sync.source of the config)")
     sync_command.add_argument("--config", type=Path, metavar="FILE")
     store_option(sync_command)
 
@@ -88,10 +93,48 @@ def build_parser() -> argparse.ArgumentParser:
     rollback = lists_commands.add_parser(
         "rollback", help="put an earlier version back in force (default: the previous one)")
     rollback.add_argument("version", nargs="?")
-    for sub in (status, rollback):
+    unpin = lists_commands.add_parser(
+        "unpin", help="let syncs publish again after a rollback pinned the store")
+    for sub in (status, rollback, unpin):
+        sub.add_argument("--config", type=Path, metavar="FILE")
+        store_option(sub)
+
+    dump = commands.add_parser(
+        "dump", help="the DIRBS operator data dump of one day (date,imei,imsi,msisdn)")
+    dump.add_argument("--date", required=True, type=_day, metavar="YYYYMMDD",
+                      help="the day to dump")
+    dump.add_argument("--output", type=Path, metavar="FILE",
+                      help="write here instead of standard output")
+    dump.add_argument("--pseudonymise", action="store_true",
+                      help="replace IMSIs and MSISDNs with keyed hashes (needs "
+                           "observations.pseudonymise_key; when that is set, dumps are "
+                           "always pseudonymised)")
+
+    report = commands.add_parser("report", help="reports from the observations")
+    reports = report.add_subparsers(dest="report", required=True, metavar="REPORT")
+    clones = reports.add_parser(
+        "clones", help="IMEIs seen with several IMSIs (cloned IMEIs, SIM swaps)")
+    clones.add_argument("--since", required=True, type=_day, metavar="YYYY-MM-DD",
+                        help="first day to look at")
+    clones.add_argument("--min-imsis", type=int, default=2, metavar="K",
+                        help="list IMEIs seen with at least K distinct IMSIs (default 2)")
+    clones.add_argument("--json", action="store_true", help="print a JSON array")
+    for sub in (dump, clones):
         sub.add_argument("--config", type=Path, metavar="FILE")
         store_option(sub)
     return parser
+
+
+def _day(text: str) -> int:
+    """YYYYMMDD or YYYY-MM-DD → YYYYMMDD as an int."""
+    digits = text.replace("-", "") if len(text) == 10 else text
+    try:
+        if len(digits) != 8 or not digits.isdigit():
+            raise ValueError
+        return day_number(date(int(digits[:4]), int(digits[4:6]), int(digits[6:])))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a date (YYYYMMDD or YYYY-MM-DD)") \
+            from None
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
@@ -155,9 +198,15 @@ def _check(args: argparse.Namespace) -> int:
         except ValueError as exc:
             print(f"eir: IMSI: {exc}", file=sys.stderr)
             return EXIT_USAGE
-    from eir.server import load_rules
+    from eir.server import grandfather_index, load_rules
 
-    rule_set = load_rules(settings)
+    grandfathering = grandfather_index(settings)
+    if grandfathering is not None:
+        try:
+            grandfathering.load(database_path(settings))
+        except ObservationError as exc:
+            print(f"eir: grandfathering: nothing observed yet: {exc}", file=sys.stderr)
+    rule_set = load_rules(settings, grandfathering)
     verdict = rule_set.explain(imei, imsi, args.software_version)
     if args.json:
         print(json.dumps({"imei": imei, "imsi": imsi, "status": verdict.status_name,
@@ -181,7 +230,7 @@ def _sync(args: argparse.Namespace) -> int:
     if not settings.sync.source:
         raise SyncError("no source: give --source DIR or set sync.source in the config")
     store = _store(settings)
-    result = sync(settings.sync.source, store)
+    result = sync(settings.sync.source, store, settings.sync.public_key)
     for note in result.ignored:
         print(f"ignored: {note}")
     if result.published:
@@ -196,7 +245,12 @@ def _lists(args: argparse.Namespace) -> int:
     store = _store(settings_from(args))
     if args.lists_command == "rollback":
         version = store.rollback(args.version)
-        print(f"version {version} is in force")
+        print(f"version {version} is in force; syncs are refused until `eir lists unpin`")
+        return 0
+    if args.lists_command == "unpin":
+        pinned = store.unpin()
+        print(f"unpinned (was pinned at {pinned}): syncs publish again" if pinned else
+              "the store was not pinned")
         return 0
     versions = store.versions()
     if args.json:
@@ -220,6 +274,56 @@ def _lists(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dump(args: argparse.Namespace) -> int:
+    settings = settings_from(args)
+    key = settings.observations.pseudonymise_key
+    if args.pseudonymise and not key:
+        print("eir: --pseudonymise needs observations.pseudonymise_key in the configuration",
+              file=sys.stderr)
+        return EXIT_USAGE
+    path = database_path(settings)
+    if args.output is None:
+        write_dump(path, args.date, sys.stdout, key)
+        return 0
+    partial = args.output.with_name(args.output.name + ".partial")
+    try:
+        with open(partial, "w", encoding="utf-8", newline="") as out:
+            count = write_dump(path, args.date, out, key)
+        partial.replace(args.output)
+    except OSError as exc:
+        partial.unlink(missing_ok=True)
+        print(f"eir: {args.output}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_REFUSED
+    except ObservationError:
+        partial.unlink(missing_ok=True)
+        raise
+    print(f"{args.output}: {count} row(s) for {format_day(args.date)}"
+          + (" (IMSIs and MSISDNs pseudonymised)" if key else ""), file=sys.stderr)
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    settings = settings_from(args)
+    if args.min_imsis < 1:
+        print("eir: --min-imsis must be at least 1", file=sys.stderr)
+        return EXIT_USAGE
+    suspects = clone_suspects(database_path(settings), args.since, args.min_imsis)
+    if args.json:
+        print(json.dumps([{"imei": s.imei, "imsis": s.imsis,
+                           "first_seen": format_day(s.first_day),
+                           "last_seen": format_day(s.last_day)} for s in suspects]))
+        return 0
+    if not suspects:
+        print(f"no IMEI seen with {args.min_imsis} or more IMSIs since "
+              f"{format_day(args.since)}")
+        return 0
+    print(f"{'IMEI':<14}  {'IMSIS':>5}  {'FIRST SEEN':<10}  LAST SEEN")
+    for suspect in suspects:
+        print(f"{suspect.imei:<14}  {suspect.imsis:>5}  {format_day(suspect.first_day)}  "
+              f"{format_day(suspect.last_day)}")
+    return 0
+
+
 def _age(seconds: float) -> str:
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size:
@@ -236,6 +340,10 @@ def main(argv: list[str] | None = None) -> int:
             return _sync(args)
         if args.command == "lists":
             return _lists(args)
+        if args.command == "dump":
+            return _dump(args)
+        if args.command == "report":
+            return _report(args)
         return _check(args)
     except ConfigError as exc:
         print(f"eir: bad configuration:\n{exc}", file=sys.stderr)
@@ -248,5 +356,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_REFUSED
     except StoreError as exc:
         print(f"eir: store: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
+    except ObservationError as exc:
+        print(f"eir: observations: {exc}", file=sys.stderr)
         return EXIT_REFUSED
     return EXIT_USAGE

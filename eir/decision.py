@@ -11,9 +11,16 @@ Precedence (most specific first; the first level with a matching rule decides):
     4. IMEI range
     5. TAC paired with this IMSI
     6. TAC
-    7. the unknown-equipment policy
+    7. grandfathering: the IMEI was observed with this IMSI before the cut-off date
+       (WHITELISTED, Match.GRANDFATHERED; only when grandfathering.cutoff_date is set)
+    8. the unknown-equipment policy
 
-A rule paired with an IMSI applies only when the request carries that IMSI. Within one level,
+A rule paired with an IMSI applies only when the request carries that IMSI. Grandfathering
+is the level just above the unknown policy: any list entry (a blacklist entry above all)
+still wins over it; it only turns what would have been the unknown policy's verdict into
+WHITELISTED for an IMEI+IMSI pair seen on the network before the cut-off (Indonesia's
+whitelist mode: unknown policy blacklisted, registered IMEIs whitelisted, phones already in
+use keep working with the SIM they were used with). Within one level,
 BLACKLISTED beats GREYLISTED beats WHITELISTED, so a conflicting duplicate errs on blocking.
 Lookups are dictionary hits and bisections in a compiled snapshot (eir.snapshot): their
 cost does not grow with the rule count.
@@ -62,6 +69,7 @@ class Match(enum.Enum):
     RANGE = "range"
     TAC_IMSI = "tac+imsi"
     TAC = "tac"
+    GRANDFATHERED = "grandfathered"
     UNKNOWN_POLICY = "unknown-policy"
 
 
@@ -115,6 +123,10 @@ class Rule:
         return Verdict(self.status, self.match, why, self.source)
 
 
+def _format_day(day: int) -> str:
+    return f"{day // 10000:04d}-{day // 100 % 100:02d}-{day % 100:02d}"
+
+
 _day_cache = [-1, 0]  # [minute, YYYYMMDD]
 
 
@@ -135,9 +147,14 @@ class RuleSet:
     The server swaps whole RuleSets; a request reads one and uses it to the end.
     """
 
-    def __init__(self, snapshot, unknown_policy: UnknownPolicy = UnknownPolicy.UNKNOWN):
+    def __init__(self, snapshot, unknown_policy: UnknownPolicy = UnknownPolicy.UNKNOWN,
+                 grandfathering=None):
         self.snapshot = snapshot
         self.unknown_policy = unknown_policy
+        # None, or an object with `cutoff_text` (YYYY-MM-DD) and
+        # `first_seen_before_cutoff(imei, imsi) -> YYYYMMDD | None` (eir.observations.
+        # GrandfatherIndex): the pairs it knows get WHITELISTED instead of the unknown policy.
+        self.grandfathering = grandfathering
         if unknown_policy is UnknownPolicy.UNKNOWN:
             self._unknown = Verdict(None, Match.UNKNOWN_POLICY,
                                     "no list entry matches and the unknown policy is "
@@ -149,12 +166,12 @@ class RuleSet:
 
     @classmethod
     def build(cls, rules: Iterable[Rule], unknown_policy: UnknownPolicy = UnknownPolicy.UNKNOWN,
-              version: str = "0", name: str = "rules") -> "RuleSet":
+              version: str = "0", name: str = "rules", grandfathering=None) -> "RuleSet":
         """Compile rules (the native list's rows) into an in-memory snapshot."""
         from eir.snapshot import Snapshot, compile_snapshot, entries_from_rules  # cycle
 
         snapshot = compile_snapshot([entries_from_rules(rules, name)], version)
-        return cls(Snapshot.from_bytes(snapshot), unknown_policy)
+        return cls(Snapshot.from_bytes(snapshot), unknown_policy, grandfathering)
 
     @property
     def version(self) -> str:
@@ -173,7 +190,17 @@ class RuleSet:
         callers; no rule kind uses it yet.
         """
         verdict = self.snapshot.lookup(imei, imsi, today() if day is None else day)
-        return verdict if verdict is not None else self._unknown
+        if verdict is not None:
+            return verdict
+        grandfathering = self.grandfathering
+        if grandfathering is not None and imsi:
+            seen = grandfathering.first_seen_before_cutoff(imei, imsi)
+            if seen is not None:
+                return Verdict(EquipmentStatus.WHITELISTED, Match.GRANDFATHERED,
+                               f"IMEI with this IMSI was seen on the network on "
+                               f"{_format_day(seen)}, before the cut-off "
+                               f"{grandfathering.cutoff_text}", "observations")
+        return self._unknown
 
     def explain(self, imei: str, imsi: str | None = None, software_version: str | None = None,
                 day: int | None = None) -> Verdict:

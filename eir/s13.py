@@ -6,7 +6,7 @@ so answers are built from pre-encoded templates: one per verdict.
 
 from __future__ import annotations
 
-from eir.decision import EquipmentStatus, RuleSet
+from eir.decision import EquipmentStatus, RuleSet, today
 from eir.diameter.codec import Avp, Header, encode_avp, encode_message
 from eir.diameter.constants import (APPLICATION_S13, AVP_FLAG_MANDATORY, FLAG_PROXIABLE,
                                     VENDOR_3GPP, ExperimentalResultCode, ResultCode)
@@ -21,8 +21,11 @@ class S13Application:
     application_id = APPLICATION_S13
     vendor_id = VENDOR_3GPP
 
-    def __init__(self, dictionary: Dictionary, local: LocalIdentity, rule_set: RuleSet):
+    def __init__(self, dictionary: Dictionary, local: LocalIdentity, rule_set: RuleSet,
+                 observations=None):
         self.dictionary = dictionary
+        # None, or an eir.observations.ObservationLog: every decided check is recorded.
+        self.observations = observations
         # Swapped whole by the server on reload; a request reads it once, so it sees one
         # snapshot from start to end.
         self.rule_set = rule_set
@@ -64,7 +67,11 @@ class S13Application:
             software_version = software_version[0].data.decode()
         user_name = avps.get("User-Name")
         imsi = user_name[0].data.decode() if user_name else None
-        verdict = self.rule_set.decide(imei, imsi, software_version)
+        day = today()
+        verdict = self.rule_set.decide(imei, imsi, software_version, day)
+        observations = self.observations
+        if observations is not None:
+            observations.record(day, imei, imsi)
         body = encode_avp(263, AVP_FLAG_MANDATORY, 0, session_id.data) + self._templates[
             verdict.status]
         proxy_info = avps.get("Proxy-Info")

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import ipaddress
 import logging
 import signal
 import socket
 import time
+from datetime import date, timedelta
 from pathlib import Path
 
 from eir import __version__
@@ -17,11 +19,17 @@ from eir.decision import RuleSet
 from eir.diameter.dictionary import Dictionary
 from eir.diameter.peer import LocalIdentity, PeerConnection, Timers
 from eir.lists import ListError, load_rule_set
+from eir.observations import (GrandfatherIndex, ObservationError, ObservationLog,
+                              database_path, observation_log)
 from eir.s13 import S13Application
 from eir.store import Store, StoreError
 from eir.sync import SyncError, sync
 
 log = logging.getLogger("eir.server")
+
+# While the grandfathering cut-off is in the future (or just past), the index is rebuilt
+# from the observations database this often (it also learns from every flush at once).
+GRANDFATHER_RELOAD_SECONDS = 3600.0
 
 
 def sctp_unavailable_reason() -> str | None:
@@ -132,8 +140,12 @@ class DiameterProtocol(asyncio.Protocol):
 
 
 class EirServer:
-    def __init__(self, settings: Settings, rule_set: RuleSet, dictionary: Dictionary):
+    def __init__(self, settings: Settings, rule_set: RuleSet, dictionary: Dictionary,
+                 observations: ObservationLog | None = None,
+                 grandfathering: GrandfatherIndex | None = None):
         self.settings = settings
+        self.observations = observations
+        self.grandfathering = grandfathering
         self.dictionary = dictionary
         diameter = settings.diameter
         self.local = LocalIdentity(
@@ -144,7 +156,7 @@ class EirServer:
         self.timers = Timers(watchdog=diameter.watchdog_seconds,
                              cer_timeout=diameter.cer_timeout_seconds,
                              disconnect_timeout=diameter.disconnect_timeout_seconds)
-        self.s13 = S13Application(dictionary, self.local, rule_set)
+        self.s13 = S13Application(dictionary, self.local, rule_set, observations)
         self.applications = {self.s13.application_id: self.s13}
         self.connections: set[DiameterProtocol] = set()
         self.listeners: list[asyncio.AbstractServer] = []
@@ -197,7 +209,8 @@ class EirServer:
         """
         async with self._reload_lock:
             try:
-                rule_set = await self.loop.run_in_executor(None, load_rules, self.settings)
+                rule_set = await self.loop.run_in_executor(
+                    None, functools.partial(load_rules, self.settings, self.grandfathering))
             except (ListError, StoreError) as exc:
                 log.error("list reload refused, lists in force stay in force:\n%s", exc)
                 return False
@@ -225,7 +238,8 @@ class EirServer:
         source = self.settings.sync.source
         while True:
             try:
-                result = await self.loop.run_in_executor(None, sync, source, store)
+                result = await self.loop.run_in_executor(
+                    None, sync, source, store, self.settings.sync.public_key)
             except (SyncError, StoreError) as exc:
                 log.error("sync from %s refused; the snapshot in force keeps serving:\n%s",
                           source, exc)
@@ -237,6 +251,26 @@ class EirServer:
                 if result.version != self.rule_set.version:
                     await self.reload_lists()
             await asyncio.sleep(self.settings.sync.interval_seconds)
+
+    async def _keep_grandfathering(self) -> None:
+        """Build the grandfathering index from the observations database (in a thread: at
+        national scale it takes seconds), and rebuild it now and then while pairs can still
+        qualify: until a day after the cut-off (a flush just after midnight may still carry
+        the last day before it). Between builds it learns from every flush."""
+        index = self.grandfathering
+        path = database_path(self.settings)
+        cutoff = self.settings.grandfathering.cutoff_date
+        while True:
+            try:
+                count = await self.loop.run_in_executor(None, index.load, path)
+            except ObservationError as exc:
+                log.info("grandfathering: nothing observed yet: %s", exc)
+            else:
+                log.info("grandfathering: %d IMEI+IMSI pair(s) seen before the cut-off %s "
+                         "(%s)", count, index.cutoff_text, path)
+            if date.today() > cutoff + timedelta(days=1):
+                return  # no new pair can qualify any more
+            await asyncio.sleep(GRANDFATHER_RELOAD_SECONDS)
 
     def stop(self) -> None:
         self._stop.set()
@@ -256,6 +290,16 @@ class EirServer:
             loop.add_signal_handler(signum, self.stop)
         loop.add_signal_handler(signal.SIGHUP, self._reload_on_signal)
         await self.start()
+        if self.observations is not None:
+            self.observations.start()
+            log.info("observations: recording to %s, flushed every %g s",
+                     self.observations.path, self.observations.flush_seconds)
+        if self.grandfathering is not None:
+            self._spawn(self._keep_grandfathering())
+        if self.settings.store.directory is not None:
+            self._spawn(self._watch_store())
+            if self.settings.sync.source:
+                self._spawn(self._sync_periodically())
         _freeze_long_lived_objects()
         log.info("open EIR %s serving as %s (realm %s), lists version %s, %d rules",
                  __version__, self.local.origin_host, self.local.origin_realm,
@@ -284,6 +328,12 @@ class EirServer:
             connection.transport.abort()
         for listener in self.listeners:
             await listener.wait_closed()
+        if self.observations is not None:
+            observations = self.observations
+            await self.loop.run_in_executor(None, observations.close)
+            log.info("observations: final flush done: %d written, %d dropped, %d failed "
+                     "flush(es), %d pending", observations.written, observations.dropped,
+                     observations.flush_errors, observations.pending)
         log.info("stopped")
 
 
@@ -324,26 +374,40 @@ def _format_address(address) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def load_rules(settings: Settings) -> RuleSet:
+def load_rules(settings: Settings, grandfathering: GrandfatherIndex | None = None) -> RuleSet:
     """The rules the settings name: the store's snapshot in force when a store is set (it
-    syncs first when the store is empty and a source is set), else the list files."""
+    syncs first when the store is empty and a source is set), else the list files; with
+    the grandfathering index, if any."""
     policy = settings.lists.unknown_policy
     if settings.store.directory is None:
-        return load_rule_set(settings.lists.files, policy)
+        rule_set = load_rule_set(settings.lists.files, policy)
+        rule_set.grandfathering = grandfathering
+        return rule_set
     store = Store(settings.store.directory, settings.store.keep)
     if store.current_version() is None and settings.sync.source:
         try:
-            sync(settings.sync.source, store)
+            sync(settings.sync.source, store, settings.sync.public_key)
         except SyncError as exc:
             raise StoreError(f"first sync from {settings.sync.source} refused:\n{exc}") \
                 from None
-    return RuleSet(store.open_current(), policy)
+    return RuleSet(store.open_current(), policy, grandfathering)
+
+
+def grandfather_index(settings: Settings) -> GrandfatherIndex | None:
+    """An empty index for grandfathering.cutoff_date (None when unset); fill it with
+    `load(database_path(settings))`."""
+    cutoff = settings.grandfathering.cutoff_date
+    return GrandfatherIndex(cutoff) if cutoff is not None else None
 
 
 def build_server(settings: Settings) -> EirServer:
     """Load dictionaries and lists as the settings say (raises on any error)."""
     dictionary = Dictionary.load(default_dictionary_dirs() + list(settings.dictionaries))
-    return EirServer(settings, load_rules(settings), dictionary)
+    grandfathering = grandfather_index(settings)
+    observations = observation_log(
+        settings, on_written=grandfathering.learn if grandfathering is not None else None)
+    return EirServer(settings, load_rules(settings, grandfathering), dictionary,
+                     observations, grandfathering)
 
 
 def default_dictionary_dirs() -> list[Path]:

@@ -12,11 +12,14 @@ RunningEir = RunningServer
 
 
 @pytest.fixture
-def eir_server():
-    """Factory: `eir_server(*extra_args, lists=[...])` → RunningEir, stopped at teardown."""
+def eir_server(tmp_path_factory):
+    """Factory: `eir_server(*extra_args, lists=[...])` → RunningEir, stopped at teardown.
+    Each server runs in a fresh directory, so what it writes there (observations.sqlite)
+    stays out of the repository."""
     started: list[RunningEir] = []
 
     def factory(*args: str, **kwargs) -> RunningEir:
+        kwargs.setdefault("cwd", tmp_path_factory.mktemp("eir-serve"))
         running = start_eir(*args, **kwargs)
         started.append(running)
         return running

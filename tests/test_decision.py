@@ -318,8 +318,9 @@ def test_lookup_time_stays_flat_from_10_to_1_million_rules(small_and_large):
 def test_decision_module_documents_the_precedence_tested_here():
     doc = eir.decision.__doc__
     order = ["exact IMEI paired", "exact IMEI", "IMEI range paired", "IMEI range",
-             "TAC paired", "TAC", "unknown-equipment policy"]
+             "TAC paired", "TAC", "grandfathering", "unknown-equipment policy"]
     positions = [doc.index(text, doc.index(order[i - 1]) + 1 if i else 0)
                  for i, text in enumerate(order)]
     assert positions == sorted(positions)
-    assert [m.value for m, _ in LEVELS] + [Match.UNKNOWN_POLICY.value] == [m.value for m in Match]
+    assert [m.value for m, _ in LEVELS] + [Match.GRANDFATHERED.value,
+                                           Match.UNKNOWN_POLICY.value] == [m.value for m in Match]

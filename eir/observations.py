@@ -1,0 +1,487 @@
+"""Observations: which IMEI was used with which IMSI on which day.
+
+They feed the registry's operator data dump (`eir dump --date D`: `date,imei,imsi,msisdn`),
+the clone report (`eir report clones`) and grandfathering (an IMEI+IMSI pair seen before the
+cut-off date keeps working, see `GrandfatherIndex`).
+
+Recording is on the hot path, so `ObservationLog.record` only adds a string to a set: no
+I/O, no lock (a few hundred nanoseconds; `python3 bench/observations.py` prints the figure). A
+writer thread flushes the set every `flush_seconds` into SQLite in one transaction (WAL
+mode, synchronous=NORMAL), one row per distinct (date, imei, imsi) per day; the MSISDN is
+looked up at flush time in the optional `imsi,msisdn` file.
+
+Crash bound: a check is in the database at most `flush_seconds` (plus the time one write
+takes) after it was answered, so a crash of the process (kill -9) loses at most the last
+`flush_seconds` of observations; a committed flush survives it (WAL). A power loss may also
+lose the last commits before the next WAL checkpoint (synchronous=NORMAL does not fsync
+every commit).
+
+Memory is bounded: past `max_pending` distinct pending records, new ones are dropped and
+counted, never waited for. A write error (disk full, database unwritable) is logged and
+counted; the records stay pending for the next flush (up to the same bound) and the server
+keeps answering.
+
+Pseudonymised dumps replace IMSIs and MSISDNs with HMAC-SHA256(key, value) as hex,
+truncated to 32 hex digits (128 bits): stable for one key, so the same subscriber keeps the
+same pseudonym across days, and not reversible without the key.
+"""
+
+from __future__ import annotations
+
+import bisect
+import csv
+import hashlib
+import hmac
+import logging
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+from typing import IO, Iterable
+
+import numpy as np
+
+log = logging.getLogger("eir.observations")
+
+DEFAULT_DATABASE_NAME = "observations.sqlite"
+MAX_PENDING = 1_000_000
+PSEUDONYM_HEX_DIGITS = 32
+# Pairs first seen since the index was built are kept in a dict until there are this many,
+# then merged into the sorted arrays.
+RECENT_PAIRS_MERGE = 100_000
+ERROR_LOG_INTERVAL_SECONDS = 60.0
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS observations (
+    date INTEGER NOT NULL,   -- YYYYMMDD, the EIR's local date
+    imei TEXT NOT NULL,      -- 14 digits
+    imsi TEXT NOT NULL,      -- '' when the request carried no (valid) IMSI
+    msisdn TEXT NOT NULL,    -- '' when the msisdn file does not know the IMSI
+    PRIMARY KEY (date, imei, imsi)
+) WITHOUT ROWID
+"""
+INSERT = "INSERT OR IGNORE INTO observations (date, imei, imsi, msisdn) VALUES (?, ?, ?, ?)"
+
+
+class ObservationError(Exception):
+    """Observations cannot be read (or the msisdn file is bad); the message says why."""
+
+
+def database_path(settings) -> Path:
+    """observations.database, else observations.sqlite in the store directory if one is
+    set, else in the current directory."""
+    observations = settings.observations
+    if observations.database is not None:
+        return Path(observations.database)
+    if settings.store.directory is not None:
+        return Path(settings.store.directory) / DEFAULT_DATABASE_NAME
+    return Path(DEFAULT_DATABASE_NAME)
+
+
+def day_number(day: date) -> int:
+    return day.year * 10000 + day.month * 100 + day.day
+
+
+def format_day(day: int) -> str:
+    return f"{day // 10000:04d}-{day // 100 % 100:02d}-{day % 100:02d}"
+
+
+def _valid_imsi(imsi: str | None) -> str:
+    return imsi if imsi and imsi.isdigit() and 5 <= len(imsi) <= 15 else ""
+
+
+def load_msisdns(path: Path) -> dict[str, str]:
+    """CSV `imsi,msisdn` (a header line is allowed) → {imsi: msisdn}."""
+    msisdns: dict[str, str] = {}
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            for line_number, row in enumerate(csv.reader(handle), 1):
+                if not row or not "".join(row).strip():
+                    continue
+                if line_number == 1 and row[0].strip().lower() == "imsi":
+                    continue
+                if len(row) != 2:
+                    raise ObservationError(f"{path}:{line_number}: expected 2 columns "
+                                           f"imsi,msisdn, got {len(row)}")
+                imsi, msisdn = row[0].strip(), row[1].strip()
+                if not _valid_imsi(imsi):
+                    raise ObservationError(f"{path}:{line_number}: imsi: {imsi!r} is not "
+                                           "5 to 15 digits")
+                if not (msisdn.isdigit() and len(msisdn) <= 15):
+                    raise ObservationError(f"{path}:{line_number}: msisdn: {msisdn!r} is "
+                                           "not up to 15 digits")
+                msisdns[imsi] = msisdn
+    except OSError as exc:
+        raise ObservationError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    return msisdns
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    """The observations database, created if needed (WAL, synchronous=NORMAL)."""
+    connection = sqlite3.connect(path, timeout=10.0, check_same_thread=False)
+    try:
+        connection.execute("PRAGMA journal_mode=WAL")
+        connection.execute("PRAGMA synchronous=NORMAL")
+        connection.execute(SCHEMA)
+        connection.commit()
+    except BaseException:
+        connection.close()
+        raise
+    return connection
+
+
+def open_for_reading(path: Path) -> sqlite3.Connection:
+    if not Path(path).is_file():
+        raise ObservationError(f"{path}: no observations database (has `eir serve` run with "
+                               "observations enabled?)")
+    try:
+        return connect(path)
+    except sqlite3.Error as exc:
+        raise ObservationError(f"{path}: {exc}") from None
+
+
+class ObservationLog:
+    """Observations of the checks a server answers, written in batches by a thread.
+
+    Pending records are kept per day as a set of strings IMEI+IMSI (the IMEI is always 14
+    digits, so the split is unambiguous): strings are not tracked by the cyclic garbage
+    collector, tuples would be. Only the event-loop thread adds to the sets and the dict of
+    days; the writer thread copies and trims them with single C calls (atomic under the GIL).
+
+    Counters (plain attributes, read by whoever reports metrics): `written` records
+    committed, `dropped` records refused because `max_pending` distinct records were
+    pending, `flush_errors` failed flushes; `pending` is the backlog and `queued` (written +
+    pending) every distinct record accepted.
+    """
+
+    def __init__(self, path: Path, flush_seconds: float = 1.0,
+                 msisdns: dict[str, str] | None = None, max_pending: int = MAX_PENDING,
+                 on_written=None):
+        self.path = Path(path)
+        self.flush_seconds = flush_seconds
+        self.msisdns = msisdns or {}
+        self.max_pending = max_pending
+        # Called by the writer thread with the (day, imei, imsi, msisdn) rows of each
+        # committed flush (the grandfathering index learns new pairs from it).
+        self.on_written = on_written
+        self.written = 0
+        self.dropped = 0
+        self.flush_errors = 0
+        self.last_error: str | None = None
+        self._days: dict[int, set[str]] = {}
+        self._day = -1
+        self._pending: set[str] = set()  # the current day's
+        self._room = max_pending  # how many distinct records the current day may hold
+        self._connection: sqlite3.Connection | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._last_error_logged = float("-inf")
+
+    @property
+    def pending(self) -> int:
+        return sum(len(keys) for keys in list(self._days.values()))
+
+    @property
+    def queued(self) -> int:
+        return self.written + self.pending
+
+    def record(self, day: int, imei: str, imsi: str | None) -> None:
+        """Hot path (event-loop thread only): `imei` (14 digits) was used with `imsi` on
+        `day` (YYYYMMDD)."""
+        if day != self._day:
+            self._start_day(day)
+        key = imei + imsi if imsi else imei
+        pending = self._pending
+        if len(pending) < self._room or key in pending:
+            pending.add(key)
+        else:
+            self.dropped += 1
+
+    def _start_day(self, day: int) -> None:
+        days = self._days
+        for old in [d for d, keys in days.items() if not keys and d != day]:
+            del days[old]  # flushed; only this thread adds or removes days
+        self._pending = days.setdefault(day, set())
+        self._day = day
+        others = sum(len(keys) for d, keys in days.items() if d != day)
+        self._room = max(0, self.max_pending - others)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="observations", daemon=True)
+        self._thread.start()
+
+    def close(self, timeout: float = 60.0) -> None:
+        """Stop the writer thread after a final flush (or flush here if it never ran)."""
+        if self._thread is None:
+            self.flush()
+            self._disconnect()
+            return
+        self._stop.set()
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.error("observations: the final flush did not finish within %.0f s", timeout)
+
+    def flush(self) -> int:
+        """Write what is pending in one transaction; the number of records committed.
+
+        Lock-free with the hot path: copying a day's set and removing the copied records
+        from it are single C calls; a record added meanwhile stays for the next flush. On
+        error nothing is removed, so the batch is retried next time.
+        """
+        batches = [(day, keys, keys.copy()) for day, keys in list(self._days.items())]
+        msisdns = self.msisdns
+        rows = []
+        for day, _, batch in batches:
+            for key in batch:
+                imsi = _valid_imsi(key[14:])
+                rows.append((day, key[:14], imsi, msisdns.get(imsi, "") if imsi else ""))
+        if not rows:
+            return 0
+        try:
+            connection = self._connect()
+            with connection:
+                connection.executemany(INSERT, rows)
+        except sqlite3.Error as exc:
+            self._failed(exc, len(rows))
+            return 0
+        for day, keys, batch in batches:
+            keys.difference_update(batch)
+        self._room = max(0, self.max_pending - sum(
+            len(keys) for day, keys in list(self._days.items()) if day != self._day))
+        self.written += len(rows)
+        if self.last_error is not None:
+            log.info("observations: writing to %s again after %d failed flush(es)",
+                     self.path, self.flush_errors)
+            self.last_error = None
+            self._last_error_logged = float("-inf")
+        if self.on_written is not None:
+            try:
+                self.on_written(rows)
+            except Exception:  # noqa: BLE001 - a bug there must not stop the writer
+                log.exception("observations: after-write hook failed")
+        return len(rows)
+
+    def _failed(self, exc: sqlite3.Error, count: int) -> None:
+        self.flush_errors += 1
+        self.last_error = str(exc)
+        self._disconnect()  # reopen next time (the file may have been replaced)
+        now = time.monotonic()
+        if now - self._last_error_logged >= ERROR_LOG_INTERVAL_SECONDS:
+            self._last_error_logged = now
+            log.error("observations: cannot write %d record(s) to %s: %s (%d failed "
+                      "flush(es) so far, %d pending, %d dropped); kept for the next flush",
+                      count, self.path, exc, self.flush_errors, len(self._pending),
+                      self.dropped)
+
+    def _connect(self) -> sqlite3.Connection:
+        if self._connection is None:
+            self._connection = connect(self.path)
+        return self._connection
+
+    def _disconnect(self) -> None:
+        if self._connection is not None:
+            try:
+                self._connection.close()
+            except sqlite3.Error:
+                pass
+            self._connection = None
+
+    def _run(self) -> None:
+        try:
+            self._connect()  # create the database now, not at the first check
+        except sqlite3.Error as exc:
+            self._failed(exc, 0)
+        while not self._stop.wait(self.flush_seconds):
+            self.flush()
+        self.flush()
+        self._disconnect()
+
+
+def observation_log(settings, on_written=None) -> ObservationLog | None:
+    """The ObservationLog the settings ask for (None when disabled); raises
+    ObservationError on a bad msisdn file."""
+    observations = settings.observations
+    if not observations.enabled:
+        return None
+    msisdns = load_msisdns(observations.msisdn_file) if observations.msisdn_file else {}
+    return ObservationLog(database_path(settings), observations.flush_seconds, msisdns,
+                          on_written=on_written)
+
+
+# -- reading: the operator data dump and the clone report ---------------------------------
+
+
+def pseudonym(key: str, value: str) -> str:
+    """HMAC-SHA256(key, value) as hex, truncated to 32 hex digits; '' stays ''."""
+    if not value:
+        return ""
+    return hmac.new(key.encode(), value.encode(), hashlib.sha256).hexdigest()[
+        :PSEUDONYM_HEX_DIGITS]
+
+
+def write_dump(path: Path, day: int, out: IO[str], key: str | None = None) -> int:
+    """The DIRBS operator data dump of `day`: header `date,imei,imsi,msisdn`, one row per
+    distinct combination, sorted by IMEI then IMSI. IMSIs and MSISDNs pseudonymised when
+    `key` is given. Returns the row count."""
+    connection = open_for_reading(path)
+    try:
+        cursor = connection.execute(
+            "SELECT date, imei, imsi, msisdn FROM observations WHERE date = ? "
+            "ORDER BY imei, imsi", (day,))
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(("date", "imei", "imsi", "msisdn"))
+        count = 0
+        for row_day, imei, imsi, msisdn in cursor:
+            if key is not None:
+                imsi, msisdn = pseudonym(key, imsi), pseudonym(key, msisdn)
+            writer.writerow((row_day, imei, imsi, msisdn))
+            count += 1
+        return count
+    except sqlite3.Error as exc:
+        raise ObservationError(f"{path}: {exc}") from None
+    finally:
+        connection.close()
+
+
+@dataclass(frozen=True)
+class CloneSuspect:
+    imei: str
+    imsis: int
+    first_day: int
+    last_day: int
+
+
+def clone_suspects(path: Path, since: int, min_imsis: int = 2) -> list[CloneSuspect]:
+    """IMEIs seen with at least `min_imsis` distinct IMSIs from day `since` on, most IMSIs
+    first (then by IMEI)."""
+    connection = open_for_reading(path)
+    try:
+        rows = connection.execute(
+            "SELECT imei, COUNT(DISTINCT imsi), MIN(date), MAX(date) FROM observations "
+            "WHERE date >= ? AND imsi != '' GROUP BY imei HAVING COUNT(DISTINCT imsi) >= ? "
+            "ORDER BY 2 DESC, imei", (since, min_imsis)).fetchall()
+    except sqlite3.Error as exc:
+        raise ObservationError(f"{path}: {exc}") from None
+    finally:
+        connection.close()
+    return [CloneSuspect(*row) for row in rows]
+
+
+# -- grandfathering -------------------------------------------------------------------------
+
+
+def _empty_arrays():
+    return (memoryview(np.zeros(0, "<u8")).cast("B").cast("Q"),
+            memoryview(np.zeros(0, "<u8")).cast("B").cast("Q"),
+            memoryview(np.zeros(0, "<u4")).cast("B").cast("I"))
+
+
+def _views(imeis: np.ndarray, imsis: np.ndarray, days: np.ndarray):
+    """Memoryviews of sorted arrays: bisect on them runs in C without numpy scalars."""
+    return (memoryview(np.ascontiguousarray(imeis, "<u8")).cast("B").cast("Q"),
+            memoryview(np.ascontiguousarray(imsis, "<u8")).cast("B").cast("Q"),
+            memoryview(np.ascontiguousarray(days, "<u4")).cast("B").cast("I"))
+
+
+def _sorted_first_seen(imeis: np.ndarray, imsis: np.ndarray, days: np.ndarray):
+    """Sort by (imei, imsi, day) and keep each pair's earliest day."""
+    if len(imeis) == 0:
+        return imeis, imsis, days
+    order = np.lexsort((days, imsis, imeis))
+    imeis, imsis, days = imeis[order], imsis[order], days[order]
+    first = np.concatenate(([True], (imeis[1:] != imeis[:-1]) | (imsis[1:] != imsis[:-1])))
+    return imeis[first], imsis[first], days[first]
+
+
+class GrandfatherIndex:
+    """IMEI+IMSI pairs observed on a day before the cut-off, with the first such day.
+
+    Sorted uint64 arrays of IMEIs and IMSIs (16 bytes a pair, plus 4 for the day) searched
+    by bisection on memoryviews, plus a small dict of pairs learnt since the last build. The
+    whole tuple of arrays is swapped by one assignment, so a lookup sees one build. Built
+    from the observations database in a background thread (`load`); until then it knows
+    only what the writer reports (`learn`). Once the cut-off is past, no new pair can
+    qualify, so the set stops growing.
+    """
+
+    def __init__(self, cutoff: date):
+        self.cutoff = day_number(cutoff)
+        self.cutoff_text = cutoff.isoformat()
+        self._arrays = _empty_arrays()
+        self._recent: dict[tuple[int, int], int] = {}
+        self._merge_lock = threading.Lock()  # writers only (load, learn); lookups take none
+        self.loaded_from: Path | None = None
+
+    def __len__(self) -> int:
+        return len(self._arrays[0]) + len(self._recent)
+
+    def first_seen_before_cutoff(self, imei: str, imsi: str | None) -> int | None:
+        """The first day (YYYYMMDD) the pair was seen, if before the cut-off; else None."""
+        if not imsi or not imsi.isdigit() or len(imsi) > 15:
+            return None
+        imei_number, imsi_number = int(imei), int(imsi)
+        imeis, imsis, days = self._arrays
+        index = bisect.bisect_left(imeis, imei_number)
+        end = len(imeis)
+        while index < end and imeis[index] == imei_number:
+            if imsis[index] == imsi_number:
+                return days[index]
+            index += 1
+        recent = self._recent
+        return recent.get((imei_number, imsi_number)) if recent else None
+
+    def load(self, path: Path) -> int:
+        """(Re)build from the observations database; the number of pairs."""
+        connection = open_for_reading(path)
+        try:
+            cursor = connection.execute(
+                "SELECT imei, imsi, MIN(date) FROM observations WHERE date < ? AND imsi != '' "
+                "GROUP BY imei, imsi", (self.cutoff,))
+            imeis, imsis, days = [], [], []
+            while True:
+                chunk = cursor.fetchmany(100_000)
+                if not chunk:
+                    break
+                for imei, imsi, day in chunk:
+                    imeis.append(int(imei))
+                    imsis.append(int(imsi))
+                    days.append(day)
+        except sqlite3.Error as exc:
+            raise ObservationError(f"{path}: {exc}") from None
+        finally:
+            connection.close()
+        with self._merge_lock:
+            self._rebuild(np.array(imeis, "<u8"), np.array(imsis, "<u8"),
+                          np.array(days, "<u4"))
+        self.loaded_from = Path(path)
+        return len(self)
+
+    def learn(self, rows: Iterable[tuple]) -> None:
+        """Rows (day, imei, imsi, ...) just written by the ObservationLog."""
+        cutoff = self.cutoff
+        with self._merge_lock:
+            for row in rows:
+                day, imei, imsi = row[0], row[1], row[2]
+                if day >= cutoff or not imsi:
+                    continue
+                known = self.first_seen_before_cutoff(imei, imsi)
+                if known is None or day < known:
+                    self._recent[(int(imei), int(imsi))] = day
+            if len(self._recent) >= RECENT_PAIRS_MERGE:
+                self._rebuild(np.zeros(0, "<u8"), np.zeros(0, "<u8"), np.zeros(0, "<u4"))
+
+    def _rebuild(self, imeis: np.ndarray, imsis: np.ndarray, days: np.ndarray) -> None:
+        """New arrays = old arrays + recent pairs + the given ones (caller holds the lock)."""
+        old_imeis, old_imsis, old_days = (np.frombuffer(view, dtype)
+                                          for view, dtype in zip(self._arrays,
+                                                                 ("<u8", "<u8", "<u4")))
+        recent = self._recent
+        recent_keys = np.array(list(recent), "<u8").reshape(-1, 2)
+        merged = _sorted_first_seen(
+            np.concatenate((old_imeis, recent_keys[:, 0], imeis)),
+            np.concatenate((old_imsis, recent_keys[:, 1], imsis)),
+            np.concatenate((old_days, np.array(list(recent.values()), "<u4"), days)))
+        self._arrays = _views(*merged)
+        self._recent = {}
