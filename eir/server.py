@@ -23,7 +23,7 @@ from eir.observations import (GrandfatherIndex, ObservationError, ObservationLog
                               database_path, observation_log)
 from eir.s13 import S13Application
 from eir.store import Store, StoreError
-from eir.sync import SyncError, sync
+from eir.sync import SyncCounters, SyncError, sync
 
 log = logging.getLogger("eir.server")
 
@@ -165,11 +165,17 @@ class EirServer:
         self.connection_closed = asyncio.Event()
         self._stop = asyncio.Event()
         self._reload_lock = asyncio.Lock()
+        self.sync_counters = SyncCounters()
         self._background: set[asyncio.Task] = set()
 
     @property
     def rule_set(self) -> RuleSet:
         return self.s13.rule_set
+
+    @property
+    def list_age_seconds(self) -> float:
+        """How old the lists in force are (since their snapshot was compiled)."""
+        return max(0.0, time.time() - self.rule_set.snapshot.info.created)
 
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
@@ -241,9 +247,11 @@ class EirServer:
                 result = await self.loop.run_in_executor(
                     None, sync, source, store, self.settings.sync.public_key)
             except (SyncError, StoreError) as exc:
+                self.sync_counters.record(None, exc)
                 log.error("sync from %s refused; the snapshot in force keeps serving:\n%s",
                           source, exc)
             else:
+                self.sync_counters.record(result)
                 log.info("sync from %s: %s", source, f"published version {result.version}"
                          if result.published else f"up to date (version {result.version})")
                 for note in result.ignored:

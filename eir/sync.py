@@ -43,6 +43,7 @@ import binascii
 import hashlib
 import json
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,6 +58,30 @@ MANIFEST = "manifest.json"
 DOWNLOADS = "download"  # STORE/download/: the cache of URL sources
 LIST_SUFFIXES = (".csv", ".zip", ".txt")
 _DATE_PREFIX = re.compile(r"^(\d{8}(?:_\d{6})?)_(.+)$")
+
+
+@dataclass
+class SyncCounters:
+    """Outcomes of the syncs this process ran, ready for metrics (the operations work
+    exposes them): how many published, found nothing new, or were refused, and when the
+    last one that was not refused ended."""
+
+    published: int = 0
+    up_to_date: int = 0
+    refused: int = 0
+    last_success: float | None = None  # time.time()
+    last_refusal: str | None = None
+
+    def record(self, result: "SyncResult | None", refusal: Exception | None = None) -> None:
+        if refusal is not None:
+            self.refused += 1
+            self.last_refusal = str(refusal).splitlines()[0] if str(refusal) else "refused"
+            return
+        if result.published:
+            self.published += 1
+        else:
+            self.up_to_date += 1
+        self.last_success = time.time()
 
 
 class SyncError(Exception):

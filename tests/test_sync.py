@@ -350,3 +350,19 @@ def test_rollback_pins_the_store_until_unpinned(tmp_path, store):
     assert store.unpin() == "000001"
     result = sync(str(source), store)
     assert (result.published, store.current_version()) == (True, "000003")
+
+
+def test_sync_counters_count_each_outcome(tmp_path, store):
+    from eir.sync import SyncCounters
+
+    counters = SyncCounters()
+    source = write_drop(tmp_path / "counted-drop")
+    counters.record(sync(str(source), store))
+    counters.record(sync(str(source), store))
+    (source / BLACKLIST).write_text(lines("imei,block_date,reasons", "1234,20200101,x"))
+    with pytest.raises(SyncError) as refusal:
+        sync(str(source), store)
+    counters.record(None, refusal.value)
+    assert (counters.published, counters.up_to_date, counters.refused) == (1, 1, 1)
+    assert counters.last_success is not None
+    assert counters.last_refusal.startswith(f"{BLACKLIST}:2: imei:")
