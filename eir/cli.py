@@ -19,8 +19,8 @@ from eir.decision import UnknownPolicy
 from eir.diameter.dictionary import DictionaryError
 from eir.imei import ImeiError, normalise_imei
 from eir.lists import ListError, parse_imsi
-from eir.observations import (ObservationError, clone_suspects, database_path, day_number,
-                              format_day, write_dump)
+from eir.observations import (ObservationError, clone_suspects, database_location,
+                              day_number, format_day, write_dump)
 from eir.store import Store, StoreError
 from eir.sync import SyncError, sync
 
@@ -203,7 +203,7 @@ def _check(args: argparse.Namespace) -> int:
     grandfathering = grandfather_index(settings)
     if grandfathering is not None:
         try:
-            grandfathering.load(database_path(settings))
+            grandfathering.load(database_location(settings))
         except ObservationError as exc:
             print(f"eir: grandfathering: nothing observed yet: {exc}", file=sys.stderr)
     rule_set = load_rules(settings, grandfathering)
@@ -281,7 +281,7 @@ def _dump(args: argparse.Namespace) -> int:
         print("eir: --pseudonymise needs observations.pseudonymise_key in the configuration",
               file=sys.stderr)
         return EXIT_USAGE
-    path = database_path(settings)
+    path = database_location(settings)
     if args.output is None:
         write_dump(path, args.date, sys.stdout, key)
         return 0
@@ -307,7 +307,7 @@ def _report(args: argparse.Namespace) -> int:
     if args.min_imsis < 1:
         print("eir: --min-imsis must be at least 1", file=sys.stderr)
         return EXIT_USAGE
-    suspects = clone_suspects(database_path(settings), args.since, args.min_imsis)
+    suspects = clone_suspects(database_location(settings), args.since, args.min_imsis)
     if args.json:
         print(json.dumps([{"imei": s.imei, "imsis": s.imsis,
                            "first_seen": format_day(s.first_day),

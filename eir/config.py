@@ -102,9 +102,17 @@ class SyncSettings(_Strict):
 class ObservationSettings(_Strict):
     enabled: bool = True
     database: Path | None = None
+    url: str | None = None  # postgresql://...: PostgreSQL instead of the SQLite database
     flush_seconds: float = Field(1.0, gt=0)
     msisdn_file: Path | None = None
     pseudonymise_key: str | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("postgresql://", "postgres://")):
+            raise ValueError("must be a postgresql:// URL (the SQLite file is `database`)")
+        return value
 
 
 class GrandfatheringSettings(_Strict):

@@ -6,15 +6,21 @@ cut-off date keeps working, see `GrandfatherIndex`).
 
 Recording is on the hot path, so `ObservationLog.record` only adds a string to a set: no
 I/O, no lock (a few hundred nanoseconds; `python3 bench/observations.py` prints the figure). A
-writer thread flushes the set every `flush_seconds` into SQLite in one transaction (WAL
-mode, synchronous=NORMAL), one row per distinct (date, imei, imsi) per day; the MSISDN is
-looked up at flush time in the optional `imsi,msisdn` file.
+writer thread flushes the set every `flush_seconds` in one transaction, one row per distinct
+(date, imei, imsi) per day (INSERT ... ON CONFLICT DO NOTHING on that primary key); the
+MSISDN is looked up at flush time in the optional `imsi,msisdn` file.
+
+Storage (`Backend`): SQLite in WAL mode, synchronous=NORMAL (embedded default, one node), or
+PostgreSQL (`observations.url: postgresql://...`) for several `eir serve` nodes writing to
+one database: same table, same statements (only the placeholder style differs), a flush
+COPYs into a temporary table and inserts from it in key order, so concurrent flushes of the
+same record by two nodes store it once and cannot deadlock (see `PostgresBackend`).
 
 Crash bound: a check is in the database at most `flush_seconds` (plus the time one write
 takes) after it was answered, so a crash of the process (kill -9) loses at most the last
 `flush_seconds` of observations; a committed flush survives it (WAL). A power loss may also
 lose the last commits before the next WAL checkpoint (synchronous=NORMAL does not fsync
-every commit).
+every commit). With PostgreSQL a committed flush is as durable as the server makes it.
 
 Memory is bounded: past `max_pending` distinct pending records, new ones are dropped and
 counted, never waited for. A write error (disk full, database unwritable) is logged and
@@ -36,10 +42,12 @@ import logging
 import sqlite3
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
-from typing import IO, Iterable
+from typing import IO, Iterable, Iterator
+from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 
@@ -53,16 +61,33 @@ PSEUDONYM_HEX_DIGITS = 32
 RECENT_PAIRS_MERGE = 100_000
 ERROR_LOG_INTERVAL_SECONDS = 60.0
 
+# One table, the same in both dialects: {text} is the text type (PostgreSQL's in the "C"
+# collation, so ORDER BY imei, imsi sorts bytewise as SQLite does), {extra} a table option.
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS observations (
     date INTEGER NOT NULL,   -- YYYYMMDD, the EIR's local date
-    imei TEXT NOT NULL,      -- 14 digits
-    imsi TEXT NOT NULL,      -- '' when the request carried no (valid) IMSI
-    msisdn TEXT NOT NULL,    -- '' when the msisdn file does not know the IMSI
+    imei {text} NOT NULL,      -- 14 digits
+    imsi {text} NOT NULL,      -- '' when the request carried no (valid) IMSI
+    msisdn {text} NOT NULL,    -- '' when the msisdn file does not know the IMSI
     PRIMARY KEY (date, imei, imsi)
-) WITHOUT ROWID
+){extra}
 """
-INSERT = "INSERT OR IGNORE INTO observations (date, imei, imsi, msisdn) VALUES (?, ?, ?, ?)"
+# The statements both backends run; {p} is the driver's placeholder, {rows} where a flush's
+# rows come from (VALUES for SQLite's executemany, a COPY-filled table for PostgreSQL).
+INSERT = "INSERT INTO observations (date, imei, imsi, msisdn) {rows} ON CONFLICT DO NOTHING"
+SELECT_DAY = ("SELECT date, imei, imsi, msisdn FROM observations WHERE date = {p} "
+              "ORDER BY imei, imsi")
+SELECT_CLONES = ("SELECT imei, COUNT(DISTINCT imsi), MIN(date), MAX(date) FROM observations "
+                 "WHERE date >= {p} AND imsi != '' GROUP BY imei "
+                 "HAVING COUNT(DISTINCT imsi) >= {p} ORDER BY 2 DESC, imei")
+SELECT_FIRST_SEEN = ("SELECT imei, imsi, MIN(date) FROM observations "
+                     "WHERE date < {p} AND imsi != '' GROUP BY imei, imsi")
+FETCH_ROWS = 100_000
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+POSTGRES_CONNECT_TIMEOUT_SECONDS = 10
+# pg_advisory_xact_lock key serialising schema creation between nodes starting together
+# (concurrent CREATE TABLE IF NOT EXISTS can fail on PostgreSQL's catalogue constraints).
+POSTGRES_SCHEMA_LOCK = 0x6569725F6F6273  # "eir_obs"
 
 
 class ObservationError(Exception):
@@ -78,6 +103,13 @@ def database_path(settings) -> Path:
     if settings.store.directory is not None:
         return Path(settings.store.directory) / DEFAULT_DATABASE_NAME
     return Path(DEFAULT_DATABASE_NAME)
+
+
+def database_location(settings) -> Path | str:
+    """Where the observations are: observations.url (PostgreSQL) when set, else the SQLite
+    file of `database_path`. What `ObservationLog`, `write_dump`, `clone_suspects` and
+    `GrandfatherIndex.load` take."""
+    return settings.observations.url or database_path(settings)
 
 
 def day_number(day: date) -> int:
@@ -118,28 +150,214 @@ def load_msisdns(path: Path) -> dict[str, str]:
     return msisdns
 
 
-def connect(path: Path) -> sqlite3.Connection:
-    """The observations database, created if needed (WAL, synchronous=NORMAL)."""
-    connection = sqlite3.connect(path, timeout=10.0, check_same_thread=False)
+# -- storage: SQLite (embedded default) or PostgreSQL (several nodes) ----------------------
+
+
+class Backend:
+    """An observations database: the shared SQL above, in one dialect, through DB-API.
+
+    `location` names it in messages (a path, or a URL without its password); `errors` are
+    the driver's exceptions."""
+
+    placeholder = "?"
+    text_type = "TEXT"
+    table_extra = ""
+    insert_rows = "VALUES ({p}, {p}, {p}, {p})"
+    errors: tuple[type[Exception], ...] = ()
+    location: Path | str
+
+    def __init__(self):
+        p = self.placeholder
+        self.schema = SCHEMA.format(text=self.text_type, extra=self.table_extra)
+        self.insert_sql = INSERT.format(rows=self.insert_rows.format(p=p))
+        self.select_day = SELECT_DAY.format(p=p)
+        self.select_clones = SELECT_CLONES.format(p=p)
+        self.select_first_seen = SELECT_FIRST_SEEN.format(p=p)
+
+    def __str__(self) -> str:
+        return str(self.location)
+
+    def connect(self):
+        """A connection for writing, the table created if needed."""
+        raise NotImplementedError
+
+    def open_for_reading(self):
+        """A connection for the queries; ObservationError when there is no database."""
+        raise NotImplementedError
+
+    def insert(self, connection, rows: list[tuple]) -> None:
+        """The rows (date, imei, imsi, msisdn) in one transaction, existing keys ignored."""
+        try:
+            cursor = connection.cursor()
+            try:
+                self._insert(cursor, rows)
+            finally:
+                cursor.close()
+            connection.commit()
+        except BaseException:
+            try:
+                connection.rollback()
+            except Exception:  # noqa: BLE001 - the first error is the one to report
+                pass
+            raise
+
+    def _insert(self, cursor, rows: list[tuple]) -> None:
+        cursor.executemany(self.insert_sql, rows)
+
+    def rows(self, connection, sql: str, parameters: tuple) -> Iterator[tuple]:
+        """The result rows, fetched FETCH_ROWS at a time (a national dump does not fit in
+        memory twice)."""
+        cursor = self._reading_cursor(connection)
+        try:
+            cursor.execute(sql, parameters)
+            while chunk := cursor.fetchmany(FETCH_ROWS):
+                yield from chunk
+        finally:
+            cursor.close()
+
+    def _reading_cursor(self, connection):
+        return connection.cursor()
+
+
+class SqliteBackend(Backend):
+    """A local file in WAL mode, synchronous=NORMAL (see the module docstring)."""
+
+    table_extra = " WITHOUT ROWID"
+    errors = (sqlite3.Error,)
+
+    def __init__(self, path: Path):
+        super().__init__()
+        self.location = Path(path)
+
+    def connect(self) -> sqlite3.Connection:
+        connection = sqlite3.connect(self.location, timeout=10.0, check_same_thread=False)
+        try:
+            connection.execute("PRAGMA journal_mode=WAL")
+            connection.execute("PRAGMA synchronous=NORMAL")
+            connection.execute(self.schema)
+            connection.commit()
+        except BaseException:
+            connection.close()
+            raise
+        return connection
+
+    def open_for_reading(self) -> sqlite3.Connection:
+        if not self.location.is_file():
+            raise ObservationError(f"{self}: no observations database (has `eir serve` run "
+                                   "with observations enabled?)")
+        try:
+            return self.connect()
+        except sqlite3.Error as exc:
+            raise ObservationError(f"{self}: {exc}") from None
+
+
+class PostgresBackend(Backend):
+    """A PostgreSQL database shared by several `eir serve` nodes (psycopg 3).
+
+    A flush COPYs its rows into a per-connection temporary table, then inserts them into
+    `observations` sorted by key with ON CONFLICT DO NOTHING, in one transaction: a key two
+    nodes flush at once is stored once (the second insert waits for the first to commit,
+    then skips it), and since every node takes the key locks in the same order, concurrent
+    flushes cannot deadlock. Text columns use the "C" collation, so queries sort as SQLite
+    does. Credentials: in the URL, or libpq's PGPASSWORD / ~/.pgpass."""
+
+    placeholder = "%s"
+    text_type = 'TEXT COLLATE "C"'
+    insert_rows = ("SELECT date, imei, imsi, msisdn FROM observations_batch "
+                   "ORDER BY date, imei, imsi")  # the key order: see the docstring
+
+    def __init__(self, url: str):
+        try:
+            import psycopg
+        except ImportError:
+            raise ObservationError(
+                f"{_without_password(url)}: PostgreSQL needs the psycopg driver: "
+                "pip install 'open-eir[postgres]'") from None
+        super().__init__()
+        self.psycopg = psycopg
+        self.url = url
+        self.location = _without_password(url)
+        self.errors = (psycopg.Error,)
+
+    def _open(self):
+        return self.psycopg.connect(
+            self.url, connect_timeout=POSTGRES_CONNECT_TIMEOUT_SECONDS, application_name="eir")
+
+    def connect(self):
+        connection = self._open()
+        try:
+            connection.execute("SELECT pg_advisory_xact_lock(%s)", (POSTGRES_SCHEMA_LOCK,))
+            connection.execute(self.schema)
+            connection.execute("CREATE TEMPORARY TABLE IF NOT EXISTS observations_batch "
+                               "(LIKE observations) ON COMMIT DELETE ROWS")
+            connection.commit()
+        except BaseException:
+            connection.close()
+            raise
+        return connection
+
+    def open_for_reading(self):
+        """Creates nothing: `eir dump` may run as a user allowed only to read."""
+        try:
+            connection = self._open()
+            try:
+                exists = connection.execute(
+                    "SELECT to_regclass('observations') IS NOT NULL").fetchone()[0]
+            except BaseException:
+                connection.close()
+                raise
+        except self.errors as exc:
+            raise ObservationError(f"{self}: {_one_line(exc)}") from None
+        if not exists:
+            connection.close()
+            raise ObservationError(f"{self}: no observations table (has `eir serve` run "
+                                   "with observations enabled?)")
+        return connection
+
+    def _insert(self, cursor, rows: list[tuple]) -> None:
+        with cursor.copy("COPY observations_batch (date, imei, imsi, msisdn) FROM STDIN") \
+                as copy:
+            for row in rows:
+                copy.write_row(row)
+        cursor.execute(self.insert_sql)
+
+    def _reading_cursor(self, connection):
+        return connection.cursor(name="eir_observations")  # server-side: streamed
+
+
+def _one_line(exc: Exception) -> str:
+    return " ".join(str(exc).split())  # libpq's messages span several lines
+
+
+def _without_password(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+def backend(location: Path | str | Backend) -> Backend:
+    """The backend of a `database_location`: a postgresql:// URL, else an SQLite path."""
+    if isinstance(location, Backend):
+        return location
+    if isinstance(location, str) and location.startswith(POSTGRES_SCHEMES):
+        return PostgresBackend(location)
+    return SqliteBackend(Path(location))
+
+
+@contextmanager
+def _reading(location: Path | str | Backend):
+    """(backend, connection) for the queries; driver errors become ObservationError."""
+    store = backend(location)
+    connection = store.open_for_reading()
     try:
-        connection.execute("PRAGMA journal_mode=WAL")
-        connection.execute("PRAGMA synchronous=NORMAL")
-        connection.execute(SCHEMA)
-        connection.commit()
-    except BaseException:
+        yield store, connection
+    except store.errors as exc:
+        raise ObservationError(f"{store}: {_one_line(exc)}") from None
+    finally:
         connection.close()
-        raise
-    return connection
-
-
-def open_for_reading(path: Path) -> sqlite3.Connection:
-    if not Path(path).is_file():
-        raise ObservationError(f"{path}: no observations database (has `eir serve` run with "
-                               "observations enabled?)")
-    try:
-        return connect(path)
-    except sqlite3.Error as exc:
-        raise ObservationError(f"{path}: {exc}") from None
 
 
 class ObservationLog:
@@ -156,10 +374,11 @@ class ObservationLog:
     pending) every distinct record accepted.
     """
 
-    def __init__(self, path: Path, flush_seconds: float = 1.0,
+    def __init__(self, path: Path | str | Backend, flush_seconds: float = 1.0,
                  msisdns: dict[str, str] | None = None, max_pending: int = MAX_PENDING,
                  on_written=None):
-        self.path = Path(path)
+        self.backend = backend(path)  # an SQLite path or a postgresql:// URL
+        self.path = self.backend.location  # for messages
         self.flush_seconds = flush_seconds
         self.msisdns = msisdns or {}
         self.max_pending = max_pending
@@ -174,7 +393,7 @@ class ObservationLog:
         self._day = -1
         self._pending: set[str] = set()  # the current day's
         self._room = max_pending  # how many distinct records the current day may hold
-        self._connection: sqlite3.Connection | None = None
+        self._connection = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_error_logged = float("-inf")
@@ -240,10 +459,8 @@ class ObservationLog:
         if not rows:
             return 0
         try:
-            connection = self._connect()
-            with connection:
-                connection.executemany(INSERT, rows)
-        except sqlite3.Error as exc:
+            self.backend.insert(self._connect(), rows)
+        except self.backend.errors as exc:
             self._failed(exc, len(rows))
             return 0
         for day, keys, batch in batches:
@@ -263,35 +480,35 @@ class ObservationLog:
                 log.exception("observations: after-write hook failed")
         return len(rows)
 
-    def _failed(self, exc: sqlite3.Error, count: int) -> None:
+    def _failed(self, exc: Exception, count: int) -> None:
         self.flush_errors += 1
-        self.last_error = str(exc)
+        self.last_error = _one_line(exc)
         self._disconnect()  # reopen next time (the file may have been replaced)
         now = time.monotonic()
         if now - self._last_error_logged >= ERROR_LOG_INTERVAL_SECONDS:
             self._last_error_logged = now
             log.error("observations: cannot write %d record(s) to %s: %s (%d failed "
                       "flush(es) so far, %d pending, %d dropped); kept for the next flush",
-                      count, self.path, exc, self.flush_errors, len(self._pending),
+                      count, self.path, self.last_error, self.flush_errors, len(self._pending),
                       self.dropped)
 
-    def _connect(self) -> sqlite3.Connection:
+    def _connect(self):
         if self._connection is None:
-            self._connection = connect(self.path)
+            self._connection = self.backend.connect()
         return self._connection
 
     def _disconnect(self) -> None:
         if self._connection is not None:
             try:
                 self._connection.close()
-            except sqlite3.Error:
+            except Exception:  # noqa: BLE001 - a broken connection is dropped anyway
                 pass
             self._connection = None
 
     def _run(self) -> None:
         try:
             self._connect()  # create the database now, not at the first check
-        except sqlite3.Error as exc:
+        except self.backend.errors as exc:
             self._failed(exc, 0)
         while not self._stop.wait(self.flush_seconds):
             self.flush()
@@ -306,7 +523,7 @@ def observation_log(settings, on_written=None) -> ObservationLog | None:
     if not observations.enabled:
         return None
     msisdns = load_msisdns(observations.msisdn_file) if observations.msisdn_file else {}
-    return ObservationLog(database_path(settings), observations.flush_seconds, msisdns,
+    return ObservationLog(database_location(settings), observations.flush_seconds, msisdns,
                           on_written=on_written)
 
 
@@ -321,28 +538,21 @@ def pseudonym(key: str, value: str) -> str:
         :PSEUDONYM_HEX_DIGITS]
 
 
-def write_dump(path: Path, day: int, out: IO[str], key: str | None = None) -> int:
-    """The DIRBS operator data dump of `day`: header `date,imei,imsi,msisdn`, one row per
-    distinct combination, sorted by IMEI then IMSI. IMSIs and MSISDNs pseudonymised when
-    `key` is given. Returns the row count."""
-    connection = open_for_reading(path)
-    try:
-        cursor = connection.execute(
-            "SELECT date, imei, imsi, msisdn FROM observations WHERE date = ? "
-            "ORDER BY imei, imsi", (day,))
+def write_dump(path: Path | str, day: int, out: IO[str], key: str | None = None) -> int:
+    """The DIRBS operator data dump of `day` from the observations at `path` (see
+    `database_location`): header `date,imei,imsi,msisdn`, one row per distinct combination,
+    sorted by IMEI then IMSI. IMSIs and MSISDNs pseudonymised when `key` is given. Returns
+    the row count."""
+    with _reading(path) as (store, connection):
         writer = csv.writer(out, lineterminator="\n")
         writer.writerow(("date", "imei", "imsi", "msisdn"))
         count = 0
-        for row_day, imei, imsi, msisdn in cursor:
+        for row_day, imei, imsi, msisdn in store.rows(connection, store.select_day, (day,)):
             if key is not None:
                 imsi, msisdn = pseudonym(key, imsi), pseudonym(key, msisdn)
             writer.writerow((row_day, imei, imsi, msisdn))
             count += 1
         return count
-    except sqlite3.Error as exc:
-        raise ObservationError(f"{path}: {exc}") from None
-    finally:
-        connection.close()
 
 
 @dataclass(frozen=True)
@@ -353,20 +563,12 @@ class CloneSuspect:
     last_day: int
 
 
-def clone_suspects(path: Path, since: int, min_imsis: int = 2) -> list[CloneSuspect]:
+def clone_suspects(path: Path | str, since: int, min_imsis: int = 2) -> list[CloneSuspect]:
     """IMEIs seen with at least `min_imsis` distinct IMSIs from day `since` on, most IMSIs
     first (then by IMEI)."""
-    connection = open_for_reading(path)
-    try:
-        rows = connection.execute(
-            "SELECT imei, COUNT(DISTINCT imsi), MIN(date), MAX(date) FROM observations "
-            "WHERE date >= ? AND imsi != '' GROUP BY imei HAVING COUNT(DISTINCT imsi) >= ? "
-            "ORDER BY 2 DESC, imei", (since, min_imsis)).fetchall()
-    except sqlite3.Error as exc:
-        raise ObservationError(f"{path}: {exc}") from None
-    finally:
-        connection.close()
-    return [CloneSuspect(*row) for row in rows]
+    with _reading(path) as (store, connection):
+        return [CloneSuspect(*row) for row in
+                store.rows(connection, store.select_clones, (since, min_imsis))]
 
 
 # -- grandfathering -------------------------------------------------------------------------
@@ -412,7 +614,7 @@ class GrandfatherIndex:
         self._arrays = _empty_arrays()
         self._recent: dict[tuple[int, int], int] = {}
         self._merge_lock = threading.Lock()  # writers only (load, learn); lookups take none
-        self.loaded_from: Path | None = None
+        self.loaded_from: Path | str | None = None
 
     def __len__(self) -> int:
         return len(self._arrays[0]) + len(self._recent)
@@ -432,30 +634,20 @@ class GrandfatherIndex:
         recent = self._recent
         return recent.get((imei_number, imsi_number)) if recent else None
 
-    def load(self, path: Path) -> int:
-        """(Re)build from the observations database; the number of pairs."""
-        connection = open_for_reading(path)
-        try:
-            cursor = connection.execute(
-                "SELECT imei, imsi, MIN(date) FROM observations WHERE date < ? AND imsi != '' "
-                "GROUP BY imei, imsi", (self.cutoff,))
-            imeis, imsis, days = [], [], []
-            while True:
-                chunk = cursor.fetchmany(100_000)
-                if not chunk:
-                    break
-                for imei, imsi, day in chunk:
-                    imeis.append(int(imei))
-                    imsis.append(int(imsi))
-                    days.append(day)
-        except sqlite3.Error as exc:
-            raise ObservationError(f"{path}: {exc}") from None
-        finally:
-            connection.close()
+    def load(self, path: Path | str) -> int:
+        """(Re)build from the observations database (see `database_location`); the number
+        of pairs."""
+        imeis, imsis, days = [], [], []
+        with _reading(path) as (store, connection):
+            for imei, imsi, day in store.rows(connection, store.select_first_seen,
+                                              (self.cutoff,)):
+                imeis.append(int(imei))
+                imsis.append(int(imsi))
+                days.append(day)
         with self._merge_lock:
             self._rebuild(np.array(imeis, "<u8"), np.array(imsis, "<u8"),
                           np.array(days, "<u4"))
-        self.loaded_from = Path(path)
+        self.loaded_from = store.location
         return len(self)
 
     def learn(self, rows: Iterable[tuple]) -> None:

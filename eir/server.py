@@ -20,7 +20,7 @@ from eir.diameter.dictionary import Dictionary
 from eir.diameter.peer import LocalIdentity, PeerConnection, Timers
 from eir.lists import ListError, load_rule_set
 from eir.observations import (GrandfatherIndex, ObservationError, ObservationLog,
-                              database_path, observation_log)
+                              database_location, observation_log)
 from eir.s13 import S13Application
 from eir.store import Store, StoreError
 from eir.sync import SyncCounters, SyncError, sync
@@ -266,7 +266,7 @@ class EirServer:
         qualify: until a day after the cut-off (a flush just after midnight may still carry
         the last day before it). Between builds it learns from every flush."""
         index = self.grandfathering
-        path = database_path(self.settings)
+        path = database_location(self.settings)
         cutoff = self.settings.grandfathering.cutoff_date
         while True:
             try:
@@ -275,7 +275,7 @@ class EirServer:
                 log.info("grandfathering: nothing observed yet: %s", exc)
             else:
                 log.info("grandfathering: %d IMEI+IMSI pair(s) seen before the cut-off %s "
-                         "(%s)", count, index.cutoff_text, path)
+                         "(%s)", count, index.cutoff_text, index.loaded_from)
             if date.today() > cutoff + timedelta(days=1):
                 return  # no new pair can qualify any more
             await asyncio.sleep(GRANDFATHER_RELOAD_SECONDS)
@@ -403,7 +403,7 @@ def load_rules(settings: Settings, grandfathering: GrandfatherIndex | None = Non
 
 def grandfather_index(settings: Settings) -> GrandfatherIndex | None:
     """An empty index for grandfathering.cutoff_date (None when unset); fill it with
-    `load(database_path(settings))`."""
+    `load(database_location(settings))`."""
     cutoff = settings.grandfathering.cutoff_date
     return GrandfatherIndex(cutoff) if cutoff is not None else None
 
