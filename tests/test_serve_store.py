@@ -291,6 +291,33 @@ def test_two_servers_on_one_store_answer_alike_after_a_sync(eir_server, tmp_path
             peer.close()
 
 
+def test_two_nodes_with_their_own_stores_follow_one_source_alike(eir_server, tmp_path):
+    """Issue 3 item 8: two nodes, each with its own store, pointed at the same registry
+    source, reach the same snapshot version and answer identically."""
+    source = write_drop(tmp_path / "registry", V1)
+    servers = []
+    for node in ("node1", "node2"):
+        config = write_config(tmp_path / f"{node}.yaml", store={"directory": node},
+                              sync={"source": str(source), "interval_seconds": 0.3})
+        servers.append(eir_server("--config", str(config), lists=[]))
+    peers = [S13Peer(server.address) for server in servers]
+    try:
+        imeis = (A, B, C, "35123456000041")
+        for server in servers:
+            server.wait_for_log(r"lists version 000001")
+        first, second = (peer.ask(*imeis) for peer in peers)
+        assert first == second == V1 | {"35123456000041": "UNKNOWN"}
+        marks = [len(server.lines) for server in servers]
+        write_drop(source, V2)  # the registry publishes new lists
+        for server, mark in zip(servers, marks):
+            reloaded(server, "000002", mark)
+        first, second = (peer.ask(*imeis) for peer in peers)
+        assert first == second == V2 | {"35123456000041": "UNKNOWN"}
+    finally:
+        for peer in peers:
+            peer.close()
+
+
 def test_serving_an_empty_store_syncs_first_from_the_configured_source(eir_server, tmp_path):
     drop = write_drop(tmp_path / "v1", V1)
     config = write_config(tmp_path / "eir.yaml", sync={"source": str(drop)})
