@@ -22,7 +22,8 @@ WHITELISTED for an IMEI+IMSI pair seen on the network before the cut-off (Indone
 whitelist mode: unknown policy blacklisted, registered IMEIs whitelisted, phones already in
 use keep working with the SIM they were used with). Within one level,
 BLACKLISTED beats GREYLISTED beats WHITELISTED, so a conflicting duplicate errs on blocking.
-Lookups are dictionary hits and bisections in a compiled snapshot (eir.snapshot): their
+Lookups are a dict hit on the TAC and bisections in a compiled snapshot (eir.snapshot); only
+the rules sharing one IMEI, one range segment or one TAC are looked at one by one, so the
 cost does not grow with the rule count.
 """
 

@@ -28,6 +28,7 @@ import hashlib
 import http.client
 import json
 import os
+import time
 import re
 import urllib.error
 import urllib.parse
@@ -42,7 +43,9 @@ SIGNATURE = "manifest.json.sig"
 MAX_FILE_BYTES = 4 << 30  # a listed file larger than this is refused
 MAX_MANIFEST_BYTES = 16 << 20
 MAX_SIGNATURE_BYTES = 4096
-TIMEOUT_SECONDS = 60.0  # per socket operation (connect, each read), not per download
+TIMEOUT_SECONDS = 60.0  # per socket operation (connect, each read)
+# A whole download must end by then, even from a server that trickles one byte a minute.
+MIN_RATE_BYTES_PER_S = 64 << 10  # the deadline is TIMEOUT_SECONDS + size / this rate
 _BLOCK = 1 << 20
 _SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
 
@@ -196,12 +199,17 @@ class _Mirror:
             if length is not None and length > cap:
                 raise FetchError(f"{url}: {length} bytes, larger than the limit of {cap}")
             digest, received = hashlib.sha256(), 0
+            deadline = time.monotonic() + TIMEOUT_SECONDS + (
+                length if length is not None else cap) / MIN_RATE_BYTES_PER_S
             try:
                 with open(temporary, "wb") as out:
                     while block := response.read(_BLOCK):
                         received += len(block)
                         if received > cap:
                             raise FetchError(f"{url}: larger than the limit of {cap} bytes")
+                        if time.monotonic() > deadline:
+                            raise FetchError(f"{url}: too slow: {received} bytes after "
+                                             f"the whole download's deadline")
                         digest.update(block)
                         out.write(block)
                     out.flush()

@@ -121,7 +121,7 @@ def format_day(day: int) -> str:
 
 
 def _valid_imsi(imsi: str | None) -> str:
-    return imsi if imsi and imsi.isdigit() and 5 <= len(imsi) <= 15 else ""
+    return imsi if imsi and imsi.isascii() and imsi.isdigit() and 5 <= len(imsi) <= 15 else ""
 
 
 def load_msisdns(path: Path) -> dict[str, str]:
@@ -621,7 +621,7 @@ class GrandfatherIndex:
 
     def first_seen_before_cutoff(self, imei: str, imsi: str | None) -> int | None:
         """The first day (YYYYMMDD) the pair was seen, if before the cut-off; else None."""
-        if not imsi or not imsi.isdigit() or len(imsi) > 15:
+        if not imsi or not imsi.isascii() or not imsi.isdigit() or len(imsi) > 15:
             return None
         imei_number, imsi_number = int(imei), int(imsi)
         imeis, imsis, days = self._arrays

@@ -66,7 +66,12 @@ class S13Application:
         if software_version is not None:
             software_version = software_version[0].data.decode()
         user_name = avps.get("User-Name")
-        imsi = user_name[0].data.decode() if user_name else None
+        imsi = None
+        if user_name:
+            imsi = user_name[0].data.decode()
+            if not (imsi.isascii() and imsi.isdigit() and 5 <= len(imsi) <= 15):
+                raise AvpError(ResultCode.INVALID_AVP_VALUE, user_name[0].encode(),
+                               f"User-Name: {imsi[:20]!r} is not an IMSI (5 to 15 digits)")
         day = today()
         verdict = self.rule_set.decide(imei, imsi, software_version, day)
         observations = self.observations

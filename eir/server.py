@@ -9,6 +9,7 @@ import ipaddress
 import logging
 import signal
 import socket
+import threading
 import time
 from datetime import date, timedelta
 from pathlib import Path
@@ -220,6 +221,9 @@ class EirServer:
             except (ListError, StoreError) as exc:
                 log.error("list reload refused, lists in force stay in force:\n%s", exc)
                 return False
+            except Exception:  # noqa: BLE001 - a defect must not end the watcher for good
+                log.exception("list reload failed, lists in force stay in force")
+                return False
             self.s13.rule_set = rule_set
             _freeze_long_lived_objects()
             log.info("lists reloaded: version %s, %d rules", rule_set.version,
@@ -244,12 +248,16 @@ class EirServer:
         source = self.settings.sync.source
         while True:
             try:
-                result = await self.loop.run_in_executor(
-                    None, sync, source, store, self.settings.sync.public_key)
+                result = await _in_daemon_thread(self.loop, sync, source, store,
+                                                 self.settings.sync.public_key)
             except (SyncError, StoreError) as exc:
                 self.sync_counters.record(None, exc)
                 log.error("sync from %s refused; the snapshot in force keeps serving:\n%s",
                           source, exc)
+            except Exception as exc:  # noqa: BLE001 - the next interval must still sync
+                self.sync_counters.record(None, exc)
+                log.exception("sync from %s failed; the snapshot in force keeps serving",
+                              source)
             else:
                 self.sync_counters.record(result)
                 log.info("sync from %s: %s", source, f"published version {result.version}"
@@ -273,6 +281,8 @@ class EirServer:
                 count = await self.loop.run_in_executor(None, index.load, path)
             except ObservationError as exc:
                 log.info("grandfathering: nothing observed yet: %s", exc)
+            except Exception:  # noqa: BLE001 - retried at the next interval
+                log.exception("grandfathering: building the index failed")
             else:
                 log.info("grandfathering: %d IMEI+IMSI pair(s) seen before the cut-off %s "
                          "(%s)", count, index.cutoff_text, index.loaded_from)
@@ -343,6 +353,30 @@ class EirServer:
                      "flush(es), %d pending", observations.written, observations.dropped,
                      observations.flush_errors, observations.pending)
         log.info("stopped")
+
+
+def _in_daemon_thread(loop: asyncio.AbstractEventLoop, function, *args) -> asyncio.Future:
+    """run_in_executor, but in a daemon thread: a sync stuck on a slow registry must not hold
+    up SIGTERM (executor threads are joined at exit). Killing it mid-publish is safe: the
+    store's writes are atomic."""
+    future = loop.create_future()
+
+    def settle(setter, value) -> None:
+        if not future.done():
+            setter(value)
+
+    def run() -> None:
+        try:
+            outcome, setter = function(*args), future.set_result
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
+            outcome, setter = exc, future.set_exception
+        try:
+            loop.call_soon_threadsafe(settle, setter, outcome)
+        except RuntimeError:
+            pass  # the loop has closed: the server is gone, nobody is waiting
+
+    threading.Thread(target=run, name=f"eir-{function.__name__}", daemon=True).start()
+    return future
 
 
 def _freeze_long_lived_objects() -> None:

@@ -368,30 +368,35 @@ class Snapshot:
         if header.get("format") != FORMAT_VERSION:
             raise SnapshotError(f"{where}: format {header.get('format')} is not "
                                 f"{FORMAT_VERSION}")
-        body = (16 + header_length + 7) & ~7
-        self.info = SnapshotInfo(header["version"], header["created"], header["counts"],
-                                 header["sources"], header.get("states", {}))
-        self.attributes = [attribute_from_json(item) for item in header["attributes"]]
-        self.sets: list[tuple[int, ...]] = [(i,) for i in range(len(self.attributes))]
-        self.sets += [tuple(c) for c in header["combinations"]]
-        arrays = {}
-        for name, (offset, length) in header["sections"].items():
-            start = body + offset
-            if start + length > len(view):
-                raise SnapshotError(f"{where}: section {name} runs past the end (truncated?)")
-            arrays[name] = view[start:start + length].cast(_SECTION_TYPES[name])
-        self._tac = arrays["tac"]
-        self._tac_start = arrays["tac_start"]
-        self._imei_key = arrays["imei_key"]
-        self._imei_set_hi = arrays.get("imei_set_hi")
-        self._pair_imei, self._pair_imsi = arrays["pair_imei"], arrays["pair_imsi"]
-        self._pair_set = arrays["pair_set"]
-        self._range_start, self._range_first = arrays["range_start"], arrays["range_first"]
-        self._range_imsi, self._range_set = arrays["range_imsi"], arrays["range_set"]
-        self._tacrule_tac, self._tacrule_imsi = arrays["tacrule_tac"], arrays["tacrule_imsi"]
-        self._tacrule_set = arrays["tacrule_set"]
-        self._tacname_tac, self._tacname_end = arrays["tacname_tac"], arrays["tacname_end"]
-        self._tacname_text = arrays["tacname_text"]
+        # A damaged or foreign file must say so, not raise whatever it trips on first.
+        try:
+            body = (16 + header_length + 7) & ~7
+            self.info = SnapshotInfo(header["version"], header["created"], header["counts"],
+                                     header["sources"], header.get("states", {}))
+            self.attributes = [attribute_from_json(item) for item in header["attributes"]]
+            self.sets: list[tuple[int, ...]] = [(i,) for i in range(len(self.attributes))]
+            self.sets += [tuple(c) for c in header["combinations"]]
+            arrays = {}
+            for name, (offset, length) in header["sections"].items():
+                start = body + offset
+                if start + length > len(view):
+                    raise SnapshotError(f"{where}: section {name} runs past the end (truncated?)")
+                arrays[name] = view[start:start + length].cast(_SECTION_TYPES[name])
+            self._tac = arrays["tac"]
+            self._tac_start = arrays["tac_start"]
+            self._imei_key = arrays["imei_key"]
+            self._imei_set_hi = arrays.get("imei_set_hi")
+            self._pair_imei, self._pair_imsi = arrays["pair_imei"], arrays["pair_imsi"]
+            self._pair_set = arrays["pair_set"]
+            self._range_start, self._range_first = arrays["range_start"], arrays["range_first"]
+            self._range_imsi, self._range_set = arrays["range_imsi"], arrays["range_set"]
+            self._tacrule_tac, self._tacrule_imsi = arrays["tacrule_tac"], arrays["tacrule_imsi"]
+            self._tacrule_set = arrays["tacrule_set"]
+            self._tacname_tac, self._tacname_end = arrays["tacname_tac"], arrays["tacname_end"]
+            self._tacname_text = arrays["tacname_text"]
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise SnapshotError(f"{where}: malformed header or section: "
+                                f"{type(exc).__name__}: {exc}") from None
         # TAC → position: one dict of at most a few hundred thousand TACs (the world has
         # about that many), built at open; its size does not grow with the IMEI count.
         self._tac_index = {tac: i for i, tac in enumerate(self._tac)}
@@ -426,7 +431,7 @@ class Snapshot:
         """The verdict of the most specific level with an entry in force on `day`, or None.
         Levels: IMEI+IMSI, IMEI, range+IMSI, range, TAC+IMSI, TAC (see eir.decision)."""
         number = int(imei)
-        imsi_number = int(imsi) if imsi and imsi.isdigit() else 0
+        imsi_number = int(imsi) if imsi and imsi.isascii() and imsi.isdigit() else 0
         if imsi_number and self._pair_imei:
             verdict = self._pair_lookup(number, imsi_number, day)
             if verdict is not None:

@@ -44,10 +44,12 @@ import hashlib
 import json
 import re
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from eir.fetch import SIGNATURE, FetchError, is_url, mirrored
+from eir.registry.names import FULL_NAME
 from eir.lists import ListError
 from eir.registry.entries import ListDelta, ListEntries
 from eir.registry.state import DeltaError, ListState
@@ -182,9 +184,13 @@ def sync_directory(directory: Path, store: Store,
         changed = False
         for name, update in updates.items():
             state = states.get(name)
-            if update.full is not None and (state is None or update.full.files[0]
-                                            not in state.files):
-                state = update.full
+            full = update.full
+            if full is not None and state is not None and full.run and state.run and \
+                    _run_number(full.run) < _run_number(state.run):
+                ignored.append(f"{full.files[0].rpartition('@')[0]}: run {full.run} is older "
+                               f"than the {name} list in force (run {state.run})")
+            elif full is not None and (state is None or full.files[0] not in state.files):
+                state = full
                 changed = True
             for run_deltas, run_files in update.deltas:
                 if state is None and not run_deltas[0].base:
@@ -210,6 +216,9 @@ def sync_directory(directory: Path, store: Store,
             return SyncResult(current, False, _sources(states),
                               store.open_current().info.counts, ignored)
         version = store.next_version()
+        # States are saved before compiling (holding their bytes through the compile would
+        # cost as much memory again at national scale); if the compile is refused, the
+        # unreferenced state files are removed by the next publish.
         state_files = {name: store.save_state(name, state.to_bytes())
                        for name, state in states.items()}
         lists = [state.entries for state in states.values() if state.entries is not None]
@@ -254,6 +263,13 @@ def _updates(parsed: list[tuple[Path, list]], digests: dict[str, str]) -> dict[s
         full_run = max(runs, key=_run_number) if runs else ""
         for result in full_results:
             name = _list_name(path)
+            if len(full_results) > 1:
+                # Several full lists in one zip: each is named by its member, not the zip.
+                member = getattr(result, "name", "").rpartition("!")[2]
+                name = _list_name(Path(member)) if member else name
+                if name in updates and updates[name].full is not None:
+                    raise SyncError(f"{path.name}: holds several full lists that cannot be "
+                                    f"told apart ({name}); publish one per file")
             if isinstance(result, dict):
                 state = ListState(name, "", None, dict(result), [file_id])
             else:
@@ -293,8 +309,14 @@ def _in_force(store: Store) -> dict[str, ListState]:
         info = store.open_current().info
     except StoreError:
         return {}
-    return {name: ListState.from_bytes(store.load_state(file_name))
-            for name, file_name in info.states.items()}
+    states = {}
+    for name, file_name in info.states.items():
+        try:
+            states[name] = ListState.from_bytes(store.load_state(file_name))
+        except (ValueError, KeyError, EOFError, OSError, zipfile.BadZipFile) as exc:
+            raise StoreError(f"{store.states / file_name}: list state unreadable ({exc}); "
+                             "sync full lists to rebuild it") from None
+    return states
 
 
 def _sources(states: dict[str, ListState]) -> list[dict]:
@@ -390,7 +412,9 @@ def _newest_per_list(files: list[Path]) -> tuple[list[Path], list[str]]:
     for path in files:
         stem = path.name.rsplit(".", 1)[0]
         match = _DATE_PREFIX.match(stem)
-        if not match or "_delta_" in stem:
+        # Only DIRBS full lists supersede each other; every dated delta (per-reason, stolen,
+        # pairing) carries changes of its own and is applied.
+        if not match or not FULL_NAME.match(path.name):
             chosen.append(path)
             continue
         date, name = match.groups()

@@ -10,7 +10,7 @@ import pytest
 from eir.decision import EquipmentStatus, RuleSet, UnknownPolicy
 from eir.registry.entries import Attribute, Kind, ListDelta, ListEntries
 from eir.registry.state import DeltaError, ListState
-from eir.store import Store
+from eir.store import Store, StoreError
 from eir.sync import SyncError, sync
 
 DAY = 20261201
@@ -160,3 +160,52 @@ def test_cli_sync_refusal_exits_1_naming_the_delta(drop, tmp_path):
     assert "store untouched" in refused.stderr
     assert "delta applies on top of run 9, but the blacklist list in force is from run 5" \
         in refused.stderr
+
+
+def test_dated_stolen_deltas_are_all_applied_not_superseded(tmp_path, drop):
+    store = Store(tmp_path / "store")
+    header = "imei,reporting_date,status,change_type\n"
+    (drop / "20261120_stolen.csv").write_text(f"{header}{C},20200101,,add\n")
+    (drop / "20261121_stolen.csv").write_text(f"{header}35000000000002,20200101,,add\n")
+    result = sync(str(drop), store)
+    assert verdict(store, C).status is BLACK
+    assert verdict(store, "35000000000002").status is BLACK
+    assert not any("stolen" in note for note in result.ignored)
+
+
+def test_a_zip_with_two_full_lists_keeps_both(tmp_path):
+    source = tmp_path / "drop"
+    source.mkdir()
+    write_zip(source / "20261120_registry.zip", {
+        "20261120_blacklist.csv": f"{HEADER}{A},20200101,stolen\n",
+        "20261120_exceptions_op1.csv": f"imei,imsi,msisdn\n{A},{OWNER},6281\n"})
+    store = Store(tmp_path / "store")
+    sync(str(source), store)
+    assert verdict(store, A).status is BLACK
+    assert verdict(store, A, OWNER).status is WHITE
+
+
+def test_an_older_full_list_does_not_replace_a_newer_run(drop, tmp_path):
+    store = Store(tmp_path / "store")
+    sync(str(drop), store)  # blacklist of run 5
+    older = tmp_path / "older"
+    older.mkdir()
+    write_zip(older / "20261119_blacklist.zip", {
+        "20261119_blacklist.csv": f"{HEADER}{C},20200101,stolen\n",
+        "20261119_blacklist_delta_3_4_blocked.csv": f"{HEADER}{C},20200101,stolen\n"})
+    result = sync(str(older), store)
+    assert not result.published
+    assert any("run 4 is older than the blacklist list in force (run 5)" in note
+               for note in result.ignored)
+    assert verdict(store, A).status is BLACK and verdict(store, C).status is None
+
+
+def test_an_unreadable_list_state_refuses_the_sync_with_its_path(drop, tmp_path):
+    store = Store(tmp_path / "store")
+    sync(str(drop), store)
+    for state in store.states.glob("*.state"):
+        state.write_bytes(b"not a list state")
+    (drop / "20261121_blacklist_delta_5_6_unblocked.csv").write_text(f"{HEADER}{A},20200101,x\n")
+    with pytest.raises(StoreError, match="list state unreadable"):
+        sync(str(drop), store)
+    assert store.current_version() == "000001"

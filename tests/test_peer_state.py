@@ -390,3 +390,22 @@ def test_our_requests_use_distinct_hop_by_hop_ids():
     ids = {m.header.hop_by_hop for m in (first, second, dpr_sent)}
     assert len(ids) == 3
     assert len({m.header.end_to_end for m in (first, second, dpr_sent)}) == 3
+
+
+def test_a_bug_in_the_application_answers_5012_and_keeps_the_connection():
+    """A defect must cost one request, not the MME's link and everything in flight on it."""
+
+    class BrokenRules:  # stands in for a defect anywhere below handle_request
+        def decide(self, *args, **kwargs):
+            raise RuntimeError("boom")
+
+    peer = open_peer()
+    application = peer.applications[APPLICATION_S13]
+    working = application.rule_set
+    application.rule_set = BrokenRules()
+    answer = one_message(peer.receive(ecr(), 1.0))
+    assert answer.value("Result-Code") == 5012
+    assert peer.state is PeerState.OPEN
+    assert "RuntimeError: boom" in event_text(peer)
+    application.rule_set = working
+    assert one_message(peer.receive(ecr(), 2.0)).value("Result-Code") == 2001

@@ -374,3 +374,20 @@ def test_an_unknown_header_is_refused(tmp_path):
     path = write(tmp_path, "whatever.csv", lines("serial,colour", "1,red"))
     [problem] = problems_of(path)
     assert problem.startswith(f"{path}:1: header: not a known list format")
+
+
+def test_zip_bomb_member_is_refused_before_parsing(tmp_path):
+    import zipfile
+
+    from eir.lists import ListError
+    from eir.registry.formats import parse_path
+
+    path = tmp_path / "20261120_blacklist.zip"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        with archive.open("20261120_blacklist.csv", "w", force_zip64=True) as member:
+            member.write(b"imei,block_date,reasons\n")
+            zeros = bytes(1 << 20)
+            for _ in range(1100):  # 1.1 GiB of zeros, compressed about 1000:1
+                member.write(zeros)
+    with pytest.raises(ListError, match="refused as a possible zip bomb"):
+        parse_path(path)

@@ -120,3 +120,14 @@ def test_damaged_snapshot_is_refused(damage):
     data = b"XXXXXXXX" + data[8:] if damage == "magic" else data[:len(data) - 16]
     with pytest.raises(SnapshotError):
         Snapshot.from_bytes(data)
+
+
+def test_snapshot_with_a_malformed_header_is_refused_as_such():
+    import json
+
+    from eir.snapshot import MAGIC
+
+    header = json.dumps({"format": 1, "version": "x"}).encode()
+    data = MAGIC + len(header).to_bytes(4, "little") + bytes(4) + header
+    with pytest.raises(SnapshotError, match="malformed header or section: KeyError"):
+        Snapshot.from_bytes(data)

@@ -54,6 +54,12 @@ CASES = {
     "5004 13-digit IMEI": ErrorCase(
         ecr(imei="3520990017614"), 5004, False,
         raw(terminal_information("3520990017614", None))),
+    # User-Name carries the IMSI on S13: "²³" passes str.isdigit() but is no IMSI.
+    "5004 IMSI of superscript digits": ErrorCase(
+        ecr(imsi="\u00b2\u00b3\u00b2\u00b3\u00b2"), 5004, False,
+        raw(AVP("User-Name", val="\u00b2\u00b3\u00b2\u00b3\u00b2"))),
+    "5004 IMSI of 16 digits": ErrorCase(
+        ecr(imsi="0010101234567890"), 5004, False, raw(AVP("User-Name", val="0010101234567890"))),
     "5005 missing Origin-Host": ErrorCase(
         ecr(avps=ecr_avps(replace={"Origin-Host": []})), 5005, False, empty_instance(264)),
     "5005 missing Terminal-Information": ErrorCase(

@@ -53,7 +53,7 @@ class DictionaryError(Exception):
 class AvpError(Exception):
     """A received AVP list breaks the dictionary: answer `result_code` with `failed_avp`."""
 
-    def __init__(self, result_code: ResultCode, failed_avp: bytes, text: str):
+    def __init__(self, result_code: ResultCode, failed_avp: bytes | None, text: str):
         super().__init__(text)
         self.result_code = result_code
         self.failed_avp = failed_avp

@@ -270,11 +270,16 @@ class PeerConnection:
         if handler is not None:
             if state is not PeerState.OPEN:
                 return b""  # CLOSING: we asked to disconnect, new work is not taken
+            session_id = found["Session-Id"][0] if "Session-Id" in found else None
             try:
                 return handler.handle_request(header, command, found)
             except AvpError as error:  # the application's own checks of AVP values
-                return self._avp_error(header, handler, found["Session-Id"][0]
-                                       if "Session-Id" in found else None, error)
+                return self._avp_error(header, handler, session_id, error)
+            except Exception as exc:  # noqa: BLE001 - one request must not cost the link
+                self.events.append((logging.ERROR, f"{self.peer_host}: answering 5012 "
+                                    f"UNABLE_TO_COMPLY: {type(exc).__name__}: {exc}"))
+                return handler.error_answer(header, session_id, AvpError(
+                    ResultCode.UNABLE_TO_COMPLY, None, "internal error"))
         if header.code == COMMAND_DEVICE_WATCHDOG:
             return self._answer(header, ResultCode.SUCCESS, self.answers.origin_state)
         if header.code == COMMAND_DISCONNECT_PEER:

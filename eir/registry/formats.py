@@ -87,12 +87,10 @@ from eir.registry.entries import Attribute, Kind, ListDelta, ListEntries
 Parsed = Union[ListEntries, ListDelta, dict]
 
 BLOCK_SIZE = 16 << 20  # bytes of CSV per batch
+MAX_MEMBER_BYTES = 256 << 30  # a 1.2-billion-row blacklist is ~50 GB of CSV
+MAX_COMPRESSION_RATIO = 200  # CSV of digits compresses ~5-15:1; far beyond is a zip bomb
 MAX_HEADER = 1 << 16
-_DATE = r"(?P<date>\d{8}(?:_\d{6})?)"
-_LIST = r"(?P<list>blacklist|notifications_(?P<nop>[^/]+?)|exceptions_(?P<eop>[^/]+?))"
-FULL_NAME = re.compile(rf"^{_DATE}_{_LIST}\.(?:csv|zip)$", re.IGNORECASE)
-DELTA_NAME = re.compile(rf"^{_DATE}_{_LIST}_delta_(?P<base>-?\d+)_(?P<run>-?\d+)_"
-                        r"(?P<reason>[a-z_]+)\.(?:csv|zip)$", re.IGNORECASE)
+from eir.registry.names import DELTA_NAME, FULL_NAME  # noqa: E402 - light, no pyarrow
 
 ADDING, REMOVING = "add", "remove"
 DELTA_REASONS = {
@@ -812,6 +810,15 @@ def parse_all(path: Path | str, display_name: str | None = None,
                    if not info.is_dir() and info.filename.lower().endswith(".csv")]
         if not members:
             raise _fail(label, "zip", "holds no .csv file")
+        for info in members:
+            # zipfile never returns more than a member's declared size, so refusing absurd
+            # declarations bounds what a hostile archive (a zip bomb) can make us parse.
+            ratio = info.file_size / max(info.compress_size, 1)
+            if info.file_size > MAX_MEMBER_BYTES or (
+                    ratio > MAX_COMPRESSION_RATIO and info.file_size > 1 << 30):
+                raise _fail(f"{label}!{info.filename}", "zip",
+                            f"member of {info.file_size} bytes compressed {ratio:.0f}:1: "
+                            "refused as a possible zip bomb")
         if len(members) > 1 and only_main:
             main = [info for info in members if Path(info.filename).name.lower()
                     == path.with_suffix(".csv").name.lower()]
