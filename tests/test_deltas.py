@@ -209,3 +209,26 @@ def test_an_unreadable_list_state_refuses_the_sync_with_its_path(drop, tmp_path)
     with pytest.raises(StoreError, match="list state unreadable"):
         sync(str(drop), store)
     assert store.current_version() == "000001"
+
+
+def test_resolving_one_subscribers_notification_keeps_the_others(tmp_path):
+    """A cloned IMEI is notified to several subscribers: one resolving must not clear it."""
+    source = tmp_path / "drop"
+    source.mkdir()
+    header = "imei,imsi,msisdn,block_date,reasons\n"
+    write_zip(source / "20261120_notifications_op1.zip", {
+        "20261120_notifications_op1.csv":
+            f"{header}{A},{OWNER},6281,20991231,duplicate\n{A},{OTHER},6282,20991231,duplicate\n",
+        "20261120_notifications_op1_delta_4_5_new.csv":
+            f"{header}{A},{OWNER},6281,20991231,duplicate\n"})
+    store = Store(tmp_path / "store")
+    sync(str(source), store)
+    assert verdict(store, A).status is EquipmentStatus.GREYLISTED
+    (source / "20261121_notifications_op1_delta_5_6_resolved.csv").write_text(
+        f"{header}{A},{OWNER},6281,20991231,duplicate\n")
+    sync(str(source), store)
+    assert verdict(store, A).status is EquipmentStatus.GREYLISTED  # OTHER's still stands
+    (source / "20261122_notifications_op1_delta_6_7_resolved.csv").write_text(
+        f"{header}{A},{OTHER},6282,20991231,duplicate\n")
+    sync(str(source), store)
+    assert verdict(store, A).status is None

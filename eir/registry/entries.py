@@ -80,10 +80,16 @@ class ListEntries:
     ranges: list[RangeRule] = field(default_factory=list)
     tacs: list[TacRule] = field(default_factory=list)
     rows: int = 0  # data rows read
+    # Notifications only (else empty): the notified subscriber's IMSI per entry. Not a
+    # condition of the verdict (imsi stays 0) but part of a delta's key: resolving one
+    # subscriber's notification must not drop another's for the same (cloned) IMEI.
+    subscriber: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
 
     def __post_init__(self) -> None:
         if not (len(self.imei) == len(self.imsi) == len(self.attribute)):
             raise ValueError("imei, imsi and attribute arrays differ in length")
+        if len(self.subscriber) not in (0, len(self.imei)):
+            raise ValueError("subscriber array differs in length from the entries")
 
 
 @dataclass

@@ -522,6 +522,7 @@ class _Rows:
     adds: np.ndarray  # bool
     attributes: list[Attribute]
     rows: int
+    subscriber: np.ndarray  # notified IMSIs (notifications only; else empty)
 
 
 def _read_rows(src: _Source, fmt: str) -> _Rows:
@@ -538,7 +539,8 @@ def _read_rows_unguarded(src: _Source, fmt: str) -> _Rows:
                           "reporting_date", "status", "change_type") if c in header.names]
     problems = _Problems()
     attributes = _Attributes(src.filename)
-    parts: dict[str, list[np.ndarray]] = {"imei": [], "imsi": [], "attribute": [], "adds": []}
+    parts: dict[str, list[np.ndarray]] = {"imei": [], "imsi": [], "attribute": [], "adds": [],
+                                          "subscriber": []}
     rows = 0
     for offset, cells in _batches(src, header, wanted, problems):
         count = len(cells["imei"])
@@ -551,6 +553,8 @@ def _read_rows_unguarded(src: _Source, fmt: str) -> _Rows:
             problems.add(bad, offset, "imsi", cells["imsi"], _describe_imsi, 1)
             if fmt in ("exceptions", "pairing"):
                 imsi = numbers
+            elif fmt == "notifications":
+                parts["subscriber"].append(numbers)
         adds = np.ones(count, bool)
         attribute = _batch_attributes(fmt, cells, offset, attributes, problems, adds)
         for name, value in (("imei", imei), ("imsi", imsi), ("attribute", attribute),
@@ -563,7 +567,8 @@ def _read_rows_unguarded(src: _Source, fmt: str) -> _Rows:
             np.zeros(0, dtype)
 
     return _Rows(joined("imei", np.uint64), joined("imsi", np.uint64),
-                 joined("attribute", np.uint32), joined("adds", bool), attributes.list, rows)
+                 joined("attribute", np.uint32), joined("adds", bool), attributes.list, rows,
+                 joined("subscriber", np.uint64))
 
 
 def _batch_attributes(fmt: str, cells: dict[str, pa.Array], offset: int,
@@ -636,10 +641,13 @@ def _change_types(cells, offset, problems: _Problems, adds: np.ndarray,
 def _entries(name: str, rows: _Rows, mask: np.ndarray | None = None) -> ListEntries:
     if mask is None:
         return ListEntries(name=name, imei=rows.imei, imsi=rows.imsi, attribute=rows.attribute,
-                           attributes=rows.attributes, rows=rows.rows)
+                           attributes=rows.attributes, rows=rows.rows,
+                           subscriber=rows.subscriber)
     return ListEntries(name=name, imei=rows.imei[mask], imsi=rows.imsi[mask],
                        attribute=rows.attribute[mask], attributes=rows.attributes,
-                       rows=int(mask.sum()))
+                       rows=int(mask.sum()),
+                       subscriber=rows.subscriber[mask] if len(rows.subscriber) else
+                       rows.subscriber)
 
 
 def _list_family(list_name: str) -> str:

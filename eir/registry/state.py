@@ -17,7 +17,9 @@ import numpy as np
 from eir.registry.entries import ListDelta, ListEntries, RangeRule, TacRule
 from eir.snapshot import attribute_from_json, attribute_to_json
 
-PAIRED_LISTS = ("exceptions", "pairing")  # keyed by IMEI and IMSI; the others by IMEI
+PAIRED_LISTS = ("exceptions", "pairing")  # keyed by IMEI and IMSI
+NOTIFIED_LISTS = ("notifications",)  # keyed by IMEI and the notified subscriber
+# every other list is keyed by IMEI alone
 
 
 class DeltaError(Exception):
@@ -35,8 +37,10 @@ class ListState:
     files: list[str] = field(default_factory=list)  # files it was built from, in order
 
     @property
-    def paired(self) -> bool:
-        return self.name.startswith(PAIRED_LISTS)
+    def key_kind(self) -> str:
+        if self.name.startswith(PAIRED_LISTS):
+            return "imsi"
+        return "subscriber" if self.name.startswith(NOTIFIED_LISTS) else "imei"
 
     def apply(self, deltas: list[ListDelta], files: list[str]) -> "ListState":
         """This list with `deltas` (the files of one run, or import-side deltas) applied:
@@ -56,8 +60,8 @@ class ListState:
                 (f"run {self.run}" if self.run else "a file that names no run"))
         entries = self.entries
         for delta in deltas:
-            entries = _remove(entries, delta.removed, self.paired)
-            entries = _remove(entries, delta.added, self.paired)
+            entries = _remove(entries, delta.removed, self.key_kind)
+            entries = _remove(entries, delta.added, self.key_kind)
             entries = _concatenate(entries, delta.added)
         return ListState(self.name, run or self.run, entries, files=self.files + files)
 
@@ -75,7 +79,8 @@ class ListState:
                 "ranges": [[r.start, r.end, r.imsi, attribute_to_json(r.attribute)]
                            for r in e.ranges],
                 "tacs": [[t.tac, t.imsi, attribute_to_json(t.attribute)] for t in e.tacs]}
-            arrays = {"imei": e.imei, "imsi": e.imsi, "attribute": e.attribute}
+            arrays = {"imei": e.imei, "imsi": e.imsi, "attribute": e.attribute,
+                      "subscriber": e.subscriber}
         buffer = io.BytesIO()
         np.savez(buffer, meta=np.frombuffer(json.dumps(meta).encode("utf-8"), np.uint8),
                  **arrays)
@@ -93,37 +98,50 @@ class ListState:
                     [attribute_from_json(a) for a in m["attributes"]],
                     [RangeRule(s, e, i, attribute_from_json(a)) for s, e, i, a in m["ranges"]],
                     [TacRule(t, i, attribute_from_json(a)) for t, i, a in m["tacs"]],
-                    m["rows"])
+                    m["rows"], archive["subscriber"])
         return cls(meta["name"], meta["run"], entries,
                    {int(k): v for k, v in meta["tac_names"].items()}, meta["files"])
 
 
-def _keys(entries: ListEntries, paired: bool) -> np.ndarray:
-    if not paired:
+def _keys(entries: ListEntries, key_kind: str) -> np.ndarray:
+    if key_kind == "imei":
         return entries.imei.astype(np.uint64, copy=False)
+    second = entries.imsi if key_kind == "imsi" else entries.subscriber
+    if len(second) != len(entries.imei):  # an old state without subscribers
+        second = np.zeros(len(entries.imei), np.uint64)
     pairs = np.ascontiguousarray(np.stack([entries.imei.astype(np.uint64),
-                                           entries.imsi.astype(np.uint64)], axis=1))
+                                           second.astype(np.uint64)], axis=1))
     return pairs.view(np.dtype((np.void, 16))).ravel()
 
 
-def _remove(entries: ListEntries, keys_of: ListEntries, paired: bool) -> ListEntries:
+def _remove(entries: ListEntries, keys_of: ListEntries, key_kind: str) -> ListEntries:
     if not len(keys_of.imei) or not len(entries.imei):
         return entries
-    keep = ~np.isin(_keys(entries, paired), _keys(keys_of, paired))
+    keep = ~np.isin(_keys(entries, key_kind), _keys(keys_of, key_kind))
     if keep.all():
         return entries
     return ListEntries(entries.name, entries.imei[keep], entries.imsi[keep],
                        entries.attribute[keep], entries.attributes, entries.ranges,
-                       entries.tacs, int(keep.sum()))
+                       entries.tacs, int(keep.sum()),
+                       entries.subscriber[keep] if len(entries.subscriber) else
+                       entries.subscriber)
 
 
 def _concatenate(entries: ListEntries, added: ListEntries) -> ListEntries:
     if not len(added.imei):
         return entries
     offset = len(entries.attributes)
+    subscriber = entries.subscriber
+    if len(entries.subscriber) or len(added.subscriber):
+        subscriber = np.concatenate([_filled(entries.subscriber, len(entries.imei)),
+                                     _filled(added.subscriber, len(added.imei))])
     return ListEntries(
         entries.name, np.concatenate([entries.imei, added.imei]),
         np.concatenate([entries.imsi, added.imsi]),
         np.concatenate([entries.attribute, added.attribute.astype(np.uint32) + offset]),
         entries.attributes + added.attributes, entries.ranges, entries.tacs,
-        entries.rows + len(added.imei))
+        entries.rows + len(added.imei), subscriber)
+
+
+def _filled(array: np.ndarray, length: int) -> np.ndarray:
+    return array if len(array) == length else np.zeros(length, np.uint64)
