@@ -329,8 +329,10 @@ def main(argv: list[str] | None = None) -> dict:
         figures: dict = {}
         if args.only in (None, "eir"):
             server_prefix = shlex.split(args.server_prefix)
+            # Run in the temporary directory: what the server writes there (its observations
+            # database) must not land in the repository.
             eir = start_eir("--unknown", "unknown", "--log-level", "info", lists=[csv_path],
-                            prefix=prefix + server_prefix, timeout=60.0)
+                            prefix=prefix + server_prefix, timeout=60.0, cwd=Path(tmp))
             # py-spy writes its profile on SIGINT; SIGTERM would lose it.
             ours = bench_server("eir serve", eir, requests, base, args, expect_eir,
                                 signal.SIGINT if "py-spy" in server_prefix else signal.SIGTERM)
