@@ -34,7 +34,6 @@ import gc
 import json
 import os
 import random
-import re
 import shutil
 import socket
 import subprocess
@@ -42,7 +41,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -631,8 +630,8 @@ def run(work: Path, n: int, args) -> int:
         f"overhead, {overhead} ns median, is subtracted; first-touch pass p99 "
         f"{lookups[0].first_touch_p99:.2f} / {lookups[1].first_touch_p99:.2f} µs; "
         "day given explicitly; gc frozen as in eir serve)")
-    log(f"  (cold-ish: the snapshot file's pages were dropped from the page cache with "
-        f"posix_fadvise(DONTNEED) before the first start; Python and its modules stay cached)")
+    log("  (cold-ish: the snapshot file's pages were dropped from the page cache with "
+        "posix_fadvise(DONTNEED) before the first start; Python and its modules stay cached)")
 
     log()
     log(f"extrapolated to {TARGET_ENTRIES / 1e9:.1f} billion IMEIs:")

@@ -133,3 +133,19 @@ def start_eir(*args: str, lists: Sequence[Path] | None = None, host: str = "127.
     server = start_server(command + list(args), cwd, timeout)
     server.name = "eir serve"
     return server
+
+
+def run_eir(*args: str, cwd: Path = ROOT, timeout: float = 30) -> subprocess.CompletedProcess:
+    """`python -m eir ARGS` to completion (EIR_CONFIG unset), its output captured as text."""
+    environment = dict(os.environ)
+    environment.pop("EIR_CONFIG", None)
+    return subprocess.run([sys.executable, "-m", "eir", *args], cwd=cwd, env=environment,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def eir_ok(*args: str, cwd: Path = ROOT, timeout: float = 30) -> str:
+    """run_eir that must exit 0; its standard output."""
+    result = run_eir(*args, cwd=cwd, timeout=timeout)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+

@@ -243,3 +243,18 @@ def parse_answer(data: bytes) -> Answer:
     return Answer(int(message.drFlags), int(message.drCode), int(message.drAppId),
                   int(message.drHbHId), int(message.drEtEId),
                   [_wire_avp(avp) for avp in message.avpList])
+
+
+def check_all(address: tuple[str, int], pairs) -> list[Answer]:
+    """One ECR per (imei, imsi) on one new connection, one at a time; the parsed answers."""
+    sock = open_peer(address)
+    try:
+        answers = []
+        for number, (imei, imsi) in enumerate(pairs, 10):
+            sock.sendall(ecr(imei, imsi, session_id=f"mme.test;1;{number}",
+                             hop_by_hop=number, end_to_end=number))
+            answers.append(parse_answer(read_message(sock)))
+        return answers
+    finally:
+        sock.close()
+

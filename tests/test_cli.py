@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 import eir
+from helpers_process import run_eir
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_LIST = "config/lists/example.csv"  # relative to ROOT, the subprocesses' directory
@@ -23,12 +22,6 @@ def source_of(row_start: str) -> str:
     [number] = [n for n, line in enumerate(lines, 1) if line.startswith(row_start)]
     return f"{EXAMPLE_LIST}:{number}"
 
-
-def run_eir(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    environment = dict(os.environ)
-    environment.pop("EIR_CONFIG", None)
-    return subprocess.run([sys.executable, "-m", "eir", *args], cwd=cwd, env=environment,
-                          capture_output=True, text=True, timeout=30)
 
 
 def check(*args: str) -> subprocess.CompletedProcess:

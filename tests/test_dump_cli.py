@@ -6,15 +6,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import yaml
 
 from eir.observations import ObservationLog
-from helpers_process import ROOT
+from helpers_process import run_eir
 
 DAY, NEXT_DAY = 20240501, 20240502
 PHONE_A, PHONE_B, PHONE_C = "35123400000017", "35123400000025", "35123400000033"
@@ -42,12 +39,6 @@ def config(directory: Path, **observations) -> Path:
                                                      **observations}}), encoding="utf-8")
     return path
 
-
-def run_eir(*args: str) -> subprocess.CompletedProcess:
-    environment = dict(os.environ)
-    environment.pop("EIR_CONFIG", None)
-    return subprocess.run([sys.executable, "-m", "eir", *args], cwd=ROOT, env=environment,
-                          capture_output=True, text=True, timeout=30)
 
 
 def succeeds(*args: str) -> str:

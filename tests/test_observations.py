@@ -13,6 +13,7 @@ from pathlib import Path
 import yaml
 
 from helpers_wire import open_peer, ecr, parse_answer, read_message
+from helpers_wire import check_all
 
 BLACKLISTED_IMEI = "35209900176148"  # config/lists/example.csv
 GREYLISTED_IMEI = "35332106470089"
@@ -30,19 +31,6 @@ def write_config(directory: Path, **observations) -> Path:
     path.write_text(yaml.safe_dump({"observations": settings}), encoding="utf-8")
     return path
 
-
-def check_all(address, pairs) -> list:
-    """Send one ECR per (imei, imsi) on one connection; the parsed answers, in order."""
-    sock = open_peer(address)
-    try:
-        answers = []
-        for number, (imei, imsi) in enumerate(pairs, 10):
-            sock.sendall(ecr(imei, imsi, session_id=f"mme.test;1;{number}",
-                             hop_by_hop=number, end_to_end=number))
-            answers.append(parse_answer(read_message(sock)))
-        return answers
-    finally:
-        sock.close()
 
 
 def check_many(address, imeis: list[str], imsi: str) -> list[bytes]:

@@ -33,7 +33,8 @@ import yaml
 
 from eir.observations import GrandfatherIndex, ObservationLog, backend
 from helpers_process import ROOT
-from helpers_wire import ecr, open_peer, parse_answer, read_message
+from helpers_process import eir_ok as run_eir
+from helpers_wire import check_all
 
 DAY, NEXT_DAY = 20240501, 20240502
 PHONE_A, PHONE_B, PHONE_C = "35123400000017", "35123400000025", "35123400000033"
@@ -195,27 +196,6 @@ def same_records_in_both(tmp_path: Path, url: str, **settings) -> tuple[Path, Pa
             write_config(tmp_path / "postgres", url=url, **settings))
 
 
-def run_eir(*args: str) -> str:
-    environment = dict(os.environ)
-    environment.pop("EIR_CONFIG", None)
-    result = subprocess.run([sys.executable, "-m", "eir", *args], cwd=ROOT, env=environment,
-                            capture_output=True, text=True, timeout=30)
-    assert result.returncode == 0, result.stderr
-    return result.stdout
-
-
-def check_all(address, pairs) -> list:
-    """One ECR per (imei, imsi) on one connection; the parsed answers."""
-    sock = open_peer(address)
-    try:
-        answers = []
-        for number, (imei, imsi) in enumerate(pairs, 10):
-            sock.sendall(ecr(imei, imsi, session_id=f"mme.test;1;{number}",
-                             hop_by_hop=number, end_to_end=number))
-            answers.append(parse_answer(read_message(sock)))
-        return answers
-    finally:
-        sock.close()
 
 
 def today_number() -> int:

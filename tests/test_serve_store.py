@@ -4,9 +4,6 @@ store answer alike, and an empty store is synced first (or refused with a hint).
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -14,6 +11,7 @@ from helpers_wire import ecr, open_peer, parse_answer, read_message
 
 from eir.store import Store
 from eir.sync import sync
+from helpers_process import eir_ok as cli_ok, run_eir
 
 ROOT = Path(__file__).resolve().parent.parent
 IMSI = "001010123456789"
@@ -56,17 +54,6 @@ def write_config(path: Path, **sections: dict) -> Path:
     return path
 
 
-def run_eir(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
-    environment = dict(os.environ)
-    environment.pop("EIR_CONFIG", None)
-    return subprocess.run([sys.executable, "-m", "eir", *args], cwd=ROOT, env=environment,
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def cli_ok(*args: str) -> str:
-    result = run_eir(*args)
-    assert result.returncode == 0, result.stdout + result.stderr
-    return result.stdout
 
 
 def outcome_of(message: bytes) -> str:

@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
@@ -17,6 +14,7 @@ import pytest
 from eir.decision import EquipmentStatus, Match, RuleSet, UnknownPolicy
 from eir.store import Store
 from eir.sync import SyncError, sync
+from helpers_process import run_eir
 
 ROOT = Path(__file__).resolve().parent.parent
 BLACK, GREY, WHITE = (EquipmentStatus.BLACKLISTED, EquipmentStatus.GREYLISTED,
@@ -116,13 +114,6 @@ def assert_refused_untouched(source: Path, store: Store, before: dict[str, bytes
     assert store_files(store) == before
     assert store.current_version() == "000001"
     return message
-
-
-def run_eir(*args: str) -> subprocess.CompletedProcess:
-    environment = dict(os.environ)
-    environment.pop("EIR_CONFIG", None)
-    return subprocess.run([sys.executable, "-m", "eir", *args], cwd=ROOT, env=environment,
-                          capture_output=True, text=True, timeout=30)
 
 
 # --- one drop directory, one version, each list's meaning ---------------------------------------
