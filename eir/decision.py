@@ -108,21 +108,6 @@ class Rule:
             what = f"TAC {self.tac}"
         return f"{what} with IMSI {self.imsi}" if self.imsi else what
 
-    @property
-    def match(self) -> Match:
-        paired = self.imsi is not None
-        if self.imei is not None:
-            return Match.IMEI_IMSI if paired else Match.IMEI
-        if self.imei_range is not None:
-            return Match.RANGE_IMSI if paired else Match.RANGE
-        return Match.TAC_IMSI if paired else Match.TAC
-
-    def verdict(self) -> Verdict:
-        why = f"{self.subject} is {self.status.name.lower()}"
-        if self.reason:
-            why += f": {self.reason}"
-        return Verdict(self.status, self.match, why, self.source)
-
 
 def _format_day(day: int) -> str:
     return f"{day // 10000:04d}-{day // 100 % 100:02d}-{day % 100:02d}"

@@ -12,12 +12,11 @@ import socket
 import threading
 import time
 from datetime import date, timedelta
-from pathlib import Path
 
 from eir import __version__
 from eir.config import Settings, parse_host_port
 from eir.decision import RuleSet
-from eir.diameter.dictionary import Dictionary
+from eir.diameter.dictionary import DEFAULT_DICTIONARY_DIR, Dictionary
 from eir.diameter.peer import LocalIdentity, PeerConnection, Timers
 from eir.lists import ListError, load_rule_set
 from eir.observations import (GrandfatherIndex, ObservationError, ObservationLog,
@@ -444,14 +443,10 @@ def grandfather_index(settings: Settings) -> GrandfatherIndex | None:
 
 def build_server(settings: Settings) -> EirServer:
     """Load dictionaries and lists as the settings say (raises on any error)."""
-    dictionary = Dictionary.load(default_dictionary_dirs() + list(settings.dictionaries))
+    dictionary = Dictionary.load([DEFAULT_DICTIONARY_DIR, *settings.dictionaries])
     grandfathering = grandfather_index(settings)
     observations = observation_log(
         settings, on_written=grandfathering.learn if grandfathering is not None else None)
     return EirServer(settings, load_rules(settings, grandfathering), dictionary,
                      observations, grandfathering)
 
-
-def default_dictionary_dirs() -> list[Path]:
-    from eir.diameter.dictionary import DEFAULT_DICTIONARY_DIR
-    return [DEFAULT_DICTIONARY_DIR]
