@@ -206,7 +206,7 @@ def _check(args: argparse.Namespace) -> int:
             grandfathering.load(database_location(settings))
         except ObservationError as exc:
             print(f"eir: grandfathering: nothing observed yet: {exc}", file=sys.stderr)
-    rule_set = load_rules(settings, grandfathering)
+    rule_set = load_rules(settings, grandfathering, first_sync=False)  # a query writes nothing
     verdict = rule_set.explain(imei, imsi, args.software_version)
     if args.json:
         print(json.dumps({"imei": imei, "imsi": imsi, "status": verdict.status_name,

@@ -415,17 +415,18 @@ def _format_address(address) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def load_rules(settings: Settings, grandfathering: GrandfatherIndex | None = None) -> RuleSet:
-    """The rules the settings name: the store's snapshot in force when a store is set (it
-    syncs first when the store is empty and a source is set), else the list files; with
-    the grandfathering index, if any."""
+def load_rules(settings: Settings, grandfathering: GrandfatherIndex | None = None,
+               first_sync: bool = True) -> RuleSet:
+    """The rules the settings name: the store's snapshot in force when a store is set (with
+    `first_sync`, it syncs first when the store is empty and a source is set), else the list
+    files; with the grandfathering index, if any."""
     policy = settings.lists.unknown_policy
     if settings.store.directory is None:
         rule_set = load_rule_set(settings.lists.files, policy)
         rule_set.grandfathering = grandfathering
         return rule_set
     store = Store(settings.store.directory, settings.store.keep)
-    if store.current_version() is None and settings.sync.source:
+    if first_sync and store.current_version() is None and settings.sync.source:
         try:
             sync(settings.sync.source, store, settings.sync.public_key)
         except SyncError as exc:

@@ -357,3 +357,14 @@ def test_sync_counters_count_each_outcome(tmp_path, store):
     assert (counters.published, counters.up_to_date, counters.refused) == (1, 1, 1)
     assert counters.last_success is not None
     assert counters.last_refusal.startswith(f"{BLACKLIST}:2: imei:")
+
+
+def test_check_on_an_empty_store_does_not_sync(tmp_path):
+    """`eir check` is a query: it must not publish into the store, whatever the config says."""
+    source = write_drop(tmp_path / "drop")
+    config = tmp_path / "eir.yaml"
+    config.write_text(f"store:\n  directory: store\nsync:\n  source: {source}\n")
+    result = run_eir("check", STOLEN, "--config", str(config))
+    assert result.returncode == 1
+    assert "no snapshot yet (run eir sync)" in result.stderr
+    assert not (tmp_path / "store" / "CURRENT").exists()
