@@ -157,7 +157,8 @@ def sync_directory(directory: Path, store: Store,
     files = sorted(p for p in directory.iterdir()
                    if p.is_file() and p.suffix.lower() in LIST_SUFFIXES)
     if not files:
-        raise SyncError(f"{directory}: holds no list files (*.csv, *.zip)")
+        raise SyncError(f"{directory}: holds no list files "
+                        f"({', '.join('*' + suffix for suffix in LIST_SUFFIXES)})")
     digests = {path.name: _sha256(path) for path in files}
     if manifest_bytes is not None:
         _verify_manifest(manifest, manifest_bytes, digests)
@@ -395,7 +396,10 @@ def _verify_manifest(manifest: Path, data: bytes, digests: dict[str, str]) -> No
     problems = []
     for name, digest in sorted(expected.items()):
         if name not in digests:
-            problems.append(f"{manifest}: files.{name}: listed but not in the directory")
+            there = (manifest.parent / name).is_file() and "/" not in name
+            problems.append(f"{manifest}: files.{name}: " + (
+                f"not a list file (lists end in {', '.join(LIST_SUFFIXES)})" if there
+                else "listed but not in the directory"))
         elif str(digest).lower() != digests[name]:
             problems.append(f"{manifest.parent / name}: sha256: {digests[name]} does not match "
                             f"the manifest's {digest}")

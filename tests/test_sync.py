@@ -368,3 +368,14 @@ def test_check_on_an_empty_store_does_not_sync(tmp_path):
     assert result.returncode == 1
     assert "no snapshot yet (run eir sync)" in result.stderr
     assert not (tmp_path / "store" / "CURRENT").exists()
+
+
+def test_manifest_naming_a_file_that_is_no_list_says_so(tmp_path, store):
+    source = write_drop(tmp_path / "drop")
+    (source / "README.md").write_text("lists for operators\n")
+    write_manifest(source)
+    manifest = json.loads((source / "manifest.json").read_text())
+    manifest["files"]["README.md"] = sha256(source / "README.md")
+    (source / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(SyncError, match=r"files\.README\.md: not a list file"):
+        sync(str(source), store)
