@@ -637,16 +637,29 @@ class GrandfatherIndex:
     def load(self, path: Path | str) -> int:
         """(Re)build from the observations database (see `database_location`); the number
         of pairs."""
-        imeis, imsis, days = [], [], []
+        # Converted to arrays a chunk at a time: Python lists of tens of millions of pairs
+        # would take ~120 B each before the arrays (8 + 8 + 4 B) were built.
+        chunks: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        batch: list[tuple] = []
+
+        def convert() -> None:
+            chunks.append((np.array([int(row[0]) for row in batch], "<u8"),
+                           np.array([int(row[1]) for row in batch], "<u8"),
+                           np.array([row[2] for row in batch], "<u4")))
+            batch.clear()
+
         with _reading(path) as (store, connection):
-            for imei, imsi, day in store.rows(connection, store.select_first_seen,
-                                              (self.cutoff,)):
-                imeis.append(int(imei))
-                imsis.append(int(imsi))
-                days.append(day)
+            for row in store.rows(connection, store.select_first_seen, (self.cutoff,)):
+                batch.append(row)
+                if len(batch) >= FETCH_ROWS:
+                    convert()
+        if batch:
+            convert()
+        columns = [np.concatenate(parts) if parts else np.zeros(0, dtype)
+                   for parts, dtype in zip(zip(*chunks) if chunks else ((), (), ()),
+                                           ("<u8", "<u8", "<u4"))]
         with self._merge_lock:
-            self._rebuild(np.array(imeis, "<u8"), np.array(imsis, "<u8"),
-                          np.array(days, "<u4"))
+            self._rebuild(*columns)
         self.loaded_from = store.location
         return len(self)
 
