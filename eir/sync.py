@@ -143,6 +143,7 @@ def sync_directory(directory: Path, store: Store,
 
     if not directory.is_dir():
         raise SyncError(f"{directory}: not a directory")
+    _refuse_if_pinned(store)  # before the work; checked again under the lock
     manifest = directory / MANIFEST
     manifest_bytes = _read(manifest) if manifest.is_file() else None
     if public_key is not None:
@@ -176,10 +177,7 @@ def sync_directory(directory: Path, store: Store,
     updates = _updates(parsed, digests)
 
     with store.locked():
-        pinned = store.pinned()
-        if pinned is not None:
-            raise SyncError(f"{store.root}: pinned at version {pinned} by a rollback; "
-                            "`eir lists unpin` lets syncs publish again")
+        _refuse_if_pinned(store)
         in_force = _in_force(store)
         states = dict(in_force)
         changed = False
@@ -234,6 +232,13 @@ def sync_directory(directory: Path, store: Store,
         store.publish(data, version)
     return SyncResult(version, True, _sources(states),
                       store.open_current().info.counts, ignored)
+
+
+def _refuse_if_pinned(store: Store) -> None:
+    pinned = store.pinned()
+    if pinned is not None:
+        raise SyncError(f"{store.root}: pinned at version {pinned} by a rollback; "
+                        "`eir lists unpin` lets syncs publish again")
 
 
 @dataclass
