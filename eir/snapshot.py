@@ -15,6 +15,9 @@ Sections (N exact IMEIs, T TACs among them, P paired entries, S range segments, 
     tac_start    uint64[T+1]  where each TAC's entries start in imei_key
     imei_key     uint32[N]    (SNR << 12) | low 12 bits of the entry's attribute set,
                               sorted by SNR within each TAC: 4 bytes per IMEI
+    imei_fence   uint32[ceil(N/64)]  imei_key[::64], searched first so that a lookup reads
+                              one 256-byte block of imei_key instead of ~20 scattered probes
+                              (format 2; a format-1 file has none and is still read)
     imei_set_hi  uint8[N]     high 8 bits of the attribute set, only when there are more
                               than 4,096 sets (registry lists rarely have: one set per
                               distinct block date × reasons)
@@ -34,6 +37,7 @@ from __future__ import annotations
 import bisect
 import json
 import mmap
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -45,15 +49,26 @@ import numpy as np
 from eir.decision import EquipmentStatus, Match, Rule, Verdict
 from eir.registry.entries import Attribute, Kind, ListEntries, RangeRule, TacRule
 
+# The exact-IMEI search in C (eir/_lookup.c), when it was built; EIR_PURE_PYTHON=1 turns it
+# off (benchmarks, and a check that the fallback still works).
+try:
+    from eir._lookup import ExactIndex as _ExactIndex
+except ImportError:  # no compiler at install time: the pure-Python search below
+    _ExactIndex = None
+if os.environ.get("EIR_PURE_PYTHON"):
+    _ExactIndex = None
+
 MAGIC = b"EIRSNAP1"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)  # 1: no imei_fence
+FENCE_STRIDE = 64  # imei_fence holds every 64th imei_key
 SNR_DIGITS = 1_000_000  # 6-digit serial number: the low digits of a 14-digit IMEI
 SET_LOW_BITS = 12
 SET_LOW_MASK = (1 << SET_LOW_BITS) - 1
 MAX_SETS = 1 << (SET_LOW_BITS + 8)
 
 _SECTION_TYPES = {
-    "tac": "I", "tac_start": "Q", "imei_key": "I", "imei_set_hi": "B",
+    "tac": "I", "tac_start": "Q", "imei_key": "I", "imei_fence": "I", "imei_set_hi": "B",
     "pair_imei": "Q", "pair_imsi": "Q", "pair_set": "I",
     "range_start": "Q", "range_first": "I", "range_imsi": "Q", "range_set": "I",
     "tacrule_tac": "I", "tacrule_imsi": "Q", "tacrule_set": "I",
@@ -232,6 +247,7 @@ def compile_snapshot(lists: Iterable[ListEntries], version: str,
     sections["tac_start"] = np.append(tac_first, len(keys)).astype(np.uint64)
     sections["imei_key"] = ((snr << SET_LOW_BITS) | (plain_sets & SET_LOW_MASK)).astype(
         np.uint32)
+    sections["imei_fence"] = sections["imei_key"][::FENCE_STRIDE].copy()
 
     pair_imei, pair_sets, pair_imsi = _merge_duplicates(
         imei[~plain], entry_set[~plain], table, secondary=imsi[~plain])
@@ -365,9 +381,9 @@ class Snapshot:
             header = json.loads(bytes(view[16:16 + header_length]))
         except ValueError as exc:
             raise SnapshotError(f"{where}: header unreadable: {exc}") from None
-        if header.get("format") != FORMAT_VERSION:
-            raise SnapshotError(f"{where}: format {header.get('format')} is not "
-                                f"{FORMAT_VERSION}")
+        if header.get("format") not in READABLE_FORMATS:
+            raise SnapshotError(f"{where}: format {header.get('format')} is not one of "
+                                f"{', '.join(map(str, READABLE_FORMATS))}")
         # A damaged or foreign file must say so, not raise whatever it trips on first.
         try:
             body = (16 + header_length + 7) & ~7
@@ -386,6 +402,10 @@ class Snapshot:
             self._tac_start = arrays["tac_start"]
             self._imei_key = arrays["imei_key"]
             self._imei_set_hi = arrays.get("imei_set_hi")
+            self._imei_fence = arrays.get("imei_fence")
+            if self._imei_fence is not None and len(self._imei_fence) != -(
+                    -len(self._imei_key) // FENCE_STRIDE):
+                raise ValueError("imei_fence does not hold every 64th imei_key")
             self._pair_imei, self._pair_imsi = arrays["pair_imei"], arrays["pair_imsi"]
             self._pair_set = arrays["pair_set"]
             self._range_start, self._range_first = arrays["range_start"], arrays["range_first"]
@@ -394,6 +414,12 @@ class Snapshot:
             self._tacrule_set = arrays["tacrule_set"]
             self._tacname_tac, self._tacname_end = arrays["tacname_tac"], arrays["tacname_end"]
             self._tacname_text = arrays["tacname_text"]
+            # IMEI → attribute set index or -1, in C when built (it checks tac_start once,
+            # here); None: _exact_python (not stored as a bound method: a reference cycle
+            # would keep a replaced snapshot's mapping until the next gc run).
+            self._exact = None if _ExactIndex is None else _ExactIndex(
+                self._tac, self._tac_start, self._imei_key, self._imei_set_hi,
+                self._imei_fence)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise SnapshotError(f"{where}: malformed header or section: "
                                 f"{type(exc).__name__}: {exc}") from None
@@ -436,20 +462,12 @@ class Snapshot:
             verdict = self._pair_lookup(number, imsi_number, day)
             if verdict is not None:
                 return verdict
-        tac = number // SNR_DIGITS
-        position = self._tac_index.get(tac)
-        if position is not None:
-            snr = number - tac * SNR_DIGITS
-            keys = self._imei_key
-            low, high = self._tac_start[position], self._tac_start[position + 1]
-            index = bisect.bisect_left(keys, snr << SET_LOW_BITS, low, high)
-            if index < high and keys[index] >> SET_LOW_BITS == snr:
-                member = keys[index] & SET_LOW_MASK
-                if self._imei_set_hi is not None:
-                    member |= self._imei_set_hi[index] << SET_LOW_BITS
-                verdict = self._verdict(member, IMEI, day)
-                if verdict is not None:
-                    return verdict
+        exact = self._exact
+        member = exact(number) if exact is not None else self._exact_python(number)
+        if member >= 0:
+            verdict = self._verdict(member, IMEI, day)
+            if verdict is not None:
+                return verdict
         if self._range_start:
             segment = bisect.bisect_right(self._range_start, number) - 1
             if segment >= 0:
@@ -460,12 +478,41 @@ class Snapshot:
                     if verdict is not None:
                         return verdict
         if self._tacrule_tac:
+            tac = number // SNR_DIGITS
             first = bisect.bisect_left(self._tacrule_tac, tac)
             last = bisect.bisect_right(self._tacrule_tac, tac, first)
             if first < last:
                 return self._best(self._tacrule_imsi, self._tacrule_set, first, last,
                                   imsi_number, day, TAC_IMSI, TAC)
         return None
+
+    def _exact_python(self, number: int) -> int:
+        """The attribute set of IMEI `number`'s exact entry, or -1 (eir._lookup in Python)."""
+        tac = number // SNR_DIGITS
+        position = self._tac_index.get(tac)
+        if position is None:
+            return -1
+        snr = number - tac * SNR_DIGITS
+        keys = self._imei_key
+        low, high = self._tac_start[position], self._tac_start[position + 1]
+        wanted = snr << SET_LOW_BITS
+        fence = self._imei_fence
+        if fence is not None and low < high:
+            # fence[k] = keys[64k]: the first fence >= wanted among this TAC's bounds the
+            # block of keys to search
+            first_fence, end_fence = -(-low // FENCE_STRIDE), -(-high // FENCE_STRIDE)
+            k = bisect.bisect_left(fence, wanted, first_fence, end_fence)
+            index = bisect.bisect_left(
+                keys, wanted, (k - 1) * FENCE_STRIDE if k > first_fence else low,
+                k * FENCE_STRIDE if k < end_fence else high)
+        else:
+            index = bisect.bisect_left(keys, wanted, low, high)
+        if index == high or keys[index] >> SET_LOW_BITS != snr:
+            return -1
+        member = keys[index] & SET_LOW_MASK
+        if self._imei_set_hi is not None:
+            member |= self._imei_set_hi[index] << SET_LOW_BITS
+        return member
 
     def device_name(self, tac: int) -> str | None:
         index = bisect.bisect_left(self._tacname_tac, tac)
