@@ -426,6 +426,8 @@ class Snapshot:
         # TAC → position: one dict of at most a few hundred thousand TACs (the world has
         # about that many), built at open; its size does not grow with the IMEI count.
         self._tac_index = {tac: i for i, tac in enumerate(self._tac)}
+        self._uses_imsi = bool(len(self._pair_imei) or len(self._range_start)
+                               or len(self._tacrule_tac))
         # (set << 3 | level) → (day, verdict): keyed by int, since hashing an Enum member
         # runs Python code and this is the hot path.
         self._verdicts: dict[int, tuple[int, Verdict | None]] = {}
@@ -457,7 +459,10 @@ class Snapshot:
         """The verdict of the most specific level with an entry in force on `day`, or None.
         Levels: IMEI+IMSI, IMEI, range+IMSI, range, TAC+IMSI, TAC (see eir.decision)."""
         number = int(imei)
-        imsi_number = int(imsi) if imsi and imsi.isascii() and imsi.isdigit() else 0
+        # The IMSI matters only to paired entries, ranges and TAC rules: a registry blacklist
+        # has none of them, and parsing it would be most of the remaining cost.
+        imsi_number = int(imsi) if (self._uses_imsi and imsi and imsi.isascii()
+                                    and imsi.isdigit()) else 0
         if imsi_number and self._pair_imei:
             verdict = self._pair_lookup(number, imsi_number, day)
             if verdict is not None:
