@@ -387,23 +387,28 @@ def _raise_if_problems(src: _Source, header: _Header, problems: _Problems) -> No
 
 # --- vectorised cell checks -------------------------------------------------------------------
 
-def _imei_keys(values: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    """(14-digit keys as uint64, mask of values that are not IMEIs). Fast path: every cell
-    14-16 long and its first 14 characters parse as an integer (Arrow's parse takes digits
-    only); otherwise a per-cell regex finds the bad ones."""
-    lengths = pc.binary_length(values)
-    head = pc.utf8_slice_codeunits(values, 0, 14)
-    if pc.all(pc.and_(pc.greater_equal(lengths, 14), pc.less_equal(lengths, 16))).as_py() \
-            is not False:
+def _numbers(values: pa.Array, lengths_ok: pa.Array, digits: pa.Array,
+             pattern: str) -> tuple[np.ndarray, np.ndarray]:
+    """(`digits` as uint64, mask of values that are bad). Fast path: every value passes
+    `lengths_ok` and `digits` casts in one go (Arrow's parse takes digits only); otherwise
+    a per-cell regex finds the bad ones, which come out as 0."""
+    if pc.all(lengths_ok).as_py() is not False:
         try:
-            keys = pc.cast(head, pa.uint64()).to_numpy(zero_copy_only=False)
-            return keys, np.zeros(len(values), bool)
+            numbers = pc.cast(digits, pa.uint64()).to_numpy(zero_copy_only=False)
+            return numbers, np.zeros(len(values), bool)
         except pa.ArrowInvalid:
             pass
-    ok = pc.and_(pc.match_substring_regex(values, r"^[0-9]{14}"),
-                 pc.less_equal(lengths, 16))
-    keys = pc.cast(pc.if_else(ok, head, "0"), pa.uint64()).to_numpy(zero_copy_only=False)
-    return keys, ~ok.to_numpy(zero_copy_only=False)
+    ok = pc.and_(pc.match_substring_regex(values, pattern), lengths_ok)
+    numbers = pc.cast(pc.if_else(ok, digits, "0"), pa.uint64()).to_numpy(zero_copy_only=False)
+    return numbers, ~ok.to_numpy(zero_copy_only=False)
+
+
+def _imei_keys(values: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """(14-digit keys as uint64, mask of values that are not IMEIs): 14 to 16 characters
+    starting with 14 digits."""
+    lengths = pc.binary_length(values)
+    return _numbers(values, pc.and_(pc.greater_equal(lengths, 14), pc.less_equal(lengths, 16)),
+                    pc.utf8_slice_codeunits(values, 0, 14), r"^[0-9]{14}")
 
 
 def _describe_imei(text: str) -> str:
@@ -414,16 +419,8 @@ def _describe_imei(text: str) -> str:
 
 def _imsi_numbers(values: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     lengths = pc.binary_length(values)
-    if pc.all(pc.and_(pc.greater_equal(lengths, 5), pc.less_equal(lengths, 15))).as_py() \
-            is not False:
-        try:
-            numbers = pc.cast(values, pa.uint64()).to_numpy(zero_copy_only=False)
-            return numbers, np.zeros(len(values), bool)
-        except pa.ArrowInvalid:
-            pass
-    ok = pc.match_substring_regex(values, r"^[0-9]{5,15}$")
-    numbers = pc.cast(pc.if_else(ok, values, "0"), pa.uint64()).to_numpy(zero_copy_only=False)
-    return numbers, ~ok.to_numpy(zero_copy_only=False)
+    return _numbers(values, pc.and_(pc.greater_equal(lengths, 5), pc.less_equal(lengths, 15)),
+                    values, r"^[0-9]{5,15}$")
 
 
 def _describe_imsi(text: str) -> str:
