@@ -470,7 +470,10 @@ class Snapshot:
         exact = self._exact
         member = exact(number) if exact is not None else self._exact_python(number)
         if member >= 0:
-            verdict = self._verdict(member, IMEI, day)
+            # The verdict cache, inline: this is the hit nearly every request takes.
+            cached = self._verdicts.get((member << 3) | IMEI)
+            verdict = cached[1] if cached is not None and cached[0] == day else \
+                self._verdict(member, IMEI, day)
             if verdict is not None:
                 return verdict
         if self._range_start:
