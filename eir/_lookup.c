@@ -131,6 +131,22 @@ ExactIndex_dealloc(ExactIndex *self)
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
+/* The first index in [low, low + count) whose value is >= wanted (low + count if none). */
+static inline uint64_t
+lower_bound(const uint32_t *values, uint64_t low, uint64_t count, uint32_t wanted)
+{
+    while (count > 0) {
+        uint64_t half = count >> 1;
+        if (values[low + half] < wanted) {
+            low += half + 1;
+            count -= half + 1;
+        } else {
+            count = half;
+        }
+    }
+    return low;
+}
+
 static inline long
 exact_find(const ExactIndex *self, uint64_t imei)
 {
@@ -141,16 +157,7 @@ exact_find(const ExactIndex *self, uint64_t imei)
     uint32_t snr = (uint32_t)(imei - tac64 * SNR_DIGITS);
     /* lower bound of tac in tacs */
     const uint32_t *tacs = self->tacs;
-    Py_ssize_t low = 0, count = self->tac_count;
-    while (count > 0) {
-        Py_ssize_t half = count >> 1;
-        if (tacs[low + half] < tac) {
-            low += half + 1;
-            count -= half + 1;
-        } else {
-            count = half;
-        }
-    }
+    Py_ssize_t low = (Py_ssize_t)lower_bound(tacs, 0, (uint64_t)self->tac_count, tac);
     if (low >= self->tac_count || tacs[low] != tac)
         return -1;
     uint64_t first = self->starts[low], last = self->starts[low + 1];
@@ -163,30 +170,13 @@ exact_find(const ExactIndex *self, uint64_t imei)
         const uint32_t *fences = self->fences;
         uint64_t first_fence = (first + FENCE_STRIDE - 1) / FENCE_STRIDE;
         uint64_t end_fence = (last + FENCE_STRIDE - 1) / FENCE_STRIDE;
-        uint64_t k = first_fence, m = end_fence - first_fence;
-        while (m > 0) {
-            uint64_t half = m >> 1;
-            if (fences[k + half] < wanted) {
-                k += half + 1;
-                m -= half + 1;
-            } else {
-                m = half;
-            }
-        }
+        uint64_t k = lower_bound(fences, first_fence, end_fence - first_fence, wanted);
         uint64_t block_low = k > first_fence ? (k - 1) * FENCE_STRIDE : first;
         uint64_t block_high = k < end_fence ? k * FENCE_STRIDE : last;
         lo = block_low;
         n = block_high - block_low;
     }
-    while (n > 0) {
-        uint64_t half = n >> 1;
-        if (keys[lo + half] < wanted) {
-            lo += half + 1;
-            n -= half + 1;
-        } else {
-            n = half;
-        }
-    }
+    lo = lower_bound(keys, lo, n, wanted);
     if (lo >= last || (keys[lo] >> SET_LOW_BITS) != snr)
         return -1;
     long member = (long)(keys[lo] & SET_LOW_MASK);

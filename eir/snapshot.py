@@ -423,9 +423,10 @@ class Snapshot:
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise SnapshotError(f"{where}: malformed header or section: "
                                 f"{type(exc).__name__}: {exc}") from None
-        # TAC → position: one dict of at most a few hundred thousand TACs (the world has
-        # about that many), built at open; its size does not grow with the IMEI count.
-        self._tac_index = {tac: i for i, tac in enumerate(self._tac)}
+        # TAC → position for the pure-Python search: at most a few hundred thousand TACs
+        # (the world has about that many), built on its first use, so that start-up does not
+        # pay for it when the C search serves.
+        self._tac_index: dict[int, int] | None = None
         self._uses_imsi = bool(len(self._pair_imei) or len(self._range_start)
                                or len(self._tacrule_tac))
         # (set << 3 | level) → (day, verdict): keyed by int, since hashing an Enum member
@@ -497,7 +498,10 @@ class Snapshot:
     def _exact_python(self, number: int) -> int:
         """The attribute set of IMEI `number`'s exact entry, or -1 (eir._lookup in Python)."""
         tac = number // SNR_DIGITS
-        position = self._tac_index.get(tac)
+        index = self._tac_index
+        if index is None:
+            index = self._tac_index = {tac: i for i, tac in enumerate(self._tac)}
+        position = index.get(tac)
         if position is None:
             return -1
         snr = number - tac * SNR_DIGITS
