@@ -147,8 +147,10 @@ def read_native_csv(path: Path | str, display_name: str | None = None,
     return rules
 
 
-def load_rule_set(paths: Iterable[Path | str], unknown_policy: UnknownPolicy) -> RuleSet:
-    """Read every list file and build one snapshot; any bad file refuses them all."""
+def load_rule_set(paths: Iterable[Path | str], unknown_policy: UnknownPolicy,
+                  grandfathering=None) -> RuleSet:
+    """Read every list file and build one snapshot; any bad file refuses them all.
+    `grandfathering`: see RuleSet."""
     rules: list[Rule] = []
     problems: list[str] = []
     digest = hashlib.sha256()
@@ -159,7 +161,8 @@ def load_rule_set(paths: Iterable[Path | str], unknown_policy: UnknownPolicy) ->
             problems.extend(exc.problems)
     if problems:
         raise ListError(problems)
-    return RuleSet.build(rules, unknown_policy, version=digest.hexdigest()[:12])
+    return RuleSet.build(rules, unknown_policy, version=digest.hexdigest()[:12],
+                         grandfathering=grandfathering)
 
 
 def read_native_entries(path: Path | str, display_name: str | None = None):

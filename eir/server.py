@@ -422,9 +422,7 @@ def load_rules(settings: Settings, grandfathering: GrandfatherIndex | None = Non
     files; with the grandfathering index, if any."""
     policy = settings.lists.unknown_policy
     if settings.store.directory is None:
-        rule_set = load_rule_set(settings.lists.files, policy)
-        rule_set.grandfathering = grandfathering
-        return rule_set
+        return load_rule_set(settings.lists.files, policy, grandfathering)
     store = Store(settings.store.directory, settings.store.keep)
     if first_sync and store.current_version() is None and settings.sync.source:
         try:
