@@ -35,6 +35,7 @@ i < len(attributes) is the single attribute i; combinations follow.
 from __future__ import annotations
 
 import bisect
+import io
 import json
 import mmap
 import os
@@ -42,12 +43,14 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import BinaryIO, Iterable
 
 import numpy as np
 
 from eir.decision import EquipmentStatus, Match, Rule, Verdict
 from eir.registry.entries import Attribute, Kind, ListEntries, RangeRule, TacRule
+from eir.registry.table import Block, entries_block, merge
+from eir.sections import SectionWriter
 
 # The exact-IMEI search in C (eir/_lookup.c), when it was built; EIR_PURE_PYTHON=1 turns it
 # off (benchmarks, and a check that the fallback still works).
@@ -109,24 +112,9 @@ class _SetTable:
         return found
 
 
-def _merge_duplicates(keys: np.ndarray, sets: np.ndarray, table: _SetTable,
-                      secondary: np.ndarray | None = None):
-    """Sort entries by key (then secondary) and fold equal keys into one combined set."""
-    bits = int(sets.max()).bit_length() if len(sets) else 0
-    if secondary is None and len(keys) and int(keys.max()) < 1 << (64 - max(bits, 1)):
-        # One in-place sort of (key << bits | set) instead of an indirect lexsort and two
-        # gathers: several times faster, and no int64 permutation array.
-        composite = keys << np.uint64(bits)
-        composite |= sets.astype(np.uint64)
-        composite.sort()
-        keys = composite >> np.uint64(bits)
-        sets = (composite & np.uint64((1 << bits) - 1)).astype(np.uint32)
-        del composite
-    else:
-        order = np.lexsort((sets, secondary, keys) if secondary is not None else (sets, keys))
-        keys = keys[order]
-        sets = sets[order]
-        secondary = secondary[order] if secondary is not None else None
+def _fold(keys: np.ndarray, sets: np.ndarray, table: _SetTable,
+          secondary: np.ndarray | None = None):
+    """Entries sorted by key (then secondary): equal keys folded into one combined set."""
     same = keys[1:] == keys[:-1]
     if secondary is not None:
         same &= secondary[1:] == secondary[:-1]
@@ -138,8 +126,7 @@ def _merge_duplicates(keys: np.ndarray, sets: np.ndarray, table: _SetTable,
     # Python only over the groups that really have several entries (rare in real lists).
     for group in np.flatnonzero(np.diff(bounds) > 1):
         merged[group] = table.intern(sets[bounds[group]:bounds[group + 1]].tolist())
-    keep_secondary = secondary[starts] if secondary is not None else None
-    return keys[starts], merged, keep_secondary
+    return keys[starts], merged, secondary[starts] if secondary is not None else None
 
 
 def _range_segments(ranges, attribute_ids):
@@ -194,6 +181,22 @@ def compile_snapshot(lists: Iterable[ListEntries], version: str,
                      sources: list[dict] | None = None, created: float | None = None,
                      states: dict[str, str] | None = None) -> bytes:
     """Compile parsed lists into the bytes of one snapshot (see the module docstring)."""
+    out = io.BytesIO()
+    write_snapshot(out, lists, version, tac_names, sources, created, states)
+    return out.getvalue()
+
+
+def write_snapshot(out: BinaryIO, lists: Iterable[ListEntries], version: str,
+                   tac_names: dict[int, str] | None = None,
+                   sources: list[dict] | None = None, created: float | None = None,
+                   states: dict[str, str] | None = None, scratch: Path | None = None) -> dict:
+    """Compile parsed lists into a snapshot written to `out`; returns its counts.
+
+    The lists are walked together in key order, a block at a time (eir.registry.table), and
+    the large sections are spilled to `scratch` as they grow: memory stays bounded whatever
+    the size of the lists. Lists whose entries are not in key order (native lists, tests)
+    are sorted first, in memory.
+    """
     lists = list(lists)
     attributes: list[Attribute] = []
     attribute_index: dict[Attribute, int] = {}
@@ -205,116 +208,108 @@ def compile_snapshot(lists: Iterable[ListEntries], version: str,
             attributes.append(attribute)
         return found
 
-    imeis, imsis, sets = [], [], []
+    blocks, remaps = [], []
     range_rules, range_ids, tac_rules = [], [], []
     for entries in lists:
-        remap = np.array([intern(a) for a in entries.attributes] or [0], dtype=np.uint32)
-        imeis.append(entries.imei.astype(np.uint64, copy=False))
-        imsis.append(entries.imsi.astype(np.uint64, copy=False))
-        sets.append(remap[entries.attribute] if len(entries.attribute) else
-                    np.zeros(0, np.uint32))
+        remaps.append(np.array([intern(a) for a in entries.attributes] or [0], np.uint32))
+        blocks.append(entries_block(entries))
         for rule in entries.ranges:
             range_rules.append(rule)
             range_ids.append(intern(rule.attribute))
         for rule in entries.tacs:
             tac_rules.append((rule.tac, rule.imsi, intern(rule.attribute)))
     table = _SetTable(len(attributes))
+    writer = SectionWriter(MAGIC, {name: _NUMPY_TYPES[code]
+                                   for name, code in _SECTION_TYPES.items()}, scratch)
+    with writer:
+        writer.declare("tac", "tac_start", "imei_key", "imei_fence", "pair_imei", "pair_imsi",
+                       "pair_set")
+        tac_values, tac_first = [], []
+        keys_written = pairs_written = 0
+        last_tac, set_hi = -1, False
+        for pieces in merge(blocks):
+            parts = [Block(p.imei, p.imsi, p.subscriber, remaps[i][p.attribute])
+                     for i, p in enumerate(pieces) if len(p)]
+            block = parts[0] if len(parts) == 1 else Block.concatenate(parts).sorted(runs=True)
+            imei = block.imei.astype(np.uint64, copy=False)
+            plain = None if block.imsi.strides == (0,) else block.imsi == 0
+            if plain is None or plain.all():
+                keys, sets, _ = _fold(imei, block.attribute, table)
+            else:
+                keys, sets, _ = _fold(imei[plain], block.attribute[plain], table)
+                pair_imei, pair_set, pair_imsi = _fold(
+                    imei[~plain], block.attribute[~plain], table,
+                    secondary=np.asarray(block.imsi)[~plain])
+                writer.append("pair_imei", pair_imei)
+                writer.append("pair_imsi", pair_imsi)
+                writer.append("pair_set", pair_set)
+                pairs_written += len(pair_imei)
+            if not len(keys):
+                continue
+            tac = keys // SNR_DIGITS
+            snr = keys - tac * SNR_DIGITS
+            # keys are sorted: each TAC starts where the TAC changes (np.unique would sort)
+            starts = np.flatnonzero(np.concatenate(([int(tac[0]) != last_tac],
+                                                    tac[1:] != tac[:-1])))
+            tac_values.append(tac[starts])
+            tac_first.append(starts + keys_written)
+            last_tac = int(tac[-1])
+            key = ((snr << SET_LOW_BITS) | (sets & SET_LOW_MASK)).astype(np.uint32)
+            writer.append("imei_key", key)
+            # the fence holds every FENCE_STRIDE-th key of the whole section
+            writer.append("imei_fence", key[(-keys_written) % FENCE_STRIDE::FENCE_STRIDE])
+            high = sets >> SET_LOW_BITS
+            if not set_hi and high.any():
+                set_hi = True  # the first set beyond the low bits: zeros for the keys before
+                for start in range(0, keys_written, 1 << 24):
+                    writer.append("imei_set_hi", np.zeros(
+                        min(1 << 24, keys_written - start), np.uint8))
+            if set_hi:
+                writer.append("imei_set_hi", high.astype(np.uint8))
+            keys_written += len(keys)
 
-    def joined(arrays, dtype):  # no copy for a single list (the usual full-list sync)
-        if not arrays:
-            return np.zeros(0, dtype)
-        return (arrays[0] if len(arrays) == 1 else np.concatenate(arrays)).astype(
-            dtype, copy=False)
+        set_count = len(attributes) + len(table.combinations)
+        if set_count > MAX_SETS:
+            raise SnapshotError(f"{set_count} distinct list meanings (reason, date, source); "
+                                f"at most {MAX_SETS} fit in a snapshot")
+        writer.append("tac", np.concatenate(tac_values) if tac_values else np.zeros(0))
+        writer.append("tac_start", np.append(
+            np.concatenate(tac_first) if tac_first else np.zeros(0, np.int64), keys_written))
 
-    imei = joined(imeis, np.uint64)
-    imsi = joined(imsis, np.uint64)
-    entry_set = joined(sets, np.uint32)
-    del imeis, imsis, sets
-    sections: dict[str, np.ndarray] = {}
+        if range_rules:
+            starts, first, range_imsi, range_set = _range_segments(range_rules, range_ids)
+        else:
+            starts, first, range_imsi, range_set = [], [0], [], []
+        for name, values in (("range_start", starts), ("range_first", first),
+                             ("range_imsi", range_imsi), ("range_set", range_set)):
+            writer.declare(name)
+            writer.append(name, np.array(values, dtype=np.uint64))
 
-    plain = imsi == 0
-    if plain.all():  # no IMSI-paired entry (a blacklist): no masked copies
-        keys, plain_sets, _ = _merge_duplicates(imei, entry_set, table)
-    else:
-        keys, plain_sets, _ = _merge_duplicates(imei[plain], entry_set[plain], table)
-    tac = keys // SNR_DIGITS
-    snr = keys - tac * SNR_DIGITS
-    # keys are sorted: each TAC starts where the TAC changes (np.unique would sort again)
-    tac_first = np.flatnonzero(np.concatenate(([True], tac[1:] != tac[:-1]))) if len(tac) \
-        else np.zeros(0, np.int64)
-    tacs = tac[tac_first]
-    sections["tac"] = tacs.astype(np.uint32)
-    sections["tac_start"] = np.append(tac_first, len(keys)).astype(np.uint64)
-    sections["imei_key"] = ((snr << SET_LOW_BITS) | (plain_sets & SET_LOW_MASK)).astype(
-        np.uint32)
-    sections["imei_fence"] = sections["imei_key"][::FENCE_STRIDE].copy()
+        tac_rules.sort()
+        for column, name in enumerate(("tacrule_tac", "tacrule_imsi", "tacrule_set")):
+            writer.declare(name)
+            writer.append(name, np.array([r[column] for r in tac_rules], dtype=np.uint64))
 
-    pair_imei, pair_sets, pair_imsi = _merge_duplicates(
-        imei[~plain], entry_set[~plain], table, secondary=imsi[~plain])
-    sections["pair_imei"] = pair_imei.astype(np.uint64)
-    sections["pair_imsi"] = (pair_imsi if pair_imsi is not None else
-                             np.zeros(0, np.uint64)).astype(np.uint64)
-    sections["pair_set"] = pair_sets.astype(np.uint32)
+        names = sorted((tac_names or {}).items())
+        texts = [name.encode("utf-8") for _, name in names]
+        writer.declare("tacname_tac", "tacname_end", "tacname_text")
+        writer.append("tacname_tac", np.array([t for t, _ in names], dtype=np.uint32))
+        writer.append("tacname_end", np.cumsum([len(t) for t in texts], dtype=np.uint64))
+        writer.append("tacname_text", np.frombuffer(b"".join(texts), dtype=np.uint8))
 
-    if range_rules:
-        starts, first, range_imsi, range_set = _range_segments(range_rules, range_ids)
-    else:
-        starts, first, range_imsi, range_set = [], [0], [], []
-    sections["range_start"] = np.array(starts, dtype=np.uint64)
-    sections["range_first"] = np.array(first, dtype=np.uint32)
-    sections["range_imsi"] = np.array(range_imsi, dtype=np.uint64)
-    sections["range_set"] = np.array(range_set, dtype=np.uint32)
-
-    tac_rules.sort()
-    sections["tacrule_tac"] = np.array([r[0] for r in tac_rules], dtype=np.uint32)
-    sections["tacrule_imsi"] = np.array([r[1] for r in tac_rules], dtype=np.uint64)
-    sections["tacrule_set"] = np.array([r[2] for r in tac_rules], dtype=np.uint32)
-
-    set_count = len(attributes) + len(table.combinations)
-    if set_count > MAX_SETS:
-        raise SnapshotError(f"{set_count} distinct list meanings (reason, date, source); at "
-                            f"most {MAX_SETS} fit in a snapshot")
-    if set_count > SET_LOW_MASK + 1:
-        sections["imei_set_hi"] = (plain_sets >> SET_LOW_BITS).astype(np.uint8)
-
-    names = sorted((tac_names or {}).items())
-    texts = [name.encode("utf-8") for _, name in names]
-    sections["tacname_tac"] = np.array([t for t, _ in names], dtype=np.uint32)
-    sections["tacname_end"] = np.cumsum([len(t) for t in texts], dtype=np.uint64).astype(
-        np.uint32) if texts else np.zeros(0, np.uint32)
-    sections["tacname_text"] = np.frombuffer(b"".join(texts), dtype=np.uint8)
-
-    counts = {"imei": int(len(keys)), "pairs": int(len(pair_imei)),
-              "ranges": len(range_rules), "tacs": len(tac_rules), "tac_names": len(names)}
-    header = {
-        "format": FORMAT_VERSION, "version": version,
-        "created": created if created is not None else time.time(),
-        "counts": counts, "sources": sources or [
-            {"name": entries.name, "rows": entries.rows} for entries in lists],
-        "attributes": [attribute_to_json(a) for a in attributes],
-        "combinations": [list(c) for c in table.combinations],
-        "states": states or {},
-    }
-    return _serialise(header, sections)
-
-
-def _serialise(header: dict, sections: dict[str, np.ndarray]) -> bytes:
-    # Offsets depend on the header's length, which depends on the offsets: lay the sections
-    # out relative to the header's end, then fix the header length with padding.
-    relative, position = {}, 0
-    for name, array in sections.items():
-        data = array.astype(_NUMPY_TYPES[_SECTION_TYPES[name]], copy=False)
-        relative[name] = (position, data.nbytes)
-        position += (data.nbytes + 7) & ~7
-    header["sections"] = relative
-    header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    body_start = (16 + len(header_bytes) + 7) & ~7
-    header_bytes = header_bytes.ljust(body_start - 16)
-    parts = [MAGIC, len(header_bytes).to_bytes(4, "little"), bytes(4), header_bytes]
-    for name, array in sections.items():
-        data = array.astype(_NUMPY_TYPES[_SECTION_TYPES[name]], copy=False).tobytes()
-        parts.append(data + bytes(((len(data) + 7) & ~7) - len(data)))
-    return b"".join(parts)
+        counts = {"imei": keys_written, "pairs": pairs_written,
+                  "ranges": len(range_rules), "tacs": len(tac_rules), "tac_names": len(names)}
+        header = {
+            "format": FORMAT_VERSION, "version": version,
+            "created": created if created is not None else time.time(),
+            "counts": counts, "sources": sources or [
+                {"name": entries.name, "rows": entries.rows} for entries in lists],
+            "attributes": [attribute_to_json(a) for a in attributes],
+            "combinations": [list(c) for c in table.combinations],
+            "states": states or {},
+        }
+        writer.finish(out, header)
+    return counts
 
 
 def attribute_to_json(attribute: Attribute) -> list:

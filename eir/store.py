@@ -3,6 +3,9 @@ in force.
 
     STORE/snapshots/000007.eirsnap   one compiled snapshot per version, never modified
     STORE/CURRENT                    the version in force ("000007\\n")
+    STORE/lists/*.state              each list as of the version(s) naming it (deltas apply
+                                     to these; see eir.registry.state)
+    STORE/tmp/sync-*                 a running sync's sort runs (see eir.registry.table)
     STORE/.lock                      held while publishing or rolling back
 
 Publishing writes the new snapshot under a temporary name, fsyncs it, renames it into place,
@@ -16,13 +19,15 @@ back, until `unpin`.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import os
 import re
+import shutil
+import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from eir.snapshot import Snapshot, SnapshotError, SnapshotInfo
 
@@ -112,16 +117,51 @@ class Store:
 
     def publish(self, data: bytes, version: str) -> Path:
         """Store a compiled snapshot and put it in force (call inside `locked()`)."""
-        snapshot = Snapshot.from_bytes(data)  # refuse to publish what could not be opened
+        temporary = self.snapshot_temporary(version)
+        temporary.write_bytes(data)
+        return self.publish_file(temporary, version)
+
+    def snapshot_temporary(self, version: str) -> Path:
+        """Where to write a snapshot before `publish_file` (removed by the next publish if a
+        writer dies)."""
+        self.snapshots.mkdir(parents=True, exist_ok=True)
+        return self.snapshots / f".{version}{SUFFIX}.{os.getpid()}.tmp"
+
+    def publish_file(self, temporary: Path, version: str) -> Path:
+        """Put the snapshot written to `temporary` in force under `version` (call inside
+        `locked()`): checked, made durable, renamed into place, then CURRENT switched."""
+        try:
+            snapshot = Snapshot.open(temporary)  # refuse to publish what could not be opened
+        except SnapshotError as exc:
+            temporary.unlink(missing_ok=True)
+            raise StoreError(str(exc)) from None
         if snapshot.version != version:
             # Servers compare CURRENT with the version in the snapshot they serve.
+            temporary.unlink(missing_ok=True)
             raise StoreError(f"snapshot says version {snapshot.version}, published as "
                              f"{version}")
+        del snapshot
         path = self.path_of(version)
-        _atomic_write(path, data)
+        _durable_replace(temporary, path)
         _atomic_write(self.pointer, f"{version}\n".encode("ascii"))
         self._prune()
         return path
+
+    @contextmanager
+    def scratch(self):
+        """A private scratch directory under STORE/tmp for one sync's spilled sort runs and
+        tables, removed afterwards (and, if its sync was killed, by the next one)."""
+        base = self.root / "tmp"
+        base.mkdir(parents=True, exist_ok=True)
+        for stale in base.glob("sync-*"):
+            owner = stale.name.split("-")[1]
+            if owner.isdigit() and not _alive(int(owner)):
+                shutil.rmtree(stale, ignore_errors=True)
+        directory = Path(tempfile.mkdtemp(prefix=f"sync-{os.getpid()}-", dir=base))
+        try:
+            yield directory
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
 
     def rollback(self, version: str | None = None) -> str:
         """Put `version` (default: the one before the version in force) back in force."""
@@ -155,21 +195,19 @@ class Store:
             self.pin.unlink(missing_ok=True)
             return pinned
 
-    def save_state(self, name: str, data: bytes) -> str:
-        """Store a list state (eir.registry.state) under a content-derived name; returns it."""
-        file_name = f"{_safe(name)}-{hashlib.sha256(data).hexdigest()[:16]}.state"
+    def save_state(self, name: str, version: str, write: Callable[[Path], None]) -> str:
+        """Store a list state (eir.registry.state), written by `write(path)`, under a name of
+        its own for snapshot `version`; returns the file name."""
+        file_name = f"{_safe(name)}-{version}.state"
         path = self.states / file_name
-        if not path.exists():
-            self.states.mkdir(parents=True, exist_ok=True)
-            _atomic_write(path, data)
+        self.states.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{file_name}.{os.getpid()}.tmp")
+        write(temporary)
+        _durable_replace(temporary, path)
         return file_name
 
-    def load_state(self, file_name: str) -> bytes:
-        try:
-            return (self.states / file_name).read_bytes()
-        except OSError as exc:
-            raise StoreError(f"{self.states / file_name}: list state unreadable: "
-                             f"{exc.strerror or exc}") from None
+    def state_path(self, file_name: str) -> Path:
+        return self.states / file_name
 
     def _prune(self) -> None:
         current = self.current_version()
@@ -195,9 +233,14 @@ def _safe(name: str) -> str:
 
 def _atomic_write(path: Path, data: bytes) -> None:
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(temporary, "wb") as handle:
-        handle.write(data)
-        handle.flush()
+    temporary.write_bytes(data)
+    _durable_replace(temporary, path)
+
+
+def _durable_replace(temporary: Path, path: Path) -> None:
+    """fsync `temporary`, rename it to `path`, fsync the directory: after a crash, `path` is
+    the old file or the new one, complete."""
+    with open(temporary, "rb+") as handle:
         os.fsync(handle.fileno())
     os.replace(temporary, path)
     directory = os.open(path.parent, os.O_RDONLY)
@@ -205,3 +248,13 @@ def _atomic_write(path: Path, data: bytes) -> None:
         os.fsync(directory)
     finally:
         os.close(directory)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

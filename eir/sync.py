@@ -53,7 +53,7 @@ from eir.registry.names import FULL_NAME
 from eir.lists import ListError
 from eir.registry.entries import ListDelta, ListEntries
 from eir.registry.state import DeltaError, ListState
-from eir.snapshot import SnapshotError, compile_snapshot
+from eir.snapshot import SnapshotError, write_snapshot
 from eir.store import Store, StoreError
 
 MANIFEST = "manifest.json"
@@ -165,17 +165,25 @@ def sync_directory(directory: Path, store: Store,
         _verify_manifest(manifest, manifest_bytes, digests)
 
     chosen, ignored = _newest_per_list(files)
-    parsed: list[tuple[Path, list]] = []
-    problems: list[str] = []
-    for path in chosen:
-        try:
-            parsed.append((path, parse_all(path, display_name=path.name)))
-        except ListError as exc:
-            problems.extend(exc.problems)
-    if problems:
-        raise SyncError(str(ListError(problems)))
-    updates = _updates(parsed, digests)
+    with store.scratch() as scratch:
+        parsed: list[tuple[Path, list]] = []
+        problems: list[str] = []
+        for path in chosen:
+            try:
+                parsed.append((path, parse_all(path, display_name=path.name,
+                                               scratch=scratch)))
+            except ListError as exc:
+                problems.extend(exc.problems)
+        if problems:
+            raise SyncError(str(ListError(problems)))
+        updates = _updates(parsed, digests)
+        del parsed
+        return _apply(store, updates, ignored, scratch)
 
+
+def _apply(store: Store, updates: dict[str, "_Update"], ignored: list[str],
+           scratch: Path) -> SyncResult:
+    """Apply parsed updates to the lists in force and publish the compiled result."""
     with store.locked():
         _refuse_if_pinned(store)
         in_force = _in_force(store)
@@ -204,7 +212,7 @@ def sync_directory(directory: Path, store: Store,
                         <= _run_number(state.run)):
                     continue  # already applied, or already part of the full list
                 try:
-                    state = state.apply(run_deltas, run_files)
+                    state = state.apply(run_deltas, run_files, scratch)
                 except DeltaError as exc:
                     raise SyncError(str(exc)) from None
                 changed = True
@@ -215,21 +223,26 @@ def sync_directory(directory: Path, store: Store,
             return SyncResult(current, False, _sources(states),
                               store.open_current().info.counts, ignored)
         version = store.next_version()
-        # States are saved before compiling (holding their bytes through the compile would
-        # cost as much memory again at national scale); if the compile is refused, the
+        # States are saved before compiling, each written block by block from its mapped
+        # or spilled entries; unchanged ones keep their file. If the compile is refused, the
         # unreferenced state files are removed by the next publish.
-        state_files = {name: store.save_state(name, state.to_bytes())
+        kept = {} if current is None else store.open_current().info.states
+        state_files = {name: kept[name] if state is in_force.get(name) and name in kept
+                       else store.save_state(name, version, state.save)
                        for name, state in states.items()}
         lists = [state.entries for state in states.values() if state.entries is not None]
         tac_names: dict[int, str] = {}
         for state in states.values():
             tac_names.update(state.tac_names)
+        temporary = store.snapshot_temporary(version)
         try:
-            data = compile_snapshot(lists, version, tac_names, _sources(states),
-                                    states=state_files)
+            with open(temporary, "wb") as out:
+                write_snapshot(out, lists, version, tac_names, _sources(states),
+                               states=state_files, scratch=scratch)
         except SnapshotError as exc:
+            temporary.unlink(missing_ok=True)
             raise SyncError(str(exc)) from None
-        store.publish(data, version)
+        store.publish_file(temporary, version)
     return SyncResult(version, True, _sources(states),
                       store.open_current().info.counts, ignored)
 
@@ -318,7 +331,7 @@ def _in_force(store: Store) -> dict[str, ListState]:
     states = {}
     for name, file_name in info.states.items():
         try:
-            states[name] = ListState.from_bytes(store.load_state(file_name))
+            states[name] = ListState.open(store.state_path(file_name))
         except (ValueError, KeyError, EOFError, OSError, zipfile.BadZipFile) as exc:
             raise StoreError(f"{store.states / file_name}: list state unreadable ({exc}); "
                              "sync full lists to rebuild it") from None

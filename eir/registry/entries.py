@@ -84,6 +84,10 @@ class ListEntries:
     # condition of the verdict (imsi stays 0) but part of a delta's key: resolving one
     # subscriber's notification must not drop another's for the same (cloned) IMEI.
     subscriber: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
+    # In key order (IMEI, IMSI, subscriber, attribute; see eir.registry.table): what parsers
+    # of full lists and stored states give, so that deltas and the compile can merge them
+    # block by block instead of sorting them whole.
+    ordered: bool = False
 
     def __post_init__(self) -> None:
         if not (len(self.imei) == len(self.imsi) == len(self.attribute)):

@@ -83,6 +83,7 @@ import pyarrow.csv as pv
 
 from eir.lists import MAX_REPORTED_ERRORS, ListError
 from eir.registry.entries import Attribute, Kind, ListDelta, ListEntries
+from eir.registry.table import EntrySorter
 
 Parsed = Union[ListEntries, ListDelta, dict]
 
@@ -520,15 +521,20 @@ class _Rows:
     attributes: list[Attribute]
     rows: int
     subscriber: np.ndarray  # notified IMSIs (notifications only; else empty)
+    ordered: bool = False  # in key order (eir.registry.table)
 
 
-def _read_rows(src: _Source, fmt: str) -> _Rows:
-    return _guarded(src, lambda source: _read_rows_unguarded(source, fmt))
+def _read_rows(src: _Source, fmt: str, sort: bool = False,
+               scratch: Path | None = None) -> _Rows:
+    return _guarded(src, lambda source: _read_rows_unguarded(source, fmt, sort, scratch))
 
 
-def _read_rows_unguarded(src: _Source, fmt: str) -> _Rows:
+def _read_rows_unguarded(src: _Source, fmt: str, sort: bool, scratch: Path | None) -> _Rows:
     """Parse a DIRBS list (blacklist, notifications, exceptions) or an import-side delta
-    (stolen, pairing): every row validated, everything refused on any problem."""
+    (stolen, pairing): every row validated, everything refused on any problem.
+
+    With `sort` (full lists), rows come back in key order (eir.registry.table), sorted in
+    runs spilled to `scratch` when given: memory stays bounded for a national-size list."""
     required, optional = COLUMNS[fmt]
     header = _read_header(src, ",".join(required))
     _check_columns(src, header, required, optional)
@@ -538,26 +544,40 @@ def _read_rows_unguarded(src: _Source, fmt: str) -> _Rows:
     attributes = _Attributes(src.filename)
     parts: dict[str, list[np.ndarray]] = {"imei": [], "imsi": [], "attribute": [], "adds": [],
                                           "subscriber": []}
+    sorter = EntrySorter(scratch) if sort else None
     rows = 0
     for offset, cells in _batches(src, header, wanted, problems):
         count = len(cells["imei"])
         rows += count
         imei, bad = _imei_keys(cells["imei"])
         problems.add(bad, offset, "imei", cells["imei"], _describe_imei, 0)
-        imsi = np.zeros(count, np.uint64)
+        imsi = subscriber = None  # None: zero throughout
         if "imsi" in cells:
             numbers, bad = _imsi_numbers(cells["imsi"])
             problems.add(bad, offset, "imsi", cells["imsi"], _describe_imsi, 1)
             if fmt in ("exceptions", "pairing"):
                 imsi = numbers
             elif fmt == "notifications":
-                parts["subscriber"].append(numbers)
+                subscriber = numbers
         adds = np.ones(count, bool)
         attribute = _batch_attributes(fmt, cells, offset, attributes, problems, adds)
+        if sorter is not None:
+            if not problems:  # a refused file is not sorted
+                sorter.add(imei, imsi, subscriber, attribute.astype(np.uint32))
+            continue
         for name, value in (("imei", imei), ("imsi", imsi), ("attribute", attribute),
-                            ("adds", adds)):
-            parts[name].append(value)
+                            ("adds", adds), ("subscriber", subscriber)):
+            if name == "imsi" and value is None:
+                value = np.zeros(count, np.uint64)
+            if value is not None:
+                parts[name].append(value)
     _raise_if_problems(src, header, problems)
+    if sorter is not None:
+        block = sorter.finish()
+        return _Rows(block.imei, block.imsi, block.attribute, np.ones(0, bool),
+                     attributes.list, rows,
+                     block.subscriber if fmt == "notifications" else np.zeros(0, np.uint64),
+                     ordered=True)
 
     def joined(name, dtype):
         return np.concatenate(parts[name]).astype(dtype, copy=False) if parts[name] else \
@@ -639,7 +659,7 @@ def _entries(name: str, rows: _Rows, mask: np.ndarray | None = None) -> ListEntr
     if mask is None:
         return ListEntries(name=name, imei=rows.imei, imsi=rows.imsi, attribute=rows.attribute,
                            attributes=rows.attributes, rows=rows.rows,
-                           subscriber=rows.subscriber)
+                           subscriber=rows.subscriber, ordered=rows.ordered)
     return ListEntries(name=name, imei=rows.imei[mask], imsi=rows.imsi[mask],
                        attribute=rows.attribute[mask], attributes=rows.attributes,
                        rows=int(mask.sum()),
@@ -651,8 +671,8 @@ def _list_family(list_name: str) -> str:
     return list_name.split("_", 1)[0].lower()
 
 
-def read_full_list(src: _Source, list_name: str) -> ListEntries:
-    return _entries(src.label, _read_rows(src, _list_family(list_name)))
+def read_full_list(src: _Source, list_name: str, scratch: Path | None = None) -> ListEntries:
+    return _entries(src.label, _read_rows(src, _list_family(list_name), True, scratch))
 
 
 def read_delta_list(src: _Source, list_name: str, base: str, run: str,
@@ -744,14 +764,15 @@ def _sniff(header: _Header) -> str | None:
     return None
 
 
-def _parse_source(src: _Source, native: Callable[[], ListEntries]) -> Parsed:
+def _parse_source(src: _Source, native: Callable[[], ListEntries],
+                  scratch: Path | None = None) -> Parsed:
     name = src.filename
     match = DELTA_NAME.match(name)
     if match:
         return read_delta_list(src, match["list"], match["base"], match["run"], match["reason"])
     match = FULL_NAME.match(name)
     if match:
-        return read_full_list(src, match["list"])
+        return read_full_list(src, match["list"], scratch)
     if _is_native(src):
         return native()
     header = _read_header(src)
@@ -761,7 +782,7 @@ def _parse_source(src: _Source, native: Callable[[], ListEntries]) -> Parsed:
     if fmt in ("stolen", "pairing"):
         return read_change_delta(src, fmt)
     if fmt in ("blacklist", "notifications", "exceptions"):
-        return read_full_list(src, fmt)
+        return read_full_list(src, fmt, scratch)
     raise _fail(src.label, "header", f"not a known list format: {','.join(header.names)!r} "
                 "(see eir.registry.formats for the accepted files)", 1)
 
@@ -793,17 +814,19 @@ def parse_path(path: Path | str, display_name: str | None = None) -> Parsed:
 
 
 def parse_all(path: Path | str, display_name: str | None = None,
-              only_main: bool = False) -> list[Parsed]:
+              only_main: bool = False, scratch: Path | None = None) -> list[Parsed]:
     """Like parse_path, but a zip holding several CSVs (DIRBS zips a full list together with
     its delta files) gives one result per CSV, in member order. With only_main, a zip with
-    several CSVs gives only the one named like the archive (`x.zip` → `x.csv`)."""
+    several CSVs gives only the one named like the archive (`x.zip` → `x.csv`). With
+    `scratch`, full lists are sorted in runs spilled there (see eir.registry.table) and come
+    back memory-mapped from it: the directory must outlive the results."""
     from eir.lists import read_native_entries
 
     path = Path(path)
     label = display_name or str(path)
     if path.suffix.lower() != ".zip":
         src = _Source(label, path.name, lambda: _open_file(path, label), path)
-        return [_parse_source(src, lambda: read_native_entries(path, display_name))]
+        return [_parse_source(src, lambda: read_native_entries(path, display_name), scratch)]
     try:
         archive = zipfile.ZipFile(path)
     except OSError as exc:
@@ -841,7 +864,8 @@ def parse_all(path: Path | str, display_name: str | None = None,
             src = _Source(f"{label}!{info.filename}", member_name,
                           lambda info=info: archive.open(info))
             try:
-                results.append(_parse_source(src, lambda src=src: _native_from_zip(src)))
+                results.append(_parse_source(src, lambda src=src: _native_from_zip(src),
+                                             scratch))
             except (zipfile.BadZipFile, EOFError, zlib.error) as exc:
                 raise _zip_error(src.label, exc) from None
         return results

@@ -11,10 +11,13 @@ from __future__ import annotations
 import io
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from eir.registry.entries import ListDelta, ListEntries, RangeRule, TacRule
+from eir.registry.table import (BLOCK_ROWS, Block, TableError, collect, entries_block, merge,
+                                open_table, write_table)
 from eir.snapshot import attribute_from_json, attribute_to_json
 
 PAIRED_LISTS = ("exceptions", "pairing")  # keyed by IMEI and IMSI
@@ -42,9 +45,11 @@ class ListState:
             return "imsi"
         return "subscriber" if self.name.startswith(NOTIFIED_LISTS) else "imei"
 
-    def apply(self, deltas: list[ListDelta], files: list[str]) -> "ListState":
+    def apply(self, deltas: list[ListDelta], files: list[str],
+              scratch: Path | None = None) -> "ListState":
         """This list with `deltas` (the files of one run, or import-side deltas) applied:
-        removals, then additions (which replace entries with the same key)."""
+        removals, then additions (which replace entries with the same key). A list larger
+        than a sort run is written to a table file in `scratch` when given."""
         if self.entries is None:
             raise DeltaError(f"{self.name}: deltas apply to lists, not to a TAC file")
         runs = {(d.base, d.run) for d in deltas}
@@ -58,19 +63,26 @@ class ListState:
                 f"{names}: delta applies on top of run {base}, but the "
                 f"{self.name} list in force is from " +
                 (f"run {self.run}" if self.run else "a file that names no run"))
-        entries = self.entries
+        # Fold the run's deltas among themselves first (they are small): which keys go, and
+        # what is added in the end; then one pass over the (possibly national-size) list.
+        kind = self.key_kind
+        added = ListEntries(self.name)
+        dropped = []
         for delta in deltas:
-            entries = _remove(entries, delta.removed, self.key_kind)
-            entries = _remove(entries, delta.added, self.key_kind)
-            entries = _concatenate(entries, delta.added)
+            added = _remove(added, delta.removed, kind)
+            added = _remove(added, delta.added, kind)
+            added = _concatenate(added, delta.added)
+            dropped += [delta.removed, delta.added]
+        entries = _merge_into(self.entries, added, dropped, kind, scratch)
         return ListState(self.name, run or self.run, entries, files=self.files + files)
 
     # -- persistence ----------------------------------------------------------------------
 
-    def to_bytes(self) -> bytes:
+    def save(self, path: Path) -> None:
+        """Write this state as a table file (eir.registry.table), entries in key order."""
         meta = {"name": self.name, "run": self.run, "files": self.files,
                 "tac_names": {str(k): v for k, v in self.tac_names.items()}}
-        arrays = {}
+        block = Block.empty()
         if self.entries is not None:
             e = self.entries
             meta["entries"] = {
@@ -79,15 +91,35 @@ class ListState:
                 "ranges": [[r.start, r.end, r.imsi, attribute_to_json(r.attribute)]
                            for r in e.ranges],
                 "tacs": [[t.tac, t.imsi, attribute_to_json(t.attribute)] for t in e.tacs]}
-            arrays = {"imei": e.imei, "imsi": e.imsi, "attribute": e.attribute,
-                      "subscriber": e.subscriber}
-        buffer = io.BytesIO()
-        np.savez(buffer, meta=np.frombuffer(json.dumps(meta).encode("utf-8"), np.uint8),
-                 **arrays)
-        return buffer.getvalue()
+            block = entries_block(e)
+        write_table(path, (block.slice(i, i + BLOCK_ROWS)
+                           for i in range(0, len(block), BLOCK_ROWS)), meta)
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "ListState":
+    def open(cls, path: Path) -> "ListState":
+        """A saved state; its entries are memory-mapped from the file, not read."""
+        with open(path, "rb") as handle:
+            legacy = handle.read(2) == b"PK"
+        if legacy:  # saved by open EIR 0.1 (numpy .npz): read whole
+            return cls._from_npz(path.read_bytes())
+        try:
+            meta, block = open_table(path)
+        except TableError as exc:
+            raise ValueError(str(exc)) from None
+        entries = None
+        if "entries" in meta:
+            m = meta["entries"]
+            entries = ListEntries(
+                m["name"], block.imei, block.imsi, block.attribute,
+                [attribute_from_json(a) for a in m["attributes"]],
+                [RangeRule(s, e, i, attribute_from_json(a)) for s, e, i, a in m["ranges"]],
+                [TacRule(t, i, attribute_from_json(a)) for t, i, a in m["tacs"]],
+                m["rows"], _subscribers(block.subscriber), ordered=True)
+        return cls(meta["name"], meta["run"], entries,
+                   {int(k): v for k, v in meta["tac_names"].items()}, meta["files"])
+
+    @classmethod
+    def _from_npz(cls, data: bytes) -> "ListState":
         with np.load(io.BytesIO(data), allow_pickle=False) as archive:
             meta = json.loads(archive["meta"].tobytes())
             entries = None
@@ -103,15 +135,82 @@ class ListState:
                    {int(k): v for k, v in meta["tac_names"].items()}, meta["files"])
 
 
-def _keys(entries: ListEntries, key_kind: str) -> np.ndarray:
+def _subscribers(column: np.ndarray) -> np.ndarray:
+    """ListEntries' convention: no subscriber column is an empty array."""
+    return np.zeros(0, np.uint64) if column.strides == (0,) else column
+
+
+def _merge_into(entries: ListEntries, added: ListEntries, dropped: list[ListEntries],
+                key_kind: str, scratch: Path | None) -> ListEntries:
+    """`entries` without the keys of `dropped`, plus `added`, in key order, block by block."""
+    drop = _sorted_keys([d for d in dropped if len(d.imei)], key_kind)
+    offset = len(entries.attributes)
+    base = entries_block(entries)
+    extra = Block.of(added.imei.astype(np.uint64), added.imsi.astype(np.uint64),
+                     added.subscriber, added.attribute.astype(np.uint32) + np.uint32(offset)
+                     ).sorted()
+
+    def blocks():
+        for old, new in merge([base, extra]):
+            if len(old) and drop is not None:
+                old = old.select(~_dropped(old, drop, key_kind))
+            yield new if not len(old) else old if not len(new) else \
+                Block.concatenate([old, new]).sorted(runs=True)
+
+    block = collect(blocks(), scratch)
+    return ListEntries(entries.name, block.imei, block.imsi, block.attribute,
+                       entries.attributes + added.attributes, entries.ranges, entries.tacs,
+                       len(block), _subscribers(block.subscriber), ordered=True)
+
+
+def _dropped(block: Block, drop: tuple[np.ndarray, np.ndarray], key_kind: str) -> np.ndarray:
+    """Which entries of `block` have a key among the dropped ones."""
+    drop_imei, drop_keys = drop
+    # Only the dropped keys within this block's IMEIs; found by binary search on the IMEI (a
+    # sort-based np.isin of every block's keys would cost more than the rest of the pass).
+    low = int(np.searchsorted(drop_imei, block.imei[0], side="left"))
+    high = int(np.searchsorted(drop_imei, block.imei[-1], side="right"))
+    if low == high:
+        return np.zeros(len(block), bool)
+    imeis = drop_imei[low:high]
+    at = np.minimum(np.searchsorted(imeis, block.imei), len(imeis) - 1)
+    hit = imeis[at] == block.imei
+    if key_kind == "imei" or not hit.any():
+        return hit
+    # keyed by IMEI and IMSI (or subscriber): compare whole keys, for the few IMEI hits only
+    rows = np.flatnonzero(hit)
+    hit[rows] = np.isin(_block_keys(block.select(rows), key_kind), drop_keys[low:high])
+    return hit
+
+
+def _second(block: Block, key_kind: str) -> np.ndarray:
     if key_kind == "imei":
-        return entries.imei.astype(np.uint64, copy=False)
-    second = entries.imsi if key_kind == "imsi" else entries.subscriber
-    if len(second) != len(entries.imei):  # an old state without subscribers
-        second = np.zeros(len(entries.imei), np.uint64)
-    pairs = np.ascontiguousarray(np.stack([entries.imei.astype(np.uint64),
-                                           second.astype(np.uint64)], axis=1))
-    return pairs.view(np.dtype((np.void, 16))).ravel()
+        return np.zeros(len(block), np.uint64)
+    column = block.imsi if key_kind == "imsi" else block.subscriber
+    return np.ascontiguousarray(column, dtype=np.uint64)
+
+
+def _block_keys(block: Block, key_kind: str) -> np.ndarray:
+    pairs = np.stack([np.ascontiguousarray(block.imei, dtype=np.uint64),
+                      _second(block, key_kind)], axis=1)
+    return np.ascontiguousarray(pairs).view(np.dtype((np.void, 16))).ravel()
+
+
+def _sorted_keys(lists: list[ListEntries], key_kind: str):
+    """(IMEIs, keys) of `lists`, sorted by IMEI: the keys a block may drop are found by IMEI."""
+    if not lists:
+        return None
+    block = Block.concatenate([Block.of(e.imei.astype(np.uint64), e.imsi.astype(np.uint64),
+                                        e.subscriber, e.attribute) for e in lists])
+    order = np.argsort(block.imei, kind="stable")
+    block = Block.of(block.imei[order], np.asarray(block.imsi)[order],
+                     np.asarray(block.subscriber)[order], block.attribute[order])
+    return block.imei, _block_keys(block, key_kind)
+
+
+def _keys(entries: ListEntries, key_kind: str) -> np.ndarray:
+    return _block_keys(Block.of(entries.imei, entries.imsi, entries.subscriber,
+                                entries.attribute), key_kind)
 
 
 def _remove(entries: ListEntries, keys_of: ListEntries, key_kind: str) -> ListEntries:
