@@ -2,6 +2,10 @@
 by block, table files, and a snapshot compiled block by block that is byte-identical to one
 compiled in a single block."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -11,6 +15,8 @@ from eir.registry.entries import Attribute, Kind, ListDelta, ListEntries
 from eir.registry.state import ListState
 from eir.registry.table import Block, EntrySorter, merge, open_table, write_table
 from eir.snapshot import Snapshot, compile_snapshot
+from eir.store import Store
+from eir.sync import sync
 
 RNG = np.random.default_rng(7)
 
@@ -120,3 +126,22 @@ def test_delta_applied_to_a_spilled_state_matches_the_in_memory_result(tmp_path,
                 if i not in gone} | {(i, a + 2) for i, a in zip(added.imei.tolist(),
                                                                  added.attribute.tolist())}
         assert got == want
+
+
+def test_sync_removes_its_scratch_and_a_killed_syncs_but_not_a_running_syncs(tmp_path):
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    (drop / "20261120_blacklist.csv").write_text(
+        "imei,block_date,reasons\n35209900176148,20200101,stolen\n")
+    store = Store(tmp_path / "store")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    killed = store.root / "tmp" / f"sync-{dead}-abc"
+    running = store.root / "tmp" / f"sync-{os.getpid()}-other"
+    for directory in (killed, running):
+        directory.mkdir(parents=True)
+        (directory / "run-1.table").write_bytes(b"x" * 100)
+    assert sync(str(drop), store).published
+    assert sorted(p.name for p in (store.root / "tmp").iterdir()) == [running.name]
+    state, = (store.root / "lists").glob("blacklist-*.state")
+    assert ListState.open(state).entries.imei.tolist() == [35209900176148]

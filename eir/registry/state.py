@@ -8,8 +8,6 @@ is that run.
 
 from __future__ import annotations
 
-import io
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -98,10 +96,6 @@ class ListState:
     @classmethod
     def open(cls, path: Path) -> "ListState":
         """A saved state; its entries are memory-mapped from the file, not read."""
-        with open(path, "rb") as handle:
-            legacy = handle.read(2) == b"PK"
-        if legacy:  # saved by open EIR 0.1 (numpy .npz): read whole
-            return cls._from_npz(path.read_bytes())
         try:
             meta, block = open_table(path)
         except TableError as exc:
@@ -117,23 +111,6 @@ class ListState:
                 m["rows"], _subscribers(block.subscriber), ordered=True)
         return cls(meta["name"], meta["run"], entries,
                    {int(k): v for k, v in meta["tac_names"].items()}, meta["files"])
-
-    @classmethod
-    def _from_npz(cls, data: bytes) -> "ListState":
-        with np.load(io.BytesIO(data), allow_pickle=False) as archive:
-            meta = json.loads(archive["meta"].tobytes())
-            entries = None
-            if "entries" in meta:
-                m = meta["entries"]
-                entries = ListEntries(
-                    m["name"], archive["imei"], archive["imsi"], archive["attribute"],
-                    [attribute_from_json(a) for a in m["attributes"]],
-                    [RangeRule(s, e, i, attribute_from_json(a)) for s, e, i, a in m["ranges"]],
-                    [TacRule(t, i, attribute_from_json(a)) for t, i, a in m["tacs"]],
-                    m["rows"], archive["subscriber"])
-        return cls(meta["name"], meta["run"], entries,
-                   {int(k): v for k, v in meta["tac_names"].items()}, meta["files"])
-
 
 def _subscribers(column: np.ndarray) -> np.ndarray:
     """ListEntries' convention: no subscriber column is an empty array."""
