@@ -335,7 +335,10 @@ def _describe(attribute: Attribute, status: EquipmentStatus) -> str:
         why = f"{attribute.subject} is {status.name.lower()}"
         return f"{why}: {text}" if text else why
     date = _format_day(attribute.block_date)
-    if kind is Kind.BLACKLIST:
+    if kind is Kind.WHITELIST:
+        why = "registered on the registry whitelist" + (
+            f" on {date}" if attribute.block_date else "")
+    elif kind is Kind.BLACKLIST:
         why = f"on the registry blacklist since {date}"
     elif kind is Kind.NOTIFICATION:
         why = (f"notified by the registry, blocked since {date}"

@@ -25,6 +25,7 @@ class Kind(enum.IntEnum):
     BLACKLIST = 1  # BLACKLISTED from block_date on (nothing before)
     NOTIFICATION = 2  # GREYLISTED until block_date, BLACKLISTED from it
     EXCEPTION = 3  # WHITELISTED, for the paired IMSI only
+    WHITELIST = 4  # registered with the registry: WHITELISTED (block_date: registration date)
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,7 @@ class Attribute:
         kind = self.kind
         if kind is Kind.NATIVE:
             return self.status
-        if kind is Kind.EXCEPTION:
+        if kind is Kind.EXCEPTION or kind is Kind.WHITELIST:
             return EquipmentStatus.WHITELISTED
         if kind is Kind.BLACKLIST:
             return EquipmentStatus.BLACKLISTED if day >= self.block_date else None

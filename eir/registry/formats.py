@@ -8,9 +8,12 @@ come as a `.zip` holding it):
     <date>_notifications_<op>.csv             full notifications list of operator <op>
                                               imei,imsi,msisdn,block_date,reasons[,amnesty_granted]
     <date>_exceptions_<op>.csv                full exceptions (pairing) list   imei,imsi,msisdn
+    <date>_whitelist.csv                      full whitelist (registered IMEIs)
+                                              imei[,registration_date]
     <date>_blacklist_delta_<base>_<run>_<reason>.csv
     <date>_notifications_<op>_delta_<base>_<run>_<reason>.csv
     <date>_exceptions_<op>_delta_<base>_<run>_<reason>.csv
+    <date>_whitelist_delta_<base>_<run>_<reason>.csv
                                               per-reason delta files (same columns as the full list)
 
 Any other name is recognised by its header line:
@@ -22,6 +25,7 @@ Any other name is recognised by its header line:
     imei,block_date,reasons                   a blacklist
     imei,imsi,msisdn,block_date,reasons[,...] a notifications list
     imei,imsi[,msisdn]                        an exceptions list
+    imei[,registration_date]                  a whitelist
 
 What each becomes:
 
@@ -32,12 +36,17 @@ What each becomes:
   (kind, block_date, reasons), its source the CSV's file name; reasons `a|b` read "a, b"; a
   notification with `amnesty_granted` true gets " (amnesty granted)" after its reasons.
   `msisdn` is not used (never validated).
+* whitelist → `Kind.WHITELIST` entries (imsi 0), WHITELISTED whatever the date: the registered
+  IMEIs of a whitelist scheme (Indonesia's CEIR), to be used with unknown_policy blacklisted.
+  DIRBS publishes no such file to operators; the name and columns follow its conventions.
+  `registration_date` (YYYYMMDD, may be empty) only appears in the reason.
 * Delta reasons: a row in an *added/replaced* file is added, replacing any entry with its key
   (IMEI, or IMEI+IMSI for exceptions); a row in a *removed* file removes its key:
       blacklist      blocked, changed → added;   unblocked → removed
       notifications  new, changed → added;       resolved, no_longer_seen, blacklisted → removed
                      (blacklisted: the IMEI moved to the blacklist, whose own delta adds it)
       exceptions     added → added;              removed → removed
+      whitelist      added, changed → added;     removed → removed
   `base` and `run` come from the name (DIRBS writes -1 as base when there was none).
 * Stolen list delta: `add`/`update` rows whose status is empty or `blacklist` are added as
   `Kind.BLACKLIST` with block_date = reporting_date (empty: 0, blocked whatever the date), reason
@@ -99,11 +108,13 @@ DELTA_REASONS = {
     "notifications": {"new": ADDING, "changed": ADDING, "resolved": REMOVING,
                       "no_longer_seen": REMOVING, "blacklisted": REMOVING},
     "exceptions": {"added": ADDING, "removed": REMOVING},
+    "whitelist": {"added": ADDING, "changed": ADDING, "removed": REMOVING},
 }
 COLUMNS = {  # required columns of each registry format, optional ones after "|"
     "blacklist": (("imei", "block_date", "reasons"), ()),
     "notifications": (("imei", "imsi", "msisdn", "block_date", "reasons"), ("amnesty_granted",)),
     "exceptions": (("imei", "imsi"), ("msisdn",)),
+    "whitelist": (("imei",), ("registration_date",)),
     "stolen": (("imei", "reporting_date", "status", "change_type"), ()),
     "pairing": (("imei", "imsi", "change_type"), ("msisdn",)),
 }
@@ -539,7 +550,8 @@ def _read_rows_unguarded(src: _Source, fmt: str, sort: bool, scratch: Path | Non
     header = _read_header(src, ",".join(required))
     _check_columns(src, header, required, optional)
     wanted = [c for c in ("imei", "imsi", "block_date", "reasons", "amnesty_granted",
-                          "reporting_date", "status", "change_type") if c in header.names]
+                          "reporting_date", "registration_date", "status", "change_type")
+              if c in header.names]
     problems = _Problems()
     attributes = _Attributes(src.filename)
     parts: dict[str, list[np.ndarray]] = {"imei": [], "imsi": [], "attribute": [], "adds": [],
@@ -609,6 +621,18 @@ def _batch_attributes(fmt: str, cells: dict[str, pa.Array], offset: int,
 
         index = attributes.for_rows([cells["reporting_date"]], stolen)
         problems.add(index < 0, offset, "reporting_date", cells["reporting_date"],
+                     _describe_date, 2)
+        return index
+    if fmt == "whitelist":
+        if "registration_date" not in cells:
+            return np.full(count, attributes.get(Kind.WHITELIST), np.int64)
+
+        def registered(date_text: str) -> int | None:
+            day = _parse_date(date_text, allow_empty=True)
+            return None if day is None else attributes.get(Kind.WHITELIST, day)
+
+        index = attributes.for_rows([cells["registration_date"]], registered)
+        problems.add(index < 0, offset, "registration_date", cells["registration_date"],
                      _describe_date, 2)
         return index
     kind = Kind.BLACKLIST if fmt == "blacklist" else Kind.NOTIFICATION
@@ -761,6 +785,8 @@ def _sniff(header: _Header) -> str | None:
         return "notifications" if "imsi" in names else "blacklist"
     if "imsi" in names:
         return "exceptions"
+    if set(names) <= {"imei", "registration_date"}:
+        return "whitelist"
     return None
 
 
@@ -781,7 +807,7 @@ def _parse_source(src: _Source, native: Callable[[], ListEntries],
         return read_tac_names(src)
     if fmt in ("stolen", "pairing"):
         return read_change_delta(src, fmt)
-    if fmt in ("blacklist", "notifications", "exceptions"):
+    if fmt in ("blacklist", "notifications", "exceptions", "whitelist"):
         return read_full_list(src, fmt, scratch)
     raise _fail(src.label, "header", f"not a known list format: {','.join(header.names)!r} "
                 "(see eir.registry.formats for the accepted files)", 1)
