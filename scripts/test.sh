@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # The one test command (README, .ci/run): installs what the tests need, then runs them.
-#   - Debian packages: freediameterd + extensions (a real Diameter peer), tshark (a real
-#     dissector), postgresql (a real server the observation tests start and stop themselves;
-#     its cluster is not used). Installed with apt-get when missing (root, or sudo).
+#   - Debian packages: freediameterd + extensions (a real Diameter peer) and its headers with
+#     gcc and make (the mme-sim extension is built by the tests), tshark (a real dissector),
+#     postgresql (a real server the observation tests start and stop themselves; its cluster
+#     is not used), prometheus (its promtool checks the lab's Prometheus config and dashboard
+#     queries). Installed with apt-get when missing (root, or sudo).
 #   - a virtual environment in .venv with the project and its test extras.
 # Extra arguments go to pytest, e.g. `bash scripts/test.sh -k wire_errors`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-apt_packages=(freediameterd freediameter-extensions libfreediameter-dev tshark postgresql)
+apt_packages=(freediameterd freediameter-extensions libfreediameter-dev tshark postgresql gcc make
+              prometheus)
 missing=()
 for package in "${apt_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" \

@@ -1,0 +1,29 @@
+# open EIR as a container image: `eir serve` on the Diameter port, for the lab of
+# docker-compose.yml (testbed/README.md) or any deployment that mounts its own config.
+#
+#   docker build -t open-eir .
+#   docker run -v "$PWD/config:/etc/eir:ro" -p 3868:3868 open-eir eir serve --config /etc/eir/eir.yaml
+
+# Build stage: a wheel of this repository, with the optional C lookup (eir/_lookup.c)
+# compiled, since the slim image has no compiler.
+FROM python:3.11-slim AS build
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY pyproject.toml setup.py README.md ./
+COPY eir ./eir
+COPY dictionaries ./dictionaries
+RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
+
+FROM python:3.11-slim
+COPY --from=build /wheels /wheels
+RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels \
+    && useradd --system --home-dir /var/lib/eir --create-home eir
+# Observations (observations.sqlite) are written to the working directory: mount a volume
+# here to keep them.
+WORKDIR /var/lib/eir
+USER eir
+# Diameter; 9464 is the Prometheus metrics port that `eir serve --metrics` will use.
+EXPOSE 3868 9464
+CMD ["eir", "serve"]

@@ -1,0 +1,934 @@
+"""The lab testbed (docker-compose.yml and testbed/), checked without a Docker engine.
+
+Each `check_*` function reads the compose file and the configs it names, as the containers
+would see them through their bind mounts, and returns the problems it finds (empty: none).
+The tests run every check on the repository, then again on copies broken on purpose, one
+edit each, to show that each check notices what it is there to notice. The last test runs
+Debian's freeDiameter with the MME's freeDiameter config against `eir serve` with the lab's
+EIR config.
+"""
+
+from __future__ import annotations
+
+import configparser
+import ipaddress
+import json
+import re
+import shlex
+import shutil
+import socket
+import subprocess
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path, PurePosixPath
+
+import pytest
+import yaml
+
+from eir.config import ConfigError, load_settings, parse_host_port
+from eir.lists import ListError
+from eir.server import load_rules
+from helpers_process import LoggedProcess, run_eir
+
+ROOT = Path(__file__).resolve().parent.parent
+
+SERVICES = ("mongodb", "subscriber", "hss", "pcrf", "mme", "sgwc", "sgwu", "smf", "upf",
+            "eir", "enb", "ue", "prometheus", "grafana")
+OPEN5GS_DAEMONS = {"hss": "open5gs-hssd", "pcrf": "open5gs-pcrfd", "mme": "open5gs-mmed",
+                   "sgwc": "open5gs-sgwcd", "sgwu": "open5gs-sgwud", "smf": "open5gs-smfd",
+                   "upf": "open5gs-upfd"}
+MME_IMAGE_VARIABLE = "OPEN5GS_MME_IMAGE"
+DIAMETER_PORT = 3868  # freeDiameter's default Port, and a ConnectPeer's
+
+# The scenario of testbed/README.md: the list in force (eir.yaml's lists.files) has the UE's
+# IMEI blacklisted; its prepared variant beside it has it whitelisted.
+WHITELISTED_VARIANT = "lab-whitelisted.csv"
+SCENARIO = ((None, "BLACKLISTED"), (WHITELISTED_VARIANT, "WHITELISTED"))
+
+# open EIR's Prometheus metrics (`eir serve --metrics`, a later issue) and their labels.
+METRIC_LABELS = {
+    "eir_requests_total": {"command"},
+    "eir_answers_total": {"command", "result_code", "equipment_status"},
+    "eir_peers": {"state"},
+    "eir_list_entries": set(),
+    "eir_list_age_seconds": set(),
+    "eir_sync_total": {"outcome"},
+    "eir_observations_written_total": set(),
+    "eir_observations_dropped_total": set(),
+}
+HISTOGRAMS = {"eir_request_duration_seconds": set()}
+for _histogram, _labels in HISTOGRAMS.items():
+    METRIC_LABELS[f"{_histogram}_bucket"] = _labels | {"le"}
+    METRIC_LABELS[f"{_histogram}_sum"] = _labels
+    METRIC_LABELS[f"{_histogram}_count"] = _labels
+
+
+# --- readers -------------------------------------------------------------------------------
+
+def compose_default(value: str) -> str:
+    """A compose value with `${VAR:-default}` replaced by its default and `$$` by `$`."""
+    return re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", value).replace("$$", "$")
+
+
+@dataclass
+class PeerEntry:
+    name: str
+    options: dict[str, str]
+    flags: set[str]
+
+
+@dataclass
+class FreeDiameterConfig:
+    path: Path
+    values: dict[str, list[str]] = field(default_factory=dict)
+    flags: set[str] = field(default_factory=set)
+    peers: dict[str, PeerEntry] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+    def value(self, key: str) -> str | None:
+        found = self.values.get(key)
+        return found[0] if found else None
+
+    @property
+    def listen_port(self) -> int:
+        return int(self.value("Port") or DIAMETER_PORT)
+
+
+FD_STATEMENT = re.compile(
+    r'\s*(?P<key>\w+)\s*'
+    r'(?:=\s*(?P<value>"[^"]*"(?:\s*,\s*"[^"]*")*|[^;{"\s]+)\s*)?'
+    r'(?::\s*"[^"]*"\s*)?'
+    r'(?:\{(?P<block>[^}]*)\}\s*)?;')
+FD_OPTION = re.compile(r'\s*(?P<key>\w+)\s*(?:=\s*(?P<value>"[^"]*"|[^;\s]+)\s*)?;')
+
+
+def _without_comments(text: str) -> str:
+    """freeDiameter's `#` comments removed (none of our quoted strings holds a `#`)."""
+    return "\n".join(line.split("#", 1)[0] for line in text.splitlines())
+
+
+def _unquote(value: str) -> str:
+    return value[1:-1] if value.startswith('"') and value.endswith('"') else value
+
+
+def parse_freediameter(path: Path) -> FreeDiameterConfig:
+    """The statements of a freeDiameter configuration file; what cannot be read is a problem."""
+    config = FreeDiameterConfig(path)
+    text = _without_comments(path.read_text(encoding="utf-8"))
+    position = 0
+    while text[position:].strip():
+        match = FD_STATEMENT.match(text, position)
+        if not match:
+            start = len(text) - len(text[position:].lstrip())
+            line = text.count("\n", 0, start) + 1
+            config.problems.append(f"{path}:{line}: not a freeDiameter statement: "
+                                   f"{text[position:].strip().splitlines()[0]!r}")
+            break
+        key, value, block = match.group("key"), match.group("value"), match.group("block")
+        if key == "ConnectPeer":
+            options: dict[str, str] = {}
+            flags: set[str] = set()
+            for option in FD_OPTION.finditer(block or ""):
+                if option.group("value") is None:
+                    flags.add(option.group("key"))
+                else:
+                    options[option.group("key")] = _unquote(option.group("value"))
+            config.peers[_unquote(value or "")] = PeerEntry(_unquote(value or ""), options, flags)
+        elif value is None:
+            config.flags.add(key)
+        else:
+            config.values.setdefault(key, []).append(_unquote(value.split(",")[0].strip()))
+        position = match.end()
+    return config
+
+
+def parse_ini(path: Path) -> configparser.ConfigParser:
+    """An srsRAN .conf of `[section]` and `key = value` lines."""
+    parser = configparser.ConfigParser(inline_comment_prefixes=("#",), interpolation=None)
+    parser.read_string(path.read_text(encoding="utf-8"), source=str(path))
+    return parser
+
+
+def libconfig_value(path: Path, key: str) -> str | None:
+    """The first `key = value;` of a libconfig file (srsRAN's rr.conf), as text."""
+    match = re.search(rf"^\s*{re.escape(key)}\s*=\s*([^;\s]+)\s*;", path.read_text(),
+                      re.MULTILINE)
+    return match.group(1) if match else None
+
+
+PROMQL_KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool",
+                   "and", "or", "unless", "offset", "Inf", "NaN", "inf", "nan"}
+
+
+@lru_cache(maxsize=1)
+def eir_serve_options() -> frozenset[str]:
+    """The options `eir serve --help` lists."""
+    return frozenset(re.findall(r"(?<![\w-])(--[a-z][a-z-]*)", run_eir("serve", "--help").stdout))
+
+
+def promql_metrics_and_labels(expression: str) -> tuple[set[str], set[str]]:
+    """(metric names, label names) a PromQL expression refers to."""
+    text = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expression)
+    labels: set[str] = set()
+    for matchers in re.findall(r"\{([^}]*)\}", text):
+        labels |= set(re.findall(r"([A-Za-z_]\w*)\s*(?:=~|!~|!=|=)", matchers))
+    for grouping in re.findall(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*"
+                               r"\(([^)]*)\)", text):
+        labels |= {name.strip() for name in grouping.split(",") if name.strip()}
+    text = re.sub(r"\{[^}]*\}|\[[^\]]*\]", " ", text)
+    text = re.sub(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ",
+                  text)
+    metrics = set()
+    for match in re.finditer(r"(?<![\w:.])[A-Za-z_:][\w:]*", text):
+        if match.group() in PROMQL_KEYWORDS or text[match.end():].lstrip().startswith("("):
+            continue  # a keyword, or a function's name
+        metrics.add(match.group())
+    return metrics, labels
+
+
+# --- the lab as the containers see it --------------------------------------------------------
+
+class LabError(Exception):
+    """A config path a service names is on no bind mount, or its file does not exist."""
+
+
+class Lab:
+    """docker-compose.yml under `root`, and the host files behind each service's mounts."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.compose_path = root / "docker-compose.yml"
+        self.compose = yaml.safe_load(self.compose_path.read_text(encoding="utf-8"))
+        self.services: dict[str, dict] = self.compose.get("services") or {}
+
+    def service(self, name: str) -> dict:
+        return self.services.get(name) or {}
+
+    def address(self, name: str) -> str | None:
+        networks = self.service(name).get("networks")
+        if isinstance(networks, dict):
+            for settings in networks.values():
+                if isinstance(settings, dict) and settings.get("ipv4_address"):
+                    return settings["ipv4_address"]
+        return None
+
+    def bind_mounts(self, name: str) -> list[tuple[str, PurePosixPath]]:
+        """(host source as written, container target) of the service's bind mounts."""
+        mounts = []
+        for volume in self.service(name).get("volumes") or []:
+            source, target = _volume_source_target(volume)
+            if source.startswith((".", "/")):
+                mounts.append((source, PurePosixPath(target)))
+        return mounts
+
+    def host_path(self, name: str, container_path: str) -> Path | None:
+        """The host file behind `container_path` in service `name`, if a bind mount holds it."""
+        wanted = PurePosixPath(container_path)
+        for source, target in self.bind_mounts(name):
+            if wanted == target or target in wanted.parents:
+                return (self.root / source / wanted.relative_to(target)).resolve()
+        return None
+
+    def command(self, name: str) -> list[str]:
+        command = self.service(name).get("command") or []
+        return shlex.split(command) if isinstance(command, str) else [str(c) for c in command]
+
+    def config_file(self, name: str, container_path: str) -> Path:
+        """The host file of a config path a service names; LabError when there is none."""
+        path = self.host_path(name, container_path)
+        if path is None:
+            raise LabError(f"{name}: {container_path} is on no bind mount")
+        if not path.is_file():
+            raise LabError(f"{name}: {container_path} is {path}, which does not exist")
+        return path
+
+    def option(self, name: str, flag: str) -> str | None:
+        """The value after `flag` in the service's command (`-c FILE`, `--config FILE`)."""
+        command = self.command(name)
+        for index, word in enumerate(command):
+            if word == flag and index + 1 < len(command):
+                return command[index + 1]
+            if word.startswith(flag + "="):
+                return word.split("=", 1)[1]
+        return None
+
+    def open5gs_config(self, name: str) -> tuple[Path, dict]:
+        path = self.config_file(name, self.option(name, "-c") or "")
+        return path, yaml.safe_load(path.read_text(encoding="utf-8"))
+
+    def freediameter(self, name: str) -> FreeDiameterConfig:
+        _, config = self.open5gs_config(name)
+        return parse_freediameter(self.config_file(name, config[name]["freeDiameter"]))
+
+    def eir_config_path(self) -> Path:
+        return self.config_file("eir", self.option("eir", "--config") or "")
+
+    def srsran(self, name: str) -> configparser.ConfigParser:
+        return parse_ini(self.config_file(name, self.command(name)[0]))
+
+
+def _volume_source_target(volume) -> tuple[str, str]:
+    if isinstance(volume, dict):
+        return str(volume.get("source", "")), str(volume.get("target", ""))
+    parts = str(volume).split(":")
+    return (parts[0], parts[1]) if len(parts) > 1 else ("", parts[0])
+
+
+def _servers(section: dict | None, key: str) -> list[str]:
+    """The `address`es of an Open5GS `server:`/`client:` list."""
+    entries = (section or {}).get(key) or []
+    return [str(entry.get("address")) for entry in entries if isinstance(entry, dict)]
+
+
+# --- checks: each returns its problems ----------------------------------------------------
+
+def check_services(lab: Lab) -> list[str]:
+    problems = [f"no service {name!r}" for name in SERVICES if name not in lab.services]
+    for name, service in lab.services.items():
+        image = compose_default(str(service.get("image", "")))
+        build = service.get("build")
+        if not image and not build:
+            problems.append(f"{name}: neither an image nor a build")
+        if build:
+            context = lab.root / (build if isinstance(build, str) else build.get("context", "."))
+            dockerfile = context / (build.get("dockerfile", "Dockerfile")
+                                    if isinstance(build, dict) else "Dockerfile")
+            if not dockerfile.is_file():
+                problems.append(f"{name}: build file {dockerfile} does not exist")
+        for other in service.get("depends_on") or []:
+            if other not in lab.services:
+                problems.append(f"{name}: depends on {other!r}, which is no service")
+    mme_image = str(lab.service("mme").get("image", ""))
+    if not re.fullmatch(rf"\$\{{{MME_IMAGE_VARIABLE}:-[^}}]+\}}", mme_image):
+        problems.append(f"mme: image {mme_image!r} is not ${{{MME_IMAGE_VARIABLE}:-...}}")
+    for name, daemon in OPEN5GS_DAEMONS.items():
+        command = lab.command(name)
+        if not command or command[0] != daemon or lab.option(name, "-c") is None:
+            problems.append(f"{name}: command {command} is not `{daemon} -c FILE`")
+    return problems
+
+
+def check_mounts(lab: Lab) -> list[str]:
+    problems = []
+    declared = set(lab.compose.get("volumes") or {})
+    for name, service in lab.services.items():
+        for volume in service.get("volumes") or []:
+            source, _ = _volume_source_target(volume)
+            if source.startswith((".", "/")):
+                if not (lab.root / source).exists():
+                    problems.append(f"{name}: mounted host path {source} does not exist")
+            elif source and source not in declared:
+                problems.append(f"{name}: volume {source!r} is not declared under volumes:")
+    return problems
+
+
+def check_config_paths(lab: Lab) -> list[str]:
+    """Every config path a command names, and every path those configs name, exists."""
+    problems = []
+
+    def need(name: str, container_path: str) -> Path | None:
+        try:
+            return lab.config_file(name, container_path)
+        except LabError as exc:
+            problems.append(str(exc))
+            return None
+
+    for name in OPEN5GS_DAEMONS:
+        path = need(name, lab.option(name, "-c") or "")
+        if path is None:
+            continue
+        section = (yaml.safe_load(path.read_text()) or {}).get(name) or {}
+        if "freeDiameter" in section:
+            need(name, section["freeDiameter"])
+    need("eir", lab.option("eir", "--config") or "")
+    for name in ("enb", "ue"):
+        path = need(name, (lab.command(name) or [""])[0])
+        if path is not None and name == "enb":
+            for value in parse_ini(path)["enb_files"].values():
+                need(name, value)
+    need("prometheus", lab.option("prometheus", "--config.file") or "")
+    for provisioning in ("datasources", "dashboards"):
+        directory = lab.host_path("grafana", f"/etc/grafana/provisioning/{provisioning}")
+        if directory is None or not any(directory.glob("*.yml")):
+            problems.append(f"grafana: no provisioning/{provisioning}/*.yml is mounted")
+    for provider in _grafana_providers(lab):
+        folder = lab.host_path("grafana", provider["options"]["path"])
+        if folder is None or not any(folder.glob("*.json")):
+            problems.append(f"grafana: dashboard folder {provider['options']['path']} has "
+                            "no mounted dashboard")
+    return problems
+
+
+def check_host_ports(lab: Lab) -> list[str]:
+    problems = []
+    taken: dict[tuple[int, str], str] = {}
+    for name, service in lab.services.items():
+        for port in service.get("ports") or []:
+            if isinstance(port, dict):
+                published, protocol = str(port.get("published", "")), port.get("protocol", "tcp")
+            else:
+                spec, _, protocol = str(port).partition("/")
+                parts = spec.rsplit(":", 2)
+                published = parts[-2] if len(parts) >= 2 else ""
+                protocol = protocol or "tcp"
+            if not published:
+                continue
+            key = (int(published), protocol)
+            if key in taken:
+                problems.append(f"host port {published}/{protocol} is published by both "
+                                f"{taken[key]} and {name}")
+            taken[key] = name
+    return problems
+
+
+def check_addresses(lab: Lab) -> list[str]:
+    problems = []
+    subnets = [ipaddress.ip_network(entry["subnet"])
+               for network in (lab.compose.get("networks") or {}).values()
+               for entry in ((network or {}).get("ipam") or {}).get("config") or []]
+    seen: dict[str, str] = {}
+    for name in lab.services:
+        address = lab.address(name)
+        if address is None:
+            continue
+        if not any(ipaddress.ip_address(address) in subnet for subnet in subnets):
+            problems.append(f"{name}: {address} is in no subnet of the compose networks")
+        if address in seen:
+            problems.append(f"{name} and {seen[address]} both have address {address}")
+        seen[address] = name
+    for name in (*OPEN5GS_DAEMONS, "eir", "enb", "ue"):
+        if lab.address(name) is None:
+            problems.append(f"{name}: no fixed ipv4_address (the configs name it by address)")
+    return problems
+
+
+def check_diameter(lab: Lab) -> list[str]:
+    """The Diameter peers: every ConnectPeer reaches a peer of that identity, at its address
+    and port; the MME's ConnectPeer and `eir:` section name the EIR as its config says."""
+    problems = []
+    settings = load_settings(lab.eir_config_path())
+    eir = settings.diameter
+    eir_listen = [parse_host_port(item) for item in eir.listen]
+    eir_ports = {port for _, port in eir_listen}
+    eir_address = lab.address("eir")
+    identities: dict[str, tuple[str, FreeDiameterConfig]] = {}
+    configs = {}
+    for name in OPEN5GS_DAEMONS:
+        _, yaml_config = lab.open5gs_config(name)
+        if "freeDiameter" not in (yaml_config.get(name) or {}):
+            continue
+        config = configs[name] = lab.freediameter(name)
+        problems += config.problems
+        identity = config.value("Identity")
+        if identity in identities or identity == eir.origin_host:
+            problems.append(f"{name}: Diameter identity {identity} is used twice")
+        identities[identity] = (name, config)
+        if config.value("ListenOn") != lab.address(name):
+            problems.append(f"{name}: freeDiameter ListenOn {config.value('ListenOn')} is not "
+                            f"the service's address {lab.address(name)}")
+    for name, config in configs.items():
+        for peer in config.peers.values():
+            connect_to = peer.options.get("ConnectTo")
+            port = int(peer.options.get("Port", DIAMETER_PORT))
+            where = f"{config.path.name}: ConnectPeer {peer.name!r}"
+            if peer.name == eir.origin_host:
+                if connect_to != eir_address:
+                    problems.append(f"{where}: ConnectTo {connect_to} is not the eir service's "
+                                    f"address {eir_address}")
+                if port not in eir_ports:
+                    problems.append(f"{where}: Port {port} is not the EIR's listen port "
+                                    f"{sorted(eir_ports)}")
+                if not any(host in ("0.0.0.0", eir_address) for host, _ in eir_listen):
+                    problems.append(f"eir.yaml: listens on {eir.listen}, not on {eir_address}")
+                if (eir.transport == "tcp") != ("No_SCTP" in peer.flags):
+                    state = "set" if "No_SCTP" in peer.flags else "missing"
+                    problems.append(f"{where}: No_SCTP is {state}, but the EIR's transport is "
+                                    f"{eir.transport}")
+                if config.value("Realm") != eir.origin_realm:
+                    problems.append(f"{config.path.name}: Realm {config.value('Realm')} is not "
+                                    f"the EIR's realm {eir.origin_realm}")
+            elif peer.name in identities:
+                other, other_config = identities[peer.name]
+                if connect_to != lab.address(other):
+                    problems.append(f"{where}: ConnectTo {connect_to} is not {other}'s address "
+                                    f"{lab.address(other)}")
+                if port != other_config.listen_port:
+                    problems.append(f"{where}: Port {port} is not {other}'s Diameter port")
+            else:
+                problems.append(f"{where}: no peer of the lab has that identity")
+    mme_fd = configs.get("mme")
+    if mme_fd is None or eir.origin_host not in mme_fd.peers:
+        problems.append(f"mme.conf: no ConnectPeer named {eir.origin_host!r}, the EIR's "
+                        "origin_host")
+    exposed = {int(str(port).split("/")[0]) for port in lab.service("eir").get("expose") or []}
+    if not eir_ports <= exposed:
+        problems.append(f"eir service: exposes {sorted(exposed)}, not the listen port "
+                        f"{sorted(eir_ports)}")
+    eir_section = (lab.open5gs_config("mme")[1].get("mme") or {}).get("eir") or {}
+    if eir_section.get("enabled") is not True:
+        problems.append("mme.yaml: eir.enabled is not true")
+    if eir_section.get("realm") != eir.origin_realm:
+        problems.append(f"mme.yaml: eir.realm {eir_section.get('realm')!r} is not the EIR's "
+                        f"realm {eir.origin_realm!r}")
+    if eir_section.get("host") != eir.origin_host:
+        problems.append(f"mme.yaml: eir.host {eir_section.get('host')!r} is not the EIR's "
+                        f"identity {eir.origin_host!r} (its ConnectPeer)")
+    return problems
+
+
+def check_eir_config(lab: Lab) -> list[str]:
+    """The EIR's command is one `eir serve` accepts, and its config and lists load as
+    `eir serve` loads them."""
+    command = lab.command("eir")
+    if command[:2] != ["eir", "serve"]:
+        return [f"eir: command {command} is not `eir serve ...`"]
+    unknown = [word for word in command[2:]
+               if word.startswith("--") and word.split("=")[0] not in eir_serve_options()]
+    if unknown:
+        return [f"eir: {', '.join(unknown)}: not an option of `eir serve` (see its --help)"]
+    try:
+        settings = load_settings(lab.eir_config_path())
+        load_rules(settings, first_sync=False)
+    except (ConfigError, ListError, OSError) as exc:
+        return [f"eir config: {exc}"]
+    if settings.store.directory is not None:
+        return ["eir config: the lab answers from list files, not a store"]
+    working_directory = PurePosixPath(lab.service("eir").get("working_dir", "/"))
+    if settings.observations.enabled and settings.observations.database is None and not any(
+            _volume_source_target(v)[1] == str(working_directory)
+            for v in lab.service("eir").get("volumes") or []):
+        return [f"eir: observations go to {working_directory}, which is on no volume"]
+    return []
+
+
+def check_scenario(lab: Lab) -> list[str]:
+    """The UE's IMEI has, in each list of the README's scenario, the status it says: asked of
+    the EIR itself (`eir check`), with the UE's IMEI and IMSI from its srsRAN config."""
+    problems = []
+    usim = lab.srsran("ue")["usim"]
+    imei, imsi = usim["imei"], usim["imsi"]
+    config = lab.eir_config_path()
+    in_force = load_settings(config).lists.files
+    readme = (lab.root / "testbed" / "README.md").read_text(encoding="utf-8")
+    for variant, expected in SCENARIO:
+        arguments = ["check", imei, "--imsi", imsi, "--config", str(config), "--json"]
+        which = variant or "in force"
+        if variant is not None:
+            arguments += ["--list", str(in_force[0].parent / variant)]
+            if variant not in readme:
+                problems.append(f"testbed/README.md does not mention {variant}")
+        result = run_eir(*arguments)
+        if result.returncode != 0:
+            problems.append(f"eir check {which}: {result.stderr.strip()}")
+            continue
+        verdict = json.loads(result.stdout)
+        if verdict["status"] != expected:
+            problems.append(f"lists {which}: IMEI {imei} is {verdict['status']}, the scenario "
+                            f"needs {expected} ({verdict['reason']}; {verdict['source']})")
+    if imei not in readme:
+        problems.append(f"testbed/README.md does not name the UE's IMEI {imei}")
+    return problems
+
+
+def check_radio(lab: Lab) -> list[str]:
+    """PLMN, TAC, carrier, S1 and ZeroMQ addresses agree between MME, eNB and UE."""
+    problems = []
+    mme = lab.open5gs_config("mme")[1]["mme"]
+    enb, ue = lab.srsran("enb"), lab.srsran("ue")
+    plmn = (str(enb["enb"]["mcc"]), str(enb["enb"]["mnc"]))
+    for key in ("tai", "gummei"):
+        for entry in mme.get(key) or []:
+            mme_plmn = (str(entry["plmn_id"]["mcc"]), str(entry["plmn_id"]["mnc"]))
+            if mme_plmn != plmn:
+                problems.append(f"mme.yaml {key} PLMN {mme_plmn} is not the eNB's {plmn}")
+    if not ue["usim"]["imsi"].startswith("".join(plmn)):
+        problems.append(f"ue.conf: IMSI {ue['usim']['imsi']} is not of PLMN {plmn}")
+    rr = lab.config_file("enb", enb["enb_files"]["rr_config"])
+    tac = libconfig_value(rr, "tac")
+    mme_tacs = {int(entry["tac"]) for entry in mme.get("tai") or []}
+    if tac is None or int(tac, 0) not in mme_tacs:
+        problems.append(f"rr.conf: TAC {tac} is not among the MME's {sorted(mme_tacs)}")
+    earfcn = libconfig_value(rr, "dl_earfcn")
+    if earfcn != ue["rat.eutra"]["dl_earfcn"]:
+        problems.append(f"ue.conf: dl_earfcn {ue['rat.eutra']['dl_earfcn']} is not the cell's "
+                        f"{earfcn}")
+    s1ap = _servers(mme.get("s1ap"), "server")
+    if enb["enb"]["mme_addr"] not in s1ap or lab.address("mme") not in s1ap:
+        problems.append(f"enb.conf: mme_addr {enb['enb']['mme_addr']} is not the MME's S1AP "
+                        f"server {s1ap} at the mme service's address")
+    for key in ("gtp_bind_addr", "s1c_bind_addr"):
+        if enb["enb"][key] != lab.address("enb"):
+            problems.append(f"enb.conf: {key} {enb['enb'][key]} is not the enb service's address")
+    for near, far in (("enb", "ue"), ("ue", "enb")):
+        near_args = dict(item.split("=", 1) for item in
+                         lab.srsran(near)["rf"]["device_args"].split(","))
+        far_args = dict(item.split("=", 1) for item in
+                        lab.srsran(far)["rf"]["device_args"].split(","))
+        far_port = far_args["tx_port"].rsplit(":", 1)[1]
+        wanted = f"tcp://{lab.address(far)}:{far_port}"
+        if near_args["rx_port"] != wanted:
+            problems.append(f"{near}: ZeroMQ rx_port {near_args['rx_port']} is not the {far}'s "
+                            f"tx_port at its address ({wanted})")
+        if near_args["base_srate"] != far_args["base_srate"]:
+            problems.append(f"{near} and {far}: ZeroMQ base_srate differs")
+    return problems
+
+
+def check_subscriber(lab: Lab) -> list[str]:
+    """The SIM the `subscriber` service provisions is the UE's, in the HSS's database."""
+    problems = []
+    environment = lab.service("subscriber").get("environment") or {}
+    usim = lab.srsran("ue")["usim"]
+    for env_key, usim_key in (("SUBSCRIBER_IMSI", "imsi"), ("SUBSCRIBER_K", "k"),
+                              ("SUBSCRIBER_OPC", "opc")):
+        if str(environment.get(env_key, "")).lower() != usim[usim_key].lower():
+            problems.append(f"subscriber: {env_key} {environment.get(env_key)!r} is not the "
+                            f"UE's {usim_key} {usim[usim_key]!r}")
+    script = " ".join(compose_default(word) for word in lab.command("subscriber"))
+    if not re.search(r"open5gs-dbctl add \"\$SUBSCRIBER_IMSI\" \"\$SUBSCRIBER_K\" "
+                     r"\"\$SUBSCRIBER_OPC\"", script):
+        problems.append(f"subscriber: command {script!r} does not add the SIM")
+    hss_db = lab.open5gs_config("hss")[1].get("db_uri", "")
+    for uri in (hss_db, environment.get("DB_URI", "")):
+        host = re.sub(r"^mongodb://([^/:]+).*$", r"\1", str(uri))
+        if host not in lab.services:
+            problems.append(f"database {uri!r}: host {host!r} is no service")
+    return problems
+
+
+def check_core_links(lab: Lab) -> list[str]:
+    """GTP-C and PFCP: each client address is its server's, at the server's service address."""
+    problems = []
+    configs = {name: lab.open5gs_config(name)[1][name] for name in OPEN5GS_DAEMONS}
+    links = (("mme", "gtpc", "sgwc", "sgwc", "gtpc"), ("mme", "gtpc", "smf", "smf", "gtpc"),
+             ("sgwc", "pfcp", "sgwu", "sgwu", "pfcp"), ("smf", "pfcp", "upf", "upf", "pfcp"))
+    for client, interface, key, server, server_interface in links:
+        wanted = _servers(configs[client].get(interface, {}).get("client"), key)
+        offered = _servers(configs[server].get(server_interface), "server")
+        if not wanted or set(wanted) - set(offered):
+            problems.append(f"{client}.yaml: {interface} client {key} {wanted} is not "
+                            f"{server}'s {server_interface} server {offered}")
+    for name, config in configs.items():
+        for interface in ("s1ap", "gtpc", "gtpu", "pfcp"):
+            for address in _servers(config.get(interface), "server"):
+                if address != lab.address(name):
+                    problems.append(f"{name}.yaml: {interface} server {address} is not the "
+                                    f"service's address {lab.address(name)}")
+    return problems
+
+
+def check_prometheus(lab: Lab) -> list[str]:
+    problems = []
+    path = lab.config_file("prometheus", lab.option("prometheus", "--config.file") or "")
+    try:
+        config = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        return [f"{path.name}: not YAML: {exc}"]
+    targets = [target for job in config.get("scrape_configs") or []
+               for static in job.get("static_configs") or []
+               for target in static.get("targets") or []]
+    eir_targets = [t for t in targets if t.rsplit(":", 1)[0] in ("eir", lab.address("eir"))]
+    exposed = {int(str(port).split("/")[0]) for port in lab.service("eir").get("expose") or []}
+    diameter = {parse_host_port(item)[1]
+                for item in load_settings(lab.eir_config_path()).diameter.listen}
+    metrics_ports = exposed - diameter
+    metrics_listen = lab.option("eir", "--metrics")
+    if metrics_listen is not None:  # once `eir serve --metrics HOST:PORT` exists
+        metrics_ports &= {parse_host_port(metrics_listen)[1]}
+    if not eir_targets:
+        problems.append(f"prometheus.yml: no target on the eir service (targets: {targets})")
+    for target in eir_targets:
+        port = int(target.rsplit(":", 1)[1])
+        if port not in metrics_ports:
+            problems.append(f"prometheus.yml: target {target} is not the EIR's metrics port "
+                            f"(exposed besides Diameter: {sorted(metrics_ports)})")
+    return problems
+
+
+def _provisioned(lab: Lab, kind: str) -> list[dict]:
+    """The entries (`providers`, `datasources`) of Grafana's mounted provisioning files."""
+    folder = lab.host_path("grafana", f"/etc/grafana/provisioning/{kind}")
+    key = "providers" if kind == "dashboards" else kind
+    return [entry for path in (sorted(folder.glob("*.yml")) if folder else [])
+            for entry in (yaml.safe_load(path.read_text()) or {}).get(key) or []]
+
+
+def _grafana_providers(lab: Lab) -> list[dict]:
+    return _provisioned(lab, "dashboards")
+
+
+def _dashboard_files(lab: Lab) -> list[Path]:
+    folders = [lab.host_path("grafana", provider["options"]["path"])
+               for provider in _grafana_providers(lab)]
+    return [path for folder in folders if folder for path in sorted(folder.glob("*.json"))]
+
+
+def check_grafana(lab: Lab) -> list[str]:
+    problems = []
+    sources = _provisioned(lab, "datasources")
+    uids = {source.get("uid") for source in sources}
+    for source in sources:
+        host = re.sub(r"^https?://([^:/]+).*$", r"\1", source.get("url", ""))
+        if host not in lab.services:
+            problems.append(f"datasource {source.get('name')}: {source.get('url')} is no service")
+    dashboards = _dashboard_files(lab)
+    if not dashboards:
+        problems.append("grafana: no dashboard JSON")
+    for path in dashboards:
+        try:
+            dashboard = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            problems.append(f"{path.name}: not JSON: {exc}")
+            continue
+        queried = set()
+        for panel in dashboard.get("panels") or []:
+            targets = panel.get("targets") or []
+            if not targets:
+                problems.append(f"{path.name}: panel {panel.get('title')!r} queries nothing")
+            for source in [panel, *targets]:
+                uid = (source.get("datasource") or {}).get("uid")
+                if uid not in uids:
+                    problems.append(f"{path.name}: panel {panel.get('title')!r} uses datasource "
+                                    f"{uid!r}, not a provisioned one {sorted(uids)}")
+            for target in targets:
+                metrics, labels = promql_metrics_and_labels(target.get("expr", ""))
+                if not metrics:
+                    problems.append(f"{path.name}: {target.get('expr')!r} queries no metric")
+                for metric in metrics - METRIC_LABELS.keys():
+                    problems.append(f"{path.name}: panel {panel.get('title')!r} queries "
+                                    f"{metric}, which open EIR does not export")
+                known = set().union(*(METRIC_LABELS.get(m, set()) for m in metrics))
+                for label in labels - known:
+                    problems.append(f"{path.name}: panel {panel.get('title')!r} uses label "
+                                    f"{label!r}, which {sorted(metrics)} do not have")
+                queried |= metrics
+        if not queried:
+            problems.append(f"{path.name}: queries no metric at all")
+    return problems
+
+
+CHECKS = [check_services, check_mounts, check_config_paths, check_host_ports, check_addresses,
+          check_diameter, check_eir_config, check_scenario, check_radio, check_subscriber,
+          check_core_links, check_prometheus, check_grafana]
+
+
+# --- the repository's lab passes every check ---------------------------------------------------
+
+@pytest.fixture(scope="module")
+def lab() -> Lab:
+    return Lab(ROOT)
+
+
+@pytest.mark.parametrize("check", CHECKS, ids=lambda check: check.__name__)
+def test_lab_passes(lab, check):
+    assert check(lab) == []
+
+
+def test_promql_reader_finds_metrics_and_labels():
+    metrics, labels = promql_metrics_and_labels(
+        'histogram_quantile(0.99, sum by (le) (rate(eir_request_duration_seconds_bucket'
+        '{command="ECR"}[5m]))) / on(job) group_left bool eir_peers offset 5m')
+    assert metrics == {"eir_request_duration_seconds_bucket", "eir_peers"}
+    assert labels == {"le", "command", "job"}
+
+
+def test_freediameter_reader_reads_mme_conf(lab):
+    config = lab.freediameter("mme")
+    assert config.problems == []
+    assert config.value("Identity") == "mme.localdomain"
+    eir_peer = config.peers["eir.localdomain"]
+    assert eir_peer.options == {"ConnectTo": "172.22.0.20", "Port": "3868"}
+    assert eir_peer.flags == {"No_TLS", "No_SCTP"}
+    assert "dict_dcca_3gpp.fdx" in config.values["LoadExtension"]
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None,
+                    reason="promtool is not installed (Debian package prometheus)")
+def test_promtool_accepts_prometheus_config_and_dashboard_queries(lab, tmp_path):
+    """Prometheus's own checker: the scrape config, and every dashboard query as PromQL."""
+    config = lab.config_file("prometheus", lab.option("prometheus", "--config.file") or "")
+    queries = [target["expr"] for path in _dashboard_files(lab)
+               for panel in json.loads(path.read_text(encoding="utf-8"))["panels"]
+               for target in panel["targets"]]
+    rules = tmp_path / "dashboard-queries.yml"
+    rules.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": [
+        {"record": f"dashboard:query{index}", "expr": query}
+        for index, query in enumerate(queries)]}]}))
+    for command in (["promtool", "check", "config", str(config)],
+                    ["promtool", "check", "rules", str(rules)]):
+        result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stdout + result.stderr
+    assert f"SUCCESS: {len(queries)} rules found" in result.stdout, result.stdout
+
+
+# --- each check notices a lab broken on purpose ------------------------------------------------
+
+BREAKS = [
+    # (check, file, text, replacement, words the problem must contain)
+    (check_services, "docker-compose.yml", "  prometheus:\n    image: prom/prometheus:v2.53.0\n",
+     "  prometheus:\n", "prometheus: neither an image nor a build"),
+    (check_services, "docker-compose.yml", "${OPEN5GS_MME_IMAGE:-open5gs-s13:pr-4802}",
+     "gradiant/open5gs:2.7.6", "is not ${OPEN5GS_MME_IMAGE"),
+    (check_services, "docker-compose.yml", "    dockerfile: Dockerfile\n",
+     "    dockerfile: Dockerfile.missing\n", "does not exist"),
+    (check_mounts, "docker-compose.yml", "./testbed/prometheus:", "./testbed/prometheus-gone:",
+     "testbed/prometheus-gone does not exist"),
+    (check_mounts, "docker-compose.yml", "      - eir-data:/var/lib/eir",
+     "      - eir-state:/var/lib/eir", "'eir-state' is not declared"),
+    (check_config_paths, "testbed/open5gs/mme.yaml",
+     "freeDiameter: /etc/open5gs-lab/freeDiameter/mme.conf",
+     "freeDiameter: /etc/open5gs-lab/freeDiameter/mme-s13.conf", "mme-s13.conf"),
+    (check_config_paths, "testbed/srsran/enb.conf", "/etc/srsran-lab/rb.conf",
+     "/etc/srsran/rb.conf", "/etc/srsran/rb.conf is on no bind mount"),
+    (check_config_paths, "docker-compose.yml", '"--config", "/etc/eir/eir.yaml"',
+     '"--config", "/etc/eir/lab.yaml"', "/etc/eir/lab.yaml"),
+    (check_host_ports, "docker-compose.yml", '"127.0.0.1:3000:3000"', '"127.0.0.1:9090:3000"',
+     "host port 9090/tcp is published by both prometheus and grafana"),
+    (check_addresses, "docker-compose.yml", "ipv4_address: 172.22.0.41",
+     "ipv4_address: 172.22.0.40", "both have address 172.22.0.40"),
+    (check_diameter, "testbed/open5gs/freeDiameter/mme.conf", "Port = 3868;", "Port = 3869;",
+     "Port 3869 is not the EIR's listen port"),
+    (check_diameter, "testbed/open5gs/freeDiameter/mme.conf", 'ConnectTo = "172.22.0.20"',
+     'ConnectTo = "172.22.0.21"', "172.22.0.21 is not the eir service's address"),
+    (check_diameter, "testbed/eir/eir.yaml", "origin_host: eir.localdomain",
+     "origin_host: eir.lab.example", "no ConnectPeer named 'eir.lab.example'"),
+    (check_diameter, "testbed/eir/eir.yaml", "origin_realm: localdomain",
+     "origin_realm: epc.example", "eir.realm 'localdomain' is not the EIR's realm"),
+    (check_diameter, "testbed/open5gs/mme.yaml", "host: eir.localdomain", "host: eir",
+     "eir.host 'eir' is not the EIR's identity"),
+    (check_diameter, "testbed/open5gs/freeDiameter/mme.conf",
+     'Port = 3868; No_TLS; No_SCTP; };', 'Port = 3868; No_TLS; };',
+     "No_SCTP is missing, but the EIR's transport is tcp"),
+    (check_diameter, "testbed/open5gs/freeDiameter/hss.conf", 'ConnectTo = "172.22.0.6"',
+     'ConnectTo = "172.22.0.7"', "is not mme's address"),
+    (check_diameter, "testbed/open5gs/freeDiameter/mme.conf", 'Realm = "localdomain";',
+     'Realm = "localdomain"', "not a freeDiameter statement"),
+    (check_eir_config, "testbed/eir/eir.yaml", "  transport: tcp",
+     "  transport: tcp\n  watchdog_seconds: 0", "watchdog_seconds"),
+    (check_eir_config, "testbed/eir/lists/lab.csv", "86000000,blacklist,",
+     "86000000,stolen,", "lab.csv"),
+    (check_scenario, "testbed/eir/lists/lab.csv", "353490069873319,blacklist,",
+     "353490069873319,whitelist,", "is WHITELISTED, the scenario needs BLACKLISTED"),
+    (check_scenario, "testbed/eir/lists/lab-whitelisted.csv", "353490069873319,whitelist,",
+     "353490069873319,greylist,", "is GREYLISTED, the scenario needs WHITELISTED"),
+    (check_scenario, "testbed/srsran/ue.conf", "imei = 353490069873319",
+     "imei = 353490069873327", "is UNKNOWN, the scenario needs BLACKLISTED"),
+    (check_radio, "testbed/srsran/rr.conf", "tac = 0x0007;", "tac = 0x0008;",
+     "TAC 0x0008 is not among the MME's [7]"),
+    (check_radio, "testbed/srsran/enb.conf", "mnc = 01", "mnc = 02", "is not the eNB's"),
+    (check_radio, "testbed/srsran/ue.conf", "rx_port=tcp://172.22.0.30:2000",
+     "rx_port=tcp://172.22.0.30:2002", "ZeroMQ rx_port tcp://172.22.0.30:2002"),
+    (check_radio, "testbed/srsran/enb.conf", "mme_addr = 172.22.0.6", "mme_addr = 172.22.0.5",
+     "mme_addr 172.22.0.5 is not the MME's S1AP server"),
+    (check_subscriber, "docker-compose.yml", "SUBSCRIBER_K: 00112233445566778899aabbccddeeff",
+     "SUBSCRIBER_K: 00112233445566778899aabbccddeefe", "SUBSCRIBER_K"),
+    (check_subscriber, "testbed/open5gs/hss.yaml", "mongodb://mongodb/open5gs",
+     "mongodb://mongo/open5gs", "host 'mongo' is no service"),
+    (check_core_links, "testbed/open5gs/mme.yaml", "        - address: 172.22.0.7",
+     "        - address: 172.22.0.8", "is not sgwc's gtpc server"),
+    (check_core_links, "testbed/open5gs/upf.yaml", "      - address: 172.22.0.10\n  gtpu",
+     "      - address: 172.22.0.11\n  gtpu", "is not upf's pfcp server"),
+    (check_prometheus, "testbed/prometheus/prometheus.yml", '"eir:9464"', '"eir:9100"',
+     "target eir:9100 is not the EIR's metrics port"),
+    (check_prometheus, "testbed/prometheus/prometheus.yml", '"eir:9464"', '"eir:3868"',
+     "target eir:3868 is not the EIR's metrics port"),
+    (check_eir_config, "docker-compose.yml", '"--config", "/etc/eir/eir.yaml"]',
+     '"--config", "/etc/eir/eir.yaml", "--metrics", "0.0.0.0:9464"]',
+     "--metrics: not an option of `eir serve`"),
+    (check_prometheus, "testbed/prometheus/prometheus.yml", "  - job_name: eir",
+     "  - job_name: [eir", "prometheus.yml: not YAML"),
+    (check_grafana, "testbed/grafana/dashboards/eir.json", "sum by (state) (eir_peers)",
+     "sum by (state) (eir_peer_count)", "queries eir_peer_count, which open EIR does not"),
+    (check_grafana, "testbed/grafana/dashboards/eir.json",
+     "sum by (equipment_status) (rate(eir_answers_total[1m]))",
+     "sum by (imei) (rate(eir_answers_total[1m]))", "uses label 'imei'"),
+    (check_grafana, "testbed/grafana/dashboards/eir.json", '"uid": "lab-prometheus"',
+     '"uid": "prometheus"', "not a provisioned one"),
+    (check_grafana, "testbed/grafana/dashboards/eir.json", '"panels": [', '"panels": [,',
+     "not JSON"),
+]
+
+
+def _broken_copy(tmp_path: Path, file: str, text: str, replacement: str) -> Lab:
+    """The lab's files copied under tmp_path, with `text` in `file` replaced (first one)."""
+    root = tmp_path / "lab"
+    root.mkdir()
+    for name in ("docker-compose.yml", "Dockerfile"):
+        shutil.copy(ROOT / name, root / name)
+    for part in ("README.md", "eir", "open5gs", "srsran", "prometheus", "grafana"):
+        source = ROOT / "testbed" / part
+        if source.is_dir():
+            shutil.copytree(source, root / "testbed" / part)
+        else:
+            (root / "testbed").mkdir(exist_ok=True)
+            shutil.copy(source, root / "testbed" / part)
+    target = root / file
+    original = target.read_text(encoding="utf-8")
+    assert text in original, f"{file} no longer holds {text!r}: update this break"
+    target.write_text(original.replace(text, replacement, 1), encoding="utf-8")
+    return Lab(root)
+
+
+@pytest.mark.parametrize(
+    "check, file, text, replacement, problem", BREAKS,
+    ids=[f"{check.__name__}:{file.rsplit('/', 1)[-1]}:{index}"
+         for index, (check, file, *_rest) in enumerate(BREAKS)])
+def test_check_notices_break(tmp_path, check, file, text, replacement, problem):
+    broken = _broken_copy(tmp_path, file, text, replacement)
+    problems = check(broken)
+    assert any(problem in found for found in problems), problems
+
+
+# --- the MME's freeDiameter config against the lab's EIR, for real --------------------------
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def loopback_mme_conf(lab: Lab, eir_port: int) -> str:
+    """mme.conf as the lab has it, moved to loopback: ListenOn 127.0.0.1 on a free port, the
+    EIR's ConnectPeer to `eir_port`, the other peers (not running here) left out. NoRelay
+    goes too: Debian's freeDiameter has no S13 application to advertise (the MME built from
+    pull request 4802 does), so it offers the relay application, which open EIR accepts."""
+    eir_identity = load_settings(lab.eir_config_path()).diameter.origin_host
+    lines = []
+    for line in lab.config_file("mme", "/etc/open5gs-lab/freeDiameter/mme.conf").read_text(
+            ).splitlines():
+        statement = line.split("#", 1)[0].strip()
+        if statement.startswith("ListenOn"):
+            line = 'ListenOn = "127.0.0.1";'
+        elif statement == "NoRelay;":
+            continue
+        elif statement.startswith("ConnectPeer"):
+            if f'"{eir_identity}"' not in statement:
+                continue
+            line = re.sub(r'ConnectTo = "[^"]*"', 'ConnectTo = "127.0.0.1"', statement)
+            line = re.sub(r"Port = \d+", f"Port = {eir_port}", line)
+        lines.append(line)
+    lines += [f"Port = {_free_port()};", "SecPort = 0;", "No_IPv6;", "TcTimer = 30;"]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.peer
+@pytest.mark.skipif(shutil.which("freeDiameterd") is None,
+                    reason="freeDiameterd is not installed (Debian package freediameterd)")
+def test_mme_freediameter_conf_opens_to_lab_eir(lab, eir_server, tmp_path):
+    config = lab.eir_config_path()
+    lists = load_settings(config).lists.files
+    server = eir_server("--config", str(config), lists=lists)
+    settings = load_settings(config).diameter
+    conf = tmp_path / "mme.conf"
+    conf.write_text(loopback_mme_conf(lab, server.port))
+    process = subprocess.Popen(["freeDiameterd", "-c", str(conf)], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
+                               errors="replace")
+    peer = LoggedProcess(process, process.stdout, "freeDiameterd")
+    try:
+        # freeDiameterd waits up to 4 s before its first connection attempt.
+        opened = rf"'STATE_WAITCEA'\t-> 'STATE_OPEN'\t'{re.escape(settings.origin_host)}'"
+        peer.wait_for_line(opened, timeout=20)
+        server.wait_for_log(r"peer mme\.localdomain \(realm localdomain\) is open")
+    finally:
+        peer.kill()
