@@ -1,5 +1,5 @@
 """Command line: `eir serve`, `eir check`, `eir sync`, `eir lists`, `eir dump`, `eir report`,
-`eir --version`."""
+`eir replay`, `eir --version`."""
 
 from __future__ import annotations
 
@@ -122,6 +122,62 @@ def build_parser() -> argparse.ArgumentParser:
     for sub in (dump, clones):
         sub.add_argument("--config", type=Path, metavar="FILE")
         store_option(sub)
+
+    replay = commands.add_parser(
+        "replay", help="load and replay harness: send ECRs to an EIR, report latency and "
+                       "verdicts (docs/REPLAY.md)")
+    replay.add_argument("--target", required=True, type=_host_port, metavar="HOST:PORT",
+                        help="the EIR to load (loopback only, unless --allow-remote)")
+    replay.add_argument("--connections", type=int, metavar="N",
+                        help="Diameter connections, each with its own CER (default: one per "
+                             "process)")
+    replay.add_argument("--processes", type=int, default=1, metavar="N",
+                        help="worker processes sharing the connections (default 1)")
+    replay.add_argument("--window", type=int, default=128, metavar="W",
+                        help="requests outstanding per connection at most (default 128)")
+    amount = replay.add_mutually_exclusive_group()
+    amount.add_argument("--count", type=int, metavar="N",
+                        help="requests in the whole run (default: one pass of the mix or "
+                             "capture)")
+    amount.add_argument("--duration", type=float, metavar="S",
+                        help="send for this many seconds, then wait for the answers")
+    replay.add_argument("--rate", type=float, metavar="R",
+                        help="requests per second over all connections (default: flat out; "
+                             "latency is then measured from each request's scheduled time)")
+    source = replay.add_mutually_exclusive_group()
+    source.add_argument("--mix", type=Path, metavar="FILE.csv",
+                        help="CSV with columns imei,imsi: the requests, in order, cycled")
+    source.add_argument("--generate", metavar="MIX",
+                        help="shares of verdict classes, e.g. white=60,black=20,grey=10,"
+                             "unknown=5,invalid=5 (the default), drawn from --list")
+    source.add_argument("--pcap", type=Path, metavar="FILE",
+                        help="replay the ECRs of a pcap/pcapng capture and compare each "
+                             "answer with the captured one")
+    replay.add_argument("--list", dest="lists", action="append", type=Path, metavar="FILE",
+                        help="with --generate: the list file(s) the target serves (default "
+                             "config/lists/example.csv)")
+    replay.add_argument("--speed", type=float, default=1.0, metavar="FACTOR",
+                        help="with --pcap: replay at the recorded pace times FACTOR (default "
+                             "1; 0 = flat out)")
+    replay.add_argument("--write-pcap", type=Path, metavar="FILE",
+                        help="write the traffic (requests and answers) as a pcap")
+    replay.add_argument("--json", action="store_true",
+                        help="print the report as one JSON object (last line of stdout)")
+    replay.add_argument("--plot", type=Path, metavar="FILE.png",
+                        help="plot throughput and latency over time and the latency histogram")
+    replay.add_argument("--progress", action="store_true",
+                        help="print progress lines even when stderr is not a terminal")
+    replay.add_argument("--timeout", type=float, default=5.0, metavar="S",
+                        help="count a request unanswered after S seconds as timed out "
+                             "(default 5)")
+    replay.add_argument("--allow-remote", action="store_true",
+                        help="allow a target that is not a loopback address")
+    replay.add_argument("--origin-host", default="replay.localdomain",
+                        help="our Origin-Host in CER and ECRs")
+    replay.add_argument("--origin-realm", default="localdomain")
+    replay.add_argument("--destination-realm", default="localdomain")
+    replay.add_argument("--seed", type=int, default=1,
+                        help="with --generate: the random seed of the IMEIs drawn")
     return parser
 
 
@@ -324,6 +380,16 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _replay(args: argparse.Namespace) -> int:
+    try:
+        from eir.replay import main as replay_main
+    except ImportError as exc:
+        print(f"eir replay: {exc.name} is missing: pip install 'open-eir[replay]'",
+              file=sys.stderr)
+        return EXIT_USAGE
+    return replay_main(args)
+
+
 def _age(seconds: float) -> str:
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size:
@@ -344,6 +410,8 @@ def main(argv: list[str] | None = None) -> int:
             return _dump(args)
         if args.command == "report":
             return _report(args)
+        if args.command == "replay":
+            return _replay(args)
         return _check(args)
     except ConfigError as exc:
         print(f"eir: bad configuration:\n{exc}", file=sys.stderr)

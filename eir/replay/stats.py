@@ -1,0 +1,150 @@
+"""Latency histograms, per-interval figures and the merge of what every worker reports.
+
+Latencies are recorded in microseconds in HdrHistogram (the `hdrhistogram` package: the
+reference algorithm, 3 significant digits from 1 µs to an hour, mergeable, and encodable in a
+few kB so that worker processes can send theirs to the parent).
+
+Each worker sends one `IntervalReport` per INTERVAL_S of the run (the answers completed in it)
+and one `WorkerResult` at the end. The parent's `Aggregator` merges interval k once every
+worker still running has sent it, keeps a small summary of it (for progress and plots) and
+adds its histogram to the run's.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from hdrh.histogram import HdrHistogram
+
+INTERVAL_S = 0.25
+LOWEST_US, HIGHEST_US, SIGNIFICANT_DIGITS = 1, 3_600_000_000, 3
+PERCENTILES = (("p50", 50.0), ("p90", 90.0), ("p99", 99.0), ("p999", 99.9))
+
+
+def new_histogram() -> HdrHistogram:
+    return HdrHistogram(LOWEST_US, HIGHEST_US, SIGNIFICANT_DIGITS)
+
+
+def record(histogram: HdrHistogram, latency_us: int) -> None:
+    histogram.record_value(min(max(latency_us, LOWEST_US), HIGHEST_US))
+
+
+def latency_ms(histogram: HdrHistogram) -> dict[str, float | None]:
+    """p50, p90, p99, p999 and max in milliseconds (None for all when nothing was recorded)."""
+    if histogram.get_total_count() == 0:
+        return {name: None for name, _ in PERCENTILES} | {"max": None}
+    figures = {name: histogram.get_value_at_percentile(q) / 1000 for name, q in PERCENTILES}
+    figures["max"] = histogram.get_max_value() / 1000
+    return figures
+
+
+@dataclass
+class IntervalReport:
+    """What one worker saw in interval `index` ([start + index·INTERVAL_S, +INTERVAL_S))."""
+
+    worker: int
+    index: int
+    sent: int
+    answered: int
+    errors: int
+    timeouts: int
+    histogram: bytes  # HdrHistogram.encode() of the answers' latencies (µs)
+
+
+@dataclass
+class IntervalSummary:
+    """One interval of the whole run, for the progress line and the plots."""
+
+    start_s: float  # from the start of the run
+    sent: int
+    answered: int
+    errors: int
+    timeouts: int
+    p50_ms: float | None
+    p99_ms: float | None
+    max_ms: float | None
+
+
+@dataclass
+class Diff:
+    """A verdict that changed between the capture and the replay."""
+
+    imei: str | None
+    imsi: str | None
+    before: tuple
+    after: tuple
+    count: int
+
+
+@dataclass
+class WorkerResult:
+    """The totals of one worker at its end."""
+
+    worker: int
+    sent: int = 0
+    answered: int = 0
+    timeouts: int = 0
+    late_answers: int = 0  # answers to requests already counted as timed out
+    lost: int = 0  # requests outstanding when their connection broke
+    unsent: int = 0  # requests a broken connection never sent
+    by_verdict: Counter = field(default_factory=Counter)  # Verdict → answers
+    compared: int = 0  # pcap replay: answers compared with the captured one
+    diffs: Counter = field(default_factory=Counter)  # (imei, imsi, before, after) → count
+    connection_errors: list[str] = field(default_factory=list)
+    first_send: float | None = None  # time.monotonic()
+    last_answer: float | None = None
+    max_send_lag_s: float = 0.0  # paced runs: latest send after its scheduled time
+
+
+class Aggregator:
+    """Merges what the workers report; calls `on_interval` for each interval merged."""
+
+    def __init__(self, workers: int, on_interval=None):
+        self.running = set(range(workers))
+        self.reported = dict.fromkeys(range(workers), -1)  # last interval index each sent
+        self.pending: dict[int, tuple[HdrHistogram, list[int]]] = {}
+        self.next_index = 0
+        self.total = new_histogram()
+        self.intervals: list[IntervalSummary] = []
+        self.results: list[WorkerResult] = []
+        self.on_interval = on_interval
+
+    def add_interval(self, report: IntervalReport) -> None:
+        entry = self.pending.get(report.index)
+        if entry is None:
+            entry = self.pending[report.index] = (new_histogram(), [0, 0, 0, 0])
+        histogram, counts = entry
+        histogram.decode_and_add(report.histogram)
+        counts[0] += report.sent
+        counts[1] += report.answered
+        counts[2] += report.errors
+        counts[3] += report.timeouts
+        self.reported[report.worker] = report.index
+        self._merge_ready()
+
+    def add_result(self, result: WorkerResult) -> None:
+        self.results.append(result)
+        self.running.discard(result.worker)
+        self._merge_ready()
+
+    def finish(self) -> None:
+        self.running.clear()
+        self._merge_ready()
+
+    def _merge_ready(self) -> None:
+        ready = min((self.reported[w] for w in self.running), default=None)
+        while self.pending and (ready is None or self.next_index <= ready):
+            index = self.next_index
+            self.next_index += 1
+            entry = self.pending.pop(index, None)
+            if entry is None:
+                continue
+            histogram, (sent, answered, errors, timeouts) = entry
+            self.total.add(histogram)
+            figures = latency_ms(histogram)
+            summary = IntervalSummary(index * INTERVAL_S, sent, answered, errors, timeouts,
+                                      figures["p50"], figures["p99"], figures["max"])
+            self.intervals.append(summary)
+            if self.on_interval is not None:
+                self.on_interval(summary, histogram)
