@@ -10,7 +10,11 @@ Steps (a work directory under /tmp, removed at the end unless --keep):
 1. Generate `<date>_blacklist.csv` (imei,block_date,reasons): N distinct IMEIs over about
    20,000 TACs with Zipf popularity (a TAC holds at most --tac-fill of its 1,000,000 serial
    numbers, the excess goes to the next TACs), in random order; 15 digits, Luhn check digit
-   or a spare 0; 36 block dates and 7 reason combinations. numpy, chunked writes.
+   or a spare 0; 36 block dates and 7 reason combinations. numpy, chunked writes. And the
+   exceptions (pairing) list `<date>_exceptions_<op>.csv` (imei,imsi,msisdn) beside it:
+   --exceptions x N pairs (5%), IMEIs from the same TAC popularity, a fifth of them taken
+   from the blacklist (a blocked IMEI its owner's SIM may still use), 3% with a second IMSI;
+   IMSIs of one MCC/MNC. `eir sync` compiles both into one snapshot.
 2. `python -m eir sync --source DIR --store STORE` as a subprocess (import time counts):
    rows/s and its peak RSS (VmHWM polled). Then the same steps called in-process, each timed, for
    the split (checksum, parse, compile, publish) with the peak RSS of each step.
@@ -19,7 +23,9 @@ Steps (a work directory under /tmp, removed at the end unless --keep):
    127.0.0.1:0` to its "listening on" line, and to the ECA of an ECR sent right after it
    (CER/CEA first; requests by python-diameter). Twice: first with the snapshot's pages
    dropped from the page cache (cold-ish), then warm. Also at 1,000,000 IMEIs when N is larger.
-5. Lookup in-process: RuleSet(Snapshot.open(path)).decide() timed per call.
+5. Lookup in-process: RuleSet(Snapshot.open(path)).decide() timed per call, without and with
+   an IMSI: 40% listed IMEIs, 40% absent ones, 20% IMEIs of exception pairs (with the IMSI:
+   half of those carry their paired IMSI, half another one).
 6. The serving process's resident memory after its first answer, against the snapshot size.
 7. The figures extrapolated to 1.2 billion IMEIs, with the reasoning.
 
@@ -74,6 +80,10 @@ REASONS = (  # DIRBS condition names, `|`-joined when several apply
     ("local_stolen|duplicate_mk1", 0.07), ("gsma_not_found|not_on_registration_list", 0.05))
 TAC_PREFIXES = (35, 86, 1, 99, 49, 33, 30)  # reporting bodies; 35 and 86 dominate
 IMSI_PREFIX = 510_10  # MCC 510 (Indonesia), MNC 10
+EXCEPTIONS_OPERATOR = "telkomsel"
+EXCEPTIONS_FROM_BLACKLIST = 0.2  # share of exception IMEIs that are on the blacklist too
+EXCEPTIONS_SECOND_IMSI = 0.03  # share of exception IMEIs paired with a second IMSI
+PAIR_QUERY_SHARE = 0.2  # share of the lookup queries that are IMEIs of exception pairs
 
 
 def log(text: str = "") -> None:
@@ -118,12 +128,16 @@ class Dataset:
     tacs: np.ndarray  # TACs with entries, by popularity
     counts: np.ndarray  # IMEIs per TAC
     sample: np.ndarray  # random present IMEIs (14-digit keys)
-    csv_bytes: int = 0
+    exceptions: Path | None = None
+    pairs: int = 0  # rows of the exceptions list
+    pair_sample: np.ndarray | None = None  # random (imei, imsi) rows of it, shape (k, 2)
+    csv_bytes: int = 0  # both files
     seconds: float = 0.0
 
 
 def generate(directory: Path, n: int, tac_count: int, zipf: float, fill: float,
-             spare_fraction: float, seed: int, sample_size: int) -> Dataset:
+             spare_fraction: float, seed: int, sample_size: int,
+             exceptions_fraction: float = 0.0) -> Dataset:
     started = time.perf_counter()
     rng = np.random.default_rng(seed)
     counts = tac_counts(n, tac_count, zipf, int(fill * SNR_DIGITS))
@@ -177,9 +191,51 @@ def generate(directory: Path, n: int, tac_count: int, zipf: float, fill: float,
             row[:, 15:] = tail_table[rng.choice(len(tails), m, p=combo_p)]
             flat = row.reshape(-1)
             out.write(flat[flat != 0].tobytes())
+    data = Dataset(path, n, tacs, counts, sample)
+    pairs = round(exceptions_fraction * n)
+    if pairs:
+        data.exceptions = directory / \
+            f"{datetime.date.today():%Y%m%d}_exceptions_{EXCEPTIONS_OPERATOR}.csv"
+        data.pairs, data.pair_sample = generate_exceptions(
+            data.exceptions, rng, pairs, keys[sample_size:], tacs, counts, sample_size)
     del keys
-    return Dataset(path, n, tacs, counts, sample, path.stat().st_size,
-                   time.perf_counter() - started)
+    data.csv_bytes = sum(p.stat().st_size for p in (path, data.exceptions) if p is not None)
+    data.seconds = time.perf_counter() - started
+    return data
+
+
+def generate_exceptions(path: Path, rng, pairs: int, blacklisted: np.ndarray,
+                        tacs: np.ndarray, counts: np.ndarray, sample_size: int):
+    """Write a DIRBS exceptions list of `pairs` rows (imei,imsi,msisdn; IMEIs normalised to
+    14 digits as DIRBS writes them); returns (rows, a random sample of (imei, imsi) rows).
+
+    IMEIs: EXCEPTIONS_FROM_BLACKLIST of them from the blacklist (`blacklisted`, in random
+    order), the rest drawn with the blacklist's TAC popularity (so some of those are listed
+    too), EXCEPTIONS_SECOND_IMSI of them repeated with a second IMSI. IMSIs: MCC/MNC
+    IMSI_PREFIX and 10 random digits; MSISDNs: +62 8xx, 12 digits."""
+    second = round(pairs * EXCEPTIONS_SECOND_IMSI / (1 + EXCEPTIONS_SECOND_IMSI))
+    distinct = pairs - second
+    from_blacklist = min(round(distinct * EXCEPTIONS_FROM_BLACKLIST), len(blacklisted))
+    drawn = distinct - from_blacklist
+    imei = np.empty(pairs, np.uint64)
+    imei[:from_blacklist] = blacklisted[:from_blacklist]
+    imei[from_blacklist:distinct] = (
+        rng.choice(tacs, drawn, p=counts / counts.sum()).astype(np.uint64) * SNR_DIGITS
+        + rng.integers(0, SNR_DIGITS, drawn).astype(np.uint64))
+    imei[distinct:] = imei[rng.choice(distinct, second, replace=False)]
+    imsi = np.uint64(IMSI_PREFIX * 10**10) + rng.integers(0, 10**10, pairs).astype(np.uint64)
+    msisdn = 628_000_000_000 + rng.integers(0, 10**9, pairs)
+    order = rng.permutation(pairs)
+    imei, imsi, msisdn = imei[order], imsi[order], msisdn[order]
+    with open(path, "w") as out:
+        out.write("imei,imsi,msisdn\n")
+        for start in range(0, pairs, CHUNK_ROWS):
+            end = start + CHUNK_ROWS
+            out.write("".join(f"{i:014d},{s},{m}\n" for i, s, m in zip(
+                imei[start:end].tolist(), imsi[start:end].tolist(),
+                msisdn[start:end].tolist())))
+    picked = rng.choice(pairs, min(sample_size, pairs), replace=False)
+    return pairs, np.stack([imei[picked], imsi[picked]], axis=1)
 
 
 def luhn_ok(imei15: str) -> bool:
@@ -202,8 +258,9 @@ def subprocess_env() -> dict:
 @dataclass
 class Build:
     seconds: float
-    peak_rss: int  # bytes
+    peak_rss: int  # bytes (VmHWM: includes mapped list files, which are page cache)
     output: str
+    peak_anon: int = 0  # bytes: the peak of RssAnon, the memory the build really needs
 
 
 def run_sync(source: Path, store: Path, cwd: Path) -> Build:
@@ -221,7 +278,7 @@ def run_sync(source: Path, store: Path, cwd: Path) -> Build:
         text = output.read()
     if process.returncode != 0:
         raise SystemExit(f"eir sync failed (exit {process.returncode}):\n{text}")
-    return Build(seconds, peak.bytes, text.strip())
+    return Build(seconds, peak.bytes, text.strip(), peak.anon)
 
 
 class PeakRss:
@@ -232,6 +289,7 @@ class PeakRss:
     def __init__(self, pid: int):
         self.pid = pid
         self.bytes = 0
+        self.anon = 0
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
         self._thread.start()
@@ -240,6 +298,7 @@ class PeakRss:
         while not self._done.wait(0.02):
             try:
                 self.bytes = max(self.bytes, _status_kb(self.pid, "VmHWM") * 1024)
+                self.anon = max(self.anon, _status_kb(self.pid, "RssAnon") * 1024)
             except (OSError, ValueError):
                 return
 
@@ -263,7 +322,8 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def split_in_process(csv: Path, scratch: Path) -> list[tuple[str, float, int]]:
+def split_in_process(csv: Path, scratch: Path, exceptions: Path | None = None
+                     ) -> list[tuple[str, float, int]]:
     """(step, seconds, peak RSS bytes during it) for what `eir sync` does, step by step."""
     from eir.registry.formats import parse_path
     from eir.snapshot import compile_snapshot
@@ -286,8 +346,16 @@ def split_in_process(csv: Path, scratch: Path) -> list[tuple[str, float, int]]:
     parsed = step("parse (pyarrow CSV, IMEI keys, attributes)",
                   lambda: parse_path(csv, display_name=csv.name))
     sources = [{"name": csv.name, "sha256": digest, "kind": "list", "rows": parsed.rows}]
+    lists = [parsed]
+    if exceptions is not None:
+        paired = step("parse the exceptions list (IMEI, IMSI)",
+                      lambda: parse_path(exceptions, display_name=exceptions.name))
+        sources.append({"name": exceptions.name, "sha256": _sha256(exceptions), "kind": "list",
+                        "rows": paired.rows})
+        lists.append(paired)
     data = step("compile_snapshot (sort, merge, sections, bytes)",
-                lambda: compile_snapshot([parsed], "000001", {}, sources))
+                lambda: compile_snapshot(lists, "000001", {}, sources))
+    lists.clear()  # free the parsed lists before publishing
     del parsed
     store = Store(scratch)
 
@@ -405,17 +473,30 @@ class Lookup:
     first_touch_p99: float
 
 
+def lookup_shares(count: int, data: Dataset) -> tuple[int, int, int]:
+    """(present, absent, paired) query counts: PAIR_QUERY_SHARE of IMEIs of exception pairs
+    (none without an exceptions list), the rest half present, half absent."""
+    paired = min(round(count * PAIR_QUERY_SHARE), data.pairs and len(data.pair_sample))
+    present = (count - paired) // 2
+    return present, count - paired - present, paired
+
+
 def measure_lookups(snapshot_path: Path, data: Dataset, count: int, seed: int
                     ) -> tuple[list[Lookup], float, float, int]:
     """Per-call decide() latencies (µs, empty-call overhead subtracted); also that overhead
-    (ns) and the time to open the snapshot (s)."""
+    (ns) and the time to open the snapshot (s).
+
+    Queries: listed IMEIs, absent IMEIs in listed TACs and IMEIs of exception pairs
+    (lookup_shares). "IMEI + IMSI" gives the listed and absent ones a random IMSI of the
+    operator, and half the paired IMEIs their own IMSI (WHITELISTED by the pair), the other
+    half another one (falls through to the IMEI's other entries)."""
     rng = np.random.default_rng(seed + 1)
     started = time.perf_counter()
     rule_set = RuleSet(Snapshot.open(snapshot_path), UnknownPolicy.UNKNOWN)
     open_seconds = time.perf_counter() - started
     day = int(f"{datetime.date.today():%Y%m%d}")
-    half = count // 2
-    present = [f"{k:014d}" for k in data.sample[:half].tolist()]
+    present_count, half, paired_count = lookup_shares(count, data)
+    present = [f"{k:014d}" for k in data.sample[:present_count].tolist()]
     absent: list[str] = []
     weights = data.counts / data.counts.sum()
     while len(absent) < half:  # absent IMEIs in listed TACs, as popular: a full bisection
@@ -427,13 +508,33 @@ def measure_lookups(snapshot_path: Path, data: Dataset, count: int, seed: int
                 absent.append(imei)
                 if len(absent) == half:
                     break
+    random_imsis = [str(IMSI_PREFIX * 10**10 + int(x))
+                    for x in rng.integers(0, 10**10, present_count + half + paired_count)]
+    own = paired_count // 2  # paired IMEIs queried with their own IMSI
+    pairs = data.pair_sample[:paired_count].tolist() if paired_count else []
+    paired = [f"{imei:014d}" for imei, _ in pairs]
+    paired_imsis = [str(imsi) for _, imsi in pairs[:own]] + random_imsis[own:paired_count]
     for imei in present[:1000]:
         verdict = rule_set.decide(imei, None, None, day)
         if verdict.status is not EquipmentStatus.BLACKLISTED or verdict.match is not Match.IMEI:
             raise SystemExit(f"{imei}: expected BLACKLISTED by IMEI, got {verdict}")
-    imeis = present + absent
-    random.Random(seed).shuffle(imeis)
-    imsis = [str(IMSI_PREFIX * 10**10 + int(x)) for x in rng.integers(0, 10**10, len(imeis))]
+    for i, (imei, imsi) in enumerate(zip(paired[:2000], paired_imsis[:2000])):
+        verdict = rule_set.decide(imei, imsi, None, day)
+        if i < own:
+            if verdict.status is not EquipmentStatus.WHITELISTED or \
+                    verdict.match is not Match.IMEI_IMSI:
+                raise SystemExit(f"{imei} with its IMSI {imsi}: expected WHITELISTED by the "
+                                 f"IMEI+IMSI pair, got {verdict}")
+        else:  # another IMSI: the pair does not apply, the IMEI alone decides
+            alone = rule_set.decide(imei, None, None, day)
+            if verdict != alone or verdict.match is Match.IMEI_IMSI:
+                raise SystemExit(f"{imei} with another IMSI {imsi}: expected {alone}, got "
+                                 f"{verdict}")
+    queries = list(zip(present + absent, random_imsis[paired_count:])) + \
+        list(zip(paired, paired_imsis))
+    random.Random(seed).shuffle(queries)
+    imeis = [imei for imei, _ in queries]
+    imsis = [imsi for _, imsi in queries]
     gc.collect()
     gc.freeze()  # as eir serve does after loading
     overhead = sorted(_timed(_empty, list(zip(imeis, imsis)), day))[len(imeis) // 2]
@@ -447,7 +548,8 @@ def measure_lookups(snapshot_path: Path, data: Dataset, count: int, seed: int
                               percentile(us, .999),
                               max(0, percentile(first, .99) - overhead) / 1000))
     gc.unfreeze()
-    return results, overhead, open_seconds, len(rule_set.snapshot._tac_index)
+    # the TAC directory's size (the pure-Python search's dict is built on first use only)
+    return results, overhead, open_seconds, len(rule_set.snapshot._tac)
 
 
 # -- the run -------------------------------------------------------------------------------
@@ -458,16 +560,19 @@ def build_and_measure(work: Path, name: str, n: int, args):
     source, store = directory / "source", directory / "store"
     source.mkdir(parents=True)
     data = generate(source, n, args.tacs, args.zipf, args.tac_fill, args.spare_fraction,
-                    args.seed, max(args.lookups, 1000))
+                    args.seed, max(args.lookups, 1000), args.exceptions)
     log(f"[{name}] generated {data.csv.name}: {n:,} IMEIs in {len(data.tacs):,} TACs "
-        f"(largest {data.counts.max():,}, median {int(np.median(data.counts)):,}), "
-        f"{mb(data.csv_bytes):,.0f} MB, in {data.seconds:.1f} s")
+        f"(largest {data.counts.max():,}, median {int(np.median(data.counts)):,})"
+        + (f", and {data.exceptions.name}: {data.pairs:,} IMEI+IMSI pairs"
+           if data.exceptions else "") +
+        f", {mb(data.csv_bytes):,.0f} MB, in {data.seconds:.1f} s")
     with data.csv.open() as handle:
         handle.readline()
         first = handle.readline().strip()
     log(f"[{name}] first row: {first}  (Luhn {'ok' if luhn_ok(first[:15]) else 'spare 0'})")
     build = run_sync(source, store, directory)
-    log(f"[{name}] eir sync: {build.seconds:.1f} s, {n / build.seconds:,.0f} rows/s, "
+    log(f"[{name}] eir sync: {build.seconds:.1f} s, {(n + data.pairs) / build.seconds:,.0f} "
+        "rows/s, "
         f"peak RSS {mb(build.peak_rss):,.0f} MB -- {build.output.splitlines()[-1]}")
     snapshot = sorted((store / "snapshots").glob("*.eirsnap"))[-1]
     probe = f"{int(data.sample[0]):014d}"
@@ -495,6 +600,9 @@ def main() -> int:
                         help="most of a TAC's 1,000,000 serial numbers one list holds")
     parser.add_argument("--spare-fraction", type=float, default=0.1,
                         help="IMEIs written with a spare 0 instead of the Luhn digit")
+    parser.add_argument("--exceptions", type=float, default=0.05,
+                        help="exceptions (IMEI+IMSI pairing) list rows, as a share of the "
+                        "blacklist's (0: none)")
     parser.add_argument("--lookups", type=int, default=200_000)
     parser.add_argument("--split", choices=("auto", "yes", "no"), default="auto",
                         help="time sync's steps in-process too (auto: when memory allows)")
@@ -527,14 +635,18 @@ def _status_kb_meminfo(key: str) -> int:
 def run(work: Path, n: int, args) -> int:
     data, build, snapshot, runs = build_and_measure(work, "main", n, args)
     snapshot_bytes = snapshot.stat().st_size
-    bytes_per_imei = snapshot_bytes / n
-    rows_per_s = n / build.seconds
+    header = _read_header(snapshot)
+    sections = header["sections"]
+    # the exceptions list's sections (20 B per pair) are not the blacklist's cost per IMEI
+    pair_bytes = sum(sections[s][1] for s in ("pair_imei", "pair_imsi", "pair_set"))
+    bytes_per_imei = (snapshot_bytes - pair_bytes) / n
+    rows_per_s = (n + data.pairs) / build.seconds  # both lists' rows
 
     split = []
     available = _status_kb_meminfo("MemAvailable")
     if args.split == "yes" or (args.split == "auto" and build.peak_rss * 1.3 < available):
         log("[main] the same build in-process, step by step ...")
-        split = split_in_process(data.csv, work / "main" / "split-store")
+        split = split_in_process(data.csv, work / "main" / "split-store", data.exceptions)
         for step, seconds, peak in split:
             log(f"[main]   {step:<48} {seconds:7.1f} s  peak RSS {mb(peak):8,.0f} MB")
     elif args.split == "auto":
@@ -545,26 +657,33 @@ def run(work: Path, n: int, args) -> int:
         _, small_build, _, small_runs = build_and_measure(work, "small", SMALL_ENTRIES, args)
         # peak memory per row from the slope between the two sizes (the fixed part --
         # interpreter, pyarrow, numpy -- cancels out)
-        peak_per_row = (build.peak_rss - small_build.peak_rss) / (n - SMALL_ENTRIES)
+        peak_per_row = (build.peak_anon - small_build.peak_anon) / (n - SMALL_ENTRIES)
     else:
         small_runs = runs
-        peak_per_row = build.peak_rss / n  # fixed costs included: an overestimate
+        peak_per_row = build.peak_anon / n  # fixed costs included: an overestimate
 
-    log(f"[main] lookups: {args.lookups:,} decide() calls, half present, half absent "
-        "(absent ones in listed TACs) ...")
+    present, absent, paired = lookup_shares(args.lookups, data)
+    log(f"[main] lookups: {args.lookups:,} decide() calls: {present:,} listed IMEIs, "
+        f"{absent:,} absent (in listed TACs), {paired:,} IMEIs of exception pairs (with the "
+        "IMSI: half their own, half another) ...")
     lookups, overhead, open_seconds, tac_count = measure_lookups(snapshot, data, args.lookups,
                                                                  args.seed)
     with_imsi = max(lookups, key=lambda item: item.p99)
 
     # -- 7. extrapolation
-    header = _read_header(snapshot)
-    sections = header["sections"]
     tac_directory = sum(sections[s][1] for s in ("tac", "tac_start"))
-    per_imei = sum(sections[s][1] for s in ("imei_key", "imei_set_hi") if s in sections) / n
-    fixed = snapshot_bytes - tac_directory - per_imei * n
-    extrapolated_bytes = per_imei * TARGET_ENTRIES + 12 * (WORLD_TACS + 1) + fixed
-    extrapolated_build_s = TARGET_ENTRIES / rows_per_s
-    extrapolated_peak = build.peak_rss + peak_per_row * (TARGET_ENTRIES - n)
+    per_imei = sum(sections[s][1] for s in ("imei_key", "imei_fence", "imei_set_hi")
+                   if s in sections) / n
+    fixed = snapshot_bytes - tac_directory - per_imei * n - pair_bytes
+    # an exceptions list of the same share of the list: 20 B per pair
+    extrapolated_pair_bytes = pair_bytes * TARGET_ENTRIES / n
+    extrapolated_bytes = per_imei * TARGET_ENTRIES + 12 * (WORLD_TACS + 1) + fixed + \
+        extrapolated_pair_bytes
+    # both lists grow with the blacklist: 1.2e9 IMEIs and the same share of pairs
+    extrapolated_build_s = TARGET_ENTRIES * (n + data.pairs) / n / rows_per_s
+    # The build sorts in spilled runs and merges block by block (eir/registry/table.py): its
+    # anonymous memory is bounded by the run size, so the slope is ~0, not a cost per row.
+    extrapolated_peak = build.peak_anon + max(0.0, peak_per_row) * (TARGET_ENTRIES - n)
     largest_tac = int(data.counts.max())
     probes = int(np.ceil(np.log2(largest_tac + 1)))
 
@@ -586,14 +705,17 @@ def run(work: Path, n: int, args) -> int:
         f"{args.tac_fill:.0%} of a TAC's serials), CSV {mb(data.csv_bytes):,.0f} MB "
         f"generated in {data.seconds:.0f} s (not a target)")
     rows = [
-        ("bytes per IMEI (snapshot size / N)", f"{bytes_per_imei:.3f}",
+        ("bytes per IMEI ((snapshot - pairs) / N)", f"{bytes_per_imei:.3f}",
          f"<= {TARGETS['bytes_per_imei']:g}", mark("bytes_per_imei")),
         ("snapshot file", f"{mb(snapshot_bytes):,.1f} MB", "", ""),
+        ("  of which exception pairs", f"{header['counts']['pairs']:,} pairs, "
+         f"{mb(pair_bytes):,.1f} MB", "", ""),
         ("build: eir sync from CSV (subprocess)",
          f"{rows_per_s:,.0f} rows/s ({build.seconds:.1f} s)", ">= 1,000,000 rows/s",
          mark("build_rows_per_s")),
-        ("build: peak RSS of eir sync", f"{mb(build.peak_rss):,.0f} MB "
-         f"({peak_per_row:.0f} B per extra row)", "", ""),
+        ("build: peak memory of eir sync", f"{mb(build.peak_anon):,.0f} MB anonymous "
+         f"({peak_per_row:.1f} B per extra row); VmHWM {mb(build.peak_rss):,.0f} MB with "
+         "mapped list files (page cache)", "", ""),
     ]
     for step, seconds, peak in split:
         rows.append((f"  in-process: {step.split(' (')[0]}",
@@ -637,25 +759,31 @@ def run(work: Path, n: int, args) -> int:
     log(f"extrapolated to {TARGET_ENTRIES / 1e9:.1f} billion IMEIs:")
     log(f"  snapshot: {per_imei:.3f} B/IMEI x 1.2e9 = {per_imei * TARGET_ENTRIES / 1e9:.2f} GB, "
         f"+ TAC directory 12 B x ~{WORLD_TACS:,} TACs = {12 * WORLD_TACS / 1e6:.1f} MB, "
+        f"+ exception pairs ({args.exceptions:.0%} of the list, 20 B each) "
+        f"{extrapolated_pair_bytes / 1e9:.2f} GB, "
         f"+ header/other sections {fixed / 1e3:,.0f} kB "
         f"=> {extrapolated_bytes / 1e9:.2f} GB ({extrapolated_bytes / 2**30:.2f} GiB). "
         f"{'4 B/IMEI while the list has <= 4,096 distinct meanings (date x reasons); 5 B above.' if 'imei_set_hi' not in sections else '5 B/IMEI: more than 4,096 distinct meanings.'}")
-    log(f"  build: 1.2e9 / {rows_per_s:,.0f} rows/s = {extrapolated_build_s / 60:.1f} min "
+    log(f"  build: 1.2e9 x {(n + data.pairs) / n:.2f} rows / {rows_per_s:,.0f} rows/s = "
+        f"{extrapolated_build_s / 60:.1f} min "
         f"(linear: parse and checksum are; the two sorts are n log n, a few % more). Peak "
-        f"memory grows linearly too: {mb(build.peak_rss):,.0f} MB + {peak_per_row:.0f} B per "
-        f"extra row = {extrapolated_peak / 1e9:.0f} GB at 1.2e9 (see bench/README.md).")
+        f"anonymous memory is bounded by the sort runs: {mb(build.peak_anon):,.0f} MB + "
+        f"{peak_per_row:.1f} B per extra row = {extrapolated_peak / 1e9:.1f} GB at 1.2e9; "
+        f"the spilled runs and tables need ~12-28 B per row of scratch disk in the store.")
     log(f"  start-up: independent of the IMEI count. Opening maps the file and parses only "
-        f"the header JSON (attributes: {len(header['attributes'])}, O(meanings)) and builds "
-        f"the TAC dict (O(TACs): {tac_count:,} here, ~{WORLD_TACS:,} at most worldwide, a "
-        f"few tens of ms); no IMEI page is read until a lookup touches it. Measured "
+        f"the header JSON (attributes: {len(header['attributes'])}, O(meanings)) and checks "
+        f"the TAC directory (O(TACs): {tac_count:,} here, ~{WORLD_TACS:,} at most worldwide); "
+        f"no IMEI or pair page is read until a lookup touches it. Measured "
         f"{warm.to_first_answer:.2f} s at {n:,} vs {small_warm.to_first_answer:.2f} s at "
         f"{SMALL_ENTRIES:,} (warm).")
-    log(f"  lookup: dict hit on the TAC, then a bisection inside that TAC's entries, which "
-        f"are at most 1,000,000 (6-digit serial): <= 20 probes whatever the list size. Here "
-        f"the largest TAC holds {largest_tac:,} ({probes} probes), so 1.2e9 adds at most "
-        f"{max(0, 20 - probes)} probe(s); the cost that grows is cache/TLB misses over a "
-        f"{extrapolated_bytes / 2**30:.1f} GiB mapping, which must stay in RAM (page cache) "
-        "or a miss becomes a disk read.")
+    log(f"  lookup: binary search of the TAC, then of the fence (every 64th key) inside that "
+        f"TAC's entries, which are at most 1,000,000 (6-digit serial), then one 64-key block: "
+        f"<= 20 probes whatever the list size. Here the largest TAC holds {largest_tac:,} "
+        f"({probes} probes), so 1.2e9 adds at most {max(0, 20 - probes)} probe(s). With an "
+        f"IMSI, the pair search (a fence of every 64th pair IMEI, filled by the lookups, then "
+        f"one 64-IMEI block) grows by one probe per doubling of the pairs. The cost that grows "
+        f"is cache/TLB misses over a {extrapolated_bytes / 2**30:.1f} GiB mapping, which must "
+        "stay in RAM (page cache) or a miss becomes a disk read.")
     log()
     log(json.dumps({
         "entries": n,
@@ -663,18 +791,23 @@ def run(work: Path, n: int, args) -> int:
         "build_rows_per_s": round(rows_per_s),
         "build_seconds": round(build.seconds, 2),
         "build_peak_rss_mb": round(mb(build.peak_rss)),
+        "build_peak_anon_mb": round(mb(build.peak_anon)),
         "start_to_serving_s": round(warm.to_first_answer, 3),
         "start_to_serving_s_cold": round(cold.to_first_answer, 3),
         "start_to_listening_s": round(warm.to_listening, 3),
         "start_to_serving_s_small": round(small_warm.to_first_answer, 3),
         "lookup_p99_us": round(with_imsi.p99, 3),
         "lookup_p99_us_imei_only": round(lookups[0].p99, 3),
+        "lookup_p50_us": round(with_imsi.p50, 3),
+        "lookup_p50_us_imei_only": round(lookups[0].p50, 3),
+        "pairs": data.pairs,
         "rss_mb_after_first_answer": round(mb(warm.vm_rss), 1),
         "snapshot_rss_mb_after_first_answer": round(mb(warm.snapshot_rss), 2),
         "snapshot_mb": round(mb(snapshot_bytes), 1),
         "extrapolated_1_2e9_snapshot_gb": round(extrapolated_bytes / 1e9, 2),
         "extrapolated_1_2e9_build_minutes": round(extrapolated_build_s / 60, 1),
         "extrapolated_1_2e9_build_peak_gb": round(extrapolated_peak / 1e9, 1),
+        "extrapolated_1_2e9_pairs_gb": round(extrapolated_pair_bytes / 1e9, 2),
         "targets_met": met,
     }))
     return 0

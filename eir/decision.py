@@ -136,6 +136,9 @@ class RuleSet:
     def __init__(self, snapshot, unknown_policy: UnknownPolicy = UnknownPolicy.UNKNOWN,
                  grandfathering=None):
         self.snapshot = snapshot
+        # Snapshot.lookup, or its C version, which may return NotImplemented (see
+        # Snapshot.hot_lookup); bound once: decide() is the hot path.
+        self._hot_lookup = snapshot.hot_lookup
         self.unknown_policy = unknown_policy
         # None, or an object with `cutoff_text` (YYYY-MM-DD) and
         # `first_seen_before_cutoff(imei, imsi) -> YYYYMMDD | None` (eir.observations.
@@ -175,7 +178,10 @@ class RuleSet:
         `software_version` is accepted so that rules on it can be added without changing
         callers; no rule kind uses it yet.
         """
-        verdict = self.snapshot.lookup(imei, imsi, today() if day is None else day)
+        day = today() if day is None else day
+        verdict = self._hot_lookup(imei, imsi, day)
+        if verdict is NotImplemented:
+            verdict = self.snapshot.lookup(imei, imsi, day)
         if verdict is not None:
             return verdict
         grandfathering = self.grandfathering

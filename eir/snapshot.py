@@ -412,12 +412,23 @@ class Snapshot:
             self._tacrule_set = arrays["tacrule_set"]
             self._tacname_tac, self._tacname_end = arrays["tacname_tac"], arrays["tacname_end"]
             self._tacname_text = arrays["tacname_text"]
-            # IMEI → attribute set index or -1, in C when built (it checks tac_start once,
-            # here); None: _exact_python (not stored as a bound method: a reference cycle
-            # would keep a replaced snapshot's mapping until the next gc run).
+            # The C search when built (it checks tac_start once, here), else None: the Python
+            # path. Called with an int: IMEI → attribute set index or -1. Its lookup() does
+            # the first two levels and keeps their verdicts (see hot_lookup). Nothing it
+            # holds refers back to this snapshot (lookup is the index's bound method; resolve
+            # closes over the attribute tables only): such a cycle would keep a replaced
+            # snapshot's mapping until the next gc run.
+            sets, attributes = self.sets, self.attributes
+
+            def resolve(member: int, level: int, day: int) -> Verdict | None:
+                return _set_verdict(sets, attributes, member, level, day)
+
             self._exact = None if _ExactIndex is None else _ExactIndex(
                 self._tac, self._tac_start, self._imei_key, self._imei_set_hi,
-                self._imei_fence)
+                self._imei_fence, pair_imei=self._pair_imei, pair_imsi=self._pair_imsi,
+                pair_set=self._pair_set, resolve=resolve, set_count=len(self.sets),
+                wider=bool(len(self._range_start) or len(self._tacrule_tac)))
+            self._c_lookup = None if self._exact is None else self._exact.lookup
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise SnapshotError(f"{where}: malformed header or section: "
                                 f"{type(exc).__name__}: {exc}") from None
@@ -457,6 +468,24 @@ class Snapshot:
     def lookup(self, imei: str, imsi: str | None, day: int) -> Verdict | None:
         """The verdict of the most specific level with an entry in force on `day`, or None.
         Levels: IMEI+IMSI, IMEI, range+IMSI, range, TAC+IMSI, TAC (see eir.decision)."""
+        c_lookup = self._c_lookup
+        if c_lookup is not None:
+            verdict = c_lookup(imei, imsi, day)
+            if verdict is not NotImplemented:
+                return verdict
+        return self._lookup_python(imei, imsi, day)
+
+    @property
+    def hot_lookup(self):
+        """lookup() for the hot path (RuleSet.decide keeps it): eir._lookup's lookup() when
+        built, else lookup() itself. The C one answers from the request's strings without
+        int(), a bisection over memoryviews, a dict or lookup()'s own Python frame; it
+        returns NotImplemented when lookup() must answer instead (ranges or TAC rules to
+        search, an IMEI that is not plain digits, several IMEI+IMSI entries for one pair)."""
+        return self.lookup if self._c_lookup is None else self._c_lookup
+
+    def _lookup_python(self, imei: str, imsi: str | None, day: int) -> Verdict | None:
+        """lookup() without eir._lookup's lookup(): not built, or it handed over."""
         number = int(imei)
         # The IMSI matters only to paired entries, ranges and TAC rules: a registry blacklist
         # has none of them, and parsing it would be most of the remaining cost.
@@ -567,22 +596,30 @@ class Snapshot:
         return best
 
     def _verdict(self, member: int, level: int, day: int) -> Verdict | None:
-        """The verdict of attribute set `member` on `day`: the most severe status among its
-        attributes (cached per set and day: a hot-path hit allocates nothing)."""
+        """The verdict of attribute set `member` on `day` (cached per set and day: a hot-path
+        hit allocates nothing)."""
         key = (member << 3) | level
         cached = self._verdicts.get(key)
         if cached is not None and cached[0] == day:
             return cached[1]
-        best_status, best_attribute = None, None
-        for attribute_id in self.sets[member]:
-            attribute = self.attributes[attribute_id]
-            status = attribute.status_on(day)
-            if status is not None and (best_status is None or
-                                       status.severity > best_status.severity):
-                best_status, best_attribute = status, attribute
-        verdict = None
-        if best_status is not None:
-            verdict = Verdict(best_status, _MATCHES[level], _describe(best_attribute, best_status),
-                              best_attribute.source)
+        verdict = _set_verdict(self.sets, self.attributes, member, level, day)
         self._verdicts[key] = (day, verdict)
         return verdict
+
+
+def _set_verdict(sets: list[tuple[int, ...]], attributes: list[Attribute], member: int,
+                 level: int, day: int) -> Verdict | None:
+    """The verdict of attribute set `member` at precedence `level` on `day`: the most severe
+    status among its attributes, or None when none gives one yet. Uncached: Snapshot._verdict
+    and eir._lookup's lookup() keep what it returns."""
+    best_status, best_attribute = None, None
+    for attribute_id in sets[member]:
+        attribute = attributes[attribute_id]
+        status = attribute.status_on(day)
+        if status is not None and (best_status is None or
+                                   status.severity > best_status.severity):
+            best_status, best_attribute = status, attribute
+    if best_status is None:
+        return None
+    return Verdict(best_status, _MATCHES[level], _describe(best_attribute, best_status),
+                   best_attribute.source)
