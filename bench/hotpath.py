@@ -48,6 +48,7 @@ from eir.diameter.dictionary import Dictionary  # noqa: E402
 from eir.diameter.peer import LocalIdentity, PeerConnection  # noqa: E402
 from eir.imei import luhn_check_digit  # noqa: E402
 from eir.lists import load_rule_set  # noqa: E402
+from eir.metrics import DiameterCounters  # noqa: E402
 from eir.s13 import S13Application  # noqa: E402
 
 MME_HOST, MME_REALM = b"mme.bench.localdomain", b"localdomain"
@@ -195,9 +196,11 @@ class Figures:
 def open_peer(rule_set: RuleSet) -> PeerConnection:
     dictionary = Dictionary.load()
     local = LocalIdentity(EIR_HOST.decode(), EIR_REALM.decode())
-    s13 = S13Application(dictionary, local, rule_set)
+    # The counters `eir serve` keeps for its metrics, so that their cost is measured too.
+    counters = DiameterCounters.for_dictionary(dictionary)
+    s13 = S13Application(dictionary, local, rule_set, counters=counters)
     peer = PeerConnection(dictionary, local, {s13.application_id: s13}, time.monotonic(),
-                          local_addresses=("127.0.0.1",))
+                          local_addresses=("127.0.0.1",), counters=counters)
     cea = peer.receive(encode_cer(), time.monotonic())
     if verdict_of_answer(cea)[0] != 2001 or not peer.state.name == "OPEN":
         raise SystemExit(f"CER was not accepted: {peer.events}")

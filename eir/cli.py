@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import sys
 import time
 from datetime import date
@@ -14,7 +13,7 @@ from pathlib import Path
 
 from eir import __version__
 from eir.config import ConfigError, Settings, default_config_path, load_settings, \
-    parse_host_port
+    parse_host_port, parse_local_listen
 from eir.decision import UnknownPolicy
 from eir.diameter.dictionary import DictionaryError
 from eir.imei import ImeiError, normalise_imei
@@ -31,6 +30,14 @@ EXIT_USAGE = 2
 def _host_port(text: str) -> str:
     try:
         parse_host_port(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _local_listen(text: str) -> str:
+    try:
+        parse_local_listen(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return text
@@ -69,6 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--watchdog", type=float, metavar="SECONDS",
                        help="Tw: send DWR after this long without traffic")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--log-format", choices=["text", "json"],
+                       help="text lines (default) or one JSON object per line")
+    serve.add_argument("--metrics", type=_local_listen, metavar="HOST:PORT",
+                       help="serve Prometheus metrics at http://HOST:PORT/metrics (a bare "
+                            "PORT binds 127.0.0.1)")
+    serve.add_argument("--api", type=_local_listen, metavar="HOST:PORT",
+                       help="serve the admin and lookup API (a bare PORT binds 127.0.0.1; "
+                            "token: api.token or $EIR_API_TOKEN)")
 
     check = commands.add_parser("check", help="print the verdict for one IMEI")
     common(check)
@@ -219,18 +234,25 @@ def settings_from(args: argparse.Namespace) -> Settings:
             settings.diameter.model_dump() | diameter)
     if lists:
         update["lists"] = settings.lists.model_copy(update=lists)
-    if getattr(args, "log_level", None):
-        update["logging"] = settings.logging.model_copy(update={"level": args.log_level})
+    logging_update = {key: value for key, value in (
+        ("level", getattr(args, "log_level", None)),
+        ("format", getattr(args, "log_format", None))) if value}
+    if logging_update:
+        update["logging"] = settings.logging.model_copy(update=logging_update)
+    for section in ("metrics", "api"):
+        if getattr(args, section, None):
+            update[section] = getattr(settings, section).model_copy(
+                update={"listen": getattr(args, section)})
     return settings.model_copy(update=update) if update else settings
 
 
 def _serve(args: argparse.Namespace) -> int:
     from eir.server import build_server
 
+    from eir.logs import configure_logging
+
     settings = settings_from(args)
-    logging.basicConfig(
-        level=settings.logging.level.upper(), stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.logging, sys.stderr)
     server = build_server(settings)
     try:
         asyncio.run(server.serve_forever())

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (BaseModel, ConfigDict, Field, SecretStr, ValidationError,
+                      ValidationInfo, field_validator)
 
 from eir.decision import UnknownPolicy
 
@@ -46,11 +47,72 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _diameter_identity(value: str) -> str:
+    if not value or not value.isascii() or any(c.isspace() for c in value):
+        raise ValueError("must be a non-empty DiameterIdentity (ASCII, no spaces)")
+    return value
+
+
+# -- peer security and overload (eir.security, eir.overload, eir.diameter.duplicates) -------
+
+class AllowedPeerSettings(_Strict):
+    """One entry of diameter.peers: a peer that may open a connection."""
+
+    host: str  # its Origin-Host
+    realm: str | None = None  # its Origin-Realm; null: any
+    addresses: list[str] = Field(default_factory=list)  # networks or addresses; []: any
+
+    @field_validator("host", "realm")
+    @classmethod
+    def _identity(cls, value: str | None) -> str | None:
+        return value if value is None else _diameter_identity(value)
+
+    @field_validator("addresses")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for item in value:
+            ipaddress.ip_network(item)  # strict: 10.0.0.1/24 (host bits set) is refused
+        return value
+
+
+class TlsSettings(_Strict):
+    """TLS on connect (RFC 6733 §13): listeners where the TLS handshake comes before CER."""
+
+    listen: list[str] = Field(default_factory=lambda: ["0.0.0.0:5868", "[::]:5868"])
+    certificate: Path  # PEM: our certificate (chain)
+    key: Path  # PEM: its private key
+    ca: Path | None = None  # PEM: the CA(s) that sign our peers' certificates
+    require_client_cert: bool = True  # mutual TLS: a peer without a valid certificate is refused
+    verify_origin_host: bool = True  # CER's Origin-Host must be a name in that certificate
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: list[str]) -> list[str]:
+        for item in value:
+            parse_host_port(item)
+        return value
+
+
+class DuplicateSettings(_Strict):
+    window_seconds: float = Field(60.0, ge=0)  # 0: no duplicate detection
+    max_entries: int = Field(100_000, ge=0)  # 0: no duplicate detection
+
+
+class OverloadSettings(_Strict):
+    max_connections: int = Field(1024, ge=1)
+    max_connections_per_address: int = Field(64, ge=1)
+    requests_per_turn: int = Field(64, ge=1)
+    max_queued_per_connection: int = Field(4096, ge=1)
+    max_queued_total: int = Field(16384, ge=1)
+    idle_timeout_seconds: float = Field(0.0, ge=0)  # 0: never
+
+
 class DiameterSettings(_Strict):
     origin_host: str = "eir.localdomain"
     origin_realm: str = "localdomain"
-    listen: list[str] = Field(default_factory=lambda: ["0.0.0.0:3868", "[::]:3868"],
-                              min_length=1)
+    # Before `listen`: validated first, so that `listen: []` may mean "TLS only".
+    tls: TlsSettings | None = None
+    listen: list[str] = Field(default_factory=lambda: ["0.0.0.0:3868", "[::]:3868"])
     transport: Literal["tcp", "sctp"] = "tcp"
     host_ip_addresses: list[str] = Field(default_factory=list)
     product_name: str = "open EIR"
@@ -59,12 +121,29 @@ class DiameterSettings(_Strict):
     cer_timeout_seconds: float = Field(10.0, gt=0)
     disconnect_timeout_seconds: float = Field(3.0, gt=0)
     max_message_bytes: int = Field(65536, ge=1024, le=0xFFFFFF)
+    peers: list[AllowedPeerSettings] = Field(default_factory=list)  # []: any peer
+    duplicates: DuplicateSettings = Field(default_factory=DuplicateSettings)
+    overload: OverloadSettings = Field(default_factory=OverloadSettings)
 
     @field_validator("listen")
     @classmethod
-    def _listen(cls, value: list[str]) -> list[str]:
+    def _listen(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        tls = info.data.get("tls")
+        if not value and not (tls is not None and tls.listen):
+            raise ValueError("List should have at least 1 item (or, for TLS only, "
+                             "addresses in diameter.tls.listen)")
         for item in value:
             parse_host_port(item)
+        return value
+
+    @field_validator("peers")
+    @classmethod
+    def _peers(cls, value: list[AllowedPeerSettings]) -> list[AllowedPeerSettings]:
+        seen = set()
+        for peer in value:
+            if peer.host.lower() in seen:
+                raise ValueError(f"{peer.host} is listed twice")
+            seen.add(peer.host.lower())
         return value
 
     @field_validator("host_ip_addresses")
@@ -77,9 +156,7 @@ class DiameterSettings(_Strict):
     @field_validator("origin_host", "origin_realm")
     @classmethod
     def _identity(cls, value: str) -> str:
-        if not value or not value.isascii() or any(c.isspace() for c in value):
-            raise ValueError("must be a non-empty DiameterIdentity (ASCII, no spaces)")
-        return value
+        return _diameter_identity(value)
 
 
 class ListSettings(_Strict):
@@ -106,6 +183,9 @@ class ObservationSettings(_Strict):
     flush_seconds: float = Field(1.0, gt=0)
     msisdn_file: Path | None = None
     pseudonymise_key: str | None = None
+    # An IMEI seen with more than this many distinct IMSIs on one day counts as a clone hit
+    # (eir_clone_hits_total); null: no clone detection.
+    clone_threshold: int | None = Field(2, ge=1)
 
     @field_validator("url")
     @classmethod
@@ -121,6 +201,71 @@ class GrandfatheringSettings(_Strict):
 
 class LoggingSettings(_Strict):
     level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["text", "json"] = "text"  # json: one object per line (eir.logs)
+    show_imsi: bool = False  # False: IMSIs in logs and audit masked, 00101******6789
+
+
+# -- operations: metrics, admin API, audit (eir.metrics, eir.api, eir.logs) ------------------
+
+LOOPBACK = "127.0.0.1"
+
+
+def parse_local_listen(text: str) -> tuple[str, int]:
+    """`HOST:PORT`, `[IPV6]:PORT`, or a bare `PORT` meaning 127.0.0.1:PORT (the HTTP
+    endpoints are bound to loopback unless an address is given)."""
+    text = text.strip()
+    if text.isdigit():
+        text = f"{LOOPBACK}:{text}"
+    return parse_host_port(text)
+
+
+class _HttpListenSettings(_Strict):
+    listen: str | None = None  # HOST:PORT or PORT (127.0.0.1); null: off
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_local_listen(value)
+        return value
+
+
+class MetricsSettings(_HttpListenSettings):
+    pass
+
+
+API_TOKEN_ENVIRONMENT_VARIABLE = "EIR_API_TOKEN"
+API_TOKEN_MIN_LENGTH = 16
+
+
+class ApiSettings(_HttpListenSettings):
+    # Bearer token of the admin and lookup API; $EIR_API_TOKEN overrides it. Required when
+    # `listen` is set. Kept as a SecretStr: printing the settings shows '**********'.
+    token: SecretStr | None = None
+
+    @field_validator("token")
+    @classmethod
+    def _token(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < API_TOKEN_MIN_LENGTH:
+            raise ValueError(f"must be at least {API_TOKEN_MIN_LENGTH} characters")
+        return value
+
+    def effective_token(self) -> str | None:
+        """$EIR_API_TOKEN if set, else `token`; ConfigError if either is too short."""
+        token = os.environ.get(API_TOKEN_ENVIRONMENT_VARIABLE)
+        if token is not None:
+            if len(token) < API_TOKEN_MIN_LENGTH:
+                raise ConfigError(f"${API_TOKEN_ENVIRONMENT_VARIABLE}: must be at least "
+                                  f"{API_TOKEN_MIN_LENGTH} characters")
+            return token
+        return self.token.get_secret_value() if self.token is not None else None
+
+
+class AuditSettings(_Strict):
+    enabled: bool = False
+    sample: float = Field(1.0, ge=0.0, le=1.0)  # share of verdicts audited; 1: all
+    path: Path | None = None  # default: audit.jsonl in the store directory, else here
+    flush_seconds: float = Field(1.0, gt=0)
 
 
 class Settings(_Strict):
@@ -132,6 +277,9 @@ class Settings(_Strict):
     grandfathering: GrandfatheringSettings = Field(default_factory=GrandfatheringSettings)
     dictionaries: list[Path] = Field(default_factory=list)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    api: ApiSettings = Field(default_factory=ApiSettings)
+    audit: AuditSettings = Field(default_factory=AuditSettings)
 
 
 def default_config_path() -> Path | None:
@@ -188,7 +336,20 @@ def load_settings(path: Path | None) -> Settings:
             key: base / value for key in ("database", "msisdn_file")
             if (value := getattr(settings.observations, key)) is not None}),
         "dictionaries": [base / d for d in settings.dictionaries],
+        "diameter": _tls_paths_from(settings.diameter, base),
+        "audit": settings.audit.model_copy(update={
+            "path": base / settings.audit.path if settings.audit.path else None}),
     })
+
+
+def _tls_paths_from(diameter: DiameterSettings, base: Path) -> DiameterSettings:
+    """diameter.tls's certificate, key and CA relative to the configuration file."""
+    tls = diameter.tls
+    if tls is None:
+        return diameter
+    return diameter.model_copy(update={"tls": tls.model_copy(update={
+        key: base / value for key in ("certificate", "key", "ca")
+        if (value := getattr(tls, key)) is not None})})
 
 
 def _line_of(text: str, location: list) -> int | None:

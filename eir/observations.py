@@ -82,6 +82,23 @@ SELECT_CLONES = ("SELECT imei, COUNT(DISTINCT imsi), MIN(date), MAX(date) FROM o
                  "HAVING COUNT(DISTINCT imsi) >= {p} ORDER BY 2 DESC, imei")
 SELECT_FIRST_SEEN = ("SELECT imei, imsi, MIN(date) FROM observations "
                      "WHERE date < {p} AND imsi != '' GROUP BY imei, imsi")
+# Clone detection at flush time: which of the IMEIs just written have more than {p} distinct
+# IMSIs on that day. A seek per IMEI on the primary key's (date, imei) prefix.
+SELECT_IMEIS_OVER = ("SELECT imei FROM observations WHERE date = {p} AND imei IN ({imeis}) "
+                     "AND imsi != '' GROUP BY imei HAVING COUNT(*) > {p}")
+CLONE_QUERY_IMEIS = 500  # IMEIs per query (SQLite allows 32,766 parameters)
+# One IMEI's history (the lookup API): the key starts with the date, so instead of a scan
+# the days are walked one index seek each ("loose index scan"), then (day, imei) is sought.
+SELECT_HISTORY = """
+WITH RECURSIVE days(day) AS (
+    SELECT MIN(date) FROM observations
+    UNION ALL
+    SELECT (SELECT MIN(date) FROM observations WHERE date > days.day) FROM days
+    WHERE days.day IS NOT NULL
+)
+SELECT MIN(o.date), MAX(o.date), COUNT(DISTINCT NULLIF(o.imsi, ''))
+FROM days JOIN observations o ON o.date = days.day AND o.imei = {p}
+"""
 FETCH_ROWS = 100_000
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 POSTGRES_CONNECT_TIMEOUT_SECONDS = 10
@@ -173,6 +190,7 @@ class Backend:
         self.select_day = SELECT_DAY.format(p=p)
         self.select_clones = SELECT_CLONES.format(p=p)
         self.select_first_seen = SELECT_FIRST_SEEN.format(p=p)
+        self.select_history = SELECT_HISTORY.format(p=p)
 
     def __str__(self) -> str:
         return str(self.location)
@@ -203,6 +221,22 @@ class Backend:
 
     def _insert(self, cursor, rows: list[tuple]) -> None:
         cursor.executemany(self.insert_sql, rows)
+
+    def imeis_over(self, connection, day: int, imeis: list[str], more_than: int) -> set[str]:
+        """Which of `imeis` were seen with more than `more_than` distinct IMSIs on `day`."""
+        p = self.placeholder
+        found: set[str] = set()
+        cursor = connection.cursor()
+        try:
+            for start in range(0, len(imeis), CLONE_QUERY_IMEIS):
+                chunk = imeis[start:start + CLONE_QUERY_IMEIS]
+                cursor.execute(SELECT_IMEIS_OVER.format(p=p, imeis=", ".join([p] * len(chunk))),
+                               (day, *chunk, more_than))
+                found.update(row[0] for row in cursor.fetchall())
+        finally:
+            cursor.close()
+        connection.commit()  # ends the read transaction PostgreSQL opened
+        return found
 
     def rows(self, connection, sql: str, parameters: tuple) -> Iterator[tuple]:
         """The result rows, fetched FETCH_ROWS at a time (a national dump does not fit in
@@ -376,7 +410,7 @@ class ObservationLog:
 
     def __init__(self, path: Path | str | Backend, flush_seconds: float = 1.0,
                  msisdns: dict[str, str] | None = None, max_pending: int = MAX_PENDING,
-                 on_written=None):
+                 on_written=None, clone_threshold: int | None = None):
         self.backend = backend(path)  # an SQLite path or a postgresql:// URL
         self.path = self.backend.location  # for messages
         self.flush_seconds = flush_seconds
@@ -385,6 +419,12 @@ class ObservationLog:
         # Called by the writer thread with the (day, imei, imsi, msisdn) rows of each
         # committed flush (the grandfathering index learns new pairs from it).
         self.on_written = on_written
+        # Clone detection (eir_clone_hits_total): after each flush, the IMEIs it wrote that
+        # now have more than `clone_threshold` distinct IMSIs that day are counted, each
+        # once per day (None: off). Done by the writer thread, off the hot path.
+        self.clone_threshold = clone_threshold
+        self.clone_hits = 0
+        self._clones_counted: dict[int, set[str]] = {}  # day → IMEIs counted (last 2 days)
         self.written = 0
         self.dropped = 0
         self.flush_errors = 0
@@ -467,6 +507,8 @@ class ObservationLog:
             keys.difference_update(batch)
         self._room = max(0, self.max_pending - sum(
             len(keys) for day, keys in list(self._days.items()) if day != self._day))
+        if self.clone_threshold is not None:
+            self._count_clones(rows)  # before `written` moves: a reader of both sees it done
         self.written += len(rows)
         if self.last_error is not None:
             log.info("observations: writing to %s again after %d failed flush(es)",
@@ -479,6 +521,27 @@ class ObservationLog:
             except Exception:  # noqa: BLE001 - a bug there must not stop the writer
                 log.exception("observations: after-write hook failed")
         return len(rows)
+
+    def _count_clones(self, rows: list[tuple]) -> None:
+        """Count the IMEIs of just-written rows that crossed the clone threshold."""
+        written: dict[int, set[str]] = {}
+        for day, imei, imsi, _ in rows:
+            if imsi:
+                written.setdefault(day, set()).add(imei)
+        for day, imeis in written.items():
+            try:
+                over = self.backend.imeis_over(self._connect(), day, sorted(imeis),
+                                               self.clone_threshold)
+            except self.backend.errors as exc:
+                log.warning("observations: clone detection skipped for %d IMEI(s): %s",
+                            len(imeis), _one_line(exc))
+                continue
+            counted = self._clones_counted.setdefault(day, set())
+            new = over - counted
+            self.clone_hits += len(new)
+            counted |= new
+        for day in sorted(self._clones_counted)[:-2]:
+            del self._clones_counted[day]  # a flush carries today and, past midnight, yesterday
 
     def _failed(self, exc: Exception, count: int) -> None:
         self.flush_errors += 1
@@ -524,7 +587,7 @@ def observation_log(settings, on_written=None) -> ObservationLog | None:
         return None
     msisdns = load_msisdns(observations.msisdn_file) if observations.msisdn_file else {}
     return ObservationLog(database_location(settings), observations.flush_seconds, msisdns,
-                          on_written=on_written)
+                          on_written=on_written, clone_threshold=observations.clone_threshold)
 
 
 # -- reading: the operator data dump and the clone report ---------------------------------
@@ -569,6 +632,24 @@ def clone_suspects(path: Path | str, since: int, min_imsis: int = 2) -> list[Clo
     with _reading(path) as (store, connection):
         return [CloneSuspect(*row) for row in
                 store.rows(connection, store.select_clones, (since, min_imsis))]
+
+
+@dataclass(frozen=True)
+class EquipmentHistory:
+    """What the observations know of one IMEI (as of the last flush)."""
+
+    first_day: int | None  # YYYYMMDD; None: never seen
+    last_day: int | None
+    imsis: int  # distinct IMSIs it was seen with
+
+
+def equipment_history(path: Path | str, imei: str) -> EquipmentHistory:
+    """When the 14-digit `imei` was first and last seen, and with how many distinct IMSIs;
+    one index seek per stored day, not a scan (see SELECT_HISTORY)."""
+    with _reading(path) as (store, connection):
+        for first, last, imsis in store.rows(connection, store.select_history, (imei,)):
+            return EquipmentHistory(first, last, imsis or 0)
+    return EquipmentHistory(None, None, 0)
 
 
 # -- grandfathering -------------------------------------------------------------------------

@@ -22,14 +22,18 @@ class S13Application:
     vendor_id = VENDOR_3GPP
 
     def __init__(self, dictionary: Dictionary, local: LocalIdentity, rule_set: RuleSet,
-                 observations=None):
+                 observations=None, counters=None, audit=None):
         self.dictionary = dictionary
         # None, or an eir.observations.ObservationLog: every decided check is recorded.
         self.observations = observations
+        # None, or eir.metrics.DiameterCounters: verdicts counted by status (a dict bump).
+        self.verdict_counts = counters.verdicts if counters is not None else None
+        # None, or eir.logs.AuditLog: verdicts handed to its writer thread.
+        self.audit = audit
         # Swapped whole by the server on reload; a request reads it once, so it sees one
         # snapshot from start to end.
         self.rule_set = rule_set
-        self.answers = AnswerBuilder(dictionary, local)
+        self.answers = AnswerBuilder(dictionary, local, counters)
         encode = dictionary.encode
         self._terminal_information = dictionary["Terminal-Information"]
         # Vendor-Specific-Application-Id and Auth-Session-State: in every ECA, errors too.
@@ -77,6 +81,12 @@ class S13Application:
         observations = self.observations
         if observations is not None:
             observations.record(day, imei, imsi)
+        verdict_counts = self.verdict_counts
+        if verdict_counts is not None:
+            verdict_counts[verdict.status] += 1
+        if self.audit is not None:
+            self.audit.record(avps["Origin-Host"][0].data, imei, imsi, verdict,
+                              self.rule_set.version)
         body = encode_avp(263, AVP_FLAG_MANDATORY, 0, session_id.data) + self._templates[
             verdict.status]
         proxy_info = avps.get("Proxy-Info")

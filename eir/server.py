@@ -17,11 +17,17 @@ from eir import __version__
 from eir.config import Settings, parse_host_port
 from eir.decision import RuleSet
 from eir.diameter.dictionary import DEFAULT_DICTIONARY_DIR, Dictionary
+from eir.diameter.duplicates import DuplicateCache
 from eir.diameter.peer import LocalIdentity, PeerConnection, Timers
 from eir.lists import ListError, load_rule_set
+from eir.logs import AuditLog, audit_log
+from eir.metrics import DiameterCounters, QueuedLatency
 from eir.observations import (GrandfatherIndex, ObservationError, ObservationLog,
                               database_location, observation_log)
+from eir.overload import Admission, ConnectionLimits
 from eir.s13 import S13Application
+from eir.security import (AllowedPeer, PeerAllowlist, TlsAcceptor, certificate_names,
+                          server_tls_context)
 from eir.store import Store, StoreError
 from eir.sync import SyncCounters, SyncError, sync
 
@@ -56,7 +62,7 @@ def firmware_revision(version: str = __version__) -> int:
 class DiameterProtocol(asyncio.Protocol):
     """One transport connection: feeds the peer state machine and writes what it returns."""
 
-    def __init__(self, server: "EirServer"):
+    def __init__(self, server: "EirServer", admitted: str | None = None):
         self.server = server
         self.loop = server.loop
         self.peer: PeerConnection | None = None
@@ -64,6 +70,15 @@ class DiameterProtocol(asyncio.Protocol):
         self.remote = "?"
         self._timer: asyncio.TimerHandle | None = None
         self._timer_when = 0.0
+        # The source address counted against the connection limits (a TLS connection is
+        # counted before its handshake, by eir.security.TlsAcceptor); None: not counted yet.
+        self._admitted = admitted
+        self._resume_handle: asyncio.Handle | None = None
+        self._reading = True  # the transport's reading state (see _set_reading)
+        self._writing = True  # False while the transport's write buffer is above its limit
+        self.counters = server.counters
+        self.latency = QueuedLatency(server.counters)
+        self.connected_at = 0.0  # loop time; for GET /v1/peers
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -72,24 +87,91 @@ class DiameterProtocol(asyncio.Protocol):
         self.remote = _format_address(remote)
         local_ip = _plain_ip(local[0]) if local else None
         server = self.server
+        remote_ip = remote[0] if remote else ""
+        if self._admitted is None:
+            refusal = server.connection_limits.admit(remote_ip)
+            if refusal is not None:
+                log.warning("%s: connection refused: %s", self.remote, refusal)
+                transport.abort()
+                return
+            self._admitted = remote_ip
+        tls = server.settings.diameter.tls
+        names = None
+        if tls is not None and tls.verify_origin_host:  # None on plain TCP: no certificate
+            names = certificate_names(transport.get_extra_info("peercert"))
+        self.connected_at = self.loop.time()
         self.peer = PeerConnection(
             server.dictionary, server.local, server.applications, self.loop.time(),
             local_addresses=(local_ip,) if local_ip else (), timers=server.timers,
-            max_message_bytes=server.settings.diameter.max_message_bytes)
+            max_message_bytes=server.settings.diameter.max_message_bytes,
+            counters=server.counters, remote_address=remote_ip, allowlist=server.allowlist,
+            certificate_names=names, duplicates=server.duplicates,
+            admission=server.admission)
         server.connections.add(self)
         log.info("connection from %s", self.remote)
         self._schedule()
 
     def data_received(self, data: bytes) -> None:
         peer = self.peer
-        out = peer.receive(data, self.loop.time())
+        counters = self.counters
+        received, backlog, refused = counters.received, peer.backlog, peer.refused_busy
+        now = self.loop.time()
+        out = peer.receive(data, now)
         if out:
             self.transport.write(out)
+        # eir_request_duration_seconds: from reading a request to writing its answer.
+        if backlog or peer.backlog:  # requests wait in the peer's queue (eir.overload)
+            self.latency.read(now, self.loop.time(), counters.received - received,
+                              peer.refused_busy - refused, peer.backlog - backlog,
+                              peer.backlog)
+        else:
+            counters.observe(self.loop.time() - now, counters.received - received)
         if peer.events or peer.closed:
             self._after()
         deadline = peer.next_deadline()
         if deadline is not None and deadline < self._timer_when:
             self._schedule()
+        if peer.backlog and self._resume_handle is None:
+            self._resume_handle = self.loop.call_soon(self._resume)
+        if peer.reading is not self._reading:
+            self._set_reading()
+
+    def _resume(self) -> None:
+        """The next turn of this connection's queued requests (eir.overload): call_soon runs
+        it after the reads and resumptions of the other connections that are ready now."""
+        self._resume_handle = None
+        peer = self.peer
+        received = self.counters.received
+        out = peer.resume(self.loop.time())
+        if out:
+            self.transport.write(out)
+        self.latency.served(self.loop.time(), self.counters.received - received, peer.backlog)
+        if peer.events or peer.closed:
+            self._after()
+        if peer.backlog:
+            self._resume_handle = self.loop.call_soon(self._resume)
+        if peer.reading is not self._reading:
+            self._set_reading()
+
+    def pause_writing(self) -> None:
+        # The peer does not read its answers as fast as it sends requests: stop reading its
+        # requests until the answers drain, rather than buffer answers without bound.
+        self._writing = False
+        self._set_reading()
+
+    def resume_writing(self) -> None:
+        self._writing = True
+        self._set_reading()
+
+    def _set_reading(self) -> None:
+        """Read from the peer unless its answers are not drained or its queue is full."""
+        reading = self._writing and self.peer.reading
+        if reading is not self._reading and not self.transport.is_closing():
+            self._reading = reading
+            if reading:
+                self.transport.resume_reading()
+            else:
+                self.transport.pause_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.peer is not None:
@@ -98,6 +180,11 @@ class DiameterProtocol(asyncio.Protocol):
             self._log_events()
         if self._timer is not None:
             self._timer.cancel()
+        if self._resume_handle is not None:
+            self._resume_handle.cancel()
+        if self._admitted is not None:
+            self.server.connection_limits.release(self._admitted)
+            self._admitted = None
         self.server.connections.discard(self)
         self.server.connection_closed.set()
 
@@ -142,11 +229,17 @@ class DiameterProtocol(asyncio.Protocol):
 class EirServer:
     def __init__(self, settings: Settings, rule_set: RuleSet, dictionary: Dictionary,
                  observations: ObservationLog | None = None,
-                 grandfathering: GrandfatherIndex | None = None):
+                 grandfathering: GrandfatherIndex | None = None,
+                 audit: AuditLog | None = None):
         self.settings = settings
         self.observations = observations
         self.grandfathering = grandfathering
         self.dictionary = dictionary
+        # Metrics (eir.metrics): plain counters the hot path bumps, read at scrape time.
+        self.counters = DiameterCounters.for_dictionary(dictionary)
+        self.reload_counts = {"ok": 0, "refused": 0}
+        self.last_reload_error: str | None = None
+        self.audit = audit  # None, or eir.logs.AuditLog: verdicts written by a thread
         diameter = settings.diameter
         self.local = LocalIdentity(
             origin_host=diameter.origin_host, origin_realm=diameter.origin_realm,
@@ -155,8 +248,29 @@ class EirServer:
             host_ip_addresses=tuple(diameter.host_ip_addresses))
         self.timers = Timers(watchdog=diameter.watchdog_seconds,
                              cer_timeout=diameter.cer_timeout_seconds,
-                             disconnect_timeout=diameter.disconnect_timeout_seconds)
-        self.s13 = S13Application(dictionary, self.local, rule_set, observations)
+                             disconnect_timeout=diameter.disconnect_timeout_seconds,
+                             idle_timeout=diameter.overload.idle_timeout_seconds or None)
+        # Peer security and overload control (eir.security, eir.overload): data the peer
+        # state machines consult; the TLS context is built here so that unusable TLS
+        # material stops the start-up before any listener opens.
+        self.allowlist = PeerAllowlist(
+            AllowedPeer(peer.host, peer.realm,
+                        tuple(ipaddress.ip_network(a) for a in peer.addresses))
+            for peer in diameter.peers)
+        self.tls_context = None if diameter.tls is None else server_tls_context(
+            diameter.tls.certificate, diameter.tls.key, diameter.tls.ca,
+            diameter.tls.require_client_cert)
+        duplicates = diameter.duplicates
+        self.duplicates = DuplicateCache(duplicates.window_seconds, duplicates.max_entries) \
+            if duplicates.window_seconds > 0 and duplicates.max_entries > 0 else None
+        overload = diameter.overload
+        self.admission = Admission(overload.requests_per_turn,
+                                   overload.max_queued_per_connection,
+                                   overload.max_queued_total)
+        self.connection_limits = ConnectionLimits(overload.max_connections,
+                                                  overload.max_connections_per_address)
+        self.s13 = S13Application(dictionary, self.local, rule_set, observations,
+                                  counters=self.counters, audit=audit)
         self.applications = {self.s13.application_id: self.s13}
         self.connections: set[DiameterProtocol] = set()
         self.listeners: list[asyncio.AbstractServer] = []
@@ -167,6 +281,17 @@ class EirServer:
         self._reload_lock = asyncio.Lock()
         self.sync_counters = SyncCounters()
         self._background: set[asyncio.Task] = set()
+        # /metrics and the admin API (eir.api), when configured; built here so that a
+        # missing API token stops the start-up, before any listener opens.
+        self.operations = None
+        if settings.metrics.listen or settings.api.listen:
+            from eir.api import Operations
+
+            self.operations = Operations(self)
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
 
     @property
     def rule_set(self) -> RuleSet:
@@ -180,11 +305,16 @@ class EirServer:
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
         transport = self.settings.diameter.transport
-        wanted = self.settings.diameter.listen
-        for item in wanted:
+        wanted = [(item, transport) for item in self.settings.diameter.listen]
+        if self.tls_context is not None:  # TLS on connect: always over TCP
+            wanted += [(item, "tls") for item in self.settings.diameter.tls.listen]
+        for item, transport in wanted:
             host, port = parse_host_port(item)
             try:
-                if transport == "sctp":
+                if transport == "tls":
+                    listener = await self.loop.create_server(
+                        self._tls_acceptor, host, port, reuse_address=True)
+                elif transport == "sctp":
                     listener = await self.loop.create_server(
                         lambda: DiameterProtocol(self), sock=_sctp_socket(host, port))
                 else:
@@ -205,6 +335,12 @@ class EirServer:
         if not self.listeners:
             raise OSError("no listen address could be bound")
 
+    def _tls_acceptor(self) -> TlsAcceptor:
+        limits = self.connection_limits
+        return TlsAcceptor(self.tls_context, self.timers.cer_timeout, limits.admit,
+                           limits.release, lambda address: DiameterProtocol(self, address),
+                           self._spawn)
+
     async def reload_lists(self) -> bool:
         """Load the lists (list files, or the store's snapshot in force) and swap them in;
         keep the old ones on error.
@@ -219,15 +355,23 @@ class EirServer:
                     None, functools.partial(load_rules, self.settings, self.grandfathering))
             except (ListError, StoreError) as exc:
                 log.error("list reload refused, lists in force stay in force:\n%s", exc)
+                self._reload_refused(str(exc))
                 return False
-            except Exception:  # noqa: BLE001 - a defect must not end the watcher for good
+            except Exception as exc:  # noqa: BLE001 - a defect must not end the watcher
                 log.exception("list reload failed, lists in force stay in force")
+                self._reload_refused(f"{type(exc).__name__}: {exc}")
                 return False
             self.s13.rule_set = rule_set
+            self.reload_counts["ok"] += 1
+            self.last_reload_error = None
             _freeze_long_lived_objects()
             log.info("lists reloaded: version %s, %d rules", rule_set.version,
                      rule_set.rule_count)
             return True
+
+    def _reload_refused(self, why: str) -> None:
+        self.reload_counts["refused"] += 1
+        self.last_reload_error = why
 
     async def _watch_store(self) -> None:
         """Follow the store's snapshot in force (a sync or a rollback changes it)."""
@@ -311,6 +455,11 @@ class EirServer:
             self.observations.start()
             log.info("observations: recording to %s, flushed every %g s",
                      self.observations.path, self.observations.flush_seconds)
+        if self.audit is not None:
+            self.audit.start()
+            log.info("audit: %g of verdicts to %s", self.audit.sample, self.audit.path)
+        if self.operations is not None:
+            await self.operations.start()
         if self.grandfathering is not None:
             self._spawn(self._keep_grandfathering())
         if self.settings.store.directory is not None:
@@ -321,6 +470,9 @@ class EirServer:
         log.info("open EIR %s serving as %s (realm %s), lists version %s, %d rules",
                  __version__, self.local.origin_host, self.local.origin_realm,
                  self.rule_set.version, self.rule_set.rule_count)
+        if not self.allowlist:
+            log.warning("no peer allowlist (diameter.peers is empty): any peer that "
+                        "completes a CER is served")
         await self._stop.wait()
         await self.shutdown()
 
@@ -345,6 +497,10 @@ class EirServer:
             connection.transport.abort()
         for listener in self.listeners:
             await listener.wait_closed()
+        if self.operations is not None:
+            await self.operations.stop()
+        if self.audit is not None:
+            await self.loop.run_in_executor(None, self.audit.close)
         if self.observations is not None:
             observations = self.observations
             await self.loop.run_in_executor(None, observations.close)
@@ -447,5 +603,5 @@ def build_server(settings: Settings) -> EirServer:
     observations = observation_log(
         settings, on_written=grandfathering.learn if grandfathering is not None else None)
     return EirServer(settings, load_rules(settings, grandfathering), dictionary,
-                     observations, grandfathering)
+                     observations, grandfathering, audit_log(settings))
 

@@ -45,12 +45,12 @@ DIAMETER_PORT = 3868  # freeDiameter's default Port, and a ConnectPeer's
 WHITELISTED_VARIANT = "lab-whitelisted.csv"
 SCENARIO = ((None, "BLACKLISTED"), (WHITELISTED_VARIANT, "WHITELISTED"))
 
-# open EIR's Prometheus metrics (`eir serve --metrics`, a later issue) and their labels.
+# open EIR's Prometheus metrics (`eir serve --metrics`, eir.metrics) and their labels.
 METRIC_LABELS = {
     "eir_requests_total": {"command"},
     "eir_answers_total": {"command", "result_code", "equipment_status"},
     "eir_peers": {"state"},
-    "eir_list_entries": set(),
+    "eir_list_entries": {"kind"},
     "eir_list_age_seconds": set(),
     "eir_sync_total": {"outcome"},
     "eir_observations_written_total": set(),
@@ -833,8 +833,8 @@ BREAKS = [
     (check_prometheus, "testbed/prometheus/prometheus.yml", '"eir:9464"', '"eir:3868"',
      "target eir:3868 is not the EIR's metrics port"),
     (check_eir_config, "docker-compose.yml", '"--config", "/etc/eir/eir.yaml"]',
-     '"--config", "/etc/eir/eir.yaml", "--metrics", "0.0.0.0:9464"]',
-     "--metrics: not an option of `eir serve`"),
+     '"--config", "/etc/eir/eir.yaml", "--prometheus", "0.0.0.0:9464"]',
+     "--prometheus: not an option of `eir serve`"),
     (check_prometheus, "testbed/prometheus/prometheus.yml", "  - job_name: eir",
      "  - job_name: [eir", "prometheus.yml: not YAML"),
     (check_grafana, "testbed/grafana/dashboards/eir.json", "sum by (state) (eir_peers)",

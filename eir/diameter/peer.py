@@ -2,7 +2,14 @@
 
 Sans-IO: `receive(data, now)` and `on_timer(now)` return the bytes to send; the caller owns
 the socket and the clock. After each call the caller drains `events` (log records) and, when
-`closed` is set, writes what was returned and closes the transport.
+`closed` is set, writes what was returned and closes the transport. With `admission` limits,
+a read of more requests than one turn may answer leaves the rest queued (`backlog`): the
+caller calls `resume(now)` on a later turn of its event loop until the backlog is empty.
+
+Policy comes in as data: the peer allowlist and the names of a verified TLS certificate
+(checked on CER: 3010 DIAMETER_UNKNOWN_PEER), the duplicate-answer cache (T flag), and the
+admission limits (3004 DIAMETER_TOO_BUSY beyond them); see eir.security, eir.overload and
+eir.diameter.duplicates.
 
 States: WAIT_CER (connected, nothing else allowed) → OPEN → CLOSING (our DPR sent) → CLOSED.
 """
@@ -12,19 +19,30 @@ from __future__ import annotations
 import enum
 import logging
 import random
+import struct
+import sys
+from collections import deque
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from eir.diameter.codec import (Avp, AvpLengthError, Framer, Header,
                                 decode_avps, encode_avp, encode_message, parse_header)
 from eir.diameter.constants import (APPLICATION_COMMON, APPLICATION_RELAY,
                                     AVP_FLAG_MANDATORY, COMMAND_CAPABILITIES_EXCHANGE,
                                     COMMAND_DEVICE_WATCHDOG, COMMAND_DISCONNECT_PEER,
-                                    FLAG_ERROR, FLAG_PROXIABLE, FLAG_REQUEST, DisconnectCause,
-                                    ResultCode)
+                                    FLAG_ERROR, FLAG_PROXIABLE, FLAG_REQUEST, FLAG_RETRANSMIT,
+                                    DisconnectCause, ResultCode)
 from eir.diameter.dictionary import AvpError, AvpIndex, CommandDef, Dictionary
 
+if TYPE_CHECKING:
+    from eir.diameter.duplicates import DuplicateCache
+    from eir.overload import Admission
+    from eir.security import PeerAllowlist
+
 SESSION_ID_CODE = 263
+_SESSION_ID_HEADER = SESSION_ID_CODE.to_bytes(4, "big")
+_LENGTH_WORD = struct.Struct("!I")  # version and message length
+TOO_BUSY = AvpError(ResultCode.TOO_BUSY, None, "too busy: try another server")
 
 
 @dataclass(frozen=True)
@@ -67,14 +85,19 @@ class Timers:
     watchdog_jitter: float = 2.0  # RFC 3539 §3.4.1: ±2 s so peers do not synchronise
     cer_timeout: float = 10.0
     disconnect_timeout: float = 3.0
+    # Disconnect (DPR, DO_NOT_WANT_TO_TALK_TO_YOU) an open connection that carried no
+    # application request for this long; None: never. Watchdogs do not count: they keep
+    # every link alive, the idle ones included.
+    idle_timeout: float | None = None
 
 
 class AnswerBuilder:
     """Encodes the answers the base protocol needs, with our identity filled in."""
 
-    def __init__(self, dictionary: Dictionary, local: LocalIdentity):
+    def __init__(self, dictionary: Dictionary, local: LocalIdentity, counters=None):
         self.dictionary = dictionary
         self.local = local
+        self.counters = counters  # None, or eir.metrics.DiameterCounters: errors counted
         encode = dictionary.encode
         self.origin = encode("Origin-Host", local.origin_host) + encode(
             "Origin-Realm", local.origin_realm)
@@ -102,6 +125,8 @@ class AnswerBuilder:
         flags = header.flags & FLAG_PROXIABLE
         if ResultCode(code).is_protocol_error:
             flags |= FLAG_ERROR
+        if self.counters is not None:
+            self.counters.answer(header.code, code)
         return encode_message(flags, header.code, header.application, header.hop_by_hop,
                               header.end_to_end, b"".join(parts))
 
@@ -116,6 +141,14 @@ class PeerConnection:
     timers: Timers = field(default_factory=Timers)
     max_message_bytes: int = 65536
     rng: random.Random = field(default_factory=random.Random)
+    remote_address: str | None = None  # the peer's IP address, for the allowlist
+    allowlist: PeerAllowlist | None = None  # None or empty: any peer may open
+    # DNS names of the peer's verified TLS certificate: the CER's Origin-Host must be one.
+    # None: not checked (plain TCP, no client certificate, or the check is turned off).
+    certificate_names: tuple[str, ...] | None = None
+    duplicates: DuplicateCache | None = None  # None: no duplicate detection
+    admission: Admission | None = None  # None: every read answered whole, at once
+    counters: object = None  # None, or eir.metrics.DiameterCounters (requests, answers)
 
     def __post_init__(self) -> None:
         self.state = PeerState.WAIT_CER
@@ -123,7 +156,7 @@ class PeerConnection:
         self.peer_realm: str | None = None
         self.events: list[tuple[int, str]] = []
         self.closed_reason: str | None = None
-        self.answers = AnswerBuilder(self.dictionary, self.local)
+        self.answers = AnswerBuilder(self.dictionary, self.local, self.counters)
         self._framer = Framer(self.max_message_bytes)
         self._connected_at = self.now
         self._last_received = self.now
@@ -132,6 +165,19 @@ class PeerConnection:
         self._next_hop_by_hop = self.rng.getrandbits(32)
         self._next_end_to_end = self.rng.getrandbits(20)
         self._interval = self._watchdog_interval()
+        self._last_request = self.now
+        # Messages read but not yet handled (only with admission limits).
+        self._queue: deque[bytes] = deque()
+        admission = self.admission
+        self._per_turn = admission.requests_per_turn if admission else sys.maxsize
+        self.refused_busy = 0  # requests answered 3004 on this connection
+        self._busy_templates: dict[bytes, tuple[bytes, bytes]] = {}
+        self._application_ids = {a.to_bytes(4, "big") for a in self.applications}
+        # False while the queue is full, until it is half empty: the caller should not read
+        # meanwhile (the peer's further requests wait in its socket buffer, and TCP slows
+        # it down), so that turns go to answering rather than to refusing.
+        self.reading = True
+        self._refused_in_episode = 0
 
     # -- inputs --------------------------------------------------------------------------
 
@@ -146,6 +192,8 @@ class PeerConnection:
         self._last_received = now
         framer = self._framer
         messages = framer.feed(data)
+        if self._queue or len(messages) > self._per_turn:
+            return self._receive_queued(messages, now)
         if len(messages) == 1 and framer.error is None:
             return self._handle(messages[0], now)
         out = []
@@ -157,8 +205,22 @@ class PeerConnection:
             self._close(f"closing connection: {framer.error}", logging.WARNING)
         return b"".join(out)
 
+    @property
+    def backlog(self) -> int:
+        """Requests read but not answered yet: call `resume` on a later turn."""
+        return len(self._queue)
+
+    def resume(self, now: float) -> bytes:
+        """Answer the next turn's worth of queued requests."""
+        if self.closed:
+            return b""
+        out = self._serve_turn(now)
+        if self.closed or self._framer.error is None:
+            return out
+        return out + self._serve_all_then_close(now)
+
     def on_timer(self, now: float) -> bytes:
-        """Called at (or after) `next_deadline()`: watchdog, CER and DPA timeouts."""
+        """Called at (or after) `next_deadline()`: watchdog, CER, DPA and idle timeouts."""
         if self.state is PeerState.WAIT_CER:
             if now >= self._connected_at + self.timers.cer_timeout:
                 self._close("no CER within the CER timeout", logging.WARNING)
@@ -166,6 +228,11 @@ class PeerConnection:
             if now >= self._disconnect_sent_at + self.timers.disconnect_timeout:
                 self._close("no DPA within the disconnect timeout", logging.INFO)
         elif self.state is PeerState.OPEN:
+            idle = self.timers.idle_timeout
+            if idle is not None and now >= self._last_request + idle and not self._queue:
+                self.events.append((logging.INFO, f"{self.peer_host}: no request for "
+                                    f"{idle:g} s: disconnecting an idle connection"))
+                return self.disconnect(now, DisconnectCause.DO_NOT_WANT_TO_TALK_TO_YOU)
             sent = self._watchdog_sent_at
             if sent is not None and self._last_received < sent:
                 if now >= sent + self._interval:
@@ -184,8 +251,13 @@ class PeerConnection:
         if self.state is PeerState.OPEN:
             sent = self._watchdog_sent_at
             if sent is not None and self._last_received < sent:
-                return sent + self._interval
-            return self._last_received + self._interval
+                deadline = sent + self._interval
+            else:
+                deadline = self._last_received + self._interval
+            idle = self.timers.idle_timeout
+            if idle is not None:
+                return min(deadline, self._last_request + idle)
+            return deadline
         return None
 
     def disconnect(self, now: float,
@@ -194,11 +266,17 @@ class PeerConnection:
         if self.state is not PeerState.OPEN:
             self._close("closing connection (shutting down)", logging.INFO)
             return b""
+        answers = []
+        while self._queue and self.state is PeerState.OPEN:  # read before our DPR: answered
+            answers.append(self._serve_turn(now))
+        if self.state is not PeerState.OPEN:  # the queue held the peer's own DPR
+            return b"".join(answers)
         self.state = PeerState.CLOSING
         self._disconnect_sent_at = now
         self.events.append((logging.INFO, f"sending DPR ({cause.name}) to {self.peer_host}"))
-        return self._request(COMMAND_DISCONNECT_PEER,
-                             self.dictionary.encode("Disconnect-Cause", int(cause)))
+        answers.append(self._request(COMMAND_DISCONNECT_PEER,
+                                     self.dictionary.encode("Disconnect-Cause", int(cause))))
+        return b"".join(answers)
 
     def connection_lost(self, reason: str = "peer closed the connection") -> None:
         if not self.closed:
@@ -215,6 +293,109 @@ class PeerConnection:
         self.closed_reason = reason
         who = self.peer_host or "peer (before CER)"
         self.events.append((level, f"{who}: {reason}"))
+        if self._queue:  # never to be answered: the connection is going away
+            self.admission.queued_total -= len(self._queue)
+            self._queue.clear()
+
+    # -- turns and the queue (admission limits) ------------------------------------------
+
+    def _receive_queued(self, messages: list[bytes], now: float) -> bytes:
+        """Queue what was read, answering 3004 to application requests beyond the queue
+        bounds; then answer one turn's worth from the front of the queue."""
+        admission = self.admission
+        queue = self._queue
+        per_turn = self._per_turn
+        # What this turn answers is never refused; beyond it, up to the bounds wait.
+        limit = per_turn + admission.max_queued_per_connection
+        out = []
+        for message in messages:
+            if len(queue) >= per_turn and (
+                    len(queue) >= limit or admission.queued_total >= admission.max_queued_total):
+                if self._refusable(message):
+                    out.append(self._too_busy(message, now))
+                    continue
+                if len(queue) >= 2 * limit:
+                    # Only a peer flooding base protocol messages (which are never refused)
+                    # gets here: its queue must stay bounded all the same.
+                    self._close(f"closing connection: more than {2 * limit} messages queued",
+                                logging.WARNING)
+                    return b"".join(out)
+            queue.append(message)
+            admission.queued_total += 1
+        if len(queue) >= limit:
+            self.reading = False
+        if self._framer.error is not None:
+            out.append(self._serve_all_then_close(now))
+        else:
+            out.append(self._serve_turn(now))
+        return b"".join(out)
+
+    def _serve_turn(self, now: float) -> bytes:
+        queue = self._queue
+        admission = self.admission
+        out = []
+        for _ in range(min(self._per_turn, len(queue))):
+            message = queue.popleft()
+            admission.queued_total -= 1
+            out.append(self._handle(message, now))
+            if self.closed:
+                break
+        if not self.reading and len(queue) <= admission.max_queued_per_connection // 2:
+            self.reading = True
+        if not queue and self._refused_in_episode:
+            self.events.append((logging.INFO, f"{self.peer_host}: no longer overloaded; "
+                                f"{self._refused_in_episode} request(s) were answered 3004 "
+                                "DIAMETER_TOO_BUSY"))
+            self._refused_in_episode = 0
+        return b"".join(out)
+
+    def _serve_all_then_close(self, now: float) -> bytes:
+        """The stream cannot be framed any further: answer what came before, then close."""
+        out = []
+        while self._queue and not self.closed:
+            out.append(self._serve_turn(now))
+        if not self.closed:
+            self._close(f"closing connection: {self._framer.error}", logging.WARNING)
+        return b"".join(out)
+
+    def _refusable(self, raw: bytes) -> bool:
+        """An application request on an open connection: one that may be answered 3004."""
+        return (raw[4] & FLAG_REQUEST and raw[8:12] in self._application_ids
+                and self.state is PeerState.OPEN)
+
+    def _too_busy(self, raw: bytes, now: float) -> bytes:
+        """A 3004 answer, as cheap as it can be: refusing must cost far less than answering
+        (a flood is refused at ~1 µs a request, answered at ~18)."""
+        self._last_request = now
+        self.refused_busy += 1
+        self.admission.refused_total += 1
+        if self.counters is not None:  # a request received, though never handled
+            self.counters.request(int.from_bytes(raw[5:8], "big"))
+        if not self._refused_in_episode:
+            self.events.append((logging.WARNING, f"{self.peer_host}: overloaded: "
+                                f"{len(self._queue)} request(s) queued on this connection, "
+                                f"{self.admission.queued_total} on all: answering 3004 "
+                                "DIAMETER_TOO_BUSY to more"))
+        self._refused_in_episode += 1
+        # The answer is the same for every request of a command but for the Session-Id and
+        # the header's ids: the application builds the first one, the rest are assembled
+        # from it (header words and Session-Id copied from the request).
+        session_avp = _leading_session_avp(raw)
+        key = raw[5:12] + (b"P" if raw[4] & FLAG_PROXIABLE else b"")  # command, application
+        template = self._busy_templates.get(key)
+        if template is None or session_avp is None:
+            header = parse_header(raw)
+            answer = self.applications[header.application].error_answer(
+                header, _leading_session_id(raw), TOO_BUSY)
+            if session_avp is not None and answer[20:20 + len(session_avp)] == session_avp:
+                self._busy_templates[key] = (answer[4:8], answer[20 + len(session_avp):])
+            return answer
+        if self.counters is not None:
+            self.counters.answer(int.from_bytes(raw[5:8], "big"), ResultCode.TOO_BUSY)
+        flags_and_code, rest = template
+        length = 20 + len(session_avp) + len(rest)
+        return _LENGTH_WORD.pack(0x01000000 | length) + flags_and_code + raw[8:20] + \
+            session_avp + rest
 
     def _request(self, code: int, extra: bytes) -> bytes:
         hop_by_hop = self._next_hop_by_hop
@@ -229,6 +410,8 @@ class PeerConnection:
         if not header.flags & FLAG_REQUEST:
             self._handle_answer(header, raw)
             return b""
+        if self.counters is not None:
+            self.counters.request(header.code)
         state = self.state
         if state is PeerState.WAIT_CER:
             if (header.application, header.code) != (APPLICATION_COMMON,
@@ -270,9 +453,22 @@ class PeerConnection:
         if handler is not None:
             if state is not PeerState.OPEN:
                 return b""  # CLOSING: we asked to disconnect, new work is not taken
+            self._last_request = now
+            duplicates = self.duplicates
+            if duplicates is not None:
+                # (End-to-End Identifier, Origin-Host) identifies a request (RFC 6733 §3).
+                origin = found.get("Origin-Host")
+                key = raw[16:20] + (origin[0].data if origin else b"")
+                if header.flags & FLAG_RETRANSMIT:
+                    answer = duplicates.answer_for(key, raw, now)
+                    if answer is not None:
+                        self.events.append((logging.INFO, f"{self.peer_host}: duplicate "
+                                            f"request (T flag, end-to-end id "
+                                            f"{header.end_to_end:#010x}): answered as before"))
+                        return answer
             session_id = found["Session-Id"][0] if "Session-Id" in found else None
             try:
-                return handler.handle_request(header, command, found)
+                answer = handler.handle_request(header, command, found)
             except AvpError as error:  # the application's own checks of AVP values
                 return self._avp_error(header, handler, session_id, error)
             except Exception as exc:  # noqa: BLE001 - one request must not cost the link
@@ -280,6 +476,9 @@ class PeerConnection:
                                     f"UNABLE_TO_COMPLY: {type(exc).__name__}: {exc}"))
                 return handler.error_answer(header, session_id, AvpError(
                     ResultCode.UNABLE_TO_COMPLY, None, "internal error"))
+            if duplicates is not None:
+                duplicates.store(key, answer, now)
+            return answer
         if header.code == COMMAND_DEVICE_WATCHDOG:
             return self._answer(header, ResultCode.SUCCESS, self.answers.origin_state)
         if header.code == COMMAND_DISCONNECT_PEER:
@@ -300,6 +499,8 @@ class PeerConnection:
                 self.events.append((logging.DEBUG, f"{self.peer_host}: DWA received"))
 
     def _answer(self, header: Header, code: ResultCode, extra: bytes = b"") -> bytes:
+        if self.counters is not None:
+            self.counters.answer(header.code, code)
         body = self.answers.result_code(code) + self.answers.origin + extra
         return encode_message(header.flags & FLAG_PROXIABLE, header.code, header.application,
                               header.hop_by_hop, header.end_to_end, body)
@@ -332,6 +533,15 @@ class PeerConnection:
     def _handle_cer(self, header: Header, found: AvpIndex) -> bytes:
         host = found["Origin-Host"][0].data.decode()
         realm = found["Origin-Realm"][0].data.decode()
+        refusal = self._identity_refusal(host, realm)
+        if refusal is not None:
+            # The peer learns only that it is unknown; the log says what did not match.
+            answer = self._capabilities_answer(header, ResultCode.UNKNOWN_PEER,
+                                               text="unknown peer")
+            self.peer_host = host
+            self._close(f"CER refused with 3010 DIAMETER_UNKNOWN_PEER: {refusal}",
+                        logging.WARNING)
+            return answer
         advertised = set()
         for name in ("Auth-Application-Id", "Acct-Application-Id"):
             advertised.update(int.from_bytes(a.data, "big") for a in found.get(name, ()))
@@ -357,8 +567,22 @@ class PeerConnection:
             self.events.append((logging.INFO, f"{host}: CER repeated on an open connection"))
         self.peer_host, self.peer_realm = host, realm
         self.state = PeerState.OPEN
+        self._last_request = self._last_received  # the idle time counts from here
         self.events.append((logging.INFO, f"peer {host} (realm {realm}) is open"))
         return self._capabilities_answer(header, ResultCode.SUCCESS)
+
+    def _identity_refusal(self, host: str, realm: str) -> str | None:
+        """Why this Origin-Host/Realm may not open a connection here; None if it may."""
+        allowlist = self.allowlist
+        if allowlist:
+            refusal = allowlist.refusal(host, realm, self.remote_address)
+            if refusal is not None:
+                return refusal
+        names = self.certificate_names
+        if names is not None and host.lower() not in names:
+            return (f"Origin-Host {host} is not a name its TLS certificate was issued to "
+                    f"({', '.join(names) or 'none'})")
+        return None
 
     def _capabilities_answer(self, header: Header, code: ResultCode,
                              failed_avp: bytes | None = None, text: str | None = None) -> bytes:
@@ -384,6 +608,8 @@ class PeerConnection:
                     encode("Auth-Application-Id", application.application_id)]))
         parts.append(encode("Firmware-Revision", self.local.firmware_revision))
         flags = FLAG_ERROR if ResultCode(code).is_protocol_error else 0
+        if self.counters is not None:
+            self.counters.answer(header.code, code)
         return encode_message(flags, header.code, header.application, header.hop_by_hop,
                               header.end_to_end, b"".join(parts))
 
@@ -393,3 +619,28 @@ def _session_id(avps: list[Avp]) -> Avp | None:
         if avp.code == SESSION_ID_CODE and not avp.vendor:
             return avp
     return None
+
+
+def _leading_session_avp(raw: bytes) -> bytes | None:
+    """The request's first AVP when it is a Session-Id encoded as we would encode it in an
+    answer (M flag only, zero padding): copied into a 3004 answer as it is. Else None."""
+    if raw[20:24] != _SESSION_ID_HEADER or len(raw) < 28 or raw[24] != AVP_FLAG_MANDATORY:
+        return None
+    length = int.from_bytes(raw[25:28], "big")
+    end = 20 + ((length + 3) & ~3)
+    if length < 8 or end > len(raw) or raw[20 + length:end].strip(b"\0"):
+        return None
+    return raw[20:end]
+
+
+def _leading_session_id(raw: bytes) -> Avp | None:
+    """The Session-Id of a request without decoding the rest: RFC 6733 §8.8 puts it first.
+    A request that does not is decoded whole."""
+    if raw[20:24] == _SESSION_ID_HEADER and len(raw) >= 28 and not raw[24] & 0x80:
+        length = int.from_bytes(raw[25:28], "big")
+        if 8 <= length <= len(raw) - 20:
+            return Avp(SESSION_ID_CODE, raw[24], 0, raw[28:20 + length])
+    try:
+        return _session_id(decode_avps(raw, 20, len(raw)))
+    except AvpLengthError as exc:
+        return _session_id(exc.decoded)

@@ -1,0 +1,253 @@
+"""Logs and the verdict audit log.
+
+Logs: `logging.format: text` (the default: a person reads stderr, and `eir serve` in a
+terminal should look like one line per event) or `json` (one JSON object per line, for a
+log shipper: time, level, logger, message, and exception when there is one). Either way no
+full IMSI reaches a log unless `logging.show_imsi: true`: the formatter masks the digits
+that follow "IMSI", "imsi=", "imsi:" or "User-Name" (00101******6789), whoever wrote the
+message. The API token is never logged: the API's access log has no headers, and the
+settings keep the token as a SecretStr.
+
+Audit: with `audit.enabled`, a share (`audit.sample`, 1 = all) of the verdicts is written
+as JSON lines to `audit.path`: time, the MME's Origin-Host, IMEI, the IMSI (masked unless
+show_imsi), status, Result-Code, match, reason, source and list version. The hot path only
+appends a tuple to a deque (atomic under the GIL); a writer thread formats and writes every
+`flush_seconds`. Past `max_pending` waiting records new ones are dropped and counted, never
+waited for. When the file is rotated (renamed or removed), the writer reopens the path.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import random
+import re
+import sys
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import IO
+
+from eir.config import ConfigError
+from eir.decision import Verdict
+
+log = logging.getLogger("eir.audit")
+
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+AUDIT_DEFAULT_NAME = "audit.jsonl"
+AUDIT_MAX_PENDING = 100_000
+ERROR_LOG_INTERVAL_SECONDS = 60.0
+SUCCESS, EQUIPMENT_UNKNOWN = 2001, 5422
+
+# Digits that follow a word naming an IMSI: "IMSI 001010123456789", "imsi=0010...",
+# "imsi: '0010...'", "User-Name: '0010...'", '"imsi": "0010..."'.
+# A run already masked (digits then '*') is left alone, so that redacting twice is harmless.
+_IMSI_IN_TEXT = re.compile(r"(?i)((?:\bimsi|\buser-name)\W{0,5})(\d{5,})(?![\d*])")
+
+
+def mask_imsi(imsi: str) -> str:
+    """00101******6789: the first 5 digits (MCC+MNC) and the last 4 kept."""
+    if len(imsi) >= 10:
+        return imsi[:5] + "*" * (len(imsi) - 9) + imsi[-4:]
+    return imsi[:3] + "*" * max(0, len(imsi) - 3)
+
+
+def redact(text: str) -> str:
+    """`text` with every IMSI that follows a word naming one masked."""
+    if "msi" not in text and "MSI" not in text and "ser-" not in text:
+        return text  # the common case: nothing to look for
+    return _IMSI_IN_TEXT.sub(lambda m: m.group(1) + mask_imsi(m.group(2)), text)
+
+
+class TextFormatter(logging.Formatter):
+    def __init__(self, show_imsi: bool = False):
+        super().__init__(TEXT_FORMAT)
+        self.show_imsi = show_imsi
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        return text if self.show_imsi else redact(text)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time (UTC, ISO 8601, ms), level, logger, message, and
+    exception (the formatted traceback) when there is one."""
+
+    def __init__(self, show_imsi: bool = False):
+        super().__init__()
+        self.show_imsi = show_imsi
+
+    def format(self, record: logging.LogRecord) -> str:
+        document = {"time": _iso_time(record.created), "level": record.levelname,
+                    "logger": record.name, "message": record.getMessage()}
+        if record.exc_info:
+            document["exception"] = self.formatException(record.exc_info)
+        elif record.exc_text:
+            document["exception"] = record.exc_text
+        text = json.dumps(document, ensure_ascii=False)
+        return text if self.show_imsi else redact(text)
+
+
+def _iso_time(seconds: float) -> str:
+    moment = datetime.fromtimestamp(seconds, timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def configure_logging(settings, stream: IO[str] | None = None) -> None:
+    """Root logging as `settings` (eir.config.LoggingSettings) says: level, text or JSON,
+    IMSIs masked unless show_imsi. Replaces handlers set before (uvicorn's loggers
+    propagate to it: eir.api starts uvicorn without a log config of its own)."""
+    handler = logging.StreamHandler(stream or sys.stderr)
+    formatter_class = JsonFormatter if settings.format == "json" else TextFormatter
+    handler.setFormatter(formatter_class(show_imsi=settings.show_imsi))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(settings.level.upper())
+
+
+def audit_path(settings) -> Path:
+    """audit.path, else audit.jsonl in the store directory if one is set, else here."""
+    if settings.audit.path is not None:
+        return Path(settings.audit.path)
+    if settings.store.directory is not None:
+        return Path(settings.store.directory) / AUDIT_DEFAULT_NAME
+    return Path(AUDIT_DEFAULT_NAME)
+
+
+class AuditLog:
+    """The verdict audit log (see the module docstring). `written` and `dropped` are read
+    by the metrics."""
+
+    def __init__(self, path: Path | str, sample: float = 1.0, flush_seconds: float = 1.0,
+                 show_imsi: bool = False, max_pending: int = AUDIT_MAX_PENDING):
+        self.path = Path(path)
+        self.sample = sample
+        self.flush_seconds = flush_seconds
+        self.show_imsi = show_imsi
+        self.max_pending = max_pending
+        self.written = 0
+        self.dropped = 0
+        self._pending: collections.deque = collections.deque()
+        self._random = random.random
+        self._file: IO[str] | None = None
+        self._inode: tuple[int, int] | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._last_error_logged = float("-inf")
+
+    def record(self, origin_host: bytes, imei: str, imsi: str | None, verdict: Verdict,
+               version: str) -> None:
+        """Hot path (event-loop thread): one verdict, audited if sampled."""
+        if self.sample < 1.0 and self._random() >= self.sample:
+            return
+        pending = self._pending
+        if len(pending) < self.max_pending:
+            pending.append((time.time(), origin_host, imei, imsi, verdict, version))
+        else:
+            self.dropped += 1
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="audit", daemon=True)
+        self._thread.start()
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Write what is pending and stop the writer thread."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        else:
+            self.flush()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def flush(self) -> int:
+        """Write the records pending now; the number written."""
+        pending = self._pending
+        lines = []
+        while pending:
+            lines.append(self._line(*pending.popleft()))
+        if not lines:
+            return 0
+        try:
+            handle = self.open()
+            handle.write("".join(lines))
+            handle.flush()
+        except OSError as exc:
+            self.dropped += len(lines)
+            self._failed(exc)
+            return 0
+        self.written += len(lines)
+        return len(lines)
+
+    def _line(self, when: float, origin_host: bytes, imei: str, imsi: str | None,
+              verdict: Verdict, version: str) -> str:
+        status = verdict.status
+        reason = verdict.reason
+        shown_imsi = imsi
+        if imsi and not self.show_imsi:
+            shown_imsi = mask_imsi(imsi)
+            reason = redact(reason).replace(imsi, shown_imsi)
+        return json.dumps({
+            "time": _iso_time(when),
+            "origin_host": origin_host.decode("utf-8", "replace"),
+            "imei": imei, "imsi": shown_imsi,
+            "status": verdict.status_name,
+            "result_code": SUCCESS if status is not None else EQUIPMENT_UNKNOWN,
+            "match": verdict.match.value, "reason": reason, "source": verdict.source,
+            "list_version": version}, ensure_ascii=False) + "\n"
+
+    def open(self) -> IO[str]:
+        """The audit file, reopened when it was rotated away (renamed or removed)."""
+        try:
+            status = os.stat(self.path)
+            on_disk = (status.st_dev, status.st_ino)
+        except FileNotFoundError:
+            on_disk = None
+        if self._file is not None and on_disk == self._inode:
+            return self._file
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self._file = open(self.path, "a", encoding="utf-8")
+        status = os.fstat(self._file.fileno())
+        self._inode = (status.st_dev, status.st_ino)
+        return self._file
+
+    def _failed(self, exc: OSError) -> None:
+        if self._file is not None:
+            try:
+                self._file.close()
+            except OSError:
+                pass
+            self._file = None
+        now = time.monotonic()
+        if now - self._last_error_logged >= ERROR_LOG_INTERVAL_SECONDS:
+            self._last_error_logged = now
+            log.error("audit: cannot write to %s: %s (%d record(s) dropped so far)",
+                      self.path, exc.strerror or exc, self.dropped)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.flush_seconds):
+            self.flush()
+        self.flush()
+
+
+def audit_log(settings) -> AuditLog | None:
+    """The AuditLog the settings ask for (None when audit.enabled is false)."""
+    audit = settings.audit
+    if not audit.enabled:
+        return None
+    writer = AuditLog(audit_path(settings), audit.sample, audit.flush_seconds,
+                      settings.logging.show_imsi)
+    try:
+        writer.open()  # an unwritable path is a configuration error, found at start-up
+    except OSError as exc:
+        raise ConfigError(f"audit.path: {writer.path}: cannot open for appending: "
+                          f"{exc.strerror or exc}") from None
+    return writer
