@@ -16,7 +16,7 @@ import csv
 import hashlib
 import io
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from eir.decision import EquipmentStatus, Rule, RuleSet, UnknownPolicy
 from eir.imei import ImeiError, is_tac, normalise_imei
@@ -102,6 +102,23 @@ def _header(row: list[str], where: str) -> list[str]:
     return header
 
 
+class CsvRowError(ValueError):
+    """A row the csv module cannot read; the message is `file:line: row: problem`."""
+
+
+def csv_rows(text: str, name: str) -> Iterator[tuple[str, list[str]]]:
+    """(`file:line`, cells) for every row of a CSV text, skipping blank lines and lines that
+    start with `#` (lists and request mixes carry comments). Raises CsvRowError."""
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        for row in reader:
+            if not row or not "".join(row).strip() or row[0].lstrip().startswith("#"):
+                continue
+            yield f"{name}:{reader.line_num}", row
+    except csv.Error as exc:
+        raise CsvRowError(f"{name}:{reader.line_num}: row: {exc}") from None
+
+
 def read_native_csv(path: Path | str, display_name: str | None = None,
                     digest=None) -> list[Rule]:
     """All rules of one file, or ListError naming every bad row. `digest` (a hashlib
@@ -123,12 +140,8 @@ def read_native_csv(path: Path | str, display_name: str | None = None,
     problems: list[str] = []
     rules: list[Rule] = []
     header = None
-    reader = csv.reader(io.StringIO(text, newline=""))
     try:
-        for row in reader:
-            where = f"{name}:{reader.line_num}"
-            if not row or not "".join(row).strip() or row[0].lstrip().startswith("#"):
-                continue
+        for where, row in csv_rows(text, name):
             if header is None:
                 header = _header(row, where)
             elif len(row) > len(header):
@@ -138,8 +151,8 @@ def read_native_csv(path: Path | str, display_name: str | None = None,
                 if rule is not None:
                     rules.append(rule)
                 problems.extend(row_problems)
-    except csv.Error as exc:
-        problems.append(f"{name}:{reader.line_num}: row: {exc}")
+    except CsvRowError as exc:
+        problems.append(str(exc))
     if header is None and not problems:
         problems.append(f"{name}:1: header: file is empty (expected {','.join(COLUMNS)})")
     if problems:

@@ -217,3 +217,10 @@ def test_good_files_load_into_one_rule_set_with_a_content_version(tmp_path):
     assert again.version == rule_set.version
     second.write_text(HEADER + "86000000,blacklist,,\n", encoding="utf-8")
     assert load_rule_set([first, second], UnknownPolicy.WHITELISTED).version != rule_set.version
+
+
+def test_a_row_the_csv_reader_cannot_read_names_its_line(tmp_path):
+    # a cell beyond the csv module's field size limit (131,072 characters)
+    path = write_list(tmp_path, f"{HEADER}# comment\n{GOOD_ROW}35209900176149,blacklist,,"
+                                f"{'x' * 200_000}\n")
+    assert problems(path) == [f"{path}:4: row: field larger than field limit (131072)"]

@@ -9,15 +9,13 @@ in capture order.
 
 from __future__ import annotations
 
-import csv
-import io
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from eir.decision import EquipmentStatus, UnknownPolicy
 from eir.imei import luhn_check_digit
-from eir.lists import ListError, load_rule_set, read_native_csv
+from eir.lists import CsvRowError, ListError, csv_rows, load_rule_set, read_native_csv
 from eir.replay.messages import EcrTemplate, Identity, Verdict, ecr_template
 
 MAX_REPORTED_PROBLEMS = 50
@@ -72,12 +70,8 @@ def read_mix(path: Path, identity: Identity) -> Workload:
     problems: list[str] = []
     rows: list[tuple[str, str | None]] = []
     header: list[str] | None = None
-    reader = csv.reader(io.StringIO(text, newline=""))
     try:
-        for row in reader:
-            where = f"{name}:{reader.line_num}"
-            if not row or not "".join(row).strip() or row[0].lstrip().startswith("#"):
-                continue
+        for where, row in csv_rows(text, name):
             if header is None:
                 header = [cell.strip().lower() for cell in row]
                 if "imei" not in header:
@@ -97,8 +91,8 @@ def read_mix(path: Path, identity: Identity) -> Workload:
                 row_ok = False
             if row_ok:
                 rows.append((imei, imsi or None))
-    except csv.Error as exc:
-        problems.append(f"{name}:{reader.line_num}: row: {exc}")
+    except CsvRowError as exc:
+        problems.append(str(exc))
     if header is None and not problems:
         problems.append(f"{name}:1: header: file is empty (expected imei,imsi)")
     if problems:
