@@ -101,9 +101,10 @@ class DuplicateSettings(_Strict):
 class OverloadSettings(_Strict):
     max_connections: int = Field(1024, ge=1)
     max_connections_per_address: int = Field(64, ge=1)
-    requests_per_turn: int = Field(64, ge=1)
+    requests_per_turn: int = Field(16, ge=1)
     max_queued_per_connection: int = Field(4096, ge=1)
     max_queued_total: int = Field(16384, ge=1)
+    read_bytes: int = Field(65536, ge=4096)  # at most this much read per read
     idle_timeout_seconds: float = Field(0.0, ge=0)  # 0: never
 
 

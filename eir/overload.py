@@ -2,16 +2,19 @@
 
 The server answers every request on the event loop, one connection's read at a time. Without
 limits, one peer sending faster than the server can answer holds the loop for as long as its
-read takes (a 256 KiB read is ~1,100 ECRs, ~20 ms), and every other peer waits behind it;
-what cannot be read piles up in socket buffers, and latency grows with them.
+read takes (an asyncio read of 256 KiB is ~1,100 ECRs, ~20 ms), and every other peer waits
+behind it; what cannot be read piles up in socket buffers, and latency grows with them.
 
 So (the decisions are taken in the sans-IO peer, `eir.diameter.peer.PeerConnection`, from
 the `Admission` data below; the asyncio shell only calls back while work is queued):
 
 * **Turns.** A connection's requests are answered at most `requests_per_turn` at a time;
   the rest of its read waits in its queue and is resumed on the next turn of the event loop,
-  after the other connections had theirs. A peer with a few requests in flight is answered
-  in the turn its read arrives, however busy another connection is.
+  after the other connections had theirs; a read that finds requests queued only queues,
+  so a connection gets one turn per turn of the loop. A peer with a few requests in flight
+  is answered in the turn its read arrives, however busy another connection is.
+* **Reads** are at most `read_bytes` (the shell's one read buffer, eir.server), so that
+  framing and queueing a flooding peer's read costs ~0.3 ms, not asyncio's 256 KiB.
 * **Queue bounds.** Beyond the requests its current turn answers, a connection may have
   `max_queued_per_connection` requests waiting, and all connections together
   `max_queued_total`. An application request beyond either bound is answered 3004
@@ -44,7 +47,7 @@ class Admission:
     """Limits on queued work; one instance is shared by all connections of a server, so
     `queued_total` counts the requests waiting on all of them."""
 
-    requests_per_turn: int = 64
+    requests_per_turn: int = 16
     max_queued_per_connection: int = 4096
     max_queued_total: int = 16384
     queued_total: int = 0  # requests waiting in connection queues right now

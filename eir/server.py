@@ -59,8 +59,16 @@ def firmware_revision(version: str = __version__) -> int:
     return major * 10000 + minor * 100 + patch
 
 
-class DiameterProtocol(asyncio.Protocol):
-    """One transport connection: feeds the peer state machine and writes what it returns."""
+class DiameterProtocol(asyncio.BufferedProtocol):
+    """One transport connection: feeds the peer state machine and writes what it returns.
+
+    Reads go into the server's one read buffer (`get_buffer`/`buffer_updated`), so that a
+    read is at most `diameter.overload.read_bytes` (about 280 ECRs at the default): a
+    flooding peer's read, framed and queued or refused before the next connection's turn,
+    then costs a fraction of a millisecond rather than the ~3 ms of asyncio's 256 KiB read.
+    One buffer serves every connection because each read is copied out of it before the
+    next one starts (the transports call get_buffer, fill it, and call buffer_updated in
+    one go)."""
 
     def __init__(self, server: "EirServer", admitted: str | None = None):
         self.server = server
@@ -111,7 +119,14 @@ class DiameterProtocol(asyncio.Protocol):
         log.info("connection from %s", self.remote)
         self._schedule()
 
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.server.read_buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(self.server.read_buffer[:nbytes].tobytes())
+
     def data_received(self, data: bytes) -> None:
+        """Bytes read from the peer (from buffer_updated, or early TLS data)."""
         peer = self.peer
         counters = self.counters
         received, backlog, refused = counters.received, peer.backlog, peer.refused_busy
@@ -269,6 +284,7 @@ class EirServer:
                                    overload.max_queued_total)
         self.connection_limits = ConnectionLimits(overload.max_connections,
                                                   overload.max_connections_per_address)
+        self.read_buffer = memoryview(bytearray(overload.read_bytes))
         self.s13 = S13Application(dictionary, self.local, rule_set, observations,
                                   counters=self.counters, audit=audit)
         self.applications = {self.s13.application_id: self.s13}

@@ -9,6 +9,7 @@ share the GIL with the measuring peer and blur the latencies it measures.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import struct
 import subprocess
@@ -118,9 +119,21 @@ def test_reading_stops_while_the_queue_is_full_until_it_is_half_empty():
     assert (peer.backlog, peer.reading) == (4, False)
     peer.resume(1.0)
     assert (peer.backlog, peer.reading) == (2, True)
-    peer.receive(ecrs(11, 1), 1.0)
+    peer.receive(ecrs(11, 1), 1.0)  # queued behind the 2 waiting: served in turns
+    peer.resume(1.0)
     peer.resume(1.0)
     assert (peer.backlog, peer.reading) == (0, True)
+
+
+def test_a_read_while_requests_wait_is_answered_in_turns_one_per_loop_turn():
+    # One connection gets one turn per turn of the event loop however often it is read:
+    # a read that finds requests queued answers none of them (beyond what must be refused),
+    # so a flooding peer cannot take two turns to another peer's one.
+    peer = open_admitted(Admission(requests_per_turn=2, max_queued_per_connection=100))
+    assert set(answers_of(peer.receive(ecrs(1, 5), 1.0))) == {1, 2}
+    assert peer.receive(ecrs(6, 3), 1.0) == b""
+    assert peer.backlog == 6
+    assert set(answers_of(peer.resume(1.0))) == {3, 4}
 
 
 def test_watchdogs_are_never_refused_even_beyond_the_queue_bound():
@@ -313,10 +326,11 @@ def test_an_idle_connection_gets_dpr_and_is_closed_on_dpa(eir_server, tmp_path):
 
 # -- the flood -------------------------------------------------------------------------
 
-FLOOD_SECONDS = 2.5
+FLOOD_SECONDS = 4.0
 FLOOD_MAX_REQUESTS = 600_000
 CHUNK = 256  # ECRs per send
-PROBE_INTERVAL = 0.01
+PROBE_INTERVAL = 0.004
+OTHER_PEER_P99_TARGET = 0.005  # seconds
 
 
 def result_code_of(answer: bytes) -> int | None:
@@ -405,24 +419,29 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def test_flooded_connection_gets_3004_while_another_peer_stays_fast(eir_server):
-    server = eir_server()
-    # The flooding MME would be another machine: here it runs at the lowest CPU priority so
-    # that it takes only what the server and the measuring peer leave of the cores.
-    flooder = subprocess.Popen(["nice", "-n", "19", sys.executable, __file__, server.host,
-                                str(server.port)],
+    # The flooding MME would be another machine: here the server has the first core, and
+    # the flooder runs on the second at the lowest CPU priority, so that it takes only what
+    # the measuring peer leaves of it.
+    server = eir_server(*os.environ.get("EIR_FLOOD_ARGS", "").split(),
+                        prefix=("taskset", "-c", "0"))
+    flooder = subprocess.Popen(["taskset", "-c", "1", "nice", "-n", "19", sys.executable,
+                                __file__, server.host, str(server.port)],
                                stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parent)
     try:
         assert flooder.stdout.readline().strip() == "flooding"
         latencies = []
         codes = []
+        # Built before timing: scapy takes ~2 ms to build one, more than what is measured.
+        probe_template = bytearray(ecr(session_id="mme.test;probe", hop_by_hop=0))
         with open_peer(server.address) as probe:
             deadline = time.monotonic() + FLOOD_SECONDS
             n = 1_000_000
             while time.monotonic() < deadline:
                 n += 1
+                struct.pack_into("!II", probe_template, 12, n, n)
+                request = bytes(probe_template)
                 started = time.monotonic()
-                probe.sendall(ecr(session_id=f"mme.test;probe;{n}", hop_by_hop=n,
-                                  end_to_end=n))
+                probe.sendall(request)
                 message = read_message(probe, timeout=5)
                 latencies.append(time.monotonic() - started)
                 answer = parse_answer(message)
@@ -451,7 +470,11 @@ def test_flooded_connection_gets_3004_while_another_peer_stays_fast(eir_server):
     # The other peer: every answer a verdict, none refused, and fast.
     assert len(latencies) >= FLOOD_SECONDS / PROBE_INTERVAL / 4
     assert set(codes) == {SUCCESS}
-    assert p99 < 0.050, f"p99 {p99 * 1e3:.1f} ms"
+    # The overload latency target (docs/PRODUCTION.md, "Overload"): another peer's p99
+    # within 5 ms while one connection floods, the bound issue 6 sets at 80% load.
+    # Without the limits (all unbounded, asyncio's 256 KiB reads) it is p50 ~50 ms, p99
+    # ~80 ms, and the other peer gets a tenth of its requests through.
+    assert p99 <= OTHER_PEER_P99_TARGET, f"p99 {p99 * 1e3:.1f} ms"
     server.wait_for_log(r"mme\.test: overloaded: .*answering 3004")
     server.wait_for_log(r"mme\.test: no longer overloaded; \d+ request\(s\) were answered 3004")
 

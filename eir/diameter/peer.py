@@ -192,8 +192,10 @@ class PeerConnection:
         self._last_received = now
         framer = self._framer
         messages = framer.feed(data)
-        if self._queue or len(messages) > self._per_turn:
-            return self._receive_queued(messages, now)
+        if self._queue:  # a turn is pending already: this read waits for it
+            return self._receive_queued(messages, now, serve=False)
+        if len(messages) > self._per_turn:
+            return self._receive_queued(messages, now, serve=True)
         if len(messages) == 1 and framer.error is None:
             return self._handle(messages[0], now)
         out = []
@@ -299,9 +301,13 @@ class PeerConnection:
 
     # -- turns and the queue (admission limits) ------------------------------------------
 
-    def _receive_queued(self, messages: list[bytes], now: float) -> bytes:
+    def _receive_queued(self, messages: list[bytes], now: float, serve: bool) -> bytes:
         """Queue what was read, answering 3004 to application requests beyond the queue
-        bounds; then answer one turn's worth from the front of the queue."""
+        bounds; then, if `serve`, answer one turn's worth from the front of the queue.
+
+        A read that finds requests queued already does not serve: the connection's next
+        turn (`resume`) is pending, and one connection gets one turn per turn of the event
+        loop however often it is read, so that a flooding peer cannot take two."""
         admission = self.admission
         queue = self._queue
         per_turn = self._per_turn
@@ -326,7 +332,7 @@ class PeerConnection:
             self.reading = False
         if self._framer.error is not None:
             out.append(self._serve_all_then_close(now))
-        else:
+        elif serve:
             out.append(self._serve_turn(now))
         return b"".join(out)
 
