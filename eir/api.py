@@ -294,17 +294,13 @@ def create_app(server, token: str) -> FastAPI:
     @app.get("/v1/peers", response_model=list[PeerInfo], dependencies=secured,
              summary="Diameter connections and their peers")
     async def peers():
-        now = time.monotonic()
-        found = []
-        for connection in list(server.connections):
-            peer = connection.peer
-            if peer is None:
-                continue
-            found.append(PeerInfo(
-                remote=connection.remote, state=peer.state.value, origin_host=peer.peer_host,
-                origin_realm=peer.peer_realm,
-                connected_seconds=round(now - connection.connected_at, 3)))
-        return found
+        from eir.server import peer_infos
+
+        found = peer_infos(server)
+        if server.supervisor is not None:  # several workers: each has its own connections
+            for infos in await server.supervisor.ask_all("peers"):
+                found += infos
+        return [PeerInfo(**info) for info in found]
 
     @app.get("/healthz", response_model=Health, summary="The process answers (no token "
              "needed)")
@@ -325,7 +321,7 @@ def create_app(server, token: str) -> FastAPI:
 def readiness(server) -> dict[str, bool]:
     """What /readyz checks: a snapshot loaded, a Diameter listener serving, not stopping."""
     return {"lists_loaded": server.rule_set is not None,
-            "diameter_listening": any(listener.is_serving() for listener in server.listeners),
+            "diameter_listening": server.listening,
             "not_stopping": not server.stopping}
 
 

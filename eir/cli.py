@@ -81,9 +81,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--metrics", type=_local_listen, metavar="HOST:PORT",
                        help="serve Prometheus metrics at http://HOST:PORT/metrics (a bare "
                             "PORT binds 127.0.0.1)")
+    serve.add_argument("--event-loop", choices=["asyncio", "uvloop"],
+                       help="the event loop (uvloop: pip install open-eir[fast])")
+    serve.add_argument("--workers", type=_worker_count, metavar="N",
+                       help="worker processes serving the listeners (default: the "
+                       "config's `workers`, 0 there meaning one per core)")
     serve.add_argument("--api", type=_local_listen, metavar="HOST:PORT",
                        help="serve the admin and lookup API (a bare PORT binds 127.0.0.1; "
                             "token: api.token or $EIR_API_TOKEN)")
+    serve.add_argument("--sbi", type=_host_port, metavar="HOST:PORT",
+                       help="serve N5g-eir (5G-EIR, TS 29.511) over cleartext HTTP/2 there")
 
     check = commands.add_parser("check", help="print the verdict for one IMEI")
     common(check)
@@ -239,25 +246,49 @@ def settings_from(args: argparse.Namespace) -> Settings:
         ("format", getattr(args, "log_format", None))) if value}
     if logging_update:
         update["logging"] = settings.logging.model_copy(update=logging_update)
-    for section in ("metrics", "api"):
+    for section in ("metrics", "api", "sbi"):
         if getattr(args, section, None):
             update[section] = getattr(settings, section).model_copy(
                 update={"listen": getattr(args, section)})
     return settings.model_copy(update=update) if update else settings
 
 
+def _worker_count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of workers (1 or more)")
+    return value
+
+
 def _serve(args: argparse.Namespace) -> int:
     from eir.server import build_server
+    from eir.workers import WorkerStartError, default_worker_count
 
     from eir.logs import configure_logging
 
     settings = settings_from(args)
     configure_logging(settings.logging, sys.stderr)
-    server = build_server(settings)
+    workers = args.workers or settings.workers or default_worker_count()
+    event_loop = args.event_loop or settings.event_loop
+    if event_loop == "uvloop":
+        try:
+            import uvloop
+        except ImportError:
+            print("eir: event_loop uvloop: uvloop is not installed (pip install "
+                  "open-eir[fast])", file=sys.stderr)
+            return EXIT_USAGE
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    server = build_server(settings, workers, args.argv)
     try:
         asyncio.run(server.serve_forever())
     except OSError as exc:
         print(f"eir: cannot listen: {exc}", file=sys.stderr)
+        return 1
+    except WorkerStartError as exc:
+        print(f"eir: {exc}", file=sys.stderr)
         return 1
     return 0
 
@@ -421,6 +452,8 @@ def _age(seconds: float) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # eir serve re-runs itself with the same arguments as each of its workers (eir.workers).
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if args.command == "serve":
             return _serve(args)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import uuid
 from datetime import date
 from pathlib import Path
 from typing import Literal
@@ -269,7 +270,75 @@ class AuditSettings(_Strict):
     flush_seconds: float = Field(1.0, gt=0)
 
 
+# -- N5g-eir over HTTP/2 (eir.sbi) -------------------------------------------------------------
+
+class SbiTlsSettings(_Strict):
+    """The N5g-eir listener over TLS (https, ALPN h2)."""
+
+    listen: str  # HOST:PORT
+    certificate: Path  # PEM: our certificate (chain)
+    key: Path  # PEM: its private key
+    ca: Path | None = None  # PEM: the CA(s) that sign the clients' certificates
+    require_client_cert: bool = False  # mutual TLS (needs `ca`)
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        parse_host_port(value)
+        return value
+
+
+class NrfSettings(_Strict):
+    """Registration with an NRF as a 5G_EIR NF instance (TS 29.510 NFManagement)."""
+
+    url: str  # the NRF's apiRoot: http://nrf:7777 (h2c) or https://nrf:443 (TLS, ALPN h2)
+    # Our NF instance id (a UUID); null: a UUID derived from diameter.origin_host, so that
+    # a restart registers the same instance again.
+    nf_instance_id: str | None = None
+    # The address the AMFs reach our N5g-eir on, HOST:PORT (advertised in the NF profile);
+    # null: the sbi.listen address (which then must not be a wildcard).
+    advertise: str | None = None
+    heartbeat_seconds: int = Field(10, ge=1)  # asked for; the NRF's answer decides
+    ca: Path | None = None  # PEM: the CA of an https NRF's certificate (null: the system's)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// (h2c) or https:// URL")
+        return value.rstrip("/")
+
+    @field_validator("nf_instance_id")
+    @classmethod
+    def _uuid(cls, value: str | None) -> str | None:
+        return str(uuid.UUID(value)) if value is not None else None
+
+    @field_validator("advertise")
+    @classmethod
+    def _advertise(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_host_port(value)
+        return value
+
+
+class SbiSettings(_Strict):
+    listen: str | None = None  # HOST:PORT of the h2c (cleartext HTTP/2) listener; null: off
+    tls: SbiTlsSettings | None = None
+    max_connections: int = Field(256, ge=1)
+    max_concurrent_streams: int = Field(128, ge=1)  # per connection (SETTINGS frame)
+    nrf: NrfSettings | None = None
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_host_port(value)
+        return value
+
+
 class Settings(_Strict):
+    workers: int = Field(0, ge=0)  # worker processes (eir.workers); 0: one per core
+    event_loop: Literal["asyncio", "uvloop"] = "asyncio"  # uvloop: pip install open-eir[fast]
     diameter: DiameterSettings = Field(default_factory=DiameterSettings)
     lists: ListSettings = Field(default_factory=ListSettings)
     store: StoreSettings = Field(default_factory=StoreSettings)
@@ -281,6 +350,7 @@ class Settings(_Strict):
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     api: ApiSettings = Field(default_factory=ApiSettings)
     audit: AuditSettings = Field(default_factory=AuditSettings)
+    sbi: SbiSettings = Field(default_factory=SbiSettings)
 
 
 def default_config_path() -> Path | None:
@@ -340,6 +410,7 @@ def load_settings(path: Path | None) -> Settings:
         "diameter": _tls_paths_from(settings.diameter, base),
         "audit": settings.audit.model_copy(update={
             "path": base / settings.audit.path if settings.audit.path else None}),
+        "sbi": _sbi_paths_from(settings.sbi, base),
     })
 
 
@@ -351,6 +422,18 @@ def _tls_paths_from(diameter: DiameterSettings, base: Path) -> DiameterSettings:
     return diameter.model_copy(update={"tls": tls.model_copy(update={
         key: base / value for key in ("certificate", "key", "ca")
         if (value := getattr(tls, key)) is not None})})
+
+
+def _sbi_paths_from(sbi: SbiSettings, base: Path) -> SbiSettings:
+    """sbi.tls's files and sbi.nrf.ca relative to the configuration file."""
+    update = {}
+    if sbi.tls is not None:
+        update["tls"] = sbi.tls.model_copy(update={
+            key: base / value for key in ("certificate", "key", "ca")
+            if (value := getattr(sbi.tls, key)) is not None})
+    if sbi.nrf is not None and sbi.nrf.ca is not None:
+        update["nrf"] = sbi.nrf.model_copy(update={"ca": base / sbi.nrf.ca})
+    return sbi.model_copy(update=update) if update else sbi
 
 
 def _line_of(text: str, location: list) -> int | None:

@@ -9,7 +9,8 @@ message. The API token is never logged: the API's access log has no headers, and
 settings keep the token as a SecretStr.
 
 Audit: with `audit.enabled`, a share (`audit.sample`, 1 = all) of the verdicts is written
-as JSON lines to `audit.path`: time, the MME's Origin-Host, IMEI, the IMSI (masked unless
+as JSON lines to `audit.path`: time, interface (s13, or n5g-eir: eir.sbi), the MME's
+Origin-Host (on n5g-eir: the AMF's User-Agent, else its address), IMEI, the IMSI (masked unless
 show_imsi), status, Result-Code, match, reason, source and list version. The hot path only
 appends a tuple to a deque (atomic under the GIL); a writer thread formats and writes every
 `flush_seconds`. Past `max_pending` waiting records new ones are dropped and counted, never
@@ -141,13 +142,15 @@ class AuditLog:
         self._last_error_logged = float("-inf")
 
     def record(self, origin_host: bytes, imei: str, imsi: str | None, verdict: Verdict,
-               version: str) -> None:
-        """Hot path (event-loop thread): one verdict, audited if sampled."""
+               version: str, interface: str = "s13") -> None:
+        """Hot path (event-loop thread): one verdict, audited if sampled. `interface`: s13,
+        or n5g-eir (eir.sbi, where `origin_host` is the client's User-Agent or address)."""
         if self.sample < 1.0 and self._random() >= self.sample:
             return
         pending = self._pending
         if len(pending) < self.max_pending:
-            pending.append((time.time(), origin_host, imei, imsi, verdict, version))
+            pending.append((time.time(), origin_host, imei, imsi, verdict, version,
+                            interface))
         else:
             self.dropped += 1
 
@@ -186,7 +189,7 @@ class AuditLog:
         return len(lines)
 
     def _line(self, when: float, origin_host: bytes, imei: str, imsi: str | None,
-              verdict: Verdict, version: str) -> str:
+              verdict: Verdict, version: str, interface: str) -> str:
         status = verdict.status
         reason = verdict.reason
         shown_imsi = imsi
@@ -194,7 +197,7 @@ class AuditLog:
             shown_imsi = mask_imsi(imsi)
             reason = redact(reason).replace(imsi, shown_imsi)
         return json.dumps({
-            "time": _iso_time(when),
+            "time": _iso_time(when), "interface": interface,
             "origin_host": origin_host.decode("utf-8", "replace"),
             "imei": imei, "imsi": shown_imsi,
             "status": verdict.status_name,

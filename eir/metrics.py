@@ -165,6 +165,12 @@ class MetricsSnapshot:
     clone_hits: int = 0
     audit_written: int = 0
     audit_dropped: int = 0
+    # N5g-eir (eir.sbi): requests by HTTP status code, verdicts by Equipment status
+    # (UNKNOWN: 404 ERROR_EQUIPMENT_UNKNOWN), open connections, NRF registration (1/0).
+    sbi_requests: dict[str, int] = field(default_factory=dict)
+    sbi_verdicts: dict[str, int] = field(default_factory=dict)
+    sbi_connections: int = 0
+    nrf_registered: int = 0
     taken: float = 0.0  # time.time() of the snapshot
 
     def as_dict(self) -> dict:
@@ -190,9 +196,12 @@ class MetricsSnapshot:
             _add_into(merged.peers, snapshot.peers)
             _add_into(merged.list_reloads, snapshot.list_reloads)
             _add_into(merged.sync, snapshot.sync)
+            _add_into(merged.sbi_requests, snapshot.sbi_requests)
+            _add_into(merged.sbi_verdicts, snapshot.sbi_verdicts)
             for name in ("observations_queued", "observations_written",
                          "observations_dropped", "observations_flush_errors", "clone_hits",
-                         "audit_written", "audit_dropped"):
+                         "audit_written", "audit_dropped", "sbi_connections",
+                         "nrf_registered"):
                 setattr(merged, name, getattr(merged, name) + getattr(snapshot, name))
             if newest is None or snapshot.taken >= newest.taken:
                 newest = snapshot
@@ -251,7 +260,10 @@ def snapshot_of(server) -> MetricsSnapshot:
     observations = server.observations
     if observations is not None:
         snapshot.observations_queued = observations.pending
-        snapshot.observations_written = observations.written
+        # A worker's "written" were handed to the supervisor, which counts them when it
+        # writes them (eir.workers).
+        if getattr(server, "worker_socket", None) is None:
+            snapshot.observations_written = observations.written
         snapshot.observations_dropped = observations.dropped
         snapshot.observations_flush_errors = observations.flush_errors
         snapshot.clone_hits = observations.clone_hits
@@ -259,6 +271,9 @@ def snapshot_of(server) -> MetricsSnapshot:
     if audit is not None:
         snapshot.audit_written = audit.written
         snapshot.audit_dropped = audit.dropped
+    sbi = getattr(server, "sbi", None)
+    if sbi is not None:
+        sbi.counters.fill(snapshot)
     return snapshot
 
 
@@ -357,9 +372,33 @@ class EirCollector:
         yield CounterMetricFamily("eir_audit_dropped",
                                   "Audit records dropped because the writer fell behind",
                                   value=s.audit_dropped)
+        if s.sbi_requests or s.sbi_connections or s.nrf_registered:
+            yield from _sbi_families(s)
         build = InfoMetricFamily("eir_build", "open EIR version")
         build.add_metric([], {"version": __version__})
         yield build
+
+
+def _sbi_families(s: MetricsSnapshot):
+    """The N5g-eir metrics: families of their own beside S13's (whose names and labels the
+    dashboards use), yielded once the listener has served or is serving."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    family = CounterMetricFamily("eir_sbi_requests", "N5g-eir requests answered, by HTTP "
+                                 "status code", labels=["status_code"])
+    for code, count in sorted(s.sbi_requests.items()):
+        family.add_metric([code], count)
+    yield family
+    family = CounterMetricFamily("eir_sbi_verdicts", "N5g-eir equipment-status verdicts, by "
+                                 "status (UNKNOWN: 404 ERROR_EQUIPMENT_UNKNOWN)",
+                                 labels=["equipment_status"])
+    for status, count in sorted(s.sbi_verdicts.items()):
+        family.add_metric([status], count)
+    yield family
+    yield GaugeMetricFamily("eir_sbi_connections", "Open N5g-eir HTTP/2 connections",
+                            value=s.sbi_connections)
+    yield GaugeMetricFamily("eir_nrf_registered", "1 while registered with the NRF as a "
+                            "5G_EIR NF instance", value=s.nrf_registered)
 
 
 def registry_for(snapshot: Callable[[], MetricsSnapshot]):
@@ -378,4 +417,22 @@ def metrics_app(server):
     exposition: text format, OpenMetrics when asked, gzip when accepted)."""
     from prometheus_client import make_asgi_app
 
-    return make_asgi_app(registry_for(lambda: snapshot_of(server)))
+    app = make_asgi_app(registry_for(lambda: merged_snapshot(server)))
+
+    async def gathering(scope, receive, send):
+        # Several workers (eir.workers): their counters are asked for at each scrape, so
+        # that a scrape sees every process at (nearly) one instant.
+        if scope["type"] == "http" and getattr(server, "supervisor", None) is not None:
+            server.worker_snapshots = [MetricsSnapshot.from_dict(data) for data in
+                                       await server.supervisor.ask_all("snapshot")]
+        await app(scope, receive, send)
+
+    return gathering
+
+
+def merged_snapshot(server) -> MetricsSnapshot:
+    """This process's metrics, merged with its workers' (as last gathered) if it has any."""
+    own = snapshot_of(server)
+    if getattr(server, "supervisor", None) is None:
+        return own
+    return MetricsSnapshot.merge([own, *server.worker_snapshots])

@@ -458,6 +458,18 @@ class ObservationLog:
         else:
             self.dropped += 1
 
+    def record_keys(self, day: int, keys: list[str]) -> None:
+        """Records another process collected (eir.workers: a worker's flush), as keys
+        IMEI+IMSI (event-loop thread only, like `record`)."""
+        if day != self._day:
+            self._start_day(day)
+        pending = self._pending
+        for key in keys:
+            if len(pending) < self._room or key in pending:
+                pending.add(key)
+            else:
+                self.dropped += 1
+
     def _start_day(self, day: int) -> None:
         days = self._days
         for old in [d for d, keys in days.items() if not keys and d != day]:

@@ -99,12 +99,14 @@ def certificate_names(peercert: dict | None) -> tuple[str, ...] | None:
 
 
 def server_tls_context(certificate: Path, key: Path, ca: Path | None,
-                       require_client_cert: bool) -> ssl.SSLContext:
+                       require_client_cert: bool,
+                       section: str = "diameter.tls") -> ssl.SSLContext:
     """The server side of TLS on connect: our certificate and key, TLS 1.2 or later (RFC 8996
-    retired 1.0 and 1.1), and client certificates verified against `ca` (mutual TLS)."""
+    retired 1.0 and 1.1), and client certificates verified against `ca` (mutual TLS).
+    `section`: the settings named in errors (sbi.tls for eir.sbi)."""
     for name, path in (("certificate", certificate), ("key", key), ("ca", ca)):
         if path is not None and not Path(path).is_file():
-            raise SecurityError(f"{path}: no such file (diameter.tls.{name})")
+            raise SecurityError(f"{path}: no such file ({section}.{name})")
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
@@ -119,7 +121,7 @@ def server_tls_context(certificate: Path, key: Path, ca: Path | None,
             raise SecurityError(f"{ca}: not a PEM CA certificate: {exc}") from None
         context.verify_mode = ssl.CERT_REQUIRED if require_client_cert else ssl.CERT_OPTIONAL
     elif require_client_cert:
-        raise SecurityError("diameter.tls.require_client_cert needs diameter.tls.ca, the CA "
+        raise SecurityError(f"{section}.require_client_cert needs {section}.ca, the CA "
                             "that signs the peers' certificates")
     return context
 

@@ -21,7 +21,7 @@ from eir.diameter.duplicates import DuplicateCache
 from eir.diameter.peer import LocalIdentity, PeerConnection, Timers
 from eir.lists import ListError, load_rule_set
 from eir.logs import AuditLog, audit_log
-from eir.metrics import DiameterCounters, QueuedLatency
+from eir.metrics import DiameterCounters, QueuedLatency, snapshot_of
 from eir.observations import (GrandfatherIndex, ObservationError, ObservationLog,
                               database_location, observation_log)
 from eir.overload import Admission, ConnectionLimits
@@ -30,12 +30,21 @@ from eir.security import (AllowedPeer, PeerAllowlist, TlsAcceptor, certificate_n
                           server_tls_context)
 from eir.store import Store, StoreError
 from eir.sync import SyncCounters, SyncError, sync
+from eir.workers import (Channel, ForwardedLimits, ForwardingBackend, Supervisor,
+                         WorkerLogPrefix, worker_channel)
 
 log = logging.getLogger("eir.server")
 
 # While the grandfathering cut-off is in the future (or just past), the index is rebuilt
 # from the observations database this often (it also learns from every flush at once).
 GRANDFATHER_RELOAD_SECONDS = 3600.0
+# The supervisor (several workers): connections accepted per turn of its loop, and the
+# listen backlog that holds the rest meanwhile.
+ACCEPTS_PER_TURN = 64
+# A worker hands its observations to the supervisor at least this often (the supervisor
+# writes them at its own flush interval).
+WORKER_FLUSH_SECONDS = 0.25
+LISTEN_BACKLOG = 1024
 
 
 def sctp_unavailable_reason() -> str | None:
@@ -287,6 +296,14 @@ class EirServer:
         self.read_buffer = memoryview(bytearray(overload.read_bytes))
         self.s13 = S13Application(dictionary, self.local, rule_set, observations,
                                   counters=self.counters, audit=audit)
+        # Several workers (eir.workers): the supervisor has `supervisor` and no Diameter
+        # connections of its own; a worker has `worker_channel` and no listeners.
+        self.supervisor = None
+        self.worker_socket: socket.socket | None = None  # a worker's end of its channel
+        self.worker_channel = None
+        self.worker_snapshots: list = []  # the workers' metrics, gathered at each scrape
+        self._listening: list[tuple[socket.socket, str]] = []  # the supervisor's
+        self._staged_rule_set: RuleSet | None = None  # a worker's, between prepare and commit
         self.applications = {self.s13.application_id: self.s13}
         self.connections: set[DiameterProtocol] = set()
         self.listeners: list[asyncio.AbstractServer] = []
@@ -304,6 +321,12 @@ class EirServer:
             from eir.api import Operations
 
             self.operations = Operations(self)
+        # N5g-eir over HTTP/2 (eir.sbi), when configured; built here for the same reason.
+        self.sbi = None
+        if settings.sbi.listen or settings.sbi.tls is not None:
+            from eir.sbi import N5gEir
+
+            self.sbi = N5gEir(self)
 
     @property
     def stopping(self) -> bool:
@@ -318,12 +341,35 @@ class EirServer:
         """How old the lists in force are (since their snapshot was compiled)."""
         return max(0.0, time.time() - self.rule_set.snapshot.info.created)
 
-    async def start(self) -> None:
-        self.loop = asyncio.get_running_loop()
-        transport = self.settings.diameter.transport
-        wanted = [(item, transport) for item in self.settings.diameter.listen]
+    @property
+    def listening(self) -> bool:
+        """A Diameter listener is accepting (in a worker: the supervisor's channel is up)."""
+        if self.worker_channel is not None:
+            return not self.worker_channel.closed
+        if self.supervisor is not None:
+            return bool(self._listening) and self.supervisor.all_ready
+        return any(listener.is_serving() for listener in self.listeners)
+
+    def _wanted_listeners(self) -> list[tuple[str, str]]:
+        wanted = [(item, self.settings.diameter.transport)
+                  for item in self.settings.diameter.listen]
         if self.tls_context is not None:  # TLS on connect: always over TCP
             wanted += [(item, "tls") for item in self.settings.diameter.tls.listen]
+        return wanted
+
+    async def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        if self.worker_socket is not None:
+            # Connections come from the supervisor (_on_control), counted there.
+            self.worker_channel = Channel(self.loop, self.worker_socket, self._on_control,
+                                          self._control_lost)
+            self.connection_limits = ForwardedLimits(self.worker_channel)
+            return
+        if self.supervisor is not None:
+            await self._start_supervised()
+            return
+        transport = self.settings.diameter.transport
+        wanted = self._wanted_listeners()
         for item, transport in wanted:
             host, port = parse_host_port(item)
             try:
@@ -351,6 +397,103 @@ class EirServer:
         if not self.listeners:
             raise OSError("no listen address could be bound")
 
+    # -- several workers: the supervisor (eir.workers) ----------------------------------
+
+    async def _start_supervised(self) -> None:
+        """Bind the listeners, start the workers, and accept once they are all ready."""
+        wanted = self._wanted_listeners()
+        for item, transport in wanted:
+            host, port = parse_host_port(item)
+            try:
+                sockets = _listening_sockets(host, port, transport)
+            except OSError as exc:
+                if host == "::" and len(wanted) > 1:  # as in start(): IPv4 still serves
+                    log.warning("not listening on %s: %s", item, exc)
+                    continue
+                for sock, _ in self._listening:
+                    sock.close()
+                raise OSError(f"{item}: {exc.strerror or exc}") from None
+            self._listening += [(sock, transport) for sock in sockets]
+        if not self._listening:
+            raise OSError("no listen address could be bound")
+        await self.supervisor.start()
+        for sock, transport in self._listening:
+            self.loop.add_reader(sock.fileno(), self._accept, sock, transport)
+            bound = sock.getsockname()
+            self.addresses.append((bound[0], bound[1]))
+            log.info("listening on %s %s", transport, _format_address(bound))
+
+    def _accept(self, listener: socket.socket, transport: str) -> None:
+        """Accept what is waiting (a bounded number per turn) and hand it to a worker."""
+        limits = self.connection_limits
+        for _ in range(ACCEPTS_PER_TURN):
+            try:
+                sock, address = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # EMFILE and the like: the next turn tries again
+                log.warning("accepting a connection: %s", exc)
+                return
+            refusal = limits.admit(address[0])
+            if refusal is not None:
+                log.warning("%s: connection refused: %s", _format_address(address), refusal)
+                sock.close()
+                continue
+            self.supervisor.hand_over(sock, address[0], transport)
+
+    # -- several workers: a worker ---------------------------------------------------
+
+    def _on_control(self, message: dict, fds: list[int]) -> None:
+        """A message from the supervisor (eir.workers)."""
+        op = message["op"]
+        channel = self.worker_channel
+        if op == "connection":
+            sock = socket.socket(fileno=fds[0])
+            self._spawn(self._adopt(sock, message["address"], message["transport"]))
+        elif op == "snapshot":
+            channel.reply(message, snapshot_of(self).as_dict())
+        elif op == "peers":
+            channel.reply(message, peer_infos(self))
+        elif op == "prepare":
+            self._spawn(self._prepare_lists(message))
+        elif op == "commit":
+            if self._staged_rule_set is not None:
+                self._swap(self._staged_rule_set)
+                self._staged_rule_set = None
+        elif op == "abort":
+            self._staged_rule_set = None
+        elif op == "learn":
+            if self.grandfathering is not None:
+                self.grandfathering.learn(message["rows"])
+        elif op == "stop":
+            self.stop()
+
+    async def _adopt(self, sock: socket.socket, address: str, transport: str) -> None:
+        """Serve a connection the supervisor accepted (and counted against the limits)."""
+        if transport == "tls":
+            factory = self._tls_acceptor
+        else:
+            factory = functools.partial(DiameterProtocol, self, address)
+        try:
+            await self.loop.connect_accepted_socket(factory, sock)
+        except OSError as exc:
+            log.info("a connection handed over was lost before it started: %s", exc)
+            sock.close()
+            self.connection_limits.release(address)
+
+    async def _prepare_lists(self, message: dict) -> None:
+        rule_set = await self._load_lists()
+        if isinstance(rule_set, RuleSet):
+            self._staged_rule_set = rule_set
+            self.worker_channel.reply(message, {"version": rule_set.version, "error": None})
+        else:
+            self.worker_channel.reply(message, {"version": None, "error": rule_set})
+
+    def _control_lost(self) -> None:
+        if not self.stopping:
+            log.error("the supervisor is gone: stopping")
+            self.stop()
+
     def _tls_acceptor(self) -> TlsAcceptor:
         limits = self.connection_limits
         return TlsAcceptor(self.tls_context, self.timers.cer_timeout, limits.admit,
@@ -366,24 +509,40 @@ class EirServer:
         sees the old snapshot or the new one, never a mix. Reloads run one at a time.
         """
         async with self._reload_lock:
-            try:
-                rule_set = await self.loop.run_in_executor(
-                    None, functools.partial(load_rules, self.settings, self.grandfathering))
-            except (ListError, StoreError) as exc:
-                log.error("list reload refused, lists in force stay in force:\n%s", exc)
-                self._reload_refused(str(exc))
+            rule_set = await self._load_lists()
+            if not isinstance(rule_set, RuleSet):
+                self._reload_refused(rule_set)
                 return False
-            except Exception as exc:  # noqa: BLE001 - a defect must not end the watcher
-                log.exception("list reload failed, lists in force stay in force")
-                self._reload_refused(f"{type(exc).__name__}: {exc}")
-                return False
-            self.s13.rule_set = rule_set
+            if self.supervisor is not None:
+                # Every worker loads the same lists first; all swap, or none does.
+                swapped, why = await self.supervisor.swap_lists()
+                if not swapped:
+                    log.error("list reload refused, lists in force stay in force: %s", why)
+                    self._reload_refused(why)
+                    return False
+            self._swap(rule_set)
             self.reload_counts["ok"] += 1
             self.last_reload_error = None
-            _freeze_long_lived_objects()
-            log.info("lists reloaded: version %s, %d rules", rule_set.version,
-                     rule_set.rule_count)
             return True
+
+    async def _load_lists(self) -> RuleSet | str:
+        """The lists the settings name, loaded in a thread; or why not (logged)."""
+        try:
+            return await self.loop.run_in_executor(
+                None, functools.partial(load_rules, self.settings, self.grandfathering,
+                                        first_sync=self.worker_socket is None))
+        except (ListError, StoreError) as exc:
+            log.error("list reload refused, lists in force stay in force:\n%s", exc)
+            return str(exc)
+        except Exception as exc:  # noqa: BLE001 - a defect must not end the watcher
+            log.exception("list reload failed, lists in force stay in force")
+            return f"{type(exc).__name__}: {exc}"
+
+    def _swap(self, rule_set: RuleSet) -> None:
+        self.s13.rule_set = rule_set
+        _freeze_long_lived_objects()
+        log.info("lists reloaded: version %s, %d rules", rule_set.version,
+                 rule_set.rule_count)
 
     def _reload_refused(self, why: str) -> None:
         self.reload_counts["refused"] += 1
@@ -465,7 +624,10 @@ class EirServer:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.stop)
-        loop.add_signal_handler(signal.SIGHUP, self._reload_on_signal)
+        if self.worker_socket is None:
+            loop.add_signal_handler(signal.SIGHUP, self._reload_on_signal)
+        else:  # the supervisor's SIGHUP reloads every worker together
+            loop.add_signal_handler(signal.SIGHUP, lambda: None)
         await self.start()
         if self.observations is not None:
             self.observations.start()
@@ -476,13 +638,20 @@ class EirServer:
             log.info("audit: %g of verdicts to %s", self.audit.sample, self.audit.path)
         if self.operations is not None:
             await self.operations.start()
+        if self.sbi is not None and self.worker_socket is None:  # not in workers
+            await self.sbi.start()
         if self.grandfathering is not None:
             self._spawn(self._keep_grandfathering())
-        if self.settings.store.directory is not None:
+        if self.settings.store.directory is not None and self.worker_socket is None:
             self._spawn(self._watch_store())
             if self.settings.sync.source:
                 self._spawn(self._sync_periodically())
         _freeze_long_lived_objects()
+        if self.worker_socket is not None:
+            self.worker_channel.send({"op": "ready", "version": self.rule_set.version})
+            await self._stop.wait()
+            await self.shutdown()
+            return
         log.info("open EIR %s serving as %s (realm %s), lists version %s, %d rules",
                  __version__, self.local.origin_host, self.local.origin_realm,
                  self.rule_set.version, self.rule_set.rule_count)
@@ -495,8 +664,15 @@ class EirServer:
     async def shutdown(self) -> None:
         """Stop listening, send DPR to every open peer, wait for DPA (bounded), exit."""
         log.info("shutting down: %d connection(s)", len(self.connections))
+        if self.sbi is not None:  # NFDeregister first (bounded): AMFs stop choosing us
+            await self.sbi.stop()
         for listener in self.listeners:
             listener.close()
+        for sock, _ in self._listening:
+            self.loop.remove_reader(sock.fileno())
+            sock.close()
+        if self.supervisor is not None:  # each worker sends DPR to its own peers
+            await self.supervisor.stop(self.timers.disconnect_timeout + 5)
         for task in list(self._background):
             task.cancel()
         for connection in list(self.connections):
@@ -520,9 +696,17 @@ class EirServer:
         if self.observations is not None:
             observations = self.observations
             await self.loop.run_in_executor(None, observations.close)
-            log.info("observations: final flush done: %d written, %d dropped, %d failed "
-                     "flush(es), %d pending", observations.written, observations.dropped,
-                     observations.flush_errors, observations.pending)
+            if self.worker_socket is not None:  # its records went to the supervisor
+                log.debug("observations: %d handed to the supervisor", observations.written)
+            else:
+                    log.info("observations: final flush done: %d written, %d dropped, %d "
+                         "failed flush(es), %d pending", observations.written,
+                         observations.dropped, observations.flush_errors,
+                         observations.pending)
+        if self.worker_channel is not None:
+            # Last: the supervisor takes a worker's closed channel for its exit, and reads
+            # what it sent before (its final observations) then.
+            self.worker_channel.close()
         log.info("stopped")
 
 
@@ -555,6 +739,44 @@ def _freeze_long_lived_objects() -> None:
     collection would otherwise walk them all (tens of ms per 100k rules), a latency spike."""
     gc.collect()
     gc.freeze()
+
+
+def _listening_sockets(host: str, port: int, transport: str) -> list[socket.socket]:
+    """Bound, listening, non-blocking sockets for one listen address (the supervisor's;
+    one per address the host name resolves to, as asyncio's create_server binds)."""
+    if transport == "sctp":
+        return [_sctp_socket(host, port)]
+    found = []
+    try:
+        for family, kind, proto, _, address in socket.getaddrinfo(
+                host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE):
+            sock = socket.socket(family, kind, proto)
+            found.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(LISTEN_BACKLOG)
+            sock.setblocking(False)
+    except OSError:
+        for sock in found:
+            sock.close()
+        raise
+    return found
+
+
+def peer_infos(server: EirServer) -> list[dict]:
+    """The Diameter connections of this process, for GET /v1/peers."""
+    now = server.loop.time()
+    found = []
+    for connection in list(server.connections):
+        peer = connection.peer
+        if peer is None:
+            continue
+        found.append({"remote": connection.remote, "state": peer.state.value,
+                      "origin_host": peer.peer_host, "origin_realm": peer.peer_realm,
+                      "connected_seconds": round(now - connection.connected_at, 3)})
+    return found
 
 
 def _sctp_socket(host: str, port: int) -> socket.socket:
@@ -612,12 +834,54 @@ def grandfather_index(settings: Settings) -> GrandfatherIndex | None:
     return GrandfatherIndex(cutoff) if cutoff is not None else None
 
 
-def build_server(settings: Settings) -> EirServer:
-    """Load dictionaries and lists as the settings say (raises on any error)."""
+def build_server(settings: Settings, workers: int = 1,
+                 argv: list[str] | None = None) -> EirServer:
+    """Load dictionaries and lists as the settings say (raises on any error).
+
+    This process is one of three (eir.workers): started by a supervisor, a worker (its
+    channel in the environment); else, with `workers` > 1, the supervisor of that many
+    workers, each started as `python -m eir ARGV`; else the only process."""
     dictionary = Dictionary.load([DEFAULT_DICTIONARY_DIR, *settings.dictionaries])
     grandfathering = grandfather_index(settings)
+    channel = worker_channel()
+    if channel is not None:
+        index, control, forwarded = channel
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(WorkerLogPrefix(index))
+        # The supervisor serves /metrics and the API, syncs, and writes the observations.
+        settings = settings.model_copy(update={
+            "metrics": settings.metrics.model_copy(update={"listen": None}),
+            "api": settings.api.model_copy(update={"listen": None})})
+        observations = None
+        if settings.observations.enabled:
+            observations = ObservationLog(
+                ForwardingBackend(forwarded),
+                min(settings.observations.flush_seconds, WORKER_FLUSH_SECONDS))
+        else:
+            forwarded.close()
+        server = EirServer(settings, load_rules(settings, grandfathering, first_sync=False),
+                           dictionary, observations, grandfathering, audit_log(settings))
+        server.worker_socket = control
+        return server
     observations = observation_log(
         settings, on_written=grandfathering.learn if grandfathering is not None else None)
-    return EirServer(settings, load_rules(settings, grandfathering), dictionary,
-                     observations, grandfathering, audit_log(settings))
+    if workers <= 1:
+        return EirServer(settings, load_rules(settings, grandfathering), dictionary,
+                         observations, grandfathering, audit_log(settings))
+    # The workers answer (and audit) the requests; the supervisor keeps the lists too, for
+    # the API's lookups, and checks the audit path now (a configuration error).
+    audit = audit_log(settings)
+    if audit is not None:
+        audit.close()
+    server = EirServer(settings, load_rules(settings, grandfathering), dictionary,
+                       observations, grandfathering, audit=None)
+    server.supervisor = Supervisor(server, workers, list(argv or []))
+    if grandfathering is not None and observations is not None:
+        # The workers' indexes learn the pairs the supervisor writes, as its own does.
+        def learn(rows: list[tuple]) -> None:
+            grandfathering.learn(rows)
+            server.supervisor.share_learned(grandfathering.cutoff, rows)
+
+        observations.on_written = learn
+    return server
 

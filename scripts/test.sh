@@ -37,4 +37,11 @@ echo "== installing open EIR with its test dependencies into .venv"
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
 
 echo "== running the tests"
-exec .venv/bin/python -m pytest "$@"
+if [ "$#" -gt 0 ]; then  # a chosen subset: just those
+  exec .venv/bin/python -m pytest "$@"
+fi
+.venv/bin/python -m pytest
+# The whole suite passed: the quick benchmark prints its figures (no timed assertion), so
+# that every change shows its effect on throughput and latency; it fails only if it breaks.
+echo "== quick benchmark (python3 bench/run.py --quick)"
+.venv/bin/python bench/run.py --quick

@@ -285,7 +285,8 @@ def test_unanswered_requests_time_out_and_the_run_still_ends(eir_server, run_sim
                                                              terminals):
     """The EIR stops answering (SIGSTOP) once the peer is open: ECRs sent after that are
     logged as timeouts, counted as errors, and the run ends by itself."""
-    server = eir_server("--unknown", "unknown", lists=[lists])
+    # One process, so that SIGSTOP stops what answers (not a supervisor of workers).
+    server = eir_server("--unknown", "unknown", "--workers", "1", lists=[lists])
     sim = run_sim(server.port, csv=terminals, rate=1, count=3, answer_timeout_ms=700)
     sim.wait_for(r"mme_sim: peer eir\.localdomain is open", CONNECT_TIMEOUT)
     server.process.send_signal(signal.SIGSTOP)  # ECR 2 leaves a second later, ECR 3 two
