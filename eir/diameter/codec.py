@@ -16,6 +16,7 @@ _WORDS5 = struct.Struct("!IIIII")
 _WORDS2 = struct.Struct("!II")
 _WORDS3 = struct.Struct("!III")
 _WORD = struct.Struct("!I")
+_VENDOR_BIT = AVP_FLAG_VENDOR << 24  # in the AVP's flags-and-length word
 
 
 class Header(NamedTuple):
@@ -96,25 +97,26 @@ def decode_avps(buf: bytes, start: int, end: int) -> list[Avp]:
     avps = []
     append = avps.append
     unpack2 = _WORDS2.unpack_from
+    unpack1 = _WORD.unpack_from
     new = tuple.__new__  # Avp(...) without NamedTuple's Python-level __new__: hot path
     pos = start
     while pos < end:
         if end - pos < 8:
             raise AvpLengthError(*_partial_header(buf, pos, end), end - pos, avps)
         code, word = unpack2(buf, pos)
-        flags = word >> 24
         length = word & 0xFFFFFF
-        if flags & AVP_FLAG_VENDOR:
+        next_pos = pos + length
+        if word & _VENDOR_BIT:
             if end - pos < 12:
-                raise AvpLengthError(code, flags, 0, length, avps)
-            vendor = _WORD.unpack_from(buf, pos + 8)[0]
-            header_length = 12
+                raise AvpLengthError(code, word >> 24, 0, length, avps)
+            vendor = unpack1(buf, pos + 8)[0]
+            if length < 12 or next_pos > end:
+                raise AvpLengthError(code, word >> 24, vendor, length, avps)
+            append(new(Avp, (code, word >> 24, vendor, buf[pos + 12:next_pos])))
         else:
-            vendor = 0
-            header_length = 8
-        if length < header_length or pos + length > end:
-            raise AvpLengthError(code, flags, vendor, length, avps)
-        append(new(Avp, (code, flags, vendor, buf[pos + header_length:pos + length])))
+            if length < 8 or next_pos > end:
+                raise AvpLengthError(code, word >> 24, 0, length, avps)
+            append(new(Avp, (code, word >> 24, 0, buf[pos + 8:next_pos])))
         pos += (length + 3) & ~3
     return avps
 

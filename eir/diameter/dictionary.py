@@ -45,6 +45,17 @@ _FIXED_LENGTH = {
 _STRING_TYPES = {"UTF8String", "DiameterIdentity", "DiameterURI"}
 TYPES = set(_FIXED_LENGTH) | _STRING_TYPES | {"OctetString", "Address", "Grouped"}
 
+# What `Dictionary.validate` checks of a payload, by AVP type: it tests the common valid
+# case inline and calls `AvpDef.check` (which raises with the right Result-Code) only when
+# that test fails, so that a valid request makes no call per AVP.
+CHECK_NOTHING, CHECK_LENGTH, CHECK_ENUMERATED, CHECK_STRING, CHECK_ADDRESS, CHECK_GROUPED = \
+    range(6)
+
+# Grouped AVPs nested deeper than this are refused (5004): a grammar with *[ AVP ] (Proxy-Info,
+# Failed-AVP) lets a Grouped AVP hold itself, and a 64 KiB message of nested headers would
+# otherwise recurse past Python's stack limit (RecursionError). Real dictionaries nest ~5 deep.
+MAX_GROUPED_DEPTH = 16
+
 
 class DictionaryError(Exception):
     """A dictionary file is wrong; the message names the file and the entry."""
@@ -67,7 +78,8 @@ class AvpIndex(dict):
     __slots__ = ("groups",)
 
     def __init__(self) -> None:
-        super().__init__()
+        # dict.__init__ is not called: with no arguments it does nothing (hot path: two
+        # indexes per request).
         self.groups: dict[str, list[AvpIndex]] = {}
 
 
@@ -108,6 +120,18 @@ class AvpDef:
         self.value_set = frozenset(self.values.values()) if self.values else None
         self.is_string = self.type in _STRING_TYPES
         self.is_address = self.type == "Address"
+        if self.type == "Grouped":
+            self.check_kind = CHECK_GROUPED
+        elif self.value_set is not None:
+            self.check_kind = CHECK_ENUMERATED
+        elif self.fixed_length is not None:
+            self.check_kind = CHECK_LENGTH
+        elif self.is_string:
+            self.check_kind = CHECK_STRING
+        elif self.is_address:
+            self.check_kind = CHECK_ADDRESS
+        else:
+            self.check_kind = CHECK_NOTHING
 
     def check(self, avp: Avp) -> None:
         """Raise AvpError if the payload is not a valid value of this AVP's type."""
@@ -337,7 +361,7 @@ class Dictionary:
     def command(self, application: int, code: int) -> CommandDef | None:
         return self.commands.get((application, code))
 
-    def validate(self, avps: list[Avp], grammar: Grammar) -> AvpIndex:
+    def validate(self, avps: list[Avp], grammar: Grammar, depth: int = 0) -> AvpIndex:
         """Check `avps` against `grammar` (recursing into Grouped AVPs) and index them by name.
 
         Raises AvpError for the first problem found: 5001 unknown AVP with the M bit,
@@ -345,48 +369,68 @@ class Dictionary:
         after the whole list, 5005 for a missing required AVP.
         """
         found = AvpIndex()
+        groups = found.groups
         rules = grammar.rules
+        known = self.avps
         for avp in avps:
-            key = (avp[2] << 32) | avp[0]
+            code, flags, vendor, data = avp
+            key = (vendor << 32) | code
             rule = rules.get(key)
             if rule is not None:
                 definition = rule.avp
             else:
-                definition = self.avps.get(key)
+                definition = known.get(key)
                 if definition is None:
-                    if avp[1] & AVP_FLAG_MANDATORY:
+                    if flags & AVP_FLAG_MANDATORY:
                         raise AvpError(ResultCode.AVP_UNSUPPORTED, avp.encode(),
-                                       f"AVP {avp[0]} (vendor {avp[2]}) is not supported")
+                                       f"AVP {code} (vendor {vendor}) is not supported")
                     continue
                 if not grammar.allows_any:
                     raise AvpError(ResultCode.AVP_NOT_ALLOWED, avp.encode(),
                                    f"{definition.name} is not allowed here")
-            if definition.grammar is not None:
-                children = self._validate_grouped(avp, definition)
-                group = found.groups.get(definition.name)
+            kind = definition.check_kind
+            # The valid case tested inline; `check` raises the error otherwise.
+            if kind == CHECK_STRING:
+                if not data.isascii():
+                    definition.check(avp)
+            elif kind == CHECK_ENUMERATED:
+                if len(data) != 4 or _U32.unpack(data)[0] not in definition.value_set:
+                    definition.check(avp)
+            elif kind == CHECK_GROUPED:
+                children = self._validate_grouped(avp, definition, depth)
+                group = groups.get(definition.name)
                 if group is None:
-                    found.groups[definition.name] = [children]
+                    groups[definition.name] = [children]
                 else:
                     group.append(children)
-            else:
+            elif kind == CHECK_LENGTH:
+                if len(data) != definition.fixed_length:
+                    definition.check(avp)
+            elif kind == CHECK_ADDRESS:
                 definition.check(avp)
-            same = found.get(definition.name)
+            name = definition.name
+            same = found.get(name)
             if same is None:
-                found[definition.name] = [avp]
+                found[name] = [avp]
             else:
                 same.append(avp)
                 if rule is not None and rule.max is not None and len(same) > rule.max:
                     raise AvpError(ResultCode.AVP_OCCURS_TOO_MANY_TIMES, avp.encode(),
-                                   f"{definition.name} occurs more than {rule.max} time(s)")
+                                   f"{name} occurs more than {rule.max} time(s)")
         for rule in grammar.required:
-            if len(found.get(rule.avp.name, ())) < rule.min:
+            if rule.avp.name not in found or len(found[rule.avp.name]) < rule.min:
                 raise AvpError(ResultCode.MISSING_AVP, rule.avp.empty_instance(),
                                f"{rule.avp.name} is missing")
         return found
 
-    def _validate_grouped(self, avp: Avp, definition: AvpDef) -> AvpIndex:
+    def _validate_grouped(self, avp: Avp, definition: AvpDef, depth: int) -> AvpIndex:
+        if depth >= MAX_GROUPED_DEPTH:
+            raise AvpError(ResultCode.INVALID_AVP_VALUE, avp.encode(),
+                           f"{definition.name}: Grouped AVPs nested more than "
+                           f"{MAX_GROUPED_DEPTH} deep")
         try:
-            return self.validate(decode_avps(avp.data, 0, len(avp.data)), definition.grammar)
+            return self.validate(decode_avps(avp.data, 0, len(avp.data)), definition.grammar,
+                                 depth + 1)
         except AvpLengthError as exc:
             inner = self.failed_for_length_error(exc)
             raise AvpError(ResultCode.INVALID_AVP_LENGTH,
