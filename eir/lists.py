@@ -41,6 +41,11 @@ class ListError(Exception):
         self.problems = problems
 
 
+# The longest valid key cell is an IMEI range of two 16-digit IMEISVs with spaces around
+# the dash (35 characters); 64 leaves room for spacing while bounding what an error echoes.
+MAX_KEY_CELL = 64
+
+
 def parse_imsi(text: str) -> str:
     if not text.isascii() or not text.isdigit() or not 5 <= len(text) <= 15:
         raise ValueError(f"{text!r} is not an IMSI (5 to 15 digits)")
@@ -69,7 +74,14 @@ def _subject(text: str) -> dict:
 
 def _rule(cells: dict[str, str], where: str) -> tuple[Rule | None, list[str]]:
     """The rule of one row, or the problems with it (`where: field: problem`)."""
-    problems = []
+    # A key cell longer than any valid one is named by its length, not echoed: a list with a
+    # 100 KiB "IMEI" would otherwise fill the error (and the log) with it.
+    problems = [f"{where}: {column}: {len(cells[column])} characters (at most "
+                f"{MAX_KEY_CELL} in this column)"
+                for column in ("imei", "status", "imsi")
+                if len(cells.get(column, "")) > MAX_KEY_CELL]
+    if problems:
+        return None, problems
     fields: dict = {"source": where, "reason": cells.get("reason", "")}
     try:
         fields.update(_subject(cells.get("imei", "")))
@@ -130,7 +142,7 @@ def read_native_csv(path: Path | str, display_name: str | None = None,
     except OSError as exc:
         raise ListError([f"{name}: cannot open: {exc.strerror or exc}"]) from None
     try:
-        text = content.decode("utf-8")
+        text = content.decode("utf-8-sig")  # a leading BOM (spreadsheet exports) is skipped
     except UnicodeDecodeError as exc:
         line = content.count(b"\n", 0, exc.start) + 1
         raise ListError([f"{name}:{line}: encoding: not UTF-8 ({exc.reason} at byte "

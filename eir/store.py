@@ -202,7 +202,11 @@ class Store:
         path = self.states / file_name
         self.states.mkdir(parents=True, exist_ok=True)
         temporary = path.with_name(f".{file_name}.{os.getpid()}.tmp")
-        write(temporary)
+        try:
+            write(temporary)
+        except BaseException:  # a full disk: leave no partial file behind
+            temporary.unlink(missing_ok=True)
+            raise
         _durable_replace(temporary, path)
         return file_name
 

@@ -165,20 +165,24 @@ def sync_directory(directory: Path, store: Store,
         _verify_manifest(manifest, manifest_bytes, digests)
 
     chosen, ignored = _newest_per_list(files)
-    with store.scratch() as scratch:
-        parsed: list[tuple[Path, list]] = []
-        problems: list[str] = []
-        for path in chosen:
-            try:
-                parsed.append((path, parse_all(path, display_name=path.name,
-                                               scratch=scratch)))
-            except ListError as exc:
-                problems.extend(exc.problems)
-        if problems:
-            raise SyncError(str(ListError(problems)))
-        updates = _updates(parsed, digests)
-        del parsed
-        return _apply(store, updates, ignored, scratch)
+    try:
+        with store.scratch() as scratch:
+            parsed: list[tuple[Path, list]] = []
+            problems: list[str] = []
+            for path in chosen:
+                try:
+                    parsed.append((path, parse_all(path, display_name=path.name,
+                                                   scratch=scratch)))
+                except ListError as exc:
+                    problems.extend(exc.problems)
+            if problems:
+                raise SyncError(str(ListError(problems)))
+            updates = _updates(parsed, digests)
+            del parsed
+            return _apply(store, updates, ignored, scratch)
+    except OSError as exc:
+        # A full disk (or a read error) before CURRENT switched: the version in force stays.
+        raise SyncError(f"cannot sync into {store.root}: {exc}") from None
 
 
 def _apply(store: Store, updates: dict[str, "_Update"], ignored: list[str],
@@ -242,6 +246,9 @@ def _apply(store: Store, updates: dict[str, "_Update"], ignored: list[str],
         except SnapshotError as exc:
             temporary.unlink(missing_ok=True)
             raise SyncError(str(exc)) from None
+        except BaseException:  # a full disk: leave no partial file behind
+            temporary.unlink(missing_ok=True)
+            raise
         store.publish_file(temporary, version)
     return SyncResult(version, True, _sources(states),
                       store.open_current().info.counts, ignored)
