@@ -53,10 +53,13 @@ def percentile(values: list[float], q: float) -> float:
 
 # -- drivers -------------------------------------------------------------------------------
 
-def replay(port: int, mix: Path, seconds: float, rate: float | None, core_prefix) -> dict:
-    """One `eir replay` run on one connection; its JSON report, trimmed to what we show."""
+def replay(port: int, mix: Path, seconds: float, rate: float | None, core_prefix,
+           connections: int = 1, processes: int = 1) -> dict:
+    """One `eir replay` run (one connection unless told); its JSON report, trimmed to what
+    we show."""
     command = core_prefix + [sys.executable, "-m", "eir", "replay", "--target",
-                             f"127.0.0.1:{port}", "--connections", "1", "--mix", str(mix),
+                             f"127.0.0.1:{port}", "--connections", str(connections),
+                             "--processes", str(processes), "--mix", str(mix),
                              "--duration", str(seconds), "--json"]
     if rate:
         command += ["--rate", f"{rate:.0f}"]
