@@ -151,6 +151,10 @@ def read_native_csv(path: Path | str, display_name: str | None = None,
         digest.update(content)
     problems: list[str] = []
     rules: list[Rule] = []
+    # The first row of each subject (IMEI, range or TAC, with its IMSI): a later row of the
+    # same subject with another status is a conflict the author must settle; across files
+    # the most severe status wins by design (blacklist files beside a whitelist).
+    first_of: dict[tuple, Rule] = {}
     header = None
     try:
         for where, row in csv_rows(text, name):
@@ -161,6 +165,13 @@ def read_native_csv(path: Path | str, display_name: str | None = None,
             else:
                 rule, row_problems = _rule(dict(zip(header, map(str.strip, row))), where)
                 if rule is not None:
+                    key = (rule.imei, rule.imei_range, rule.tac, rule.imsi)
+                    first = first_of.setdefault(key, rule)
+                    if first.status is not rule.status:
+                        problems.append(
+                            f"{where}: status: {rule.status.name.lower()} conflicts with "
+                            f"{first.status.name.lower()} for {rule.subject} at "
+                            f"{first.source} (one status per subject in a file)")
                     rules.append(rule)
                 problems.extend(row_problems)
     except CsvRowError as exc:

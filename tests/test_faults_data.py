@@ -246,18 +246,28 @@ def test_a_utf8_byte_order_mark_is_skipped(tmp_path):
     assert eir_ok("check", "--list", str(path), A).startswith("BLACKLISTED")
 
 
-@pytest.mark.parametrize("order", ["black first", "white first"])
-def test_conflicting_duplicate_rows_take_the_most_severe_status_whatever_their_order(
-        tmp_path, order):
-    """Conflicting duplicates are not refused: a registry's lists overlap by design (an IMEI
-    both notified and blacklisted), and eir.decision resolves them by severity (black over
-    grey over white) so that a conflict errs on blocking; the source says which row won."""
-    rows = [f"{A},blacklist,,stolen\n", f"{A},whitelist,,ok\n", f"{A},greylist,,watch\n"]
-    if order == "white first":
-        rows.reverse()
+def test_conflicting_duplicate_rows_in_one_file_are_refused_naming_both_lines(tmp_path):
+    """The same IMEI blacklisted, whitelisted and greylisted in one file: the author must
+    settle it; each later row is named with the row it conflicts with."""
+    rows = [f"{A},blacklist,,stolen\n", f"{A},whitelist,,ok\n", f"{A},greylist,,watch\n",
+            f"{A},blacklist,,again\n"]  # the same status again is no conflict
     path = tmp_path / "conflict.csv"
     path.write_bytes(HEADER + "".join(rows).encode())
-    verdict = json.loads(eir_ok("check", "--json", "--list", str(path), A))
-    assert json.dumps(verdict).count("BLACKLISTED") >= 1, verdict
-    line = 2 + rows.index(f"{A},blacklist,,stolen\n")
-    assert f"conflict.csv:{line}" in json.dumps(verdict), verdict
+    result = run_eir("check", "--list", str(path), A)
+    assert result.returncode != 0
+    assert f"conflict.csv:3: status: whitelisted conflicts with blacklisted for IMEI {A} at " \
+           f"{path}:2" in result.stderr, result.stderr
+    assert "conflict.csv:4: status: greylisted conflicts with blacklisted" in result.stderr
+    assert "conflict.csv:5" not in result.stderr
+
+
+def test_the_same_imei_in_two_files_takes_the_most_severe_status(tmp_path):
+    """Across files lists overlap by design (a blacklist beside a registry whitelist):
+    black wins over grey over white, and the source names the winning row."""
+    white, black = tmp_path / "white.csv", tmp_path / "black.csv"
+    white.write_bytes(HEADER + f"{A},whitelist,,registered\n".encode())
+    black.write_bytes(HEADER + f"{A},blacklist,,stolen\n".encode())
+    for files in ((white, black), (black, white)):
+        arguments = [item for path in files for item in ("--list", str(path))]
+        verdict = json.loads(eir_ok("check", "--json", *arguments, A))
+        assert verdict["status"] == "BLACKLISTED" and "black.csv:2" in verdict["source"]
