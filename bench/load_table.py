@@ -180,6 +180,15 @@ def update_readme(text: str, note: str) -> None:
     readme.write_text(content)
 
 
+def write_inputs(workload, work: Path) -> tuple[Path, Path]:
+    """The workload's list (bench.csv) and request mix (mix.csv, imei,imsi) in `work`."""
+    csv_path = workload.write_csv(work / "bench.csv")
+    mix = work / "mix.csv"
+    mix.write_text("imei,imsi\n" + "".join(f"{imei},{imsi}\n"
+                                           for imei, imsi in workload.probes))
+    return csv_path, mix
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1.5 s per run (CI smoke)")
@@ -195,10 +204,7 @@ def main(argv: list[str] | None = None) -> dict:
     workload = build_workload()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        csv_path = workload.write_csv(work / "bench.csv")
-        mix = work / "mix.csv"
-        mix.write_text("imei,imsi\n" + "".join(f"{imei},{imsi}\n"
-                                               for imei, imsi in workload.probes))
+        csv_path, mix = write_inputs(workload, work)
         extension = build_mme_sim(work / "mme-sim") if use_sim else None
         print(f"load table: {len(workload.rows):,} list rows, {len(workload.probes):,}-request "
               f"mix, {seconds} s per run, one connection; {pinned}", flush=True)

@@ -45,7 +45,7 @@ import hotpath  # first: it puts the checkout and tests/ on sys.path
 from e2e import cpu_seconds, pinning
 from helpers_process import start_eir, start_server  # from tests/
 from hotpath import OtherLoad, build_workload
-from load_table import build_mme_sim, mme_sim, replay
+from load_table import build_mme_sim, mme_sim, replay, write_inputs
 
 BENCH = Path(__file__).resolve().parent
 TARGETS = {  # issue 6; (figure, at least or at most)
@@ -362,10 +362,7 @@ def main() -> int:
     workload = build_workload()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        csv_path = workload.write_csv(work / "bench.csv")
-        mix = work / "mix.csv"
-        mix.write_text("imei,imsi\n" + "".join(f"{imei},{imsi}\n"
-                                               for imei, imsi in workload.probes))
+        csv_path, mix = write_inputs(workload, work)
         extension = build_mme_sim(work / "mme-sim") if use_sim else None
         print(f"issue-6 benchmark ({'quick' if args.quick else 'full'}): {len(workload.rows):,} "
               f"list rows, {len(workload.probes):,}-request mix, {seconds:g} s per load run; "
@@ -406,6 +403,11 @@ def main() -> int:
         figures.update(e2e_ecr_per_s_one_conn=e2e["e2e_ecr_per_s_one_conn"],
                        e2e_server_cpu_us_per_ecr=e2e["e2e_server_cpu_us_per_ecr"],
                        e2e_ratio_vs_python_diameter=e2e["ratio_vs_python_diameter_server"])
+    # N5g-eir beside S13: the same lists over one h2c connection (bench/sbi.py).
+    sbi = run_part("sbi.py", ["--quick"] if args.quick else [])
+    figures.update(sbi_req_per_s_one_conn=sbi["sbi_req_per_s_one_conn"],
+                   sbi_p99_ms=sbi["sbi_p99_ms"],
+                   sbi_server_us_per_request=sbi["sbi_server_us_per_request"])
     if memory is not None:
         figures.update(snapshot_entries=memory["entries"], snapshot_mb=memory["snapshot_mb"],
                        rss_mb_per_worker=memory["rss_mb_per_worker"],
@@ -428,6 +430,9 @@ def main() -> int:
           f"{figures['python_diameter_ecr_per_s']:,} ECR/s; hot path in-process "
           f"{figures['hotpath_ecr_per_s']:,} ECR/s")
     print(f"  whole machine: {machine['split']}")
+    print(f"  N5g-eir (HTTP/2, one connection): {figures['sbi_req_per_s_one_conn']:,} req/s, "
+          f"p99 {figures['sbi_p99_ms']} ms, {figures['sbi_server_us_per_request']} µs of "
+          f"server CPU per request (S13: see above)")
     print(f"  {hotpath.load_note(ours['best']['other_cpus'])} (one-connection maximum): a "
           "shared machine makes every figure here low and p99 high")
     if memory is not None:
