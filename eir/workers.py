@@ -50,6 +50,7 @@ MAX_MESSAGE_FDS = 1
 REPLY_TIMEOUT_SECONDS = 10.0
 READY_TIMEOUT_SECONDS = 120.0  # a worker loads the lists before it is ready
 OBSERVATIONS_PER_MESSAGE = 5000
+MESSAGES_PER_TURN = 16  # control messages handled per turn of the event loop
 
 
 class WorkerStartError(Exception):
@@ -157,7 +158,12 @@ class Channel:
         self._flush()
 
     def _readable(self) -> None:
-        while not self.closed:
+        # At most MESSAGES_PER_TURN per turn of the loop (the reader is level-triggered: the
+        # rest comes next turn): a burst of hand-overs (each a connection to set up) must not
+        # hold the loop while the worker's peers wait.
+        for _ in range(MESSAGES_PER_TURN):
+            if self.closed:
+                return
             try:
                 data, fds, _, _ = socket.recv_fds(self.sock, CHANNEL_BUFFER_BYTES,
                                                   MAX_MESSAGE_FDS)

@@ -7,6 +7,7 @@ Nothing here imports `eir`.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import struct
 import threading
@@ -119,3 +120,44 @@ class TimedMme(threading.Thread):
         return (f"{len(self.latencies)} ECRs, p50 {percentile(self.latencies, 0.5) * 1e3:.2f} "
                 f"ms, p99 {percentile(self.latencies, 0.99) * 1e3:.2f} ms, max "
                 f"{max(self.latencies) * 1e3:.2f} ms, Result-Codes {self.result_codes}")
+
+
+class MmeProcess:
+    """A TimedMme in a process of its own (fork): timed beside a test that keeps its own
+    process busy (thousands of connects and selects), whose GIL would otherwise stall the
+    MME's thread and show up as the server's latency. Same `latencies`, `result_codes` and
+    `summary()` after `stop()`."""
+
+    def __init__(self, address: tuple[str, int], interval: float = 0.004):
+        context = multiprocessing.get_context("fork")
+        self._stop = context.Event()
+        receiving, self._sending = context.Pipe(duplex=False)
+        self._receiving = receiving
+        self._process = context.Process(target=self._run, args=(address, interval),
+                                        daemon=True)
+        self.latencies: list[float] = []
+        self.result_codes: dict[int | None, int] = {}
+        self._summary = ""
+
+    def _run(self, address, interval) -> None:
+        mme = TimedMme(address, interval)
+        mme.start()
+        self._stop.wait()
+        try:
+            mme.stop()
+            self._sending.send((mme.latencies, mme.result_codes, mme.summary(), None))
+        except BaseException as exc:  # noqa: BLE001 - reported in the test's process
+            self._sending.send(([], {}, "", repr(exc)))
+
+    def start(self) -> None:
+        self._process.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        assert self._receiving.poll(30), "the MME process did not report"
+        self.latencies, self.result_codes, self._summary, error = self._receiving.recv()
+        self._process.join(10)
+        assert error is None, error
+
+    def summary(self) -> str:
+        return self._summary

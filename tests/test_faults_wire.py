@@ -4,8 +4,9 @@ connections trickling bytes beside a timed MME, a burst of ten thousand connecti
 CER repeated on an open connection, requests before CER.
 
 Counts are configurable: EIR_FAULT_SLOW_CONNECTIONS (default 1000), EIR_FAULT_SLOW_SECONDS
-(default 5), EIR_FAULT_BURST (default 10000). EIR_FAULT_CHECK_P99=1 also asserts the timed
-MME's p99 beside the slow connections (5 ms; printed with -s either way). Run as a script,
+(default 5), EIR_FAULT_BURST (default 10000). The timed MME's p99 beside the slow
+connections is asserted (5 ms; printed with -s); EIR_FAULT_CHECK_P99=0 only prints it, for a
+machine busy with other work. Run as a script,
 this file is the trickling client the slow-connection test starts on the other core (so that
 its work does not land on the timed MME's thread):
 `python tests/test_faults_wire.py HOST PORT COUNT SECONDS`.
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers_faults import TimedMme, fd_targets, open_sockets, percentile
+from helpers_faults import MmeProcess, TimedMme, fd_targets, open_sockets, percentile
 from helpers_ops import wait_until
 from helpers_wire import (assert_closed_by_server, cer, check_all, ecr, open_peer,
                           parse_answer, read_message)
@@ -41,10 +42,10 @@ BURST = int(os.environ.get("EIR_FAULT_BURST", "10000"))
 # Connections per source address, under the default max_connections_per_address (64).
 PER_SOURCE = 50
 # The latency target of docs/PRODUCTION.md, "Overload": another peer's p99 within 5 ms.
-# Printed always (pytest -s); asserted with EIR_FAULT_CHECK_P99=1 (other work on the machine
-# moves it: 3.6 to 6.1 ms over runs here).
+# Asserted unless EIR_FAULT_CHECK_P99=0 (measured here: 1.7-2.9 ms on a quiet machine, 3.6 to
+# 6.1 ms while other test and fuzz runs shared the cores).
 MME_P99_TARGET = 0.005
-CHECK_P99 = os.environ.get("EIR_FAULT_CHECK_P99") == "1"
+CHECK_P99 = os.environ.get("EIR_FAULT_CHECK_P99", "1") != "0"
 
 
 def source_address(index: int, per_source: int) -> str:
@@ -203,7 +204,7 @@ def test_slow_connections_trickling_bytes_leave_the_mme_fast_and_all_get_answers
     mme = None
     try:
         assert trickler.stdout.readline().strip() == "trickling"
-        mme = TimedMme(server.address)
+        mme = MmeProcess(server.address)  # this process is busy trickling
         mme.start()
         output, _ = trickler.communicate(timeout=SLOW_SECONDS + 60)
     finally:
@@ -217,7 +218,7 @@ def test_slow_connections_trickling_bytes_leave_the_mme_fast_and_all_get_answers
     assert report["answers"] == {str(SUCCESS): SLOW_CONNECTIONS, "other": 0}
     assert set(mme.result_codes) == {SUCCESS}
     assert len(mme.latencies) >= SLOW_SECONDS / 0.004 / 4
-    if CHECK_P99:  # a timed figure: on a shared 2-core machine it is noise-bound
+    if CHECK_P99:  # the target; EIR_FAULT_CHECK_P99=0 on a machine shared with other work
         assert percentile(mme.latencies, 0.99) <= MME_P99_TARGET, mme.summary()
 
 
@@ -276,7 +277,7 @@ def test_a_burst_of_connection_attempts_is_refused_beyond_the_limits_without_lea
     keeps being answered meanwhile, and the server's fds are back where they were after."""
     server = eir_server()  # workers ready before it listens
     before = warmed_up(server)
-    mme = TimedMme(server.address, interval=0.01)
+    mme = MmeProcess(server.address, interval=0.01)  # this process is busy connecting
     mme.start()
     sources = 16
     socks: list[tuple[str, socket.socket]] = []
