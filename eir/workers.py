@@ -51,6 +51,8 @@ REPLY_TIMEOUT_SECONDS = 10.0
 READY_TIMEOUT_SECONDS = 120.0  # a worker loads the lists before it is ready
 OBSERVATIONS_PER_MESSAGE = 5000
 MESSAGES_PER_TURN = 16  # control messages handled per turn of the event loop
+RESTART_DELAY_SECONDS = 1.0  # before restarting a worker that died within the window
+RESTART_DELAY_WINDOW = 10.0
 
 
 class WorkerStartError(Exception):
@@ -206,6 +208,7 @@ class Worker:
         self.connections = 0
         self.addresses: list[str] = []  # of its connections, as counted by the limits
         self.ready_event = asyncio.Event()
+        self.started_at = 0.0  # loop time of its latest start
 
     @property
     def name(self) -> str:
@@ -269,6 +272,7 @@ class Supervisor:
         worker.ready = False
         worker.ready_event.clear()
         worker.connections = 0
+        worker.started_at = loop.time()
         worker.channel = Channel(loop, control,
                                  lambda message, fds: self._on_message(worker, message, fds),
                                  lambda: self._on_exit(worker))
@@ -326,15 +330,30 @@ class Supervisor:
         worker.addresses.clear()
         worker.ready = False
         worker.ready_event.set()  # a start() waiting on it finds it not ready
-        code = worker.process.wait() if worker.process is not None else None
+        code = None
+        if worker.process is not None:
+            try:  # its channel closes as it exits: this is at most a moment
+                code = worker.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                worker.process.kill()
+                code = worker.process.wait()
         if self._stopping:
             log.info("%s stopped (exit %s)", worker.name, code)
             return
         if not self._started:
             return  # start() reports it
-        log.error("%s exited unexpectedly (exit %s): starting another", worker.name, code)
         self.restarts += 1
-        self._spawn(worker)
+        now = self.server.loop.time()
+        # One that dies again soon after its start waits a little before the next, so that
+        # a worker that cannot live does not spin the supervisor.
+        delay = RESTART_DELAY_SECONDS if now - worker.started_at < RESTART_DELAY_WINDOW else 0
+        log.error("%s exited unexpectedly (exit %s): starting another%s", worker.name, code,
+                  f" in {delay:g} s" if delay else "")
+        self.server.loop.call_later(delay, self._respawn, worker)
+
+    def _respawn(self, worker: Worker) -> None:
+        if not self._stopping:
+            self._spawn(worker)
 
     def hand_over(self, sock: socket.socket, address: str, transport: str) -> None:
         """Give an accepted connection to the ready worker with the fewest connections (kept
