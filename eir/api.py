@@ -40,6 +40,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from eir import __version__
 from eir.config import ConfigError, parse_local_listen
 from eir.imei import normalise_imei
+from eir.logs import untrusted
 from eir.observations import ObservationError, database_location, equipment_history
 from eir.store import Store, StoreError
 
@@ -227,8 +228,8 @@ def create_app(server, token: str) -> FastAPI:
         path = request.url.path
         # Probes come every few seconds from an orchestrator: logged only when debugging.
         level = logging.DEBUG if path in PROBE_PATHS else logging.INFO
-        log.log(level, "%s %s%s %d %.1f ms", request.method, path, query,
-                response.status_code, (time.perf_counter() - started) * 1e3)
+        log.log(level, "%s %s%s %d %.1f ms", untrusted(request.method), untrusted(path),
+                untrusted(query), response.status_code, (time.perf_counter() - started) * 1e3)
         return response
 
     secured = [Depends(authorised)]

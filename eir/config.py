@@ -201,10 +201,26 @@ class GrandfatheringSettings(_Strict):
     cutoff_date: date | None = None
 
 
+class LogRateLimitSettings(_Strict):
+    """Lines about a peer (eir.logs.LogRateLimit): at most `lines` of one kind (logger,
+    message, level) from one address per `interval_seconds`, then one line saying how many
+    were suppressed, so that no peer makes the EIR write much more than it sends."""
+
+    lines: int = Field(20, ge=0)  # 0: no limit
+    interval_seconds: float = Field(10.0, gt=0)
+    # (kind, address) pairs tracked at once; beyond, the lines of new pairs share one limit
+    max_keys: int = Field(1024, ge=1)
+
+
 class LoggingSettings(_Strict):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["text", "json"] = "text"  # json: one object per line (eir.logs)
     show_imsi: bool = False  # False: IMSIs in logs and audit masked, 00101******6789
+    # A value a peer chose (Origin-Host, Session-Id, IMEI, HTTP path...) is shown with its
+    # control characters escaped and cut past this many characters ("...[N more chars]").
+    max_value_chars: int = Field(256, ge=16)
+    max_message_chars: int = Field(4096, ge=256)  # a whole log message, cut likewise
+    rate_limit: LogRateLimitSettings = Field(default_factory=LogRateLimitSettings)
 
 
 # -- operations: metrics, admin API, audit (eir.metrics, eir.api, eir.logs) ------------------

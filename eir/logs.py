@@ -8,6 +8,18 @@ that follow "IMSI", "imsi=", "imsi:" or "User-Name" (00101******6789), whoever w
 message. The API token is never logged: the API's access log has no headers, and the
 settings keep the token as a SecretStr.
 
+Strings a peer chose (Origin-Host, Session-Id, IMEI, Error-Message texts, HTTP paths,
+User-Agent...) reach a log or audit line only through `untrusted()`: control characters
+(C0, DEL, C1, the Unicode line and paragraph separators, the bidirectional overrides) are
+shown escaped (\x1b, \n, \u202e) and the value is cut at `logging.max_value_chars` with a
+marker saying how many characters were cut, so a peer can neither forge a line nor colour
+a terminal, nor make one line long. Both formatters do the same to the whole message
+(cut at `logging.max_message_chars`) whoever wrote it; the text formatter indents the lines
+after the first of a multi-line message (a traceback), so no text can start a line of its
+own. Lines about a peer (logged with `extra={"peer": address}`) are rate-limited:
+`logging.rate_limit.lines` of one kind (logger, message template, level) from one address
+per `interval_seconds`, then one line saying how many were suppressed (`LogRateLimit`).
+
 Audit: with `audit.enabled`, a share (`audit.sample`, 1 = all) of the verdicts is written
 as JSON lines to `audit.path`: time, interface (s13, or n5g-eir: eir.sbi), the MME's
 Origin-Host (on n5g-eir: the AMF's User-Agent, else its address), IMEI, the IMSI (masked unless
@@ -32,7 +44,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO
 
-from eir.config import ConfigError
+from eir.config import ConfigError, LoggingSettings
 from eir.decision import Verdict
 
 log = logging.getLogger("eir.audit")
@@ -46,7 +58,69 @@ SUCCESS, EQUIPMENT_UNKNOWN = 2001, 5422
 # Digits that follow a word naming an IMSI: "IMSI 001010123456789", "imsi=0010...",
 # "imsi: '0010...'", "User-Name: '0010...'", '"imsi": "0010..."'.
 # A run already masked (digits then '*') is left alone, so that redacting twice is harmless.
-_IMSI_IN_TEXT = re.compile(r"(?i)((?:\bimsi|\buser-name)\W{0,5})(\d{5,})(?![\d*])")
+# Between the word and the digits, an escaped control character (untrusted(): \x1b, \n,
+# \u2028) counts as one non-word character, as it did before it was escaped.
+_IMSI_IN_TEXT = re.compile(
+    r"(?i)((?:\bimsi|\buser-name)(?:\\(?:x[0-9a-f]{2}|u[0-9a-f]{4}|[ntr])|\W){0,5})"
+    r"(\d{5,})(?![\d*])")
+
+
+# -- strings a peer chose ------------------------------------------------------------------
+
+_DEFAULTS = LoggingSettings()
+# Never shown as they are: C0 controls, DEL, C1 controls, the line and paragraph separators,
+# and the bidirectional formatting characters (a viewer would reorder the text around them).
+_CONTROL_CODES = [*range(0x20), *range(0x7F, 0xA0), 0x061C, 0x200E, 0x200F, 0x2028, 0x2029,
+                  *range(0x202A, 0x202F), *range(0x2066, 0x206A)]
+_NAMED = {0x09: "\\t", 0x0A: "\\n", 0x0D: "\\r"}
+_ESCAPES = {code: _NAMED.get(code, f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+            for code in _CONTROL_CODES}
+# For whole messages: a newline there is ours (a traceback, a list of errors), see _one_event.
+_ESCAPES_BUT_NEWLINE = {code: text for code, text in _ESCAPES.items() if code != 0x0A}
+_CONTROL = re.compile("[" + "".join(f"\\u{code:04x}" for code in _CONTROL_CODES) + "]")
+_CONTROL_BUT_NEWLINE = re.compile(
+    "[" + "".join(f"\\u{code:04x}" for code in _CONTROL_CODES if code != 0x0A) + "]")
+CONTINUATION = "\n  "  # how the text format starts the lines after a message's first
+
+_value_chars = _DEFAULTS.max_value_chars  # logging.max_value_chars, set by configure_logging
+
+
+def untrusted(value: object, limit: int | None = None) -> str:
+    """`value` (str, or bytes read as UTF-8) as a log or audit line may show it: control
+    characters escaped, at most `limit` characters (default: logging.max_value_chars) then
+    "...[N more chars]". Bytes that are not UTF-8 are shown as \\xNN."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        value = bytes(value).decode("utf-8", "backslashreplace")
+    elif not isinstance(value, str):
+        value = str(value)
+    return _shown(value, _value_chars if limit is None else limit, _ESCAPES, _CONTROL)
+
+
+def _shown(text: str, limit: int, escapes: dict[int, str], control: re.Pattern) -> str:
+    """`text` with `escapes` applied, cut to at most `limit` characters plus a marker."""
+    if len(text) <= limit and control.search(text) is None:
+        return text  # the common case: nothing to escape, nothing to cut
+    head = text[:limit].translate(escapes)
+    kept = min(len(text), limit)
+    if len(head) > limit:  # the escapes made it longer: keep whole characters up to limit
+        size = kept = 0
+        for char in text:
+            size += len(escapes.get(ord(char), char))
+            if size > limit:
+                break
+            kept += 1
+        head = text[:kept].translate(escapes)
+    cut = len(text) - kept
+    return f"{head}...[{cut} more chars]" if cut else head
+
+
+def _one_event(text: str) -> str:
+    """A formatted text record as one event: control characters escaped, and the lines
+    after the first (a traceback, a list of errors) indented, so that none of them can
+    pass for a record of its own."""
+    if _CONTROL.search(text) is None:
+        return text
+    return text.translate(_ESCAPES_BUT_NEWLINE).replace("\n", CONTINUATION)
 
 
 def mask_imsi(imsi: str) -> str:
@@ -63,33 +137,143 @@ def redact(text: str) -> str:
     return _IMSI_IN_TEXT.sub(lambda m: m.group(1) + mask_imsi(m.group(2)), text)
 
 
+def shown_message(record: logging.LogRecord, limit: int) -> str:
+    """The record's message with control characters but newlines escaped, cut at `limit`."""
+    return _shown(record.getMessage(), limit, _ESCAPES_BUT_NEWLINE, _CONTROL_BUT_NEWLINE)
+
+
 class TextFormatter(logging.Formatter):
-    def __init__(self, show_imsi: bool = False):
+    def __init__(self, show_imsi: bool = False,
+                 max_message_chars: int = _DEFAULTS.max_message_chars):
         super().__init__(TEXT_FORMAT)
         self.show_imsi = show_imsi
+        self.max_message_chars = max_message_chars
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
+        record.message = shown_message(record, self.max_message_chars)
+        return super().formatMessage(record)
 
     def format(self, record: logging.LogRecord) -> str:
-        text = super().format(record)
+        text = _one_event(super().format(record))
         return text if self.show_imsi else redact(text)
 
 
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: time (UTC, ISO 8601, ms), level, logger, message, and
-    exception (the formatted traceback) when there is one."""
+    exception (the formatted traceback) when there is one. The message is escaped and cut
+    as in the text format: JSON would escape C0 controls itself, but a reader that prints
+    the message would get them back, and C1 and bidirectional characters as well."""
 
-    def __init__(self, show_imsi: bool = False):
+    def __init__(self, show_imsi: bool = False,
+                 max_message_chars: int = _DEFAULTS.max_message_chars):
         super().__init__()
         self.show_imsi = show_imsi
+        self.max_message_chars = max_message_chars
 
     def format(self, record: logging.LogRecord) -> str:
         document = {"time": _iso_time(record.created), "level": record.levelname,
-                    "logger": record.name, "message": record.getMessage()}
+                    "logger": record.name,
+                    "message": shown_message(record, self.max_message_chars)}
+        exception = record.exc_text
         if record.exc_info:
-            document["exception"] = self.formatException(record.exc_info)
-        elif record.exc_text:
-            document["exception"] = record.exc_text
+            exception = self.formatException(record.exc_info)
+        if exception:
+            document["exception"] = exception.translate(_ESCAPES_BUT_NEWLINE)
         text = json.dumps(document, ensure_ascii=False)
         return text if self.show_imsi else redact(text)
+
+
+class LogRateLimit:
+    """Sans-IO: at most `lines` log lines per `interval` seconds for each key (what kind of
+    line, from which peer address); what is beyond is suppressed and counted. At most
+    `max_keys` keys are tracked: the lines of a key that does not fit share one key
+    (`OTHER_PEERS`), so that a peer changing addresses cannot grow the table.
+
+    `admit(key, now)` says whether to write the line; `reports` collects (key, suppressed,
+    first suppressed line) for each window that ended with lines suppressed, to be written
+    by the caller. A window's report waits for the next line admitted or refused after its
+    end (any line: `admit(None, now)` just sweeps)."""
+
+    OTHER_PEERS = ("other peers",)
+
+    def __init__(self, lines: int, interval: float, max_keys: int):
+        self.lines = lines
+        self.interval = interval
+        self.max_keys = max_keys
+        self.reports: list[tuple[tuple, int, str]] = []
+        # key → [window start, lines written, lines suppressed, first suppressed line]
+        self._windows: dict[tuple, list] = {}
+        self._next_sweep = float("-inf")
+
+    def admit(self, key: tuple | None, now: float, line=None) -> bool:
+        """Whether a line of `key` may be written now. `line()` gives the text a report
+        quotes; called only for the first line suppressed in a window."""
+        if now >= self._next_sweep:
+            self._sweep(now)
+        if key is None:
+            return True
+        windows = self._windows
+        window = windows.get(key)
+        if window is None:
+            if len(windows) >= self.max_keys:
+                key = self.OTHER_PEERS
+                window = windows.get(key)
+            if window is None:
+                window = windows[key] = [now, 0, 0, ""]
+        elif now - window[0] >= self.interval:
+            self._report(key, window)
+            window[:] = [now, 0, 0, ""]
+        if window[1] < self.lines:
+            window[1] += 1
+            return True
+        if not window[2] and line is not None:
+            window[3] = line()
+        window[2] += 1
+        return False
+
+    def _sweep(self, now: float) -> None:
+        """Report and forget the windows that ended (at most once per interval)."""
+        self._next_sweep = now + self.interval
+        ended = [key for key, window in self._windows.items()
+                 if now - window[0] >= self.interval]
+        for key in ended:
+            self._report(key, self._windows.pop(key))
+
+    def _report(self, key: tuple, window: list) -> None:
+        if window[2]:
+            self.reports.append((key, window[2], window[3]))
+
+
+class RateLimitFilter(logging.Filter):
+    """The handler's filter that applies LogRateLimit to lines about a peer (those logged
+    with `extra={"peer": address}`), keyed by (address, logger, message template, level).
+    Lines without a peer pass, and flush the reports due."""
+
+    def __init__(self, handler: logging.Handler, limit: LogRateLimit):
+        super().__init__()
+        self.handler = handler
+        self.limit = limit
+        self._lock = threading.Lock()  # lines come from the event loop and from threads
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        peer = getattr(record, "peer", None)
+        key = None if peer is None else (peer, record.name, record.msg, record.levelno)
+        with self._lock:
+            admitted = self.limit.admit(key, time.monotonic(), record.getMessage)
+            reports, self.limit.reports = self.limit.reports, []
+        for key, suppressed, first in reports:
+            self.handler.handle(self._report(key, suppressed, first))
+        return admitted
+
+    def _report(self, key: tuple, suppressed: int, first: str) -> logging.LogRecord:
+        if key == LogRateLimit.OTHER_PEERS:
+            peer, name, level = "other peers", "eir.logs", logging.WARNING
+        else:
+            peer, name, _, level = key
+        return logging.LogRecord(
+            name, level, __file__, 0,
+            "%s: %d similar line(s) suppressed in %g s (logging.rate_limit), the first: %s",
+            (untrusted(peer), suppressed, self.limit.interval, untrusted(first)), None)
 
 
 def _iso_time(seconds: float) -> str:
@@ -99,11 +283,18 @@ def _iso_time(seconds: float) -> str:
 
 def configure_logging(settings, stream: IO[str] | None = None) -> None:
     """Root logging as `settings` (eir.config.LoggingSettings) says: level, text or JSON,
-    IMSIs masked unless show_imsi. Replaces handlers set before (uvicorn's loggers
-    propagate to it: eir.api starts uvicorn without a log config of its own)."""
+    IMSIs masked unless show_imsi, peer values and messages cut, lines about a peer
+    rate-limited. Replaces handlers set before (uvicorn's loggers propagate to it: eir.api
+    starts uvicorn without a log config of its own)."""
+    global _value_chars
+    _value_chars = settings.max_value_chars
     handler = logging.StreamHandler(stream or sys.stderr)
     formatter_class = JsonFormatter if settings.format == "json" else TextFormatter
-    handler.setFormatter(formatter_class(show_imsi=settings.show_imsi))
+    handler.setFormatter(formatter_class(settings.show_imsi, settings.max_message_chars))
+    rate = settings.rate_limit
+    if rate.lines > 0:
+        handler.addFilter(RateLimitFilter(handler, LogRateLimit(
+            rate.lines, rate.interval_seconds, rate.max_keys)))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
@@ -198,8 +389,7 @@ class AuditLog:
             reason = redact(reason).replace(imsi, shown_imsi)
         return json.dumps({
             "time": _iso_time(when), "interface": interface,
-            "origin_host": origin_host.decode("utf-8", "replace"),
-            "imei": imei, "imsi": shown_imsi,
+            "origin_host": untrusted(origin_host), "imei": untrusted(imei), "imsi": shown_imsi,
             "status": verdict.status_name,
             "result_code": SUCCESS if status is not None else EQUIPMENT_UNKNOWN,
             "match": verdict.match.value, "reason": reason, "source": verdict.source,

@@ -53,7 +53,7 @@ from h2.settings import SettingCodes, Settings
 from eir.config import parse_host_port
 from eir.decision import EquipmentStatus, today
 from eir.imei import IMEI_KEY_LENGTH
-from eir.logs import audit_log
+from eir.logs import audit_log, untrusted
 from eir.security import server_tls_context
 
 log = logging.getLogger("eir.sbi")
@@ -200,7 +200,8 @@ class EquipmentIdentityCheck:
             imei, software_version = parse_pei(parameters.get("pei"))
             imsi = parse_supi(parameters.get("supi"))
         except QueryError as exc:
-            log.info("%s: answering 400 %s: %s", client.decode("latin-1"), exc.cause, exc)
+            log.info("%s: answering 400 %s: %s", untrusted(client), exc.cause, untrusted(exc),
+                     extra={"peer": client})
             return Answer.of(400, PROBLEM_JSON, problem(400, "Bad Request", str(exc),
                                                         exc.cause, (exc.param, exc.reason)))
         server = self.server
@@ -225,6 +226,7 @@ class SbiConnection(asyncio.Protocol):
         self.h2 = H2Connection(service.h2_config)
         self.transport: asyncio.Transport | None = None
         self.remote = UNKNOWN_CLIENT
+        self.log_extra = {"peer": "?"}  # lines name the address: eir.logs rate-limits by it
         self.pending: dict[int, list] = {}  # stream → request headers, until its end
         self.blocked: dict[int, bytes] = {}  # stream → body waiting for flow-control window
 
@@ -232,9 +234,10 @@ class SbiConnection(asyncio.Protocol):
         counters = self.service.counters
         peer = transport.get_extra_info("peername")
         remote = _format_address(peer)
+        self.log_extra = {"peer": peer[0] if peer else "?"}
         if counters.connections >= self.service.max_connections:
             log.warning("%s: N5g-eir connection refused: %d connections already open",
-                        remote, counters.connections)
+                        remote, counters.connections, extra=self.log_extra)
             transport.abort()
             return
         counters.connections += 1
@@ -253,7 +256,8 @@ class SbiConnection(asyncio.Protocol):
             events = h2.receive_data(data)
         except ProtocolError as exc:  # h2 has queued a GOAWAY saying so
             log.info("%s: closing the N5g-eir connection: HTTP/2 protocol error: %s",
-                     self.remote.decode(), exc or type(exc).__name__)
+                     self.remote.decode(), untrusted(exc or type(exc).__name__),
+                     extra=self.log_extra)
             self._write()
             self.transport.close()
             return

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from eir.config import ConfigError
+from eir.logs import untrusted
 
 log = logging.getLogger("eir.security")
 
@@ -160,7 +161,8 @@ class TlsAcceptor(asyncio.Protocol):
         self._remote = format_address(peername)
         refusal = self._admit(self._address)
         if refusal is not None:
-            log.warning("%s: connection refused: %s", self._remote, refusal)
+            log.warning("%s: connection refused: %s", self._remote, refusal,
+                        extra={"peer": self._address})
             transport.abort()
             return
         transport.pause_reading()  # the handshake reads first, in start_tls
@@ -174,7 +176,7 @@ class TlsAcceptor(asyncio.Protocol):
                 ssl_handshake_timeout=self._handshake_timeout)
         except (OSError, ssl.SSLError, ConnectionError, asyncio.TimeoutError) as exc:
             log.warning("%s: TLS handshake refused: %s", self._remote,
-                        _handshake_failure(exc))
+                        untrusted(_handshake_failure(exc)), extra={"peer": self._address})
             transport.abort()
             self._release(self._address)
             return
@@ -183,7 +185,8 @@ class TlsAcceptor(asyncio.Protocol):
             self._release(self._address)
             raise
         if tls_transport is None:  # the connection was lost as the handshake completed
-            log.info("%s: connection closed during the TLS handshake", self._remote)
+            log.info("%s: connection closed during the TLS handshake", self._remote,
+                     extra={"peer": self._address})
             self._release(self._address)
             return
         inner = self._protocol_factory(self._address)  # counted already: admitted

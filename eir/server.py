@@ -85,6 +85,8 @@ class DiameterProtocol(asyncio.BufferedProtocol):
         self.peer: PeerConnection | None = None
         self.transport: asyncio.Transport | None = None
         self.remote = "?"
+        # Lines about this connection name its address (eir.logs rate-limits them by it).
+        self.log_extra = {"peer": "?"}
         self._timer: asyncio.TimerHandle | None = None
         self._timer_when = 0.0
         # The source address counted against the connection limits (a TLS connection is
@@ -105,10 +107,12 @@ class DiameterProtocol(asyncio.BufferedProtocol):
         local_ip = _plain_ip(local[0]) if local else None
         server = self.server
         remote_ip = remote[0] if remote else ""
+        self.log_extra = {"peer": remote_ip}
         if self._admitted is None:
             refusal = server.connection_limits.admit(remote_ip)
             if refusal is not None:
-                log.warning("%s: connection refused: %s", self.remote, refusal)
+                log.warning("%s: connection refused: %s", self.remote, refusal,
+                            extra=self.log_extra)
                 transport.abort()
                 return
             self._admitted = remote_ip
@@ -125,7 +129,7 @@ class DiameterProtocol(asyncio.BufferedProtocol):
             certificate_names=names, duplicates=server.duplicates,
             admission=server.admission)
         server.connections.add(self)
-        log.info("connection from %s", self.remote)
+        log.info("connection from %s", self.remote, extra=self.log_extra)
         self._schedule()
 
     def get_buffer(self, sizehint: int) -> memoryview:
@@ -246,7 +250,7 @@ class DiameterProtocol(asyncio.BufferedProtocol):
 
     def _log_events(self) -> None:
         for level, message in self.peer.events:
-            log.log(level, "%s: %s", self.remote, message)
+            log.log(level, "%s: %s", self.remote, message, extra=self.log_extra)
         self.peer.events.clear()
 
 
@@ -436,7 +440,8 @@ class EirServer:
                 return
             refusal = limits.admit(address[0])
             if refusal is not None:
-                log.warning("%s: connection refused: %s", _format_address(address), refusal)
+                log.warning("%s: connection refused: %s", _format_address(address), refusal,
+                            extra={"peer": address[0]})
                 sock.close()
                 continue
             self.supervisor.hand_over(sock, address[0], transport)

@@ -33,6 +33,7 @@ from eir.diameter.constants import (APPLICATION_COMMON, APPLICATION_RELAY,
                                     FLAG_ERROR, FLAG_PROXIABLE, FLAG_REQUEST, FLAG_RETRANSMIT,
                                     DisconnectCause, ResultCode)
 from eir.diameter.dictionary import AvpError, AvpIndex, CommandDef, Dictionary
+from eir.logs import untrusted
 
 if TYPE_CHECKING:
     from eir.diameter.duplicates import DuplicateCache
@@ -232,7 +233,7 @@ class PeerConnection:
         elif self.state is PeerState.OPEN:
             idle = self.timers.idle_timeout
             if idle is not None and now >= self._last_request + idle and not self._queue:
-                self.events.append((logging.INFO, f"{self.peer_host}: no request for "
+                self.events.append((logging.INFO, f"{untrusted(self.peer_host)}: no request for "
                                     f"{idle:g} s: disconnecting an idle connection"))
                 return self.disconnect(now, DisconnectCause.DO_NOT_WANT_TO_TALK_TO_YOU)
             sent = self._watchdog_sent_at
@@ -275,7 +276,8 @@ class PeerConnection:
             return b"".join(answers)
         self.state = PeerState.CLOSING
         self._disconnect_sent_at = now
-        self.events.append((logging.INFO, f"sending DPR ({cause.name}) to {self.peer_host}"))
+        self.events.append((logging.INFO, f"sending DPR ({cause.name}) to "
+                                          f"{untrusted(self.peer_host)}"))
         answers.append(self._request(COMMAND_DISCONNECT_PEER,
                                      self.dictionary.encode("Disconnect-Cause", int(cause))))
         return b"".join(answers)
@@ -293,7 +295,7 @@ class PeerConnection:
     def _close(self, reason: str, level: int) -> None:
         self.state = PeerState.CLOSED
         self.closed_reason = reason
-        who = self.peer_host or "peer (before CER)"
+        who = untrusted(self.peer_host) if self.peer_host else "peer (before CER)"
         self.events.append((level, f"{who}: {reason}"))
         if self._queue:  # never to be answered: the connection is going away
             self.admission.queued_total -= len(self._queue)
@@ -349,9 +351,9 @@ class PeerConnection:
         if not self.reading and len(queue) <= admission.max_queued_per_connection // 2:
             self.reading = True
         if not queue and self._refused_in_episode:
-            self.events.append((logging.INFO, f"{self.peer_host}: no longer overloaded; "
-                                f"{self._refused_in_episode} request(s) were answered 3004 "
-                                "DIAMETER_TOO_BUSY"))
+            self.events.append((logging.INFO, f"{untrusted(self.peer_host)}: no longer "
+                                f"overloaded; {self._refused_in_episode} request(s) were "
+                                "answered 3004 DIAMETER_TOO_BUSY"))
             self._refused_in_episode = 0
         return b"".join(out)
 
@@ -378,7 +380,7 @@ class PeerConnection:
         if self.counters is not None:  # a request received, though never handled
             self.counters.request(int.from_bytes(raw[5:8], "big"))
         if not self._refused_in_episode:
-            self.events.append((logging.WARNING, f"{self.peer_host}: overloaded: "
+            self.events.append((logging.WARNING, f"{untrusted(self.peer_host)}: overloaded: "
                                 f"{len(self._queue)} request(s) queued on this connection, "
                                 f"{self.admission.queued_total} on all: answering 3004 "
                                 "DIAMETER_TOO_BUSY to more"))
@@ -468,8 +470,8 @@ class PeerConnection:
                 if header.flags & FLAG_RETRANSMIT:
                     answer = duplicates.answer_for(key, raw, now)
                     if answer is not None:
-                        self.events.append((logging.INFO, f"{self.peer_host}: duplicate "
-                                            f"request (T flag, end-to-end id "
+                        self.events.append((logging.INFO, f"{untrusted(self.peer_host)}: "
+                                            "duplicate request (T flag, end-to-end id "
                                             f"{header.end_to_end:#010x}): answered as before"))
                         return answer
             session_id = found["Session-Id"][0] if "Session-Id" in found else None
@@ -478,8 +480,8 @@ class PeerConnection:
             except AvpError as error:  # the application's own checks of AVP values
                 return self._avp_error(header, handler, session_id, error)
             except Exception as exc:  # noqa: BLE001 - one request must not cost the link
-                self.events.append((logging.ERROR, f"{self.peer_host}: answering 5012 "
-                                    f"UNABLE_TO_COMPLY: {type(exc).__name__}: {exc}"))
+                self.events.append((logging.ERROR, f"{untrusted(self.peer_host)}: answering 5012 "
+                                    f"UNABLE_TO_COMPLY: {type(exc).__name__}: {untrusted(exc)}"))
                 return handler.error_answer(header, session_id, AvpError(
                     ResultCode.UNABLE_TO_COMPLY, None, "internal error"))
             if duplicates is not None:
@@ -502,7 +504,7 @@ class PeerConnection:
             if header.code == COMMAND_DISCONNECT_PEER and self.state is PeerState.CLOSING:
                 self._close("DPA received", logging.INFO)
             elif header.code == COMMAND_DEVICE_WATCHDOG:
-                self.events.append((logging.DEBUG, f"{self.peer_host}: DWA received"))
+                self.events.append((logging.DEBUG, f"{untrusted(self.peer_host)}: DWA received"))
 
     def _answer(self, header: Header, code: ResultCode, extra: bytes = b"") -> bytes:
         if self.counters is not None:
@@ -517,20 +519,21 @@ class PeerConnection:
             session_id = _session_id(decode_avps(raw, 20, len(raw)))
         except AvpLengthError as exc:
             session_id = _session_id(exc.decoded)
-        self.events.append((logging.INFO, f"{self.peer_host}: answering {code.value} "
+        self.events.append((logging.INFO, f"{untrusted(self.peer_host)}: answering {code.value} "
                             f"{code.name}: {text}"))
         return self.answers.error(header, session_id, code, text=text)
 
     def _avp_error(self, header: Header, handler: Application | None, session_id: Avp | None,
                    error: AvpError) -> bytes:
-        self.events.append((logging.INFO, f"{self.peer_host}: answering "
-                            f"{error.result_code.value} {error.result_code.name}: {error.text}"))
+        self.events.append((logging.INFO, f"{untrusted(self.peer_host)}: answering "
+                            f"{error.result_code.value} {error.result_code.name}: "
+                            f"{untrusted(error.text)}"))
         if handler is not None:
             return handler.error_answer(header, session_id, error)
         if header.code == COMMAND_CAPABILITIES_EXCHANGE:
             answer = self._capabilities_answer(header, error.result_code, error.failed_avp,
                                                error.text)
-            self._close(f"CER refused with {error.result_code.value}: {error.text}",
+            self._close(f"CER refused with {error.result_code.value}: {untrusted(error.text)}",
                         logging.WARNING)
             return answer
         return self.answers.error(header, session_id, error.result_code, error.failed_avp,
@@ -545,7 +548,7 @@ class PeerConnection:
             answer = self._capabilities_answer(header, ResultCode.UNKNOWN_PEER,
                                                text="unknown peer")
             self.peer_host = host
-            self._close(f"CER refused with 3010 DIAMETER_UNKNOWN_PEER: {refusal}",
+            self._close(f"CER refused with 3010 DIAMETER_UNKNOWN_PEER: {untrusted(refusal)}",
                         logging.WARNING)
             return answer
         advertised = set()
@@ -566,15 +569,18 @@ class PeerConnection:
             return answer
         if self.state is PeerState.CLOSING:
             # Our DPR is out: reopening now would forget the disconnect we asked for.
-            self.events.append((logging.INFO, f"{host}: CER while we are disconnecting"))
+            self.events.append((logging.INFO,
+                                f"{untrusted(host)}: CER while we are disconnecting"))
             return self._capabilities_answer(header, ResultCode.UNABLE_TO_COMPLY,
                                              text="disconnecting")
         if self.state is PeerState.OPEN:
-            self.events.append((logging.INFO, f"{host}: CER repeated on an open connection"))
+            self.events.append((logging.INFO,
+                                f"{untrusted(host)}: CER repeated on an open connection"))
         self.peer_host, self.peer_realm = host, realm
         self.state = PeerState.OPEN
         self._last_request = self._last_received  # the idle time counts from here
-        self.events.append((logging.INFO, f"peer {host} (realm {realm}) is open"))
+        self.events.append((logging.INFO,
+                            f"peer {untrusted(host)} (realm {untrusted(realm)}) is open"))
         return self._capabilities_answer(header, ResultCode.SUCCESS)
 
     def _identity_refusal(self, host: str, realm: str) -> str | None:
