@@ -189,10 +189,10 @@ class LogRateLimit:
     `max_keys` keys are tracked: the lines of a key that does not fit share one key
     (`OTHER_PEERS`), so that a peer changing addresses cannot grow the table.
 
-    `admit(key, now)` says whether to write the line; `reports` collects (key, suppressed,
-    first suppressed line) for each window that ended with lines suppressed, to be written
-    by the caller. A window's report waits for the next line admitted or refused after its
-    end (any line: `admit(None, now)` just sweeps)."""
+    `admit(key, now)` says whether to write the line. Each window that ended with lines
+    suppressed adds (key, suppressed, first suppressed line) to `reports`, for the caller to
+    write: at the key's next line, or at a `sweep(now)` (one at least every interval while
+    `suppressing`)."""
 
     OTHER_PEERS = ("other peers",)
 
@@ -205,13 +205,11 @@ class LogRateLimit:
         self._windows: dict[tuple, list] = {}
         self._next_sweep = float("-inf")
 
-    def admit(self, key: tuple | None, now: float, line=None) -> bool:
+    def admit(self, key: tuple, now: float, line=None) -> bool:
         """Whether a line of `key` may be written now. `line()` gives the text a report
         quotes; called only for the first line suppressed in a window."""
         if now >= self._next_sweep:
-            self._sweep(now)
-        if key is None:
-            return True
+            self.sweep(now)
         windows = self._windows
         window = windows.get(key)
         if window is None:
@@ -231,8 +229,13 @@ class LogRateLimit:
         window[2] += 1
         return False
 
-    def _sweep(self, now: float) -> None:
-        """Report and forget the windows that ended (at most once per interval)."""
+    @property
+    def suppressing(self) -> bool:
+        """Some window has suppressed lines not reported yet."""
+        return any(window[2] for window in self._windows.values())
+
+    def sweep(self, now: float) -> None:
+        """Report and forget the windows that ended."""
         self._next_sweep = now + self.interval
         ended = [key for key, window in self._windows.items()
                  if now - window[0] >= self.interval]
@@ -247,33 +250,55 @@ class LogRateLimit:
 class RateLimitFilter(logging.Filter):
     """The handler's filter that applies LogRateLimit to lines about a peer (those logged
     with `extra={"peer": address}`), keyed by (address, logger, message template, level).
-    Lines without a peer pass, and flush the reports due."""
+    Lines without a peer pass. While lines are suppressed, a thread sweeps every interval,
+    so that the count of a flood that stopped is written without waiting for a next line."""
 
     def __init__(self, handler: logging.Handler, limit: LogRateLimit):
         super().__init__()
         self.handler = handler
         self.limit = limit
         self._lock = threading.Lock()  # lines come from the event loop and from threads
+        self._sweeper: threading.Thread | None = None
 
     def filter(self, record: logging.LogRecord) -> bool:
         peer = getattr(record, "peer", None)
-        key = None if peer is None else (peer, record.name, record.msg, record.levelno)
+        if peer is None:
+            return True
+        limit = self.limit
         with self._lock:
-            admitted = self.limit.admit(key, time.monotonic(), record.getMessage)
-            reports, self.limit.reports = self.limit.reports, []
-        for key, suppressed, first in reports:
-            self.handler.handle(self._report(key, suppressed, first))
+            admitted = limit.admit((peer, record.name, record.msg, record.levelno),
+                                   time.monotonic(), record.getMessage)
+            reports, limit.reports = limit.reports, []
+            if not admitted and self._sweeper is None:
+                self._sweeper = threading.Thread(target=self._sweep_while_suppressing,
+                                                 name="log-rate-limit", daemon=True)
+                self._sweeper.start()
+        self._write(reports)
         return admitted
 
-    def _report(self, key: tuple, suppressed: int, first: str) -> logging.LogRecord:
-        if key == LogRateLimit.OTHER_PEERS:
-            peer, name, level = "other peers", "eir.logs", logging.WARNING
-        else:
-            peer, name, _, level = key
-        return logging.LogRecord(
-            name, level, __file__, 0,
-            "%s: %d similar line(s) suppressed in %g s (logging.rate_limit), the first: %s",
-            (untrusted(peer), suppressed, self.limit.interval, untrusted(first)), None)
+    def _sweep_while_suppressing(self) -> None:
+        limit = self.limit
+        while True:
+            time.sleep(limit.interval)
+            with self._lock:
+                limit.sweep(time.monotonic())
+                reports, limit.reports = limit.reports, []
+                if not limit.suppressing:
+                    self._sweeper = None
+            self._write(reports)
+            if self._sweeper is None:
+                return
+
+    def _write(self, reports: list[tuple[tuple, int, str]]) -> None:
+        for key, suppressed, first in reports:
+            if key == LogRateLimit.OTHER_PEERS:
+                peer, name, level = "other peers", "eir.logs", logging.WARNING
+            else:
+                peer, name, _, level = key
+            self.handler.handle(logging.LogRecord(
+                name, level, __file__, 0, "%s: %d similar line(s) suppressed in %g s "
+                "(logging.rate_limit), the first: %s",
+                (untrusted(peer), suppressed, self.limit.interval, untrusted(first)), None))
 
 
 def _iso_time(seconds: float) -> str:

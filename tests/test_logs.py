@@ -9,14 +9,19 @@ import logging
 import os
 import random
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import httpx
+import pytest
 from helpers_ops import API_LINE, TOKEN, authorised, endpoint, wait_until
 from helpers_process import EXAMPLE_LIST, ROOT, LoggedProcess, run_eir
-from helpers_wire import ecr, open_peer, parse_answer, read_message
+from helpers_wire import (ConnectionClosed, cer, ecr, open_peer, parse_answer,
+                          read_message)
+from scapy.all import raw
+from scapy.contrib.diameter import AVP, DiamG
 
 from eir.decision import EquipmentStatus, Match, Verdict
 from eir.logs import AuditLog, JsonFormatter, TextFormatter, mask_imsi, redact
@@ -221,3 +226,139 @@ def test_repository_config_documents_the_operations_keys():
     for key in ("metrics:", "api:", "audit:", "format: text", "show_imsi: false",
                 "clone_threshold: 2"):
         assert key in text, key
+
+
+# -- strings a peer chose, and how much a peer can make us write ------------------------------
+
+FORGED = "2026-01-01 00:00:00,000 CRITICAL eir.server: FORGED"
+# A forged line, then what a terminal or a viewer would obey: escape sequences, a carriage
+# return, C1 NEL, the Unicode line separator, a right-to-left override.
+HOSTILE = "\n" + FORGED + "\x1b[2J\r\x85\u2028\u202e"
+UNSHOWABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+TEXT_RECORD = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ eir[.\w]*: ")
+# 4 labels of 63 characters: the longest FQDN (RFC 1035), so a valid DiameterIdentity.
+LONGEST_HOST = ".".join(["a" * 62 + str(n) for n in range(4)])
+
+
+def _application_unsupported(number: int) -> bytes:
+    """A bare 20-byte request of an application we do not serve: answered 3007 and logged."""
+    return bytes([1, 0, 0, 20, 0x80, 0, 1, 0x44]) + (999).to_bytes(4, "big") + \
+        number.to_bytes(4, "big") * 2
+
+
+def _cer_without_realm(host: str) -> bytes:
+    return raw(DiamG(drFlags=0x80, drCode=257, drAppId=0, drHbHId=1, drEtEId=1,
+                     avpList=[AVP("Origin-Host", val=host)]))
+
+
+def _send_hostile_strings(address: tuple[str, int]) -> None:
+    """A CER whose Origin-Host and Origin-Realm hold HOSTILE (answered whatever way), then,
+    on an open connection, an ECR whose Session-Id and IMEI hold it (answered 5004)."""
+    with socket.create_connection(address, timeout=5) as sock:
+        sock.sendall(cer(host="mme.test" + HOSTILE, realm="test" + HOSTILE)
+                     + _application_unsupported(1))
+        try:  # 2001 then 3007 where the Origin-Host passes, a refusal and a close where not
+            read_message(sock), read_message(sock)
+        except ConnectionClosed:
+            pass
+    with open_peer(address) as sock:
+        sock.sendall(ecr("3520990017614" + HOSTILE, None, session_id="mme.test;1" + HOSTILE))
+        assert parse_answer(read_message(sock)).result_code == 5004
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_peer_strings_cannot_forge_log_lines(eir_server, tmp_path, log_format):
+    """Whatever a peer puts in Origin-Host, Origin-Realm, Session-Id or IMEI, every line the
+    server writes is one record of its own, with no control character in it: the peer's
+    newline, escape sequences and bidirectional overrides are shown escaped."""
+    if log_format == "json":
+        server, port = start_json_server(tmp_path)
+        address = ("127.0.0.1", port)
+    else:
+        server = eir_server()
+        address = server.address
+    try:
+        _send_hostile_strings(address)
+        server.wait_for_line(r"5004")
+        assert server.stop() == 0
+    finally:
+        server.kill()
+    log = server.log()
+    if log_format == "json":
+        texts = [json.loads(line)["message"] for line in server.lines]
+    else:
+        assert all(TEXT_RECORD.match(line) for line in server.lines), log
+        texts = server.lines
+    assert not any(UNSHOWABLE.search(text) for text in texts), log
+    shown = [text for text in texts if "FORGED" in text]  # shown escaped, not dropped
+    assert shown and all("\\n2026-01-01" in text and "\\x1b[2J" in text and "\\u202e" in text
+                         for text in shown), shown
+
+
+def _log_flood(address: tuple[str, int], host: str, requests: int) -> int:
+    """What a hostile peer sends to make the server log: connection churn (connections that
+    say nothing, CERs, CERs refused), ECRs with long bad IMEIs (their error quotes the value),
+    and `requests` bare requests that are each answered 3007, on a connection opened with a
+    long Origin-Host that each of their log lines would repeat. The bytes sent."""
+    sent = 0
+    for number in range(50):
+        socket.create_connection(address, timeout=5).close()
+        with socket.create_connection(address, timeout=5) as sock:
+            request = cer(host=host) if number % 2 else _cer_without_realm(host)  # 5005
+            sock.sendall(request)
+            sent += len(request)
+            read_message(sock)
+    with socket.create_connection(address, timeout=5) as sock:
+        request = cer(host=host)
+        sock.sendall(request)
+        sent += len(request)
+        assert parse_answer(read_message(sock)).result_code == 2001
+        for number in range(50):
+            request = ecr("1" * 2000, None, hop_by_hop=number, end_to_end=number)
+            sock.sendall(request)
+            sent += len(request)
+            assert parse_answer(read_message(sock)).result_code == 5004
+        batch = 250
+        for start in range(0, requests, batch):
+            data = b"".join(_application_unsupported(start + n) for n in range(batch))
+            sock.sendall(data)
+            sent += len(data)
+            for _ in range(batch):
+                read_message(sock)
+    return sent
+
+
+def test_log_bytes_per_request_byte_stay_below_one_under_a_flood(eir_server, tmp_path):
+    """A peer that sends what makes the server log (see _log_flood) gets its lines
+    rate-limited (logging.rate_limit) and its values cut (logging.max_value_chars): the
+    server writes less than one log byte per byte received, and says how many lines it
+    suppressed. Before, it wrote ~20 (each 20-byte request logged with the 255-character
+    Origin-Host). To measure a checkout without logging.rate_limit, copy this file there
+    and run with EIR_LOG_FLOOD_BEFORE=1 (the figure only, printed with -s);
+    EIR_LOG_FLOOD_HOST_CHARS=60000 floods with a 60 KB Origin-Host instead."""
+    host_chars = int(os.environ.get("EIR_LOG_FLOOD_HOST_CHARS", len(LONGEST_HOST)))
+    host = LONGEST_HOST if host_chars == len(LONGEST_HOST) else "h" * host_chars
+    if os.environ.get("EIR_LOG_FLOOD_BEFORE") == "1":
+        server = eir_server()
+        start = len(server.lines)
+        sent = _log_flood(server.address, host, requests=5000)
+        assert server.stop() == 0
+        written = sum(len(line.encode()) + 1 for line in server.lines[start:])
+        print(f"log bytes per request byte: {written / sent:.3f} ({written} / {sent})")
+        return
+    config = tmp_path / "eir.yaml"
+    config.write_text("logging:\n  rate_limit:\n    interval_seconds: 1\n")
+    server = eir_server("--config", str(config))
+    start = len(server.lines)
+    sent = _log_flood(server.address, host, requests=5000)
+
+    def suppressed():  # each window's count comes at its end (within two intervals)
+        counts = [int(m.group(1)) for m in re.finditer(r"(\d+) similar line\(s\) suppressed",
+                                                        "\n".join(server.lines[start:]))]
+        return sum(counts) >= 4500  # of the 5,000 lines answering 3007
+    wait_until(suppressed, "lines counting the suppressed lines")
+    assert server.stop() == 0
+    written = sum(len(line.encode()) + 1 for line in server.lines[start:])
+    print(f"log bytes per request byte: {written / sent:.3f} ({written} / {sent})")
+    assert written <= sent, f"{written} log bytes for {sent} bytes received"
+    assert not any(len(line) > 1000 for line in server.lines), "a value was not cut"
