@@ -206,7 +206,7 @@ class LogRateLimitSettings(_Strict):
     message, level) from one address per `interval_seconds`, then one line saying how many
     were suppressed, so that no peer makes the EIR write much more than it sends."""
 
-    lines: int = Field(20, ge=0)  # 0: no limit
+    lines: int = Field(100, ge=0)  # 0: no limit
     interval_seconds: float = Field(10.0, gt=0)
     # (kind, address) pairs tracked at once; beyond, the lines of new pairs share one limit
     max_keys: int = Field(1024, ge=1)

@@ -24,7 +24,8 @@ from scapy.all import raw
 from scapy.contrib.diameter import AVP, DiamG
 
 from eir.decision import EquipmentStatus, Match, Verdict
-from eir.logs import AuditLog, JsonFormatter, TextFormatter, mask_imsi, redact
+from eir.logs import (AuditLog, JsonFormatter, LogRateLimit, TextFormatter, mask_imsi, redact,
+                      untrusted)
 
 PAIRED_IMEI, PAIRED_IMSI = "49015420323751", "001010123456789"  # example.csv's pair rule
 OTHER_IMSI = "001019876543210"
@@ -347,7 +348,7 @@ def test_log_bytes_per_request_byte_stay_below_one_under_a_flood(eir_server, tmp
         print(f"log bytes per request byte: {written / sent:.3f} ({written} / {sent})")
         return
     config = tmp_path / "eir.yaml"
-    config.write_text("logging:\n  rate_limit:\n    interval_seconds: 1\n")
+    config.write_text("logging:\n  rate_limit:\n    lines: 20\n    interval_seconds: 1\n")
     server = eir_server("--config", str(config))
     start = len(server.lines)
     sent = _log_flood(server.address, host, requests=5000)
@@ -362,3 +363,46 @@ def test_log_bytes_per_request_byte_stay_below_one_under_a_flood(eir_server, tmp
     print(f"log bytes per request byte: {written / sent:.3f} ({written} / {sent})")
     assert written <= sent, f"{written} log bytes for {sent} bytes received"
     assert not any(len(line) > 1000 for line in server.lines), "a value was not cut"
+
+
+def test_untrusted_escapes_and_cuts_and_masking_still_works():
+    assert untrusted("mme.test") == "mme.test"
+    assert untrusted(HOSTILE) == ("\\n" + FORGED + "\\x1b[2J\\r\\x85\\u2028\\u202e")
+    assert untrusted(b"mme\xff\x00") == "mme\\xff\\x00"  # bytes that are not UTF-8: shown
+    assert untrusted("h" * 300, 256) == "h" * 256 + "...[44 more chars]"
+    # Escapes count towards the limit; an escape is never cut in two.
+    assert untrusted("\x1b" * 100, 18) == "\\x1b" * 4 + "...[96 more chars]"
+    assert redact(untrusted(f"imsi=\x1b{PAIRED_IMSI}")) == "imsi=\\x1b00101******6789"
+    assert redact(untrusted(f"User-Name: '\u2028{PAIRED_IMSI}'")) == (
+        "User-Name: '\\u202800101******6789'")
+
+
+def test_the_audit_shows_peer_values_escaped_and_cut(tmp_path):
+    path = tmp_path / "audit.jsonl"
+    audit = AuditLog(path)
+    audit.record(("mme.test" + HOSTILE).encode() * 100, "35209900176148", PAIRED_IMSI,
+                 _verdict(), "000001")
+    audit.close()
+    [line] = path.read_text().splitlines()
+    record = json.loads(line)
+    assert not UNSHOWABLE.search(record["origin_host"])
+    assert record["origin_host"].startswith("mme.test\\n2026-01-01")
+    assert re.search(r"\.\.\.\[\d+ more chars\]$", record["origin_host"])
+    assert len(record["origin_host"]) < 300
+
+
+def test_the_rate_limit_counts_what_it_suppresses_and_tracks_few_keys():
+    limit = LogRateLimit(lines=3, interval=10.0, max_keys=4)
+    kind = ("eir.server", "%s: %s", logging.INFO)
+    admitted = [limit.admit(("10.0.0.1", *kind), 0.0, lambda: "first") for _ in range(10)]
+    assert admitted == [True] * 3 + [False] * 7 and not limit.reports
+    assert limit.admit(("10.0.0.1", *kind), 10.0)  # a new window: the count is reported
+    assert limit.reports == [(("10.0.0.1", *kind), 7, "first")]
+    # A peer changing addresses: past max_keys, the new ones share one key and one limit.
+    admitted = sum(limit.admit((f"10.1.{n // 256}.{n % 256}", *kind), 11.0)
+                   for n in range(10_000))
+    assert len(limit._windows) == 5  # 4, and the one the others share
+    assert admitted == 3 + 3  # one line each from the 3 that fit, 3 from all the others
+    limit.sweep(21.0)
+    assert (LogRateLimit.OTHER_PEERS, 10_000 - 3 - 3, "") in limit.reports
+    assert not limit._windows and not limit.suppressing
