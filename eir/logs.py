@@ -13,10 +13,10 @@ User-Agent...) reach a log or audit line only through `untrusted()`: control cha
 (C0, DEL, C1, the Unicode line and paragraph separators, the bidirectional overrides) are
 shown escaped (\x1b, \n, \u202e) and the value is cut at `logging.max_value_chars` with a
 marker saying how many characters were cut, so a peer can neither forge a line nor colour
-a terminal, nor make one line long. Both formatters do the same to the whole message
-(cut at `logging.max_message_chars`) whoever wrote it; the text formatter indents the lines
-after the first of a multi-line message (a traceback), so no text can start a line of its
-own. Lines about a peer (logged with `extra={"peer": address}`) are rate-limited:
+a terminal, nor make one line long. Both formatters escape and cut (at
+`logging.max_message_chars`) every whole message too, whoever wrote it, but keep its
+newlines (a list of errors; tracebacks are escaped, not cut); the text formatter indents
+the lines after the first, so that no text can start a line of its own. Lines about a peer (logged with `extra={"peer": address}`) are rate-limited:
 `logging.rate_limit.lines` of one kind (logger, message template, level) from one address
 per `interval_seconds`, then one line saying how many were suppressed (`LogRateLimit`).
 
@@ -137,9 +137,9 @@ def redact(text: str) -> str:
     return _IMSI_IN_TEXT.sub(lambda m: m.group(1) + mask_imsi(m.group(2)), text)
 
 
-def shown_message(record: logging.LogRecord, limit: int) -> str:
-    """The record's message with control characters but newlines escaped, cut at `limit`."""
-    return _shown(record.getMessage(), limit, _ESCAPES_BUT_NEWLINE, _CONTROL_BUT_NEWLINE)
+def shown_message(message: str, limit: int) -> str:
+    """A log message with control characters but newlines escaped, cut at `limit`."""
+    return _shown(message, limit, _ESCAPES_BUT_NEWLINE, _CONTROL_BUT_NEWLINE)
 
 
 class TextFormatter(logging.Formatter):
@@ -150,7 +150,7 @@ class TextFormatter(logging.Formatter):
         self.max_message_chars = max_message_chars
 
     def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
-        record.message = shown_message(record, self.max_message_chars)
+        record.message = shown_message(record.message, self.max_message_chars)
         return super().formatMessage(record)
 
     def format(self, record: logging.LogRecord) -> str:
@@ -173,7 +173,7 @@ class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         document = {"time": _iso_time(record.created), "level": record.levelname,
                     "logger": record.name,
-                    "message": shown_message(record, self.max_message_chars)}
+                    "message": shown_message(record.getMessage(), self.max_message_chars)}
         exception = record.exc_text
         if record.exc_info:
             exception = self.formatException(record.exc_info)
@@ -266,7 +266,7 @@ class RateLimitFilter(logging.Filter):
             return True
         limit = self.limit
         with self._lock:
-            admitted = limit.admit((peer, record.name, record.msg, record.levelno),
+            admitted = limit.admit((peer, record.name, str(record.msg), record.levelno),
                                    time.monotonic(), record.getMessage)
             reports, limit.reports = limit.reports, []
             if not admitted and self._sweeper is None:

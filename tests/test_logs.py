@@ -373,6 +373,11 @@ def test_untrusted_escapes_and_cuts_and_masking_still_works():
     # Escapes count towards the limit; an escape is never cut in two.
     assert untrusted("\x1b" * 100, 18) == "\\x1b" * 4 + "...[96 more chars]"
     assert redact(untrusted(f"imsi=\x1b{PAIRED_IMSI}")) == "imsi=\\x1b00101******6789"
+    # The formatters do the same to whole messages, whoever wrote them.
+    record = logging.LogRecord("eir.test", logging.INFO, __file__, 1, "%s", ("m" * 10_000,),
+                               None)
+    assert TextFormatter(max_message_chars=300).format(record).endswith(
+        "m" * 300 + "...[9700 more chars]")
     assert redact(untrusted(f"User-Name: '\u2028{PAIRED_IMSI}'")) == (
         "User-Name: '\\u202800101******6789'")
 
