@@ -200,6 +200,7 @@ class EquipmentIdentityCheck:
             imei, software_version = parse_pei(parameters.get("pei"))
             imsi = parse_supi(parameters.get("supi"))
         except QueryError as exc:
+            # Rate-limited by the client as we know it here: User-Agent, else its address.
             log.info("%s: answering 400 %s: %s", untrusted(client), exc.cause, untrusted(exc),
                      extra={"peer": client})
             return Answer.of(400, PROBLEM_JSON, problem(400, "Bad Request", str(exc),
