@@ -333,7 +333,7 @@ def test_log_bytes_per_request_byte_stay_below_one_under_a_flood(eir_server, tmp
     """A peer that sends what makes the server log (see _log_flood) gets its lines
     rate-limited (logging.rate_limit) and its values cut (logging.max_value_chars): the
     server writes less than one log byte per byte received, and says how many lines it
-    suppressed. Before, it wrote ~20 (each 20-byte request logged with the 255-character
+    suppressed. Before, it wrote ~10 (each 20-byte request logged with the 255-character
     Origin-Host). To measure a checkout without logging.rate_limit, copy this file there
     and run with EIR_LOG_FLOOD_BEFORE=1 (the figure only, printed with -s);
     EIR_LOG_FLOOD_HOST_CHARS=60000 floods with a 60 KB Origin-Host instead."""
