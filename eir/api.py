@@ -40,7 +40,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from eir import __version__
 from eir.config import ConfigError, parse_local_listen
 from eir.imei import normalise_imei
-from eir.logs import untrusted
+from eir.untrusted import untrusted
 from eir.observations import ObservationError, database_location, equipment_history
 from eir.store import Store, StoreError
 

@@ -19,6 +19,7 @@ from pydantic import (BaseModel, ConfigDict, Field, SecretStr, ValidationError,
                       ValidationInfo, field_validator)
 
 from eir.decision import UnknownPolicy
+from eir.untrusted import DEFAULT_VALUE_CHARS
 
 DEFAULT_CONFIG_PATH = Path("config/eir.yaml")
 CONFIG_ENVIRONMENT_VARIABLE = "EIR_CONFIG"
@@ -218,7 +219,7 @@ class LoggingSettings(_Strict):
     show_imsi: bool = False  # False: IMSIs in logs and audit masked, 00101******6789
     # A value a peer chose (Origin-Host, Session-Id, IMEI, HTTP path...) is shown with its
     # control characters escaped and cut past this many characters ("...[N more chars]").
-    max_value_chars: int = Field(256, ge=16)
+    max_value_chars: int = Field(DEFAULT_VALUE_CHARS, ge=16)
     max_message_chars: int = Field(4096, ge=256)  # a whole log message, cut likewise
     rate_limit: LogRateLimitSettings = Field(default_factory=LogRateLimitSettings)
 

@@ -45,6 +45,8 @@ from pathlib import Path
 from typing import IO
 
 from eir.config import ConfigError, LoggingSettings
+from eir.untrusted import (ESCAPES_BUT_NEWLINE, one_event, set_value_limit, shown_message,
+                           untrusted)
 from eir.decision import Verdict
 
 log = logging.getLogger("eir.audit")
@@ -65,64 +67,6 @@ _IMSI_IN_TEXT = re.compile(
     r"(\d{5,})(?![\d*])")
 
 
-# -- strings a peer chose ------------------------------------------------------------------
-
-_DEFAULTS = LoggingSettings()
-# Never shown as they are: C0 controls, DEL, C1 controls, the line and paragraph separators,
-# and the bidirectional formatting characters (a viewer would reorder the text around them).
-_CONTROL_CODES = [*range(0x20), *range(0x7F, 0xA0), 0x061C, 0x200E, 0x200F, 0x2028, 0x2029,
-                  *range(0x202A, 0x202F), *range(0x2066, 0x206A)]
-_NAMED = {0x09: "\\t", 0x0A: "\\n", 0x0D: "\\r"}
-_ESCAPES = {code: _NAMED.get(code, f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
-            for code in _CONTROL_CODES}
-# For whole messages: a newline there is ours (a traceback, a list of errors), see _one_event.
-_ESCAPES_BUT_NEWLINE = {code: text for code, text in _ESCAPES.items() if code != 0x0A}
-_CONTROL = re.compile("[" + "".join(f"\\u{code:04x}" for code in _CONTROL_CODES) + "]")
-_CONTROL_BUT_NEWLINE = re.compile(
-    "[" + "".join(f"\\u{code:04x}" for code in _CONTROL_CODES if code != 0x0A) + "]")
-CONTINUATION = "\n  "  # how the text format starts the lines after a message's first
-
-_value_chars = _DEFAULTS.max_value_chars  # logging.max_value_chars, set by configure_logging
-
-
-def untrusted(value: object, limit: int | None = None) -> str:
-    """`value` (str, or bytes read as UTF-8) as a log or audit line may show it: control
-    characters escaped, at most `limit` characters (default: logging.max_value_chars) then
-    "...[N more chars]". Bytes that are not UTF-8 are shown as \\xNN."""
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        value = bytes(value).decode("utf-8", "backslashreplace")
-    elif not isinstance(value, str):
-        value = str(value)
-    return _shown(value, _value_chars if limit is None else limit, _ESCAPES, _CONTROL)
-
-
-def _shown(text: str, limit: int, escapes: dict[int, str], control: re.Pattern) -> str:
-    """`text` with `escapes` applied, cut to at most `limit` characters plus a marker."""
-    if len(text) <= limit and control.search(text) is None:
-        return text  # the common case: nothing to escape, nothing to cut
-    head = text[:limit].translate(escapes)
-    kept = min(len(text), limit)
-    if len(head) > limit:  # the escapes made it longer: keep whole characters up to limit
-        size = kept = 0
-        for char in text:
-            size += len(escapes.get(ord(char), char))
-            if size > limit:
-                break
-            kept += 1
-        head = text[:kept].translate(escapes)
-    cut = len(text) - kept
-    return f"{head}...[{cut} more chars]" if cut else head
-
-
-def _one_event(text: str) -> str:
-    """A formatted text record as one event: control characters escaped, and the lines
-    after the first (a traceback, a list of errors) indented, so that none of them can
-    pass for a record of its own."""
-    if _CONTROL.search(text) is None:
-        return text
-    return text.translate(_ESCAPES_BUT_NEWLINE).replace("\n", CONTINUATION)
-
-
 def mask_imsi(imsi: str) -> str:
     """00101******6789: the first 5 digits (MCC+MNC) and the last 4 kept."""
     if len(imsi) >= 10:
@@ -137,14 +81,9 @@ def redact(text: str) -> str:
     return _IMSI_IN_TEXT.sub(lambda m: m.group(1) + mask_imsi(m.group(2)), text)
 
 
-def shown_message(message: str, limit: int) -> str:
-    """A log message with control characters but newlines escaped, cut at `limit`."""
-    return _shown(message, limit, _ESCAPES_BUT_NEWLINE, _CONTROL_BUT_NEWLINE)
-
-
 class TextFormatter(logging.Formatter):
     def __init__(self, show_imsi: bool = False,
-                 max_message_chars: int = _DEFAULTS.max_message_chars):
+                 max_message_chars: int = LoggingSettings().max_message_chars):
         super().__init__(TEXT_FORMAT)
         self.show_imsi = show_imsi
         self.max_message_chars = max_message_chars
@@ -154,7 +93,7 @@ class TextFormatter(logging.Formatter):
         return super().formatMessage(record)
 
     def format(self, record: logging.LogRecord) -> str:
-        text = _one_event(super().format(record))
+        text = one_event(super().format(record))
         return text if self.show_imsi else redact(text)
 
 
@@ -165,7 +104,7 @@ class JsonFormatter(logging.Formatter):
     the message would get them back, and C1 and bidirectional characters as well."""
 
     def __init__(self, show_imsi: bool = False,
-                 max_message_chars: int = _DEFAULTS.max_message_chars):
+                 max_message_chars: int = LoggingSettings().max_message_chars):
         super().__init__()
         self.show_imsi = show_imsi
         self.max_message_chars = max_message_chars
@@ -178,7 +117,7 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             exception = self.formatException(record.exc_info)
         if exception:
-            document["exception"] = exception.translate(_ESCAPES_BUT_NEWLINE)
+            document["exception"] = exception.translate(ESCAPES_BUT_NEWLINE)
         text = json.dumps(document, ensure_ascii=False)
         return text if self.show_imsi else redact(text)
 
@@ -311,8 +250,7 @@ def configure_logging(settings, stream: IO[str] | None = None) -> None:
     IMSIs masked unless show_imsi, peer values and messages cut, lines about a peer
     rate-limited. Replaces handlers set before (uvicorn's loggers propagate to it: eir.api
     starts uvicorn without a log config of its own)."""
-    global _value_chars
-    _value_chars = settings.max_value_chars
+    set_value_limit(settings.max_value_chars)
     handler = logging.StreamHandler(stream or sys.stderr)
     formatter_class = JsonFormatter if settings.format == "json" else TextFormatter
     handler.setFormatter(formatter_class(settings.show_imsi, settings.max_message_chars))

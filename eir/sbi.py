@@ -53,7 +53,8 @@ from h2.settings import SettingCodes, Settings
 from eir.config import parse_host_port
 from eir.decision import EquipmentStatus, today
 from eir.imei import IMEI_KEY_LENGTH
-from eir.logs import audit_log, untrusted
+from eir.logs import audit_log
+from eir.untrusted import untrusted
 from eir.security import server_tls_context
 
 log = logging.getLogger("eir.sbi")

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from eir.config import ConfigError
-from eir.logs import untrusted
+from eir.untrusted import untrusted
 
 log = logging.getLogger("eir.security")
 

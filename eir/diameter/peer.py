@@ -33,7 +33,7 @@ from eir.diameter.constants import (APPLICATION_COMMON, APPLICATION_RELAY,
                                     FLAG_ERROR, FLAG_PROXIABLE, FLAG_REQUEST, FLAG_RETRANSMIT,
                                     DisconnectCause, ResultCode)
 from eir.diameter.dictionary import AvpError, AvpIndex, CommandDef, Dictionary
-from eir.logs import untrusted
+from eir.untrusted import untrusted
 
 if TYPE_CHECKING:
     from eir.diameter.duplicates import DuplicateCache
