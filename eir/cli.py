@@ -21,7 +21,7 @@ from eir.lists import ListError, parse_imsi
 from eir.observations import (ObservationError, clone_suspects, database_location,
                               day_number, format_day, write_dump)
 from eir.store import Store, StoreError
-from eir.sync import SyncError, sync
+from eir.sync import SyncError, sync_configured
 
 EXIT_REFUSED = 1
 EXIT_USAGE = 2
@@ -339,7 +339,9 @@ def _sync(args: argparse.Namespace) -> int:
     if not settings.sync.source:
         raise SyncError("no source: give --source DIR or set sync.source in the config")
     store = _store(settings)
-    result = sync(settings.sync.source, store, settings.sync.public_key)
+    result = sync_configured(settings.sync, store)
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     for note in result.ignored:
         print(f"ignored: {note}")
     if result.published:

@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from eir.decision import EquipmentStatus, RuleSet, UnknownPolicy
 from eir.store import Store
+from eir.fetch import Transport
 from eir.sync import DOWNLOADS, SyncError, sync
 
 DAY = 20261201
@@ -28,6 +29,9 @@ A, B, C = "35209900176148", "35332106470089", "35000000000001"
 FULL = "20261120_blacklist.csv"
 EXTRA = "20261121_extra.csv"
 _MTIMES = itertools.count(int(time.time()) - 100_000, 10)
+_SEQUENCES = itertools.count(1)
+# The URL sources here are plain http:// (the stdlib file server): allowed since signed.
+HTTP = Transport(allow_http=True)
 
 
 def rows(*imeis: str) -> bytes:
@@ -43,12 +47,16 @@ def write(path, data: bytes):
 
 
 def publish(directory, files: dict[str, bytes], key: Ed25519PrivateKey | None,
-            encoding: str = "raw") -> bytes:
-    """Write `files` and their manifest; sign it with `key` (raw or base64) unless None."""
+            encoding: str = "raw", sequence: int | None = None) -> bytes:
+    """Write `files` and their manifest, of the next sequence number unless `sequence` is
+    given; sign it with `key` (raw or base64) unless None."""
     for name, data in files.items():
         write(directory / name, data)
-    manifest = json.dumps({"files": {name: hashlib.sha256(data).hexdigest()
-                                     for name, data in files.items()}}).encode()
+    manifest = json.dumps({
+        "sequence": next(_SEQUENCES) if sequence is None else sequence,
+        "published": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "files": {name: hashlib.sha256(data).hexdigest() for name, data in files.items()},
+    }).encode()
     write(directory / "manifest.json", manifest)
     if key is not None:
         signature = key.sign(manifest)
@@ -119,13 +127,13 @@ def source(request, drop):
 def signed_and_synced(drop, source, store, signer, key_file) -> dict[str, bytes]:
     """Publish {A, B} signed, sync it with the key; return the store's contents."""
     publish(drop, {FULL: rows(A, B)}, signer)
-    assert sync(source, store, key_file).version == "000001"
+    assert sync(source, store, key_file, HTTP).version == "000001"
     return store_contents(store)
 
 
 def refused(source, store, key_file, before, match):
     with pytest.raises(SyncError, match=match):
-        sync(source, store, key_file)
+        sync(source, store, key_file, HTTP)
     assert store_contents(store) == before
     assert verdict(store, A).status is BLACK and verdict(store, C).status is None
 
@@ -135,7 +143,7 @@ def refused(source, store, key_file, before, match):
 @pytest.mark.parametrize("encoding", ["raw", "base64"])
 def test_signed_manifest_syncs(drop, source, store, signer, key_file, encoding):
     publish(drop, {FULL: rows(A, B)}, signer, encoding)
-    result = sync(source, store, key_file)
+    result = sync(source, store, key_file, HTTP)
     assert (result.published, result.version) == (True, "000001")
     assert verdict(store, A).status is BLACK
 
@@ -152,7 +160,7 @@ def test_signature_made_with_openssl_verifies(drop, store, signer, key_file, tmp
     subprocess.run(["openssl", "pkeyutl", "-sign", "-rawin", "-inkey", str(private),
                     "-in", str(drop / "manifest.json"), "-out", str(drop / "manifest.json.sig")],
                    check=True, timeout=30)
-    assert sync(str(drop), store, key_file).published
+    assert sync(str(drop), store, key_file, HTTP).published
 
 
 # -- refused: the store untouched ------------------------------------------------------------
@@ -214,6 +222,6 @@ def test_key_that_is_not_ed25519_is_refused(drop, store, signer, tmp_path):
     assert store.current_version() is None
 
 
-def test_unsigned_source_syncs_when_no_key_is_set(drop, source, store):
+def test_unsigned_drop_directory_syncs_when_no_key_is_set(drop, store):
     publish(drop, {FULL: rows(A, B)}, None)
-    assert sync(source, store).published
+    assert sync(str(drop), store).published
