@@ -225,3 +225,93 @@ def test_key_that_is_not_ed25519_is_refused(drop, store, signer, tmp_path):
 def test_unsigned_drop_directory_syncs_when_no_key_is_set(drop, store):
     publish(drop, {FULL: rows(A, B)}, None)
     assert sync(str(drop), store).published
+
+
+# -- no going back: the signed sequence ------------------------------------------------------
+
+def files_of(drop) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in drop.iterdir()}
+
+
+def test_last_months_signed_lists_served_again_are_refused(drop, source, store, signer,
+                                                           key_file):
+    """A replay: the registry's own signature, valid, over an older manifest and its files."""
+    publish(drop, {FULL: rows(A, B)}, signer)
+    assert sync(source, store, key_file, HTTP).version == "000001"
+    last_month = files_of(drop)
+    publish(drop, {FULL: rows(A, B, C)}, signer)
+    assert sync(source, store, key_file, HTTP).version == "000002"
+    before = store_contents(store)
+    for name, data in last_month.items():
+        write(drop / name, data)
+    with pytest.raises(SyncError, match=r"manifest\.json: sequence: \d+ \(published .*\) is "
+                                        r"older than sequence \d+ .* of version 000002 in "
+                                        r"force: refused as a rollback"):
+        sync(source, store, key_file, HTTP)
+    assert store_contents(store) == before
+    assert verdict(store, C).status is BLACK
+
+
+def test_old_signed_manifest_over_a_url_downloads_no_list_file(drop, served, store, signer,
+                                                               key_file):
+    publish(drop, {FULL: rows(A, B)}, signer, sequence=1)
+    sync(served, store, key_file, HTTP)
+    publish(drop, {FULL: rows(A, B, C)}, signer, sequence=2)
+    sync(served, store, key_file, HTTP)
+    [cache] = [p for p in (store.root / DOWNLOADS).iterdir() if p.is_dir()]
+    cached = files_of(cache)
+    publish(drop, {FULL: rows(A)}, signer, sequence=1)
+    with pytest.raises(SyncError, match="refused as a rollback"):
+        sync(served, store, key_file, HTTP)
+    assert files_of(cache) == cached  # the older list was not even downloaded
+
+
+def test_a_signed_manifest_whose_sequence_is_in_force_is_a_no_op(drop, source, store, signer,
+                                                                 key_file):
+    publish(drop, {FULL: rows(A, B)}, signer, sequence=5)
+    assert sync(source, store, key_file, HTTP).version == "000001"
+    before = store_contents(store)
+    publish(drop, {FULL: rows(B)}, signer, sequence=5)  # A unblocked, but not a new sequence
+    result = sync(source, store, key_file, HTTP)
+    assert (result.version, result.published) == ("000001", False)
+    assert result.ignored == [result.ignored[0]]
+    assert "sequence 5 is in force already (with other bytes" in result.ignored[0]
+    assert store_contents(store) == before and verdict(store, A).status is BLACK
+
+
+def test_a_signed_manifest_needs_a_sequence(drop, source, store, signer, key_file):
+    manifest = json.dumps({"files": {FULL: hashlib.sha256(rows(A)).hexdigest()}}).encode()
+    write(drop / FULL, rows(A))
+    write(drop / "manifest.json", manifest)
+    write(drop / "manifest.json.sig", signer.sign(manifest))
+    with pytest.raises(SyncError, match=r"manifest\.json: sequence: missing: a signed manifest "
+                                        r"must carry `sequence` and `published`"):
+        sync(source, store, key_file, HTTP)
+    assert store.current_version() is None
+
+
+def test_status_shows_sequence_signer_and_each_file_as_parsed(drop, store, signer, key_file,
+                                                              tmp_path):
+    from helpers_process import run_eir
+
+    manifest = publish(drop, {FULL: rows(A, B), EXTRA: b"imei,status\n" + C.encode() +
+                              b",blacklist\n"}, signer, sequence=41)
+    sync(str(drop), store, key_file)
+    done = run_eir("lists", "status", "--store", str(store.root), "--json")
+    [version] = json.loads(done.stdout)
+    fingerprint = "SHA256:" + hashlib.sha256(signer.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)).hexdigest()
+    assert version["manifest"] == {
+        "sequence": 41, "published": json.loads(manifest)["published"],
+        "sha256": hashlib.sha256(manifest).hexdigest(), "signer": fingerprint}
+    assert {s["name"]: s["sha256"] for s in version["sources"]} == {
+        FULL: hashlib.sha256(rows(A, B)).hexdigest(),
+        EXTRA: hashlib.sha256((drop / EXTRA).read_bytes()).hexdigest()}
+    text = run_eir("lists", "status", "--store", str(store.root)).stdout
+    assert f"manifest sequence 41 published {version['manifest']['published']}" in text
+    assert f"signed by {fingerprint}" in text
+    assert f"{FULL}: 2 rows sha256 {hashlib.sha256(rows(A, B)).hexdigest()}" in text
+    if shutil.which("openssl"):  # an auditor finds the same fingerprint with openssl
+        der = subprocess.run(["openssl", "pkey", "-pubin", "-in", str(key_file), "-outform",
+                              "DER"], capture_output=True, check=True, timeout=30).stdout
+        assert fingerprint == "SHA256:" + hashlib.sha256(der).hexdigest()
