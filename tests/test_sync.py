@@ -547,3 +547,40 @@ def test_rollback_and_unpin_are_journaled_as_the_operators_acts(tmp_path, store)
     assert records[1]["manifest"]["sequence"] == 2
     assert {f["name"]: f["sha256"] for f in records[1]["files"]}[BLACKLIST] == \
         sha256(source / BLACKLIST)
+
+
+def test_api_shows_provenance_and_journals_a_rollback_made_through_it(tmp_path, store,
+                                                                      eir_server, monkeypatch):
+    import httpx
+    from helpers_ops import API_LINE, TOKEN, authorised, endpoint
+
+    source = tmp_path / "drop"
+    for sequence, imei in enumerate([STOLEN, ELSEWHERE], 1):
+        write_drop(source, blacklist_rows(imei))
+        write_sequenced_manifest(source, sequence)
+        sync(str(source), store)
+    monkeypatch.setenv("EIR_API_TOKEN", TOKEN)
+    server = eir_server("--api", "127.0.0.1:0", "--store", str(store.root), lists=[])
+    url = endpoint(server, API_LINE)
+    status = httpx.get(url + "/v1/lists", headers=authorised(), timeout=10).json()
+    newest = status["versions"][0]
+    assert newest["manifest"]["sequence"] == 2 and newest["manifest"]["signer"] is None
+    assert newest["manifest"]["sha256"] == sha256(source / "manifest.json")
+    assert {s["name"]: s["sha256"] for s in newest["sources"]}[BLACKLIST] == \
+        sha256(source / BLACKLIST)
+    answer = httpx.post(url + "/v1/lists/rollback", headers=authorised(), timeout=30)
+    assert answer.json()["version"] == "000001"
+    server.wait_for_log(r"rollback to version 000001 \(was 000002\) by .*eir serve")
+    [act] = [r for r in store.journal_records() if r["act"] == "rollback"]
+    assert "eir serve" in act["by"]
+
+
+def test_a_4_mb_reasons_cell_is_refused_and_the_version_in_force_keeps_serving(tmp_path,
+                                                                              store, served):
+    """It would otherwise go out in every API answer and audit record about that IMEI."""
+    huge = "x" * (4 << 20)
+    drop = write_drop(tmp_path / "drop", blacklist_rows() + [f"{ELSEWHERE},20261201,{huge}"])
+    message = assert_refused_untouched(
+        drop, store, served,
+        f"{BLACKLIST}:3: reasons: {len(huge)} characters (at most 1024 in this column)")
+    assert len(message) < 1000
