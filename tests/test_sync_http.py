@@ -273,10 +273,14 @@ def synced_once(registry, store) -> dict[str, bytes]:
     return store_contents(store)
 
 
-def refused(registry, store, before, match):
-    """The next sync is refused with `match`, the store as `before`, A still blacklisted."""
+def refused(registry, store, before, match, default_trust=False):
+    """The next sync is refused with `match`, the store as `before`, A still blacklisted.
+    default_trust: sync with no transport settings, as the attacks below do."""
     with pytest.raises(SyncError, match=match):
-        sync(registry.url, store, transport=registry.transport)
+        if default_trust:
+            sync(registry.url, store)
+        else:
+            sync(registry.url, store, transport=registry.transport)
     assert store_contents(store) == before
     assert store.current_version() == "000001"
     assert verdict(store, A).status is BLACK
@@ -467,10 +471,10 @@ def test_redirect_from_https_to_http_is_refused_and_nothing_fetched_in_clear(
     assert sync(registry.url, store).version == "000001"
     before = store_contents(store)
     attacker_lists(clear)
-    registry.redirects["manifest.json"] = clear.url + "manifest.json"
+    registry.redirects.update({name: clear.url + name for name in ("manifest.json", FULL)})
     refused(registry, store, before, rf"{registry.url}manifest\.json: HTTP 302 redirect to "
                                      rf"'{clear.url}manifest\.json' refused: it leaves "
-                                     rf"https://127\.0\.0\.1:\d+")
+                                     rf"https://127\.0\.0\.1:\d+", default_trust=True)
     assert clear.seen == []
 
 
@@ -479,9 +483,9 @@ def test_redirect_to_another_host_is_refused(registry, elsewhere, store, trusted
     assert sync(registry.url, store).version == "000001"
     before = store_contents(store)
     attacker_lists(elsewhere)
-    registry.redirects["manifest.json"] = elsewhere.url + "manifest.json"
+    registry.redirects.update({name: elsewhere.url + name for name in ("manifest.json", FULL)})
     refused(registry, store, before, r"redirect to 'https://localhost:\d+/lists/manifest\.json' "
-                                     r"refused")
+                                     r"refused", default_trust=True)
     assert elsewhere.seen == []
 
 
@@ -501,7 +505,10 @@ def test_unsigned_plain_http_is_refused_before_any_request(clear, store, allow_h
                 r"plain http:// refused: use https://, or set sync\.allow_http: true together "
                 r"with sync\.public_key")
     with pytest.raises(SyncError, match=rf"^{clear.url}: {expected}$"):
-        sync(clear.url, store, transport=Transport(allow_http=allow_http))
+        if allow_http:
+            sync(clear.url, store, transport=Transport(allow_http=True))
+        else:
+            sync(clear.url, store)  # as `eir sync --source http://...` did before
     assert clear.seen == [] and store.current_version() is None
 
 
