@@ -9,6 +9,8 @@ in force.
     STORE/.lock                      held while publishing or rolling back
     STORE/journal.jsonl              every change of the version in force, one JSON line
                                      each, never rewritten: what an auditor reads
+    STORE/SEQUENCE                   the highest registry manifest sequence ever published
+                                     here (eir.sync refuses older ones, even after a rollback)
 
 The journal records each publish (version, the registry manifest's sequence, time, sha256
 and signer, and every file in force with its sha256), each rollback and unpin (the version
@@ -75,6 +77,7 @@ class Store:
         self.pointer = self.root / "CURRENT"
         self.pin = self.root / "PINNED"
         self.journal = self.root / JOURNAL
+        self.sequence = self.root / "SEQUENCE"
 
     # -- reading ------------------------------------------------------------------------
 
@@ -160,6 +163,9 @@ class Store:
         path = self.path_of(version)
         _durable_replace(temporary, path)
         previous = self.current_version()
+        sequence = (info.manifest or {}).get("sequence")
+        if sequence is not None and sequence > (self.highest_sequence() or -1):
+            _atomic_write(self.sequence, f"{sequence}\n".encode("ascii"))
         _atomic_write(self.pointer, f"{version}\n".encode("ascii"))
         self._record("publish", version, previous, manifest=info.manifest,
                      files=[{"name": source.get("name"), "sha256": source.get("sha256")}
@@ -206,6 +212,19 @@ class Store:
             log.warning("lists: rollback to version %s (was %s) by %s; the store is pinned "
                         "until `eir lists unpin`", version, current, by)
             return version
+
+    def highest_sequence(self) -> int | None:
+        """The highest registry manifest sequence ever published in this store (None: no
+        sequenced manifest yet). A rollback does not lower it."""
+        try:
+            text = self.sequence.read_text(encoding="ascii").strip()
+        except FileNotFoundError:
+            return None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise StoreError(f"{self.sequence}: unreadable: {exc}") from None
+        if not text.isdigit():
+            raise StoreError(f"{self.sequence}: {text[:40]!r} is not a sequence number")
+        return int(text)
 
     def pinned(self) -> str | None:
         """The version a rollback pinned (syncs are refused until unpin), or None."""

@@ -257,26 +257,33 @@ def _in_force_manifest(store: Store) -> tuple[str | None, dict | None]:
 
 
 def _standing(store: Store, manifest: Manifest | None, signed: bool, where: str) -> str:
-    """Where `manifest` stands against the manifest of the version in force: "newer" (or no
-    sequence to compare: the dates in file names decide, eir.sync._apply) or "same"; a
-    rollback is refused (SyncError)."""
+    """Where `manifest` stands: "same" as the manifest of the version in force, or "newer"
+    (also when there is no sequence to compare: the dates in file names decide, in _apply).
+    A sequence below the highest this store has published is refused as a rollback (even
+    after an operator's rollback and unpin: an attacker could otherwise serve any sequence
+    between the rolled-back one and the newest); so is a missing one once there was one."""
     if signed and manifest.sequence is None:
         raise SyncError(f"{where}: sequence: missing: a signed manifest must carry "
                         "`sequence` and `published`, so that an old one cannot be served again")
     version, in_force = _in_force_manifest(store)
-    floor = None if in_force is None else in_force.get("sequence")
+    in_force_sequence = None if in_force is None else in_force.get("sequence")
+    highest = store.highest_sequence()
     sequence = None if manifest is None else manifest.sequence
-    if floor is None:
+    if highest is None:
         return "newer"
     if sequence is None:
         raise SyncError(f"{where}: sequence: " + ("missing" if manifest else "no manifest") +
-                        f", but version {version} in force is from sequence {floor}: refused "
-                        "(a source without a sequence could be an old one)")
-    if sequence < floor:
+                        f", but this store has published sequence {highest} (version "
+                        f"{version} in force): refused (a source without a sequence could be "
+                        "an old one)")
+    if sequence < highest:
+        newest = (f" (published {in_force.get('published')}) of version {version} in force"
+                  if highest == in_force_sequence else
+                  f", the newest this store has published (version {version} in force is "
+                  f"from sequence {in_force_sequence}, put back by a rollback)")
         raise SyncError(f"{where}: sequence: {sequence} (published {manifest.published}) is "
-                        f"older than sequence {floor} (published {in_force.get('published')}) "
-                        f"of version {version} in force: refused as a rollback")
-    return "same" if sequence == floor else "newer"
+                        f"older than sequence {highest}{newest}: refused as a rollback")
+    return "same" if sequence == in_force_sequence else "newer"
 
 
 def _unsequenced_warnings(directory: Path, manifest: Manifest | None) -> list[str]:

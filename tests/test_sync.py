@@ -493,13 +493,40 @@ def test_unsigned_manifest_sequence_is_enforced_too(tmp_path, store):
                                         r"refused as a rollback"):
         sync(str(drop), store)
     write_sequenced_manifest(drop, None)
-    with pytest.raises(SyncError, match=r"sequence: missing, but version 000001 in force is "
-                                        r"from sequence 7: refused"):
+    with pytest.raises(SyncError, match=r"sequence: missing, but this store has published "
+                                        r"sequence 7 \(version 000001 in force\): refused"):
         sync(str(drop), store)
     (drop / "manifest.json").unlink()
-    with pytest.raises(SyncError, match=r"sequence: no manifest, but version 000001"):
+    with pytest.raises(SyncError, match=r"sequence: no manifest, but this store has published "
+                                        r"sequence 7"):
         sync(str(drop), store)
     assert store_files(store) == before
+
+
+def test_after_a_rollback_and_unpin_only_the_newest_sequence_comes_back(tmp_path, store):
+    """The operator rolled back to sequence 1 and unpinned: sequence 2, served again by an
+    attacker, is still older than the newest this store published (3); 3 itself comes back."""
+    source = tmp_path / "drop"
+    published = {}
+    for sequence, imei in enumerate([STOLEN, ELSEWHERE, NATIVE], 1):
+        write_drop(source, blacklist_rows(imei))
+        write_sequenced_manifest(source, sequence)
+        published[sequence] = {p.name: p.read_bytes() for p in source.iterdir()}
+        sync(str(source), store)
+    assert store.rollback("000001") == "000001" and store.unpin() == "000001"
+    before = store_files(store)
+    for name, data in published[2].items():
+        (source / name).write_bytes(data)
+    with pytest.raises(SyncError, match=r"sequence: 2 .* is older than sequence 3, the newest "
+                                        r"this store has published \(version 000001 in force "
+                                        r"is from sequence 1, put back by a rollback\)"):
+        sync(str(source), store)
+    assert store_files(store) == before
+    for name, data in published[3].items():
+        (source / name).write_bytes(data)
+    result = sync(str(source), store)
+    assert (result.version, result.published) == ("000004", True)
+    assert store.open_current().info.manifest["sequence"] == 3
 
 
 @pytest.mark.parametrize("fields, problem", [
