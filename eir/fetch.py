@@ -19,6 +19,12 @@ and every socket operation times out after TIMEOUT_SECONDS. The manifest (and si
 installed in the cache last, once every file it names is there; files it no longer names are
 then removed. Any failure raises FetchError naming the URL: files already cached stay, and
 so does the previous manifest.
+
+Transport (Transport): https:// with the certificate and host name verified against
+`ca_file` or the system's trust store, TLS 1.2 at least, and a client certificate when the
+registry requires one. A redirect is followed only within the source's origin (scheme, host,
+port): one to http:// or to another host is refused before anything is requested there.
+Whether plain http:// may be used at all is eir.sync's decision (a setting and a signature).
 """
 
 from __future__ import annotations

@@ -1,26 +1,46 @@
 """Sync: compile what a registry publishes into a new snapshot in the store.
 
-The source is a drop directory, or an http:// or https:// URL where the registry publishes
-the same files. A drop directory holds DIRBS-named list files (eir.registry.formats), native
-CSV lists and a GSMA-style TAC file, and optionally `manifest.json`:
+The source is a drop directory, or an https:// URL where the registry publishes the same
+files. A drop directory holds DIRBS-named list files (eir.registry.formats), native CSV lists
+and a GSMA-style TAC file, and optionally `manifest.json` (eir.manifest):
 
-    {"files": {"20261120_blacklist.zip": "<sha256 hex>", ...}}
+    {"sequence": 42, "published": "2026-12-06T04:00:00Z",
+     "files": {"20261120_blacklist.zip": "<sha256 hex>", ...}}
 
 When the manifest is there, every list file must be named in it with its checksum, and every
 file it names must be there. Of several full lists of the same name (`20261119_blacklist.zip`,
 `20261120_blacklist.zip`) the newest date wins.
 
+What is published is what was verified: each file is read once, from a descriptor opened
+without following links, hashed while it is copied into the sync's scratch directory in the
+store; the copy is checked against the manifest, parsed, then removed. Renaming another file
+over a list after its check changes nothing. Every name a sync would read (list suffixes,
+the manifest, its signature) must be a regular file: a symbolic link, a pipe, a device or a
+directory by such a name refuses the sync, named.
+
+No going back. The store remembers the highest manifest sequence it ever published
+(STORE/SEQUENCE) and the manifest of each version (eir lists status). A manifest with a lower
+sequence is refused as a rollback, even when validly signed; one with the sequence in force
+is a no-op (nothing read beyond the manifest); once a sequence was published, a source without
+one is refused. A source without a sequence (unsigned: no manifest, or one without
+`sequence`) syncs with a warning, and then only the date in a full list's file name keeps an
+older list from replacing the one in force (it is ignored, with a note). `eir lists rollback`
+(eir.store) stays the operator's way back; it pins the store, and is journaled.
+
 A URL source must publish `manifest.json` at that URL (there is no directory listing over
 HTTP): eir.fetch downloads it and the files it names, with conditional requests (ETag,
 Last-Modified), into a cache in the store (STORE/download/), each checked against its sha256
-before it is kept; the cache is then synced from as a drop directory.
+before it is kept; the cache is then synced from as a drop directory. Redirects are followed
+only within the source's scheme, host and port; plain http:// needs `allow_http` and a public
+key; TLS trust and a client certificate come from eir.fetch.Transport (the `sync` settings).
 
 With a public key (`public_key`, an Ed25519 key in a PEM file), the source must hold
 `manifest.json.sig`: the Ed25519 signature over the exact bytes of manifest.json, either the
 raw 64 bytes or their base64 (whitespace ignored), e.g. made with
 `openssl pkeyutl -sign -rawin -inkey registry-key.pem -in manifest.json -out manifest.json.sig`.
-The manifest is then required, and a missing or bad signature refuses the sync; for a URL it
-is checked before any list file is downloaded.
+The manifest is then required, with its sequence, and a missing or bad signature refuses the
+sync; for a URL it (and the sequence) is checked before any list file is downloaded. The
+key's fingerprint (key_fingerprint) is recorded with the version.
 
 Deltas (`<date>_blacklist_delta_<base>_<run>_<reason>.csv`, and the import-side stolen and
 pairing deltas) are applied to the list in force, one run at a time in run order: a delta
@@ -30,10 +50,12 @@ list with its deltas makes the full list that of their run. Deltas already appli
 file and checksum, or a run not newer than the list's) are skipped; lists in force that the
 source does not mention stay in force.
 
-Anything wrong (a download, a signature, a checksum, a zip, a column, a row, a delta's base)
-refuses the whole sync with the URL or file, line and field: the store's snapshots and list
-states are left untouched and the snapshot in force keeps serving (files already downloaded
-and verified stay in the download cache). A sync that brings nothing new publishes nothing.
+Anything wrong (a download, a redirect, a signature, a sequence, a checksum, a zip, a column, a
+row, a cell over its limit, a delta's base) refuses the whole sync with the URL or file, line
+and field: the store's snapshots, list states, CURRENT and journal are left untouched and the
+snapshot in force keeps serving (files already downloaded and verified stay in the download
+cache). A sync that brings nothing new publishes nothing; a newer sequence publishes a new
+version even when no list changed, so that the version in force names the newest manifest.
 """
 
 from __future__ import annotations
