@@ -181,6 +181,10 @@ class SyncSettings(_Strict):
     # certificate and key (PEM) for registries that require mutual TLS.
     allow_http: bool = False
     ca_file: str | None = None
+    # Lists older than this (since the registry published their manifest, else since they
+    # were compiled) set eir_list_stale to 1: a registry gone quiet, or someone holding the
+    # EIR on old lists. None: no alert.
+    max_age_seconds: float | None = Field(None, gt=0)
     client_certificate: str | None = None
     client_key: str | None = None
 

@@ -611,3 +611,21 @@ def test_a_4_mb_reasons_cell_is_refused_and_the_version_in_force_keeps_serving(t
         drop, store, served,
         f"{BLACKLIST}:3: reasons: {len(huge)} characters (at most 1024 in this column)")
     assert len(message) < 1000
+
+
+@pytest.mark.parametrize("max_age, stale", [(86400.0, 1.0), (1e10, 0.0)])
+def test_lists_older_than_max_age_raise_the_stale_metric(tmp_path, store, eir_server, max_age,
+                                                         stale):
+    """Frozen on old lists (a registry gone quiet, or an attacker holding it back): alertable."""
+    from helpers_ops import METRICS_LINE, endpoint, scrape
+
+    source = write_drop(tmp_path / "drop")
+    write_sequenced_manifest(source, 1, published="2026-01-02T03:04:05Z")
+    sync(str(source), store)
+    config = tmp_path / "eir.yaml"
+    config.write_text(f"sync:\n  max_age_seconds: {max_age}\n")
+    server = eir_server("--metrics", "127.0.0.1:0", "--store", str(store.root),
+                        "--config", str(config), lists=[])
+    samples = scrape(endpoint(server, METRICS_LINE))
+    assert samples[("eir_list_published_timestamp_seconds", frozenset())] == 1767323045.0
+    assert samples[("eir_list_stale", frozenset())] == stale
