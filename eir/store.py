@@ -245,14 +245,20 @@ class Store:
             return pinned
 
     def _record(self, act: str, version: str | None, previous: str | None, **fields) -> None:
-        """One line in the journal (called under the lock, after the act)."""
+        """One line in the journal (called under the lock, after the act). The act is done
+        by then: a journal that cannot be written is logged as an error, not raised as if
+        the act had failed."""
         line = json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                            "act": act, "version": version, "previous": previous, **fields},
                           ensure_ascii=True)
-        with open(self.journal, "a", encoding="ascii") as journal:
-            journal.write(line + "\n")
-            journal.flush()
-            os.fsync(journal.fileno())
+        try:
+            with open(self.journal, "a", encoding="ascii") as journal:
+                journal.write(line + "\n")
+                journal.flush()
+                os.fsync(journal.fileno())
+        except OSError as exc:
+            log.error("store: cannot append to %s (%s): not journaled: %s", self.journal,
+                      exc.strerror or exc, line)
 
     def journal_records(self) -> list[dict]:
         """The journal, oldest first (a damaged line is skipped)."""
