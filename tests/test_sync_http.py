@@ -529,3 +529,10 @@ def test_client_certificate_for_a_registry_that_requires_one(tmp_path, pki, stor
         certificate, key = pki.client
         transport = Transport(ca_file=pki.ca, client_certificate=certificate, client_key=key)
         assert sync(registry.url, store, transport=transport).published
+
+
+def test_a_ca_file_that_cannot_be_loaded_is_named(registry, store, tmp_path):
+    missing = tmp_path / "no-such-ca.pem"
+    with pytest.raises(SyncError, match=rf"sync\.ca_file: {missing}: cannot load"):
+        sync(registry.url, store, transport=Transport(ca_file=missing))
+    assert registry.seen == []
