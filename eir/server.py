@@ -822,10 +822,12 @@ def load_rules(settings: Settings, grandfathering: GrandfatherIndex | None = Non
     store = Store(settings.store.directory, settings.store.keep)
     if first_sync and store.current_version() is None and settings.sync.source:
         try:
-            sync_configured(settings.sync, store)
+            result = sync_configured(settings.sync, store)
         except SyncError as exc:
             raise StoreError(f"first sync from {settings.sync.source} refused:\n{exc}") \
                 from None
+        for warning in result.warnings:
+            log.warning("sync: %s", warning)
     return RuleSet(store.open_current(), policy, grandfathering)
 
 
