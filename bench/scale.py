@@ -328,7 +328,7 @@ def split_in_process(csv: Path, scratch: Path, exceptions: Path | None = None
     from eir.registry.formats import parse_path
     from eir.snapshot import compile_snapshot
     from eir.store import Store
-    from eir.sync import _sha256
+    from eir.sync import _read_once
 
     steps = []
     resets = _reset_peak_rss()
@@ -342,15 +342,22 @@ def split_in_process(csv: Path, scratch: Path, exceptions: Path | None = None
                       _status_kb("self", "VmHWM") * 1024 if resets else 0))
         return result
 
-    digest = step("sha256 of the CSV", lambda: _sha256(csv))
+    # As `eir sync` does: each file read once, hashed while copied into the store's scratch,
+    # and the copy parsed.
+    copies = scratch / "tmp" / "input"
+    copies.mkdir(parents=True, exist_ok=True)
+    digest = step("sha256 of the CSV, copied into the scratch",
+                  lambda: _read_once(csv, copies / csv.name))
     parsed = step("parse (pyarrow CSV, IMEI keys, attributes)",
-                  lambda: parse_path(csv, display_name=csv.name))
+                  lambda: parse_path(copies / csv.name, display_name=csv.name))
     sources = [{"name": csv.name, "sha256": digest, "kind": "list", "rows": parsed.rows}]
     lists = [parsed]
     if exceptions is not None:
+        paired_digest = _read_once(exceptions, copies / exceptions.name)
         paired = step("parse the exceptions list (IMEI, IMSI)",
-                      lambda: parse_path(exceptions, display_name=exceptions.name))
-        sources.append({"name": exceptions.name, "sha256": _sha256(exceptions), "kind": "list",
+                      lambda: parse_path(copies / exceptions.name,
+                                         display_name=exceptions.name))
+        sources.append({"name": exceptions.name, "sha256": paired_digest, "kind": "list",
                         "rows": paired.rows})
         lists.append(paired)
     data = step("compile_snapshot (sort, merge, sections, bytes)",

@@ -100,7 +100,12 @@ class StoredList(BaseModel):
     created: float = Field(description="Unix time it was compiled")
     age_seconds: float
     counts: dict[str, int]
-    sources: list[dict]
+    manifest: dict | None = Field(
+        None, description="the registry manifest it was compiled from: sequence, published, "
+                          "sha256 (of manifest.json) and signer (SHA256: fingerprint of the "
+                          "public key that verified it, or null); null without a manifest")
+    sources: list[dict] = Field(description="every file in force: name, sha256 of the bytes "
+                                            "parsed, list, run, rows")
 
 
 class ListStatus(BaseModel):
@@ -351,7 +356,8 @@ def _list_status(server) -> ListStatus:
         try:
             versions = [StoredList(version=v.version, in_force=v.in_force,
                                    created=v.info.created, age_seconds=round(v.age_seconds, 3),
-                                   counts=v.info.counts, sources=v.info.sources)
+                                   counts=v.info.counts, manifest=v.info.manifest,
+                                   sources=v.info.sources)
                         for v in store.versions()]
             pinned = store.pinned()
         except StoreError as exc:

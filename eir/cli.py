@@ -21,7 +21,7 @@ from eir.lists import ListError, parse_imsi
 from eir.observations import (ObservationError, clone_suspects, database_location,
                               day_number, format_day, write_dump)
 from eir.store import Store, StoreError
-from eir.sync import SyncError, sync
+from eir.sync import SyncError, sync_configured
 
 EXIT_REFUSED = 1
 EXIT_USAGE = 2
@@ -339,7 +339,9 @@ def _sync(args: argparse.Namespace) -> int:
     if not settings.sync.source:
         raise SyncError("no source: give --source DIR or set sync.source in the config")
     store = _store(settings)
-    result = sync(settings.sync.source, store, settings.sync.public_key)
+    result = sync_configured(settings.sync, store)
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     for note in result.ignored:
         print(f"ignored: {note}")
     if result.published:
@@ -365,7 +367,8 @@ def _lists(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([{"version": v.version, "in_force": v.in_force,
                            "created": v.info.created, "age_seconds": round(v.age_seconds),
-                           "counts": v.info.counts, "sources": v.info.sources}
+                           "counts": v.info.counts, "manifest": v.info.manifest,
+                           "sources": v.info.sources}
                           for v in versions]))
         return 0
     if not versions:
@@ -375,8 +378,14 @@ def _lists(args: argparse.Namespace) -> int:
         created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(stored.info.created))
         counts = ", ".join(f"{n} {k}" for k, n in stored.info.counts.items())
         print(f"{mark} {stored.version}  {created}  age {_age(stored.age_seconds)}  {counts}")
+        manifest = stored.info.manifest
+        if manifest is not None:
+            print(f"      manifest sequence {manifest['sequence']} published "
+                  f"{manifest['published']} sha256 {manifest['sha256']}")
+            print(f"      signed by {manifest['signer'] or 'nobody (no public key set)'}")
         for source in stored.info.sources:
-            digest = f" sha256 {source['sha256'][:12]}" if source.get("sha256") else ""
+            # In full: what an auditor matches against the registry's manifest.
+            digest = f" sha256 {source['sha256']}" if source.get("sha256") else ""
             rows = f": {source['rows']} rows" if source.get("rows") is not None else ""
             run = f" run {source['run']}" if source.get("run") else ""
             print(f"      {source['name']}{rows}{run}{digest}")

@@ -16,7 +16,7 @@ from typing import Literal
 
 import yaml
 from pydantic import (BaseModel, ConfigDict, Field, SecretStr, ValidationError,
-                      ValidationInfo, field_validator)
+                      ValidationInfo, field_validator, model_validator)
 
 from eir.decision import UnknownPolicy
 from eir.untrusted import DEFAULT_VALUE_CHARS
@@ -177,6 +177,23 @@ class SyncSettings(_Strict):
     source: str | None = None
     interval_seconds: float = Field(3600.0, gt=0)
     public_key: str | None = None
+    # URL sources (eir.fetch.Transport): plain http:// only with this set and a public_key;
+    # the CA (PEM) the registry's certificate must chain to (None: the system's); a client
+    # certificate and key (PEM) for registries that require mutual TLS.
+    allow_http: bool = False
+    ca_file: str | None = None
+    # Lists older than this (since the registry published their manifest, else since they
+    # were compiled) set eir_list_stale to 1: a registry gone quiet, or someone holding the
+    # EIR on old lists. None: no alert.
+    max_age_seconds: float | None = Field(None, gt=0)
+    client_certificate: str | None = None
+    client_key: str | None = None
+
+    @model_validator(mode="after")
+    def _client_key_needs_certificate(self) -> "SyncSettings":
+        if self.client_key and not self.client_certificate:
+            raise ValueError("client_key is set without client_certificate")
+        return self
 
 
 class ObservationSettings(_Strict):
@@ -410,16 +427,16 @@ def load_settings(path: Path | None) -> Settings:
     source = settings.sync.source
     if source and "://" not in source:
         source = str(base / source)
-    public_key = settings.sync.public_key
-    if public_key:
-        public_key = str(base / public_key)
+    sync_paths = {key: str(base / value) for key in ("public_key", "ca_file",
+                                                      "client_certificate", "client_key")
+                  if (value := getattr(settings.sync, key))}
     return settings.model_copy(update={
         "lists": settings.lists.model_copy(
             update={"files": [base / f for f in settings.lists.files]}),
         "store": settings.store.model_copy(update={
             "directory": base / settings.store.directory if settings.store.directory
             else None}),
-        "sync": settings.sync.model_copy(update={"source": source, "public_key": public_key}),
+        "sync": settings.sync.model_copy(update={"source": source, **sync_paths}),
         "observations": settings.observations.model_copy(update={
             key: base / value for key in ("database", "msisdn_file")
             if (value := getattr(settings.observations, key)) is not None}),

@@ -19,6 +19,12 @@ and every socket operation times out after TIMEOUT_SECONDS. The manifest (and si
 installed in the cache last, once every file it names is there; files it no longer names are
 then removed. Any failure raises FetchError naming the URL: files already cached stay, and
 so does the previous manifest.
+
+Transport (Transport): https:// with the certificate and host name verified against
+`ca_file` or the system's trust store, TLS 1.2 at least, and a client certificate when the
+registry requires one. A redirect is followed only within the source's origin (scheme, host,
+port): one to http:// or to another host is refused before anything is requested there.
+Whether plain http:// may be used at all is eir.sync's decision (a setting and a signature).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import hashlib
 import http.client
 import json
 import os
+import ssl
 import time
 import re
 import urllib.error
@@ -37,6 +44,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from eir.manifest import ManifestError, parse_manifest
 
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.json.sig"
@@ -65,18 +74,68 @@ def is_url(source: str) -> bool:
     return source.lower().startswith(("http://", "https://"))
 
 
+@dataclass(frozen=True)
+class Transport:
+    """How a registry URL is fetched (the `sync` section of the configuration).
+
+    ca_file: the CA certificates (PEM) that the registry's server certificate must chain to;
+        None: the system's trust store. The host name is always checked.
+    client_certificate, client_key: a client certificate (PEM) for registries that require
+        mutual TLS; the key may be in the certificate's file.
+    allow_http: plain http:// may be used (eir.sync also requires a signed manifest then).
+    """
+
+    allow_http: bool = False
+    ca_file: Path | None = None
+    client_certificate: Path | None = None
+    client_key: Path | None = None
+
+    @classmethod
+    def of(cls, settings) -> "Transport":
+        """From eir.config.SyncSettings."""
+        return cls(settings.allow_http, _path(settings.ca_file),
+                   _path(settings.client_certificate), _path(settings.client_key))
+
+    def tls_context(self) -> ssl.SSLContext:
+        """Certificate and host name verified; TLS 1.2 at least."""
+        try:
+            context = ssl.create_default_context(
+                cafile=str(self.ca_file) if self.ca_file else None)
+        except (OSError, ssl.SSLError) as exc:
+            raise FetchError(f"sync.ca_file: {self.ca_file}: cannot load: "
+                             f"{getattr(exc, 'strerror', None) or exc}") from None
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        if self.client_certificate is not None:
+            try:
+                context.load_cert_chain(
+                    str(self.client_certificate),
+                    str(self.client_key) if self.client_key else None)
+            except (OSError, ssl.SSLError) as exc:
+                raise FetchError(f"sync.client_certificate: {self.client_certificate}: cannot "
+                                 f"load with its key: {getattr(exc, 'strerror', None) or exc}"
+                                 ) from None
+        return context
+
+
+def _path(value) -> Path | None:
+    return Path(value) if value else None
+
+
 @contextmanager
 def mirrored(url: str, cache_root: Path, *, signature: bool = False,
              check: Callable[[bytes, bytes | None, str], None] | None = None,
-             ) -> Iterator[Fetched]:
+             transport: Transport | None = None) -> Iterator[Fetched]:
     """Bring the cache of `url` up to date and yield it, locked against other fetches of the
     same URL until the `with` block ends (the caller syncs from it meanwhile).
 
     signature: also fetch `manifest.json.sig` (None when the server has none, 404).
     check(manifest bytes, signature bytes or None, base URL): called before any listed file is
     fetched; whatever it raises stops the fetch (a bad signature downloads nothing more).
+    transport: TLS trust and client certificate (default: the system's trust store).
+    A redirect is followed only to the same scheme, host and port.
     """
     base = _base_url(url)
+    opener = _opener(base, transport or Transport())
     key = _cache_key(base)
     cache_root.mkdir(parents=True, exist_ok=True)
     directory = cache_root / key
@@ -84,19 +143,21 @@ def mirrored(url: str, cache_root: Path, *, signature: bool = False,
     with open(cache_root / f"{key}.lock", "a+b") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            yield _Mirror(base, directory, cache_root / f"{key}.json").run(signature, check)
+            yield _Mirror(base, directory, cache_root / f"{key}.json", opener).run(signature,
+                                                                                   check)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 class _Mirror:
-    def __init__(self, base: str, directory: Path, validators_path: Path):
+    def __init__(self, base: str, directory: Path, validators_path: Path,
+                 opener: urllib.request.OpenerDirector):
         self.base = base
         self.directory = directory
         self.validators_path = validators_path
         self.validators = _load_json(validators_path)
         self.result = Fetched(directory)
-        self.opener = urllib.request.build_opener()
+        self.opener = opener
         self.opener.addheaders = [("User-Agent", "open-eir-sync"),
                                   ("Accept-Encoding", "identity")]
 
@@ -232,6 +293,42 @@ class _Mirror:
                 "sha256": digest.hexdigest()}
 
 
+def _opener(base: str, transport: Transport) -> urllib.request.OpenerDirector:
+    handlers: list = [_SameOriginRedirects(base)]
+    if base.lower().startswith("https://"):
+        handlers.append(urllib.request.HTTPSHandler(context=transport.tls_context()))
+    return urllib.request.build_opener(*handlers)
+
+
+class _SameOriginRedirects(urllib.request.HTTPRedirectHandler):
+    """Redirects are followed only within the source's origin (scheme, host and port): a
+    redirect from https:// to http:// would fetch the lists in clear, and one to another host
+    would fetch them from a server the operator never named."""
+
+    def __init__(self, base: str):
+        self.origin = _origin(base)
+
+    def redirect_request(self, request, response, code, message, headers, new_url):
+        target = urllib.parse.urljoin(request.full_url, new_url)
+        if _origin(target) != self.origin:
+            response.close()
+            shown = target if len(target) <= 200 else target[:200] + "..."
+            raise FetchError(f"{request.full_url}: HTTP {code} redirect to {shown!r} refused: "
+                             f"it leaves {self.origin[0]}://{self.origin[1]}:{self.origin[2]}")
+        return super().redirect_request(request, response, code, message, headers, new_url)
+
+
+def _origin(url: str) -> tuple[str, str, int]:
+    parts = urllib.parse.urlsplit(url)
+    scheme = parts.scheme.lower()
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1  # not a port: never the source's
+    return scheme, (parts.hostname or "").lower(), port or {"http": 80, "https": 443}.get(
+        scheme, 0)
+
+
 def _base_url(url: str) -> str:
     """The URL the manifest and files sit under, ending in `/`."""
     parts = urllib.parse.urlsplit(url)
@@ -253,11 +350,9 @@ def _cache_key(base: str) -> str:
 
 def _parse_manifest(data: bytes, url: str) -> dict[str, str]:
     try:
-        files = json.loads(data.decode("utf-8"))["files"]
-        if not isinstance(files, dict):
-            raise TypeError("files is not a mapping")
-    except (UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
-        raise FetchError(f"{url}: unreadable manifest: {exc}") from None
+        files = parse_manifest(data, url).files
+    except ManifestError as exc:
+        raise FetchError(str(exc)) from None
     problems = []
     for name, digest in files.items():
         if (not name or name.startswith(".") or "/" in name or "\\" in name or "\0" in name

@@ -3,7 +3,7 @@
     imei    a 14-16 digit IMEI (normalised to 14), an 8-digit TAC, or START-END, two IMEIs
     status  whitelist | blacklist | greylist
     imsi    optional: the rule then applies only to that subscriber
-    reason  optional free text, shown to whoever asks why
+    reason  optional free text, shown to whoever asks why (at most MAX_TEXT_CELL characters)
 
 `imsi` and `reason` columns may be left out; blank lines and lines whose first cell starts
 with `#` are skipped. A file with any bad row is refused whole, every problem reported as
@@ -43,7 +43,15 @@ class ListError(Exception):
 
 # The longest valid key cell is an IMEI range of two 16-digit IMEISVs with spaces around
 # the dash (35 characters); 64 leaves room for spacing while bounding what an error echoes.
+# Registry formats (eir.registry.formats) hold every identifier, date, status and MSISDN
+# cell to it too.
 MAX_KEY_CELL = 64
+# Free text (a reason, a device name) goes out with every verdict of its IMEIs: in each API
+# answer, `eir check`, and each audit record. 1,024 characters hold any real reason (DIRBS
+# joins a few words per reason with `|`) and keep a hostile list from making every answer
+# about an IMEI megabytes long. A format rule, not a setting: a list valid on one EIR is
+# valid on every EIR.
+MAX_TEXT_CELL = 1024
 
 
 def parse_imsi(text: str) -> str:
@@ -80,6 +88,9 @@ def _rule(cells: dict[str, str], where: str) -> tuple[Rule | None, list[str]]:
                 f"{MAX_KEY_CELL} in this column)"
                 for column in ("imei", "status", "imsi")
                 if len(cells.get(column, "")) > MAX_KEY_CELL]
+    if len(cells.get("reason", "")) > MAX_TEXT_CELL:
+        problems.append(f"{where}: reason: {len(cells['reason'])} characters (at most "
+                        f"{MAX_TEXT_CELL} in this column)")
     if problems:
         return None, problems
     fields: dict = {"source": where, "reason": cells.get("reason", "")}

@@ -31,6 +31,7 @@ workers' to add.
 from __future__ import annotations
 
 import bisect
+import calendar
 import collections
 import time
 from dataclasses import asdict, dataclass, field
@@ -155,6 +156,10 @@ class MetricsSnapshot:
     list_version: str = ""
     list_entries: dict[str, int] = field(default_factory=dict)  # kind → count
     list_created: float = 0.0  # time.time() the snapshot in force was compiled
+    # When the registry published the manifest of the lists in force (0: no manifest time),
+    # and sync.max_age_seconds (None: no alert).
+    list_published: float = 0.0
+    sync_max_age: float | None = None
     list_reloads: dict[str, int] = field(default_factory=lambda: {"ok": 0, "refused": 0})
     sync: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SYNC_OUTCOMES, 0))
     sync_last_success: float | None = None
@@ -209,9 +214,19 @@ class MetricsSnapshot:
             merged.list_version = newest.list_version
             merged.list_entries = dict(newest.list_entries)
             merged.list_created = newest.list_created
+            merged.list_published = newest.list_published
+            merged.sync_max_age = newest.sync_max_age
             merged.sync_last_success = newest.sync_last_success
             merged.taken = newest.taken
         return merged
+
+
+def _published(manifest: dict | None) -> float:
+    """The manifest's `published` (eir.manifest: "YYYY-MM-DDTHH:MM:SSZ") as Unix time."""
+    text = (manifest or {}).get("published")
+    if not text:
+        return 0.0
+    return calendar.timegm(time.strptime(text, "%Y-%m-%dT%H:%M:%SZ"))
 
 
 def _add_into(total: dict, more: dict) -> None:
@@ -252,6 +267,8 @@ def snapshot_of(server) -> MetricsSnapshot:
     snapshot.list_entries = {kind: int(info.counts.get(kind, 0))
                              for kind in ("imei", "pairs", "ranges", "tacs")}
     snapshot.list_created = float(info.created)
+    snapshot.list_published = _published(info.manifest)
+    snapshot.sync_max_age = server.settings.sync.max_age_seconds
     snapshot.list_reloads = dict(server.reload_counts)
     sync = server.sync_counters
     snapshot.sync = {"published": sync.published, "up_to_date": sync.up_to_date,
@@ -336,6 +353,19 @@ class EirCollector:
         yield GaugeMetricFamily("eir_list_created_timestamp_seconds",
                                 "When the lists in force were compiled (Unix time)",
                                 value=s.list_created)
+        if s.list_published:
+            yield GaugeMetricFamily("eir_list_published_timestamp_seconds",
+                                    "When the registry published the manifest of the lists "
+                                    "in force (its `published`, Unix time)",
+                                    value=s.list_published)
+        if s.sync_max_age is not None:
+            # Stale: the registry's lists in force are older than sync.max_age_seconds (since
+            # their manifest's publication, else since they were compiled): a registry that
+            # stopped publishing, or an attacker holding the EIR on old lists.
+            age = s.taken - (s.list_published or s.list_created)
+            yield GaugeMetricFamily("eir_list_stale", "1 when the lists in force are older "
+                                    "than sync.max_age_seconds, else 0",
+                                    value=int(age > s.sync_max_age))
         family = CounterMetricFamily("eir_list_reloads", "List reloads by outcome",
                                      labels=["outcome"])
         for outcome, count in s.list_reloads.items():

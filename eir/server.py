@@ -29,7 +29,7 @@ from eir.s13 import S13Application
 from eir.security import (AllowedPeer, PeerAllowlist, TlsAcceptor, certificate_names,
                           server_tls_context)
 from eir.store import Store, StoreError
-from eir.sync import SyncCounters, SyncError, sync
+from eir.sync import SyncCounters, SyncError, sync_configured
 from eir.workers import (Channel, ForwardedLimits, ForwardingBackend, Supervisor,
                          WorkerLogPrefix, worker_channel)
 
@@ -571,8 +571,8 @@ class EirServer:
         source = self.settings.sync.source
         while True:
             try:
-                result = await _in_daemon_thread(self.loop, sync, source, store,
-                                                 self.settings.sync.public_key)
+                result = await _in_daemon_thread(self.loop, sync_configured,
+                                                 self.settings.sync, store)
             except (SyncError, StoreError) as exc:
                 self.sync_counters.record(None, exc)
                 log.error("sync from %s refused; the snapshot in force keeps serving:\n%s",
@@ -587,6 +587,8 @@ class EirServer:
                          if result.published else f"up to date (version {result.version})")
                 for note in result.ignored:
                     log.info("sync: ignored %s", note)
+                for warning in result.warnings:
+                    log.warning("sync: %s", warning)
                 if result.version != self.rule_set.version:
                     await self.reload_lists()
             await asyncio.sleep(self.settings.sync.interval_seconds)
@@ -825,10 +827,12 @@ def load_rules(settings: Settings, grandfathering: GrandfatherIndex | None = Non
     store = Store(settings.store.directory, settings.store.keep)
     if first_sync and store.current_version() is None and settings.sync.source:
         try:
-            sync(settings.sync.source, store, settings.sync.public_key)
+            result = sync_configured(settings.sync, store)
         except SyncError as exc:
             raise StoreError(f"first sync from {settings.sync.source} refused:\n{exc}") \
                 from None
+        for warning in result.warnings:
+            log.warning("sync: %s", warning)
     return RuleSet(store.open_current(), policy, grandfathering)
 
 

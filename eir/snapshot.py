@@ -189,7 +189,8 @@ def compile_snapshot(lists: Iterable[ListEntries], version: str,
 def write_snapshot(out: BinaryIO, lists: Iterable[ListEntries], version: str,
                    tac_names: dict[int, str] | None = None,
                    sources: list[dict] | None = None, created: float | None = None,
-                   states: dict[str, str] | None = None, scratch: Path | None = None) -> dict:
+                   states: dict[str, str] | None = None, scratch: Path | None = None,
+                   manifest: dict | None = None) -> dict:
     """Compile parsed lists into a snapshot written to `out`; returns its counts.
 
     The lists are walked together in key order, a block at a time (eir.registry.table), and
@@ -307,6 +308,7 @@ def write_snapshot(out: BinaryIO, lists: Iterable[ListEntries], version: str,
             "attributes": [attribute_to_json(a) for a in attributes],
             "combinations": [list(c) for c in table.combinations],
             "states": states or {},
+            "manifest": manifest,  # the registry manifest it came from (eir.manifest)
         }
         writer.finish(out, header)
     return counts
@@ -360,6 +362,9 @@ class SnapshotInfo:
     counts: dict
     sources: list  # one dict per file: name, sha256, rows, list, run
     states: dict  # list name → stored state file (eir.registry.state), for deltas
+    # The registry manifest it was compiled from: sequence, published, sha256, signer
+    # (eir.manifest.Manifest.provenance); None for a source without a manifest.
+    manifest: dict | None = None
 
 
 class Snapshot:
@@ -386,7 +391,8 @@ class Snapshot:
         try:
             body = (16 + header_length + 7) & ~7
             self.info = SnapshotInfo(header["version"], header["created"], header["counts"],
-                                     header["sources"], header.get("states", {}))
+                                     header["sources"], header.get("states", {}),
+                                     header.get("manifest"))
             self.attributes = [attribute_from_json(item) for item in header["attributes"]]
             self.sets: list[tuple[int, ...]] = [(i,) for i in range(len(self.attributes))]
             self.sets += [tuple(c) for c in header["combinations"]]

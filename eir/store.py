@@ -7,6 +7,15 @@ in force.
                                      to these; see eir.registry.state)
     STORE/tmp/sync-*                 a running sync's sort runs (see eir.registry.table)
     STORE/.lock                      held while publishing or rolling back
+    STORE/journal.jsonl              every change of the version in force, one JSON line
+                                     each, never rewritten: what an auditor reads
+    STORE/SEQUENCE                   the highest registry manifest sequence ever published
+                                     here (eir.sync refuses older ones, even after a rollback)
+
+The journal records each publish (version, the registry manifest's sequence, time, sha256
+and signer, and every file in force with its sha256), each rollback and unpin (the version
+before and after, and who: user, uid, pid and command), so that the lists in force on any
+day can be shown long after their snapshots were pruned. A rollback is also logged.
 
 Publishing writes the new snapshot under a temporary name, fsyncs it, renames it into place,
 then replaces CURRENT the same way. A crash (kill -9, power loss) at any point leaves CURRENT
@@ -19,9 +28,13 @@ back, until `unpin`.
 from __future__ import annotations
 
 import fcntl
+import getpass
+import json
+import logging
 import os
 import re
 import shutil
+import sys
 import tempfile
 import time
 from contextlib import contextmanager
@@ -32,6 +45,9 @@ from typing import Callable
 from eir.snapshot import Snapshot, SnapshotError, SnapshotInfo
 
 SUFFIX = ".eirsnap"
+JOURNAL = "journal.jsonl"
+
+log = logging.getLogger("eir.store")
 
 
 class StoreError(Exception):
@@ -60,6 +76,8 @@ class Store:
         self.states = self.root / "lists"
         self.pointer = self.root / "CURRENT"
         self.pin = self.root / "PINNED"
+        self.journal = self.root / JOURNAL
+        self.sequence = self.root / "SEQUENCE"
 
     # -- reading ------------------------------------------------------------------------
 
@@ -140,10 +158,18 @@ class Store:
             temporary.unlink(missing_ok=True)
             raise StoreError(f"snapshot says version {snapshot.version}, published as "
                              f"{version}")
+        info = snapshot.info
         del snapshot
         path = self.path_of(version)
         _durable_replace(temporary, path)
+        previous = self.current_version()
+        sequence = (info.manifest or {}).get("sequence")
+        if sequence is not None and sequence > (self.highest_sequence() or -1):
+            _atomic_write(self.sequence, f"{sequence}\n".encode("ascii"))
         _atomic_write(self.pointer, f"{version}\n".encode("ascii"))
+        self._record("publish", version, previous, manifest=info.manifest,
+                     files=[{"name": source.get("name"), "sha256": source.get("sha256")}
+                            for source in info.sources])
         self._prune()
         return path
 
@@ -163,8 +189,10 @@ class Store:
         finally:
             shutil.rmtree(directory, ignore_errors=True)
 
-    def rollback(self, version: str | None = None) -> str:
-        """Put `version` (default: the one before the version in force) back in force."""
+    def rollback(self, version: str | None = None, by: str | None = None) -> str:
+        """Put `version` (default: the one before the version in force) back in force, and
+        pin the store. Journaled and logged as the operator's act (`by`: who; default the
+        user, uid, pid and command of this process)."""
         with self.locked():
             versions = self.versions()
             current = self.current_version()
@@ -179,7 +207,24 @@ class Store:
             _atomic_write(self.pointer, f"{version}\n".encode("ascii"))
             # Pinned: the next sync would otherwise publish again what was just rolled back.
             _atomic_write(self.pin, f"{version}\n".encode("ascii"))
+            by = by or operator()
+            self._record("rollback", version, current, by=by)
+            log.warning("lists: rollback to version %s (was %s) by %s; the store is pinned "
+                        "until `eir lists unpin`", version, current, by)
             return version
+
+    def highest_sequence(self) -> int | None:
+        """The highest registry manifest sequence ever published in this store (None: no
+        sequenced manifest yet). A rollback does not lower it."""
+        try:
+            text = self.sequence.read_text(encoding="ascii").strip()
+        except FileNotFoundError:
+            return None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise StoreError(f"{self.sequence}: unreadable: {exc}") from None
+        if not text.isdigit():
+            raise StoreError(f"{self.sequence}: {text[:40]!r} is not a sequence number")
+        return int(text)
 
     def pinned(self) -> str | None:
         """The version a rollback pinned (syncs are refused until unpin), or None."""
@@ -188,12 +233,46 @@ class Store:
         except FileNotFoundError:
             return None
 
-    def unpin(self) -> str | None:
+    def unpin(self, by: str | None = None) -> str | None:
         """Let syncs publish again; returns the version that was pinned."""
         with self.locked():
             pinned = self.pinned()
             self.pin.unlink(missing_ok=True)
+            if pinned is not None:
+                by = by or operator()
+                self._record("unpin", self.current_version(), pinned, by=by)
+                log.warning("lists: store unpinned (was pinned at %s) by %s", pinned, by)
             return pinned
+
+    def _record(self, act: str, version: str | None, previous: str | None, **fields) -> None:
+        """One line in the journal (called under the lock, after the act). The act is done
+        by then: a journal that cannot be written is logged as an error, not raised as if
+        the act had failed."""
+        line = json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                           "act": act, "version": version, "previous": previous, **fields},
+                          ensure_ascii=True)
+        try:
+            with open(self.journal, "a", encoding="ascii") as journal:
+                journal.write(line + "\n")
+                journal.flush()
+                os.fsync(journal.fileno())
+        except OSError as exc:
+            log.error("store: cannot append to %s (%s): not journaled: %s", self.journal,
+                      exc.strerror or exc, line)
+
+    def journal_records(self) -> list[dict]:
+        """The journal, oldest first (a damaged line is skipped)."""
+        try:
+            text = self.journal.read_text(encoding="ascii", errors="replace")
+        except FileNotFoundError:
+            return []
+        records = []
+        for line in text.splitlines():
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                continue
+        return records
 
     def save_state(self, name: str, version: str, write: Callable[[Path], None]) -> str:
         """Store a list state (eir.registry.state), written by `write(path)`, under a name of
@@ -229,6 +308,20 @@ class Store:
             for state in self.states.glob("*.state"):
                 if state.name not in referenced:
                     state.unlink(missing_ok=True)
+
+
+def operator() -> str:
+    """Who this process acts for: user, uid, pid and command (`eir lists rollback`, or
+    `eir serve` for the API)."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "?"
+    program = os.path.basename(sys.argv[0])
+    if program in ("__main__.py", "eir"):  # `python -m eir` or the console script
+        program = "eir"
+    command = " ".join([program] + sys.argv[1:3])[:120]
+    return f"{user} (uid {os.getuid()}, pid {os.getpid()}, {command})"
 
 
 def _safe(name: str) -> str:

@@ -180,3 +180,29 @@ def test_parse_host_port_refuses_unbracketed_ipv6(text):
     [ADDR]:PORT, so guessing which part is the port would silently listen elsewhere."""
     with pytest.raises(ValueError):
         parse_host_port(text)
+
+
+@pytest.mark.parametrize("text, line, key, detail", [
+    ("sync:\n  client_key: eir.key\n", 1, "sync", "client_key is set without client_certificate"),
+    ("sync:\n  max_age_seconds: 0\n", 2, "sync.max_age_seconds", "greater than 0"),
+    ("sync:\n  allow_http: sometimes\n", 2, "sync.allow_http", "boolean"),
+])
+def test_bad_sync_transport_settings_are_named(tmp_path, text, line, key, detail):
+    path = write_config(tmp_path, text)
+    message = config_error(path)
+    assert message.startswith(f"{path}:{line}: {key}: "), message
+    assert detail in message
+
+
+def test_sync_key_and_tls_files_are_relative_to_the_config(tmp_path):
+    settings = load_settings(write_config(tmp_path, """\
+        sync:
+          public_key: keys/registry.pub.pem
+          ca_file: tls/ca.pem
+          client_certificate: tls/eir.pem
+          client_key: /etc/eir/eir.key
+        """))
+    assert (settings.sync.public_key, settings.sync.ca_file, settings.sync.client_certificate,
+            settings.sync.client_key) == (
+        str(tmp_path / "keys/registry.pub.pem"), str(tmp_path / "tls/ca.pem"),
+        str(tmp_path / "tls/eir.pem"), "/etc/eir/eir.key")

@@ -391,3 +391,53 @@ def test_zip_bomb_member_is_refused_before_parsing(tmp_path):
                 member.write(zeros)
     with pytest.raises(ListError, match="refused as a possible zip bomb"):
         parse_path(path)
+
+
+# --- cell limits: the same in every format ----------------------------------------------------
+
+HUGE = 4 << 20  # the 4 MB reasons cell the sync once accepted
+
+
+@pytest.mark.parametrize("name, header, row, field, limit", [
+    (BLACKLIST, "imei,block_date,reasons", f"{IMEI_A},20261201,{{}}", "reasons", 1024),
+    (NOTIFICATIONS, "imei,imsi,msisdn,block_date,reasons",
+     f"{IMEI_A},001010123456789,6281100000001,20261201,{{}}", "reasons", 1024),
+    (NOTIFICATIONS, "imei,imsi,msisdn,block_date,reasons",
+     f"{IMEI_A},001010123456789,{{}},20261201,stolen", "msisdn", 64),
+    (EXCEPTIONS, "imei,imsi,msisdn", f"{IMEI_A},001010123456789,{{}}", "msisdn", 64),
+    ("stolen.csv", "imei,reporting_date,status,change_type", f"{IMEI_A},20261201,{{}},add",
+     "status", 64),
+    ("tac.csv", "tac,manufacturer,model_name", "35123456,{},Phone", "manufacturer", 1024),
+    ("native.csv", "imei,status,imsi,reason", f"{IMEI_A},blacklist,,{{}}", "reason", 1024),
+])
+@pytest.mark.parametrize("size", ["limit", "huge"])
+def test_a_cell_over_its_limit_is_refused_by_file_line_and_field(tmp_path, name, header, row,
+                                                                  field, limit, size):
+    length = limit + 1 if size == "limit" else HUGE
+    path = write(tmp_path, name, lines(header, row.format("x" * length)))
+    problems = problems_of(path)
+    if name == "native.csv" and size == "huge":  # Python's csv stops at 128 KiB per cell
+        assert problems == [f"{path}:2: row: field larger than field limit (131072)"]
+        return
+    [problem] = [p for p in problems if f": {field}: " in p]
+    assert problem.endswith(f": {field}: {length} characters (at most {limit} in this "
+                            "column)"), problem
+    assert problem.startswith(f"{path}:2: ") and len(problem) < 300
+
+
+@pytest.mark.parametrize("name, header, row", [
+    (BLACKLIST, "imei,block_date,reasons", f"{IMEI_A},20261201,{{}}"),
+    ("native.csv", "imei,status,imsi,reason", f"{IMEI_A},blacklist,,{{}}"),
+])
+def test_a_reason_of_exactly_the_limit_is_kept_whole(tmp_path, name, header, row):
+    reason = "é" * 1024  # characters, not bytes
+    entries = parse_path(write(tmp_path, name, lines(header, row.format(reason))))
+    assert [a.reason for a in entries.attributes] == [reason]
+
+
+def test_a_huge_imei_cell_is_named_by_its_length_not_echoed(tmp_path):
+    path = write(tmp_path, BLACKLIST, lines("imei,block_date,reasons",
+                                            f"{'3' * HUGE},20261201,stolen"))
+    [problem] = problems_of(path)
+    assert problem == (f"{path}:2: imei: a cell of {HUGE} characters has {HUGE} characters, "
+                       "an IMEI has at most 16")

@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from eir.decision import EquipmentStatus, RuleSet, UnknownPolicy
 from eir.store import Store
+from eir.fetch import Transport
 from eir.sync import DOWNLOADS, SyncError, sync
 
 DAY = 20261201
@@ -28,6 +29,9 @@ A, B, C = "35209900176148", "35332106470089", "35000000000001"
 FULL = "20261120_blacklist.csv"
 EXTRA = "20261121_extra.csv"
 _MTIMES = itertools.count(int(time.time()) - 100_000, 10)
+_SEQUENCES = itertools.count(1)
+# The URL sources here are plain http:// (the stdlib file server): allowed since signed.
+HTTP = Transport(allow_http=True)
 
 
 def rows(*imeis: str) -> bytes:
@@ -43,12 +47,16 @@ def write(path, data: bytes):
 
 
 def publish(directory, files: dict[str, bytes], key: Ed25519PrivateKey | None,
-            encoding: str = "raw") -> bytes:
-    """Write `files` and their manifest; sign it with `key` (raw or base64) unless None."""
+            encoding: str = "raw", sequence: int | None = None) -> bytes:
+    """Write `files` and their manifest, of the next sequence number unless `sequence` is
+    given; sign it with `key` (raw or base64) unless None."""
     for name, data in files.items():
         write(directory / name, data)
-    manifest = json.dumps({"files": {name: hashlib.sha256(data).hexdigest()
-                                     for name, data in files.items()}}).encode()
+    manifest = json.dumps({
+        "sequence": next(_SEQUENCES) if sequence is None else sequence,
+        "published": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "files": {name: hashlib.sha256(data).hexdigest() for name, data in files.items()},
+    }).encode()
     write(directory / "manifest.json", manifest)
     if key is not None:
         signature = key.sign(manifest)
@@ -119,13 +127,13 @@ def source(request, drop):
 def signed_and_synced(drop, source, store, signer, key_file) -> dict[str, bytes]:
     """Publish {A, B} signed, sync it with the key; return the store's contents."""
     publish(drop, {FULL: rows(A, B)}, signer)
-    assert sync(source, store, key_file).version == "000001"
+    assert sync(source, store, key_file, HTTP).version == "000001"
     return store_contents(store)
 
 
 def refused(source, store, key_file, before, match):
     with pytest.raises(SyncError, match=match):
-        sync(source, store, key_file)
+        sync(source, store, key_file, HTTP)
     assert store_contents(store) == before
     assert verdict(store, A).status is BLACK and verdict(store, C).status is None
 
@@ -135,7 +143,7 @@ def refused(source, store, key_file, before, match):
 @pytest.mark.parametrize("encoding", ["raw", "base64"])
 def test_signed_manifest_syncs(drop, source, store, signer, key_file, encoding):
     publish(drop, {FULL: rows(A, B)}, signer, encoding)
-    result = sync(source, store, key_file)
+    result = sync(source, store, key_file, HTTP)
     assert (result.published, result.version) == (True, "000001")
     assert verdict(store, A).status is BLACK
 
@@ -152,7 +160,7 @@ def test_signature_made_with_openssl_verifies(drop, store, signer, key_file, tmp
     subprocess.run(["openssl", "pkeyutl", "-sign", "-rawin", "-inkey", str(private),
                     "-in", str(drop / "manifest.json"), "-out", str(drop / "manifest.json.sig")],
                    check=True, timeout=30)
-    assert sync(str(drop), store, key_file).published
+    assert sync(str(drop), store, key_file, HTTP).published
 
 
 # -- refused: the store untouched ------------------------------------------------------------
@@ -214,6 +222,96 @@ def test_key_that_is_not_ed25519_is_refused(drop, store, signer, tmp_path):
     assert store.current_version() is None
 
 
-def test_unsigned_source_syncs_when_no_key_is_set(drop, source, store):
+def test_unsigned_drop_directory_syncs_when_no_key_is_set(drop, store):
     publish(drop, {FULL: rows(A, B)}, None)
-    assert sync(source, store).published
+    assert sync(str(drop), store).published
+
+
+# -- no going back: the signed sequence ------------------------------------------------------
+
+def files_of(drop) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in drop.iterdir()}
+
+
+def test_last_months_signed_lists_served_again_are_refused(drop, source, store, signer,
+                                                           key_file):
+    """A replay: the registry's own signature, valid, over an older manifest and its files."""
+    publish(drop, {FULL: rows(A, B)}, signer)
+    assert sync(source, store, key_file, HTTP).version == "000001"
+    last_month = files_of(drop)
+    publish(drop, {FULL: rows(A, B, C)}, signer)
+    assert sync(source, store, key_file, HTTP).version == "000002"
+    before = store_contents(store)
+    for name, data in last_month.items():
+        write(drop / name, data)
+    with pytest.raises(SyncError, match=r"manifest\.json: sequence: \d+ \(published .*\) is "
+                                        r"older than sequence \d+ .* of version 000002 in "
+                                        r"force: refused as a rollback"):
+        sync(source, store, key_file, HTTP)
+    assert store_contents(store) == before
+    assert verdict(store, C).status is BLACK
+
+
+def test_old_signed_manifest_over_a_url_downloads_no_list_file(drop, served, store, signer,
+                                                               key_file):
+    publish(drop, {FULL: rows(A, B)}, signer, sequence=1)
+    sync(served, store, key_file, HTTP)
+    publish(drop, {FULL: rows(A, B, C)}, signer, sequence=2)
+    sync(served, store, key_file, HTTP)
+    [cache] = [p for p in (store.root / DOWNLOADS).iterdir() if p.is_dir()]
+    cached = files_of(cache)
+    publish(drop, {FULL: rows(A)}, signer, sequence=1)
+    with pytest.raises(SyncError, match="refused as a rollback"):
+        sync(served, store, key_file, HTTP)
+    assert files_of(cache) == cached  # the older list was not even downloaded
+
+
+def test_a_signed_manifest_whose_sequence_is_in_force_is_a_no_op(drop, source, store, signer,
+                                                                 key_file):
+    publish(drop, {FULL: rows(A, B)}, signer, sequence=5)
+    assert sync(source, store, key_file, HTTP).version == "000001"
+    before = store_contents(store)
+    publish(drop, {FULL: rows(B)}, signer, sequence=5)  # A unblocked, but not a new sequence
+    result = sync(source, store, key_file, HTTP)
+    assert (result.version, result.published) == ("000001", False)
+    assert result.ignored == [result.ignored[0]]
+    assert "sequence 5 is in force already (with other bytes" in result.ignored[0]
+    assert store_contents(store) == before and verdict(store, A).status is BLACK
+
+
+def test_a_signed_manifest_needs_a_sequence(drop, source, store, signer, key_file):
+    manifest = json.dumps({"files": {FULL: hashlib.sha256(rows(A)).hexdigest()}}).encode()
+    write(drop / FULL, rows(A))
+    write(drop / "manifest.json", manifest)
+    write(drop / "manifest.json.sig", signer.sign(manifest))
+    with pytest.raises(SyncError, match=r"manifest\.json: sequence: missing: a signed manifest "
+                                        r"must carry `sequence` and `published`"):
+        sync(source, store, key_file, HTTP)
+    assert store.current_version() is None
+
+
+def test_status_shows_sequence_signer_and_each_file_as_parsed(drop, store, signer, key_file,
+                                                              tmp_path):
+    from helpers_process import run_eir
+
+    manifest = publish(drop, {FULL: rows(A, B), EXTRA: b"imei,status\n" + C.encode() +
+                              b",blacklist\n"}, signer, sequence=41)
+    sync(str(drop), store, key_file)
+    done = run_eir("lists", "status", "--store", str(store.root), "--json")
+    [version] = json.loads(done.stdout)
+    fingerprint = "SHA256:" + hashlib.sha256(signer.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)).hexdigest()
+    assert version["manifest"] == {
+        "sequence": 41, "published": json.loads(manifest)["published"],
+        "sha256": hashlib.sha256(manifest).hexdigest(), "signer": fingerprint}
+    assert {s["name"]: s["sha256"] for s in version["sources"]} == {
+        FULL: hashlib.sha256(rows(A, B)).hexdigest(),
+        EXTRA: hashlib.sha256((drop / EXTRA).read_bytes()).hexdigest()}
+    text = run_eir("lists", "status", "--store", str(store.root)).stdout
+    assert f"manifest sequence 41 published {version['manifest']['published']}" in text
+    assert f"signed by {fingerprint}" in text
+    assert f"{FULL}: 2 rows sha256 {hashlib.sha256(rows(A, B)).hexdigest()}" in text
+    if shutil.which("openssl"):  # an auditor finds the same fingerprint with openssl
+        der = subprocess.run(["openssl", "pkey", "-pubin", "-in", str(key_file), "-outform",
+                              "DER"], capture_output=True, check=True, timeout=30).stdout
+        assert fingerprint == "SHA256:" + hashlib.sha256(der).hexdigest()

@@ -286,3 +286,23 @@ def test_a_publisher_killed_at_random_points_never_leaves_current_unusable(tmp_p
     assert_in_force_answers(store, version, BULK)
     assert not list(store.root.rglob("*.tmp")), files_under(store.root)
     assert len(kept(store)) == 3
+
+
+# --- the journal ------------------------------------------------------------------------------
+
+def test_publish_and_rollback_are_journaled_and_a_full_journal_does_not_undo_them(tmp_path,
+                                                                                 caplog):
+    store = Store(tmp_path / "store")
+    publish(store)
+    publish(store)
+    assert store.rollback(by="operator on call") == "000001"
+    assert [(r["act"], r["version"], r["previous"], r.get("by")) for r in
+            store.journal_records()] == [("publish", "000001", None, None),
+                                         ("publish", "000002", "000001", None),
+                                         ("rollback", "000001", "000002", "operator on call")]
+    store.unpin()
+    store.journal.unlink()
+    store.journal.mkdir()  # cannot be appended to, as on a full or read-only disk
+    assert publish(store) == "000003"
+    assert_in_force_answers(store, "000003")
+    assert "not journaled" in caplog.text and '"act": "publish"' in caplog.text

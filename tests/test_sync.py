@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import zipfile
 from pathlib import Path
 
@@ -379,3 +380,252 @@ def test_manifest_naming_a_file_that_is_no_list_says_so(tmp_path, store):
     (source / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(SyncError, match=r"files\.README\.md: not a list file"):
         sync(str(source), store)
+
+
+# --- integrity: what is published is what was verified ------------------------------------------
+# Each test here is an attack that the sync before issue 14 let through.
+
+def test_a_list_renamed_over_after_verification_is_not_what_is_published(tmp_path, store,
+                                                                         served, monkeypatch):
+    """The race made deterministic: the file is replaced (atomic rename) after its checksum was
+    verified against the manifest, just before the parser opens it. The sync parses the copy it
+    hashed, so the verified list is published and the attacker's is never read."""
+    from eir.registry import formats
+
+    drop = write_drop(tmp_path / "drop", blacklist_rows(STOLEN) + [f"{NATIVE},20200101,lost"],
+                      manifest=True)
+    forged = tmp_path / "forged.csv"
+    forged.write_text(lines(*blacklist_rows(ELSEWHERE)))  # STOLEN gone, ELSEWHERE blocked
+    parse_all = formats.parse_all
+
+    def race(path, *args, **kwargs):
+        if forged.exists():
+            forged.replace(drop / BLACKLIST)  # rename(2): atomic, as an attacker would
+        return parse_all(path, *args, **kwargs)
+
+    monkeypatch.setattr(formats, "parse_all", race)
+    verified = json.loads((drop / "manifest.json").read_text())["files"][BLACKLIST]
+    result = sync(str(drop), store)
+    assert not forged.exists()  # the rename did happen, between verification and parsing
+    assert (result.version, result.published) == ("000002", True)
+    rules = rules_in_force(store)
+    assert rules.decide(STOLEN, day=20261201).status is BLACK
+    assert rules.decide(ELSEWHERE, day=20261201).status is None
+    [recorded] = [s for s in store.open_current().info.sources if s["name"] == BLACKLIST]
+    assert recorded["sha256"] == verified != sha256(drop / BLACKLIST)
+
+
+@pytest.mark.parametrize("kind", ["symlink", "fifo", "directory"])
+def test_anything_but_a_regular_file_in_the_drop_is_refused_by_name(tmp_path, store, served,
+                                                                     kind):
+    drop = write_drop(tmp_path / "drop")
+    outside = tmp_path / "outside.csv"
+    outside.write_text(lines("imei,status,imsi,reason", f"{ELSEWHERE},blacklist,,planted"))
+    planted = drop / "planted.csv"
+    if kind == "symlink":
+        planted.symlink_to(outside)
+        what = "a symbolic link: refused"
+    elif kind == "fifo":
+        os.mkfifo(planted)
+        what = "not a regular file: refused"
+    else:
+        planted.mkdir()
+        what = "not a regular file: refused"
+    assert_refused_untouched(drop, store, served, f"{planted}: {what}")
+    assert rules_in_force(store).decide(ELSEWHERE, day=20261201).status is None
+
+
+def test_a_manifest_that_is_a_symlink_is_refused(tmp_path, store, served):
+    drop = write_drop(tmp_path / "drop", manifest=True)
+    elsewhere = tmp_path / "manifest.json"
+    (drop / "manifest.json").replace(elsewhere)
+    (drop / "manifest.json").symlink_to(elsewhere)
+    assert_refused_untouched(drop, store, served, "manifest.json: a symbolic link: refused")
+
+
+# --- no going back, for sources without a sequence number ---------------------------------------
+
+def test_an_older_dated_full_list_does_not_replace_the_newer_one_in_force(tmp_path, store,
+                                                                         served):
+    """A drop directory without a manifest sequence: the date in the file name is what tells
+    last month's blacklist, put back, from a new one."""
+    old = write_drop(tmp_path / "old", blacklist_rows(ELSEWHERE),
+                     blacklist_name="20261020_blacklist.csv")
+    result = sync(str(old), store)
+    assert (result.version, result.published) == ("000001", False)
+    assert store_files(store) == served
+    assert any("20261020_blacklist.csv: dated before the blacklist list in force "
+               f"({BLACKLIST})" in note for note in result.ignored), result.ignored
+    assert result.warnings == [f"{old}: no manifest.json: files are not checked against "
+                               "checksums, and only the dates in file names keep an older "
+                               "list from replacing a newer one"]
+    assert rules_in_force(store).decide(STOLEN, day=20261201).status is BLACK
+
+
+def test_a_manifest_without_sequence_syncs_with_a_warning(tmp_path, store):
+    drop = write_drop(tmp_path / "drop", manifest=True)
+    result = sync(str(drop), store)
+    assert result.published
+    assert result.warnings == [f"{drop / 'manifest.json'}: no sequence: only the dates in "
+                               "file names keep an older list from replacing a newer one "
+                               "(registries: see README, signed lists)"]
+    assert store.open_current().info.manifest["sequence"] is None
+    done = run_eir("sync", "--source", str(drop), "--store", str(store.root))
+    assert "warning: " in done.stderr and "no sequence" in done.stderr
+
+
+def write_sequenced_manifest(directory: Path, sequence, published="2026-12-06T04:00:00Z"):
+    document = {"files": {p.name: sha256(p) for p in list_files(directory)
+                          if p.name != "manifest.json.sig"}}
+    if sequence is not None:
+        document.update(sequence=sequence, published=published)
+    (directory / "manifest.json").write_text(json.dumps(document))
+
+
+def test_unsigned_manifest_sequence_is_enforced_too(tmp_path, store):
+    drop = write_drop(tmp_path / "drop")
+    write_sequenced_manifest(drop, 7)
+    assert sync(str(drop), store).version == "000001"
+    before = store_files(store)
+    write_sequenced_manifest(drop, 6)
+    with pytest.raises(SyncError, match=r"sequence: 6 \(published 2026-12-06T04:00:00Z\) is "
+                                        r"older than sequence 7 .* of version 000001 in force: "
+                                        r"refused as a rollback"):
+        sync(str(drop), store)
+    write_sequenced_manifest(drop, None)
+    with pytest.raises(SyncError, match=r"sequence: missing, but this store has published "
+                                        r"sequence 7 \(version 000001 in force\): refused"):
+        sync(str(drop), store)
+    (drop / "manifest.json").unlink()
+    with pytest.raises(SyncError, match=r"sequence: no manifest, but this store has published "
+                                        r"sequence 7"):
+        sync(str(drop), store)
+    assert store_files(store) == before
+
+
+def test_after_a_rollback_and_unpin_only_the_newest_sequence_comes_back(tmp_path, store):
+    """The operator rolled back to sequence 1 and unpinned: sequence 2, served again by an
+    attacker, is still older than the newest this store published (3); 3 itself comes back."""
+    source = tmp_path / "drop"
+    published = {}
+    for sequence, imei in enumerate([STOLEN, ELSEWHERE, NATIVE], 1):
+        write_drop(source, blacklist_rows(imei))
+        write_sequenced_manifest(source, sequence)
+        published[sequence] = {p.name: p.read_bytes() for p in source.iterdir()}
+        sync(str(source), store)
+    assert store.rollback("000001") == "000001" and store.unpin() == "000001"
+    before = store_files(store)
+    for name, data in published[2].items():
+        (source / name).write_bytes(data)
+    with pytest.raises(SyncError, match=r"sequence: 2 .* is older than sequence 3, the newest "
+                                        r"this store has published \(version 000001 in force "
+                                        r"is from sequence 1, put back by a rollback\)"):
+        sync(str(source), store)
+    assert store_files(store) == before
+    for name, data in published[3].items():
+        (source / name).write_bytes(data)
+    result = sync(str(source), store)
+    assert (result.version, result.published) == ("000004", True)
+    assert store.open_current().info.manifest["sequence"] == 3
+
+
+@pytest.mark.parametrize("fields, problem", [
+    ({"sequence": "7", "published": "2026-12-06T04:00:00Z"},
+     r"sequence: '7' is not an integer from 0 to"),
+    ({"sequence": True, "published": "2026-12-06T04:00:00Z"}, r"sequence: True is not"),
+    ({"sequence": -1, "published": "2026-12-06T04:00:00Z"}, r"sequence: -1 is not"),
+    ({"sequence": 7, "published": "2026-12-06T04:00:00"}, r"published: '2026-12-06T04:00:00' "
+                                                           r"has no time zone"),
+    ({"sequence": 7, "published": "yesterday"}, r"published: 'yesterday' is not an RFC 3339"),
+    ({"sequence": 7}, r"published: missing \(sequence and published go together\)"),
+])
+def test_bad_sequence_or_publication_time_is_refused_naming_the_field(tmp_path, store, served,
+                                                                       fields, problem):
+    drop = write_drop(tmp_path / "drop", blacklist_rows(ELSEWHERE))
+    write_sequenced_manifest(drop, None)
+    document = json.loads((drop / "manifest.json").read_text())
+    (drop / "manifest.json").write_text(json.dumps({**document, **fields}))
+    assert_refused_untouched(drop, store, served, "manifest.json: ")
+    with pytest.raises(SyncError, match=problem):
+        sync(str(drop), store)
+
+
+def test_rollback_and_unpin_are_journaled_as_the_operators_acts(tmp_path, store):
+    source = tmp_path / "drop"
+    write_drop(source)
+    write_sequenced_manifest(source, 1)
+    sync(str(source), store)
+    write_drop(source, blacklist=blacklist_rows(ELSEWHERE))
+    write_sequenced_manifest(source, 2)
+    assert sync(str(source), store).version == "000002"
+    rollback = run_eir("lists", "rollback", "--store", str(store.root))
+    assert rollback.returncode == 0, rollback.stderr
+    assert "rollback to version 000001 (was 000002) by " in rollback.stderr  # logged
+    with pytest.raises(SyncError, match="pinned at version 000001 by a rollback"):
+        sync(str(source), store)  # the sync does not undo the operator's pin
+    assert store.unpin(by="auditor test") == "000001"
+    assert sync(str(source), store).version == "000003"  # sequence 2 again, asked for
+    acts = [(r["act"], r["version"], r["previous"]) for r in store.journal_records()]
+    assert acts == [("publish", "000001", None), ("publish", "000002", "000001"),
+                    ("rollback", "000001", "000002"), ("unpin", "000001", "000001"),
+                    ("publish", "000003", "000001")]
+    records = store.journal_records()
+    assert "eir lists rollback" in records[2]["by"] and records[3]["by"] == "auditor test"
+    assert records[1]["manifest"]["sequence"] == 2
+    assert {f["name"]: f["sha256"] for f in records[1]["files"]}[BLACKLIST] == \
+        sha256(source / BLACKLIST)
+
+
+def test_api_shows_provenance_and_journals_a_rollback_made_through_it(tmp_path, store,
+                                                                      eir_server, monkeypatch):
+    import httpx
+    from helpers_ops import API_LINE, TOKEN, authorised, endpoint
+
+    source = tmp_path / "drop"
+    for sequence, imei in enumerate([STOLEN, ELSEWHERE], 1):
+        write_drop(source, blacklist_rows(imei))
+        write_sequenced_manifest(source, sequence)
+        sync(str(source), store)
+    monkeypatch.setenv("EIR_API_TOKEN", TOKEN)
+    server = eir_server("--api", "127.0.0.1:0", "--store", str(store.root), lists=[])
+    url = endpoint(server, API_LINE)
+    status = httpx.get(url + "/v1/lists", headers=authorised(), timeout=10).json()
+    newest = status["versions"][0]
+    assert newest["manifest"]["sequence"] == 2 and newest["manifest"]["signer"] is None
+    assert newest["manifest"]["sha256"] == sha256(source / "manifest.json")
+    assert {s["name"]: s["sha256"] for s in newest["sources"]}[BLACKLIST] == \
+        sha256(source / BLACKLIST)
+    answer = httpx.post(url + "/v1/lists/rollback", headers=authorised(), timeout=30)
+    assert answer.json()["version"] == "000001"
+    server.wait_for_log(r"rollback to version 000001 \(was 000002\) by .*eir serve")
+    [act] = [r for r in store.journal_records() if r["act"] == "rollback"]
+    assert "eir serve" in act["by"]
+
+
+def test_a_4_mb_reasons_cell_is_refused_and_the_version_in_force_keeps_serving(tmp_path,
+                                                                              store, served):
+    """It would otherwise go out in every API answer and audit record about that IMEI."""
+    huge = "x" * (4 << 20)
+    drop = write_drop(tmp_path / "drop", blacklist_rows() + [f"{ELSEWHERE},20261201,{huge}"])
+    message = assert_refused_untouched(
+        drop, store, served,
+        f"{BLACKLIST}:3: reasons: {len(huge)} characters (at most 1024 in this column)")
+    assert len(message) < 1000
+
+
+@pytest.mark.parametrize("max_age, stale", [(86400.0, 1.0), (1e10, 0.0)])
+def test_lists_older_than_max_age_raise_the_stale_metric(tmp_path, store, eir_server, max_age,
+                                                         stale):
+    """Frozen on old lists (a registry gone quiet, or an attacker holding it back): alertable."""
+    from helpers_ops import METRICS_LINE, endpoint, scrape
+
+    source = write_drop(tmp_path / "drop")
+    write_sequenced_manifest(source, 1, published="2026-01-02T03:04:05Z")
+    sync(str(source), store)
+    config = tmp_path / "eir.yaml"
+    config.write_text(f"sync:\n  max_age_seconds: {max_age}\n")
+    server = eir_server("--metrics", "127.0.0.1:0", "--store", str(store.root),
+                        "--config", str(config), lists=[])
+    samples = scrape(endpoint(server, METRICS_LINE))
+    assert samples[("eir_list_published_timestamp_seconds", frozenset())] == 1767323045.0
+    assert samples[("eir_list_stale", frozenset())] == stale

@@ -35,7 +35,7 @@ What each becomes:
   exceptions → `Kind.EXCEPTION` entries paired with their IMSI. One `Attribute` per distinct
   (kind, block_date, reasons), its source the CSV's file name; reasons `a|b` read "a, b"; a
   notification with `amnesty_granted` true gets " (amnesty granted)" after its reasons.
-  `msisdn` is not used (never validated).
+  `msisdn` is not used (only its length is checked).
 * whitelist → `Kind.WHITELIST` entries (imsi 0), WHITELISTED whatever the date: the registered
   IMEIs of a whitelist scheme (Indonesia's CEIR), to be used with unknown_policy blacklisted.
   DIRBS publishes no such file to operators; the name and columns follow its conventions.
@@ -65,6 +65,11 @@ IMEIs are normalised as DIRBS does: the first 14 characters of a value of at mos
 with 14 digits. DIRBS keeps other values as invalid IMEIs, but they cannot be keyed: they are an
 error. Columns other than the ones named above are ignored. IMSIs are 5 to 15 digits.
 
+Cell limits, as in the native format (eir.lists): reasons and device names at most
+MAX_TEXT_CELL (1,024) characters, since they go out with every verdict (API answers, audit
+records); MSISDN and status cells at most MAX_KEY_CELL (64); every other cell read is held to
+its exact format. Columns not read are not kept (a row is bounded by BLOCK_SIZE).
+
 Errors: every problem is reported as `file:line: field: problem` (line is the 1-based physical
 line of the CSV, the header is line 1; for a zip, file is `archive.zip!member.csv`) and raised
 together as `eir.lists.ListError`; a file with any problem returns nothing. Only the first
@@ -75,6 +80,7 @@ streaming + pyarrow.compute / numpy) and streams a zip member without extracting
 from __future__ import annotations
 
 import codecs
+import contextlib
 import csv
 import datetime
 import io
@@ -90,7 +96,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pv
 
-from eir.lists import MAX_REPORTED_ERRORS, ListError
+from eir.lists import MAX_KEY_CELL, MAX_REPORTED_ERRORS, MAX_TEXT_CELL, ListError
 from eir.registry.entries import Attribute, Kind, ListDelta, ListEntries
 from eir.registry.table import EntrySorter
 
@@ -120,6 +126,10 @@ COLUMNS = {  # required columns of each registry format, optional ones after "|"
 }
 BRAND_COLUMNS = ("brand_name", "manufacturer")
 MODEL_COLUMNS = ("marketing_name", "model_name")
+# Per-cell maxima of the columns whose content is kept or echoed as it is (see _check_lengths);
+# the same as the native format's (eir.lists).
+CELL_LIMITS = {"reasons": MAX_TEXT_CELL, "msisdn": MAX_KEY_CELL, "status": MAX_KEY_CELL,
+               **{column: MAX_TEXT_CELL for column in BRAND_COLUMNS + MODEL_COLUMNS}}
 TRUE_WORDS = {"true", "t", "1", "yes", "y"}
 FALSE_WORDS = {"false", "f", "0", "no", "n", ""}
 
@@ -354,7 +364,10 @@ def _problem_lines(src: _Source, problems: _Problems, ncells: int = 0,
     lines: dict[int, int] = {}
     cell_problems: list[tuple[int, str]] = []
     cell_total = 0
-    with src.open() as stream:
+    # pyarrow took cells as large as a block; csv's default limit (128 KiB) would stop the
+    # re-read at the first such cell, whose line is wanted (a 4 MB reasons cell).
+    field_limit = csv.field_size_limit(max(csv.field_size_limit(), BLOCK_SIZE))
+    with src.open() as stream, _restored_field_limit(field_limit):
         text = io.TextIOWrapper(stream, encoding="utf-8", errors="replace", newline="")
         reader = csv.reader(text, delimiter=delimiter)
         previous_end, index = 0, -1
@@ -392,6 +405,14 @@ def _problem_lines(src: _Source, problems: _Problems, ncells: int = 0,
     return shown
 
 
+@contextlib.contextmanager
+def _restored_field_limit(limit: int):
+    try:
+        yield
+    finally:
+        csv.field_size_limit(limit)
+
+
 def _raise_if_problems(src: _Source, header: _Header, problems: _Problems) -> None:
     if problems:
         raise ListError(_problem_lines(src, problems, len(header.names), header.delimiter))
@@ -423,9 +444,29 @@ def _imei_keys(values: pa.Array) -> tuple[np.ndarray, np.ndarray]:
                     pc.utf8_slice_codeunits(values, 0, 14), r"^[0-9]{14}")
 
 
+def _shown(text: str) -> str:
+    """A cell as a problem quotes it: in full when it could be valid somewhere, else by its
+    length (a 4 MB cell is not copied into the error, the log and the sync's result)."""
+    return repr(text) if len(text) <= MAX_KEY_CELL else f"a cell of {len(text)} characters"
+
+
+def _check_lengths(cells: dict[str, pa.Array], offset: int, problems: _Problems) -> None:
+    """Every free-text cell (reasons, device names) within MAX_TEXT_CELL characters, and the
+    MSISDN and status cells, which no other check reads in full, within MAX_KEY_CELL. Other
+    cells are held to their exact format (IMEI, IMSI, TAC, date, change type, true/false)."""
+    for column, values in cells.items():
+        limit = CELL_LIMITS.get(column)
+        if limit is None:
+            continue
+        too_long = pc.greater(pc.utf8_length(values), limit).to_numpy(zero_copy_only=False)
+        problems.add(too_long, offset, column, values,
+                     lambda text, limit=limit: f"{len(text)} characters (at most {limit} in "
+                                               "this column)", 5)
+
+
 def _describe_imei(text: str) -> str:
     if len(text) > 16:
-        return f"{text!r} has {len(text)} characters, an IMEI has at most 16"
+        return f"{_shown(text)} has {len(text)} characters, an IMEI has at most 16"
     return f"{text!r} is not an IMEI (it must start with 14 digits)"
 
 
@@ -436,7 +477,7 @@ def _imsi_numbers(values: pa.Array) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _describe_imsi(text: str) -> str:
-    return f"{text!r} is not an IMSI (5 to 15 digits)"
+    return f"{_shown(text)} is not an IMSI (5 to 15 digits)"
 
 
 def _parse_date(text: str, allow_empty: bool = False) -> int | None:
@@ -453,7 +494,7 @@ def _parse_date(text: str, allow_empty: bool = False) -> int | None:
 
 
 def _describe_date(text: str) -> str:
-    return f"{text!r} is not a date (YYYYMMDD)"
+    return f"{_shown(text)} is not a date (YYYYMMDD)"
 
 
 def _reason_text(reasons: str) -> str:
@@ -549,8 +590,9 @@ def _read_rows_unguarded(src: _Source, fmt: str, sort: bool, scratch: Path | Non
     required, optional = COLUMNS[fmt]
     header = _read_header(src, ",".join(required))
     _check_columns(src, header, required, optional)
-    wanted = [c for c in ("imei", "imsi", "block_date", "reasons", "amnesty_granted",
-                          "reporting_date", "registration_date", "status", "change_type")
+    wanted = [c for c in ("imei", "imsi", "msisdn", "block_date", "reasons",
+                          "amnesty_granted", "reporting_date", "registration_date", "status",
+                          "change_type")
               if c in header.names]
     problems = _Problems()
     attributes = _Attributes(src.filename)
@@ -561,6 +603,7 @@ def _read_rows_unguarded(src: _Source, fmt: str, sort: bool, scratch: Path | Non
     for offset, cells in _batches(src, header, wanted, problems):
         count = len(cells["imei"])
         rows += count
+        _check_lengths(cells, offset, problems)
         imei, bad = _imei_keys(cells["imei"])
         problems.add(bad, offset, "imei", cells["imei"], _describe_imei, 0)
         imsi = subscriber = None  # None: zero throughout
@@ -663,7 +706,7 @@ def _batch_attributes(fmt: str, cells: dict[str, pa.Array], offset: int,
         mask = pc.is_in(cells["amnesty_granted"], pa.array(sorted(bad_amnesty))).to_numpy(
             zero_copy_only=False)
         problems.add(mask, offset, "amnesty_granted", cells["amnesty_granted"],
-                     lambda text: f"{text!r} is not true or false", 3)
+                     lambda text: f"{_shown(text)} is not true or false", 3)
     return index
 
 
@@ -674,7 +717,7 @@ def _change_types(cells, offset, problems: _Problems, adds: np.ndarray,
     change = pc.utf8_lower(pc.utf8_trim_whitespace(cells["change_type"]))
     known = pc.is_in(change, pa.array(list(allowed))).to_numpy(zero_copy_only=False)
     problems.add(~known, offset, "change_type", cells["change_type"],
-                 lambda text: f"{text!r} is not one of {', '.join(allowed)}", 4)
+                 lambda text: f"{_shown(text)} is not one of {', '.join(allowed)}", 4)
     adds[:] = pc.not_equal(change, "remove").to_numpy(zero_copy_only=False)
     return adds.copy()
 
@@ -741,10 +784,11 @@ def _read_tac_names(src: _Source) -> dict[int, str]:
     tacs: list[np.ndarray] = []
     names: list[pa.Array] = []
     for offset, cells in _batches(src, header, ["tac", *brands, *models], problems):
+        _check_lengths(cells, offset, problems)
         tac = cells["tac"]
         ok = pc.match_substring_regex(tac, r"^[0-9]{8}$")
         problems.add(~ok.to_numpy(zero_copy_only=False), offset, "tac", tac,
-                     lambda text: f"{text!r} is not a TAC (8 digits)")
+                     lambda text: f"{_shown(text)} is not a TAC (8 digits)")
         brand = _first_filled([cells[c] for c in brands])
         model = _first_filled([cells[c] for c in models])
         name = pc.binary_join_element_wise(brand, model, " ")
