@@ -164,7 +164,7 @@ class GuardedH11Protocol(H11Protocol):
         for victim in closing:
             log.debug("%s: %s: idle connection closed to make room for %s", self.name,
                       victim._remote(), self._remote())
-            victim.timeout_keep_alive_handler()  # uvicorn's close of an idle connection
+            victim.transport.close()  # its connection_lost follows, as for any close
         self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive,
                                                             self.timeout_keep_alive_handler)
 

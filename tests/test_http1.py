@@ -15,6 +15,8 @@ import httpx
 import pytest
 from helpers_ops import API_LINE, METRICS_LINE, TOKEN, authorised, endpoint, wait_until
 
+from eir.http1 import HttpConnectionPool, loggable_target
+
 IMSI = "001010123456789"
 MASKED_IMSI = "00101******6789"
 SECRET = "query-secret-0123456789"
@@ -198,3 +200,34 @@ def test_the_access_log_shows_no_token_and_no_imsi_however_encoded(http_server):
                   SECRET.replace("-", "%2D"), SECRET[1:], TOKEN):
         assert shown not in log, shown
     assert "?token=*** " in log and "?access_token=*** " in log
+
+
+def test_the_pool_closes_the_longest_idle_connection_in_the_way():
+    pool = HttpConnectionPool(max_connections=4, max_per_address=2)
+    assert pool.admit("a1", "A") == ([], None)
+    assert pool.admit("a2", "A") == ([], None)
+    pool.busy("a1")
+    assert pool.admit("a3", "A") == (["a2"], None)  # its address is full: its idle one goes
+    pool.busy("a3")
+    closing, refusal = pool.admit("a4", "A")  # both of A's connections are busy
+    assert closing == [] and "(max_connections_per_address)" in refusal
+    assert pool.admit("b1", "B") == ([], None)
+    assert pool.admit("c1", "C") == ([], None)
+    pool.busy("b1")
+    pool.idle("a1")  # idle since now: after c1
+    assert pool.admit("d1", "D") == (["c1"], None)  # the endpoint is full: the longest idle
+    pool.busy("d1")
+    assert pool.admit("e1", "E") == (["a1"], None)
+    pool.busy("e1")
+    closing, refusal = pool.admit("f1", "F")
+    assert closing == [] and "all 4 connections have a request in progress" in refusal
+    pool.release("b1")
+    assert pool.admit("f1", "F") == ([], None) and len(pool) == 4
+
+
+def test_loggable_target_decodes_then_masks():
+    assert loggable_target(b"/v1/x%250a%3Fimsi%3D1", b"token=%2561&imsi=%30%31&n") == (
+        "/v1/x\\n?imsi=1?token=***&imsi=01&n=")
+    deep = b"/%" + b"25" * 5 + b"30"  # "0" encoded 6 times
+    assert loggable_target(deep, b"").startswith("(path percent-encoded more than 4 times")
+    assert loggable_target(b"/a/sekret-token-value", b"", ("sekret-token-value",)) == "/a/***"
