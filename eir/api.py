@@ -232,8 +232,7 @@ def create_app(server, token: str) -> FastAPI:
         # Probes come every few seconds from an orchestrator: logged only when debugging.
         level = logging.DEBUG if request.url.path in PROBE_PATHS else logging.INFO
         log.log(level, "%s %s %d %.1f ms", request.method,
-                loggable_target(scope.get("raw_path") or scope["path"].encode(),
-                                scope["query_string"], (token,)),
+                loggable_target(scope["raw_path"], scope["query_string"], (token,)),
                 response.status_code, (time.perf_counter() - started) * 1e3)
         return response
 
