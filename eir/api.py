@@ -419,6 +419,7 @@ class HttpEndpoint:
         config = uvicorn.Config(self.app, http=protocol, ws="none", log_config=None,
                                 access_log=False, lifespan="off", server_header=False,
                                 proxy_headers=False, backlog=limits.backlog,
+                                h11_max_incomplete_event_size=limits.max_incomplete_head_bytes,
                                 timeout_keep_alive=limits.idle_timeout_seconds,
                                 timeout_graceful_shutdown=SHUTDOWN_SECONDS)
         self._server = _EmbeddedUvicorn(config)

@@ -237,6 +237,11 @@ class _HttpListenSettings(_Strict):
     # A request (head and body) must be whole this long after its first byte, else the
     # connection is closed (slowloris: a head sent a byte at a time).
     request_read_timeout_seconds: float = Field(10.0, gt=0)
+    # A request head (request line and headers) still incomplete after this many bytes is
+    # answered 400 and the connection closed (h11's max_incomplete_event_size: it bounds
+    # what a slow connection makes the server hold; a head that comes whole in one read is
+    # bounded by that read, 256 KiB).
+    max_incomplete_head_bytes: int = Field(16384, ge=1024)
     backlog: int = Field(1024, ge=1)  # the listening socket's accept queue
 
     @field_validator("listen")

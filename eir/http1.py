@@ -11,8 +11,8 @@ attacker who opens connections and sends nothing, or a request head a byte at a 
   * `timeout_keep_alive` closes a connection idle between two requests, but its timer is
     armed only after a response, and any byte received cancels it: a connection that never
     sends anything, or a slowloris that sends a header byte every few seconds, stays open.
-    h11 has no header-read timeout of its own (it bounds the head's size:
-    h11_max_incomplete_event_size, 16 KiB by default, kept). `GuardedH11Protocol` arms the
+    h11 has no header-read timeout of its own (it bounds the head's size,
+    max_incomplete_event_size: the `max_incomplete_head_bytes` setting). `GuardedH11Protocol` arms the
     same idle timer when a connection opens too, and a request-read timer of its own from a
     request's first byte until the request (head and body) is whole.
 

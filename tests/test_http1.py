@@ -137,6 +137,20 @@ def test_idle_slowloris_and_slow_body_connections_are_closed(http_server):
                         r"1\.5 s of its first byte \(request_read_timeout_seconds\)")
 
 
+def test_a_request_head_still_incomplete_past_its_limit_is_refused(http_server):
+    server, api, metrics = http_server("metrics:\n  max_incomplete_head_bytes: 2048\n")
+    filler = b"GET /metrics HTTP/1.1\r\nHost: eir\r\nX-Filler: " + b"x" * 1500
+    with connect(metrics) as sock:  # under the limit, then finished: served
+        sock.sendall(filler)
+        sock.sendall(b"\r\n\r\n")
+        assert sock.recv(4096).startswith(b"HTTP/1.1 200 ")
+    with connect(metrics) as sock:
+        sock.sendall(filler)
+        sock.sendall(b"x" * 1500)  # past 2048 bytes, still no end of the head
+        assert sock.recv(4096).startswith(b"HTTP/1.1 400 ")
+        assert closed_by_server(sock, 3)
+
+
 @pytest.mark.parametrize("setting", ["max_connections", "max_connections_per_address"])
 def test_idle_connections_make_room_and_busy_ones_refuse(http_server, setting):
     server, api, metrics = http_server(f"api:\n  {setting}: 3\n")
