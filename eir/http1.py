@@ -5,16 +5,18 @@ uvicorn serves these endpoints with its h11 protocol; what uvicorn offers does n
 attacker who opens connections and sends nothing, or a request head a byte at a time:
 
   * `limit_concurrency` counts open connections, idle ones included, and answers 503 to
-    whatever request comes once it is reached: ~30 idle connections made /healthz answer 503
-    for as long as they stayed open, and an orchestrator then restarts a healthy EIR. It is
-    not used; `HttpConnectionPool` bounds the connections instead (below).
+    whatever request comes once it is reached: with it at 32, 31 idle connections made
+    /healthz answer 503 for as long as they stayed open, and an orchestrator then restarts
+    a healthy EIR. It is not used; `HttpConnectionPool` bounds the connections instead.
   * `timeout_keep_alive` closes a connection idle between two requests, but its timer is
     armed only after a response, and any byte received cancels it: a connection that never
     sends anything, or a slowloris that sends a header byte every few seconds, stays open.
-    h11 has no header-read timeout of its own (it bounds the head's size,
-    max_incomplete_event_size: the `max_incomplete_head_bytes` setting). `GuardedH11Protocol` arms the
-    same idle timer when a connection opens too, and a request-read timer of its own from a
-    request's first byte until the request (head and body) is whole.
+    h11 has no header-read timeout of its own (it bounds how much of an incomplete head it
+    buffers, max_incomplete_event_size: the `max_incomplete_head_bytes` setting).
+    `GuardedH11Protocol` arms the same idle timer (`idle_timeout_seconds`) when a connection
+    opens too, and a request-read timer of its own (`request_read_timeout_seconds`) from a
+    request's first byte until the request (head and body) is whole. A timer around h11
+    rather than a setting of it because h11 is sans-IO: it has no clock.
 
 The connection bounds (`HttpConnectionPool`): at most `max_connections` per endpoint and
 `max_connections_per_address` from one address. What fills them is what cannot lock a probe
@@ -51,7 +53,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 log = logging.getLogger("eir.api")
 
 MAX_DECODING_ROUNDS = 4
-MAX_SHOWN_PARAMETERS = 16  # of a query: the head's size (16 KiB) bounds the rest
+MAX_SHOWN_PARAMETERS = 16  # of a query, in an access log line
 MASK = "***"
 # A query parameter name shown as it is; any other is shown as "?".
 _PARAMETER_NAME = re.compile(r"[A-Za-z0-9_.\-\[\]]{1,32}")
@@ -59,7 +61,7 @@ _PARAMETER_NAME = re.compile(r"[A-Za-z0-9_.\-\[\]]{1,32}")
 _SECRET_IN_PATH = re.compile(
     r"(?i)(\b(?:access[_-]?token|token|api[_-]?key|password|secret|authorization|bearer)"
     r"(?:\W{1,5}bearer)?\W{1,5})([^\s/;&?#]+)")
-# Reading a request: the connection's own state, h11's `their_state`, is one of these.
+# While a request is being read, the client's side (h11's `their_state`) is one of these.
 _READING = (h11.IDLE, h11.SEND_BODY)
 
 
@@ -68,8 +70,8 @@ _READING = (h11.IDLE, h11.SEND_BODY)
 class HttpConnectionPool:
     """The connections of one endpoint: who may come in, who is closed to make room.
 
-    A connection is busy from the moment its request is whole and handed to the app until
-    its response is sent, idle otherwise. Idle connections are kept in the order they
+    A connection is busy from the moment its request's head is read and the request handed
+    to the app (its body may still be coming) until its response is sent; idle otherwise. Idle connections are kept in the order they
     became idle, so that the one closed to make room is the longest idle."""
 
     def __init__(self, max_connections: int, max_per_address: int):
