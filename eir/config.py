@@ -226,13 +226,14 @@ class _HttpListenSettings(_Strict):
 
     listen: str | None = None  # HOST:PORT or PORT (127.0.0.1); null: off
     # Connections kept at once, and from one address. When full, a new connection closes
-    # the longest-idle one (no request in progress) to make room; it is refused only when
-    # every connection in its way has a request in progress. So idle connections never keep
-    # /healthz, /readyz or /metrics from answering.
+    # the longest-idle one (not answering a whole request: between requests, or with a
+    # request still arriving) to make room; it is refused only when every connection in its
+    # way is answering one. So idle or slow connections never keep /healthz, /readyz or
+    # /metrics from answering.
     max_connections: int = Field(64, ge=1)
     max_connections_per_address: int = Field(16, ge=1)
-    # A connection with no request in progress is closed after this long: a new one that
-    # sends nothing, or a kept-alive one between requests (uvicorn's timeout_keep_alive).
+    # A connection that sends nothing is closed after this long: a new one before its first
+    # byte, a kept-alive one between requests (uvicorn's timeout_keep_alive).
     idle_timeout_seconds: float = Field(5.0, gt=0)
     # A request (head and body) must be whole this long after its first byte, else the
     # connection is closed (slowloris: a head sent a byte at a time).

@@ -20,11 +20,15 @@ attacker who opens connections and sends nothing, or a request head a byte at a 
 
 The connection bounds (`HttpConnectionPool`): at most `max_connections` per endpoint and
 `max_connections_per_address` from one address. What fills them is what cannot lock a probe
-out: a connection with no request in progress (idle between requests, or still sending a
-request) is the one given up to make room. A new connection closes the longest-idle one of
-its own address when its address is full, or of any address when the endpoint is full, and
-is refused only when every connection in its way has a request in progress (each of those is
-bounded by the request-read timeout and by its handler). nginx does the same when it runs
+out: a connection is *busy* only while the app works on a whole request (from its last byte
+until the response is sent); between requests, or while a request (head or body) is still
+arriving, it is idle, and an idle connection is the one given up to make room. A new
+connection closes the longest-idle one of its own address when its address is full, or of
+any address when the endpoint is full, and is refused only when every connection in its way
+is busy: only the handlers' own time can fill the endpoint. (Counting a request whose body
+is still arriving as busy would let 16 unauthenticated POSTs that never finish their body
+lock the probes out of a loopback port for the request-read timeout, again and again:
+FastAPI reads a body before it checks the token.) nginx does the same when it runs
 out of connections (it closes idle keep-alive connections: "worker_connections are not
 enough, reusing connections"). So /healthz, /readyz and /metrics answer whatever number of
 idle or slow connections hold the port; the one race left is a probe that connects in the
@@ -61,8 +65,10 @@ _PARAMETER_NAME = re.compile(r"[A-Za-z0-9_.\-\[\]]{1,32}")
 _SECRET_IN_PATH = re.compile(
     r"(?i)(\b(?:access[_-]?token|token|api[_-]?key|password|secret|authorization|bearer)"
     r"(?:\W{1,5}bearer)?\W{1,5})([^\s/;&?#]+)")
-# While a request is being read, the client's side (h11's `their_state`) is one of these.
+# While a request is being read, the client's side (h11's `their_state`) is one of these;
+# once it is whole, one of the next.
 _READING = (h11.IDLE, h11.SEND_BODY)
+_WHOLE = (h11.DONE, h11.MUST_CLOSE)
 
 
 # -- which connections are kept (sans-IO) ----------------------------------------------------
@@ -70,8 +76,8 @@ _READING = (h11.IDLE, h11.SEND_BODY)
 class HttpConnectionPool:
     """The connections of one endpoint: who may come in, who is closed to make room.
 
-    A connection is busy from the moment its request's head is read and the request handed
-    to the app (its body may still be coming) until its response is sent; idle otherwise. Idle connections are kept in the order they
+    A connection is busy from the moment its request is whole (head and body) until its
+    response is sent; idle otherwise (see the module docstring). Idle connections are kept in the order they
     became idle, so that the one closed to make room is the longest idle."""
 
     def __init__(self, max_connections: int, max_per_address: int):
@@ -92,14 +98,14 @@ class HttpConnectionPool:
         if self._per_address.get(address, 0) >= self.max_per_address:
             victim = self._longest_idle(address)
             if victim is None:
-                return [], (f"{self.max_per_address} connections from {address} have a "
-                            "request in progress (max_connections_per_address)")
+                return [], (f"all {self.max_per_address} connections from {address} are "
+                            "answering a request (max_connections_per_address)")
             closing.append(victim)
         if len(self) - len(closing) >= self.max_connections:
             victim = self._longest_idle(None, besides=closing)
             if victim is None:
-                return [], (f"all {self.max_connections} connections have a request in "
-                            "progress (max_connections)")
+                return [], (f"all {self.max_connections} connections are answering a "
+                            "request (max_connections)")
             closing.append(victim)
         for victim in closing:
             self.release(victim)
@@ -108,7 +114,7 @@ class HttpConnectionPool:
         return closing, None
 
     def busy(self, connection: Hashable) -> None:
-        """A request of `connection` was handed to the app."""
+        """`connection`'s request is whole, its response not yet sent."""
         address = self._idle.pop(connection, None)
         if address is not None:
             self._busy[connection] = address
@@ -183,9 +189,9 @@ class GuardedH11Protocol(H11Protocol):
             self._stop_read_timer()
 
     def handle_events(self) -> None:
-        cycle = self.cycle
         super().handle_events()
-        if self.cycle is not cycle and not self.cycle.response_complete:
+        if (self.cycle is not None and not self.cycle.response_complete
+                and self.conn.their_state in _WHOLE):
             self.pool.busy(self)
 
     def on_response_complete(self) -> None:
