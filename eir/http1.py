@@ -54,6 +54,8 @@ from urllib.parse import parse_qsl, unquote
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from eir.security import format_address
+
 log = logging.getLogger("eir.api")
 
 MAX_DECODING_ROUNDS = 4
@@ -212,10 +214,7 @@ class GuardedH11Protocol(H11Protocol):
             self._read_timer = None
 
     def _remote(self) -> str:
-        if not self.client:
-            return "?"
-        host, port = self.client
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return format_address(self.client)
 
 
 # -- what the access log shows -----------------------------------------------------------------
