@@ -44,7 +44,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from eir import __version__
 from eir.config import ConfigError, parse_local_listen
-from eir.http1 import GuardedH11Protocol, HttpConnectionPool, loggable_target
+from eir.http1 import GuardedH11Protocol, HttpConnectionPool, bounded_body, loggable_target
 from eir.imei import normalise_imei
 from eir.observations import ObservationError, database_location, equipment_history
 from eir.store import Store, StoreError
@@ -388,7 +388,7 @@ class HttpEndpoint:
     metrics section) applied by eir.http1."""
 
     def __init__(self, app, settings, name: str):
-        self.app = app
+        self.app = bounded_body(app, settings.max_body_bytes)
         self.settings = settings
         self.listen = settings.listen
         self.name = name

@@ -243,6 +243,9 @@ class _HttpListenSettings(_Strict):
     # what a slow connection makes the server hold; a head that comes whole in one read is
     # bounded by that read, 256 KiB).
     max_incomplete_head_bytes: int = Field(16384, ge=1024)
+    # A request body must come with a Content-Length of at most this (413 otherwise, 411
+    # for a chunked body), checked before the app reads it.
+    max_body_bytes: int = Field(65536, ge=0)
     backlog: int = Field(1024, ge=1)  # the listening socket's accept queue
 
     @field_validator("listen")

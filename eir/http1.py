@@ -35,6 +35,10 @@ idle or slow connections hold the port; the one race left is a probe that connec
 same accept batch as more than `max_connections` other new connections (it may be closed
 before its request is read; probes retry).
 
+Request bodies (`bounded_body`): at most `max_body_bytes`, declared in a Content-Length,
+checked before the app runs (FastAPI reads a whole body into memory before it checks the
+token).
+
 Access logs (`loggable_target`): the request target is shown with percent-encoding undone
 (up to MAX_DECODING_ROUNDS times, so that double encoding is undone too), so that the
 log formatter's IMSI masking (eir.logs) sees an IMSI however it was written. Query values
@@ -46,6 +50,7 @@ replaced by `***`.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from typing import Hashable
@@ -79,8 +84,8 @@ class HttpConnectionPool:
     """The connections of one endpoint: who may come in, who is closed to make room.
 
     A connection is busy from the moment its request is whole (head and body) until its
-    response is sent; idle otherwise (see the module docstring). Idle connections are kept in the order they
-    became idle, so that the one closed to make room is the longest idle."""
+    response is sent; idle otherwise (see the module docstring). Idle connections are kept
+    in the order they became idle, so that the one closed to make room is the longest idle."""
 
     def __init__(self, max_connections: int, max_per_address: int):
         self.max_connections = max_connections
@@ -215,6 +220,39 @@ class GuardedH11Protocol(H11Protocol):
 
     def _remote(self) -> str:
         return format_address(self.client)
+
+
+# -- request bodies ---------------------------------------------------------------------------
+
+def bounded_body(app, max_bytes: int):
+    """`app` (ASGI) behind a body limit: a request body must come with a Content-Length of
+    at most `max_bytes`; else 413 (too large) or 411 (chunked: Length Required), answered
+    before the app runs. FastAPI reads a whole body into memory, before it checks the token:
+    without this, one unauthenticated POST could make the server hold a gigabyte."""
+
+    async def limited(scope, receive, send):
+        if scope["type"] == "http":
+            headers = dict(scope["headers"])  # names are lower case (ASGI)
+            length = headers.get(b"content-length", b"0")
+            if b"transfer-encoding" in headers:
+                return await _refuse(send, 411, f"a request body needs a Content-Length "
+                                     f"(of at most {max_bytes} bytes)")
+            if not length.isdigit() or int(length) > max_bytes:
+                return await _refuse(send, 413, f"a request body may have at most "
+                                     f"{max_bytes} bytes (max_body_bytes)")
+        await app(scope, receive, send)
+
+    return limited
+
+
+async def _refuse(send, status: int, detail: str) -> None:
+    title = {411: "Length required", 413: "Content too large"}[status]
+    body = json.dumps({"type": "about:blank", "title": title, "status": status,
+                       "detail": detail}).encode()
+    await send({"type": "http.response.start", "status": status, "headers": [
+        (b"content-type", b"application/problem+json"), (b"connection", b"close"),
+        (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
 
 
 # -- what the access log shows -----------------------------------------------------------------
