@@ -5,7 +5,10 @@
         --listen 127.0.0.1:0 --workers 1 --api 127.0.0.1:8080 --metrics 127.0.0.1:9464 &
     taskset -c 1 python bench/http_idle.py http://127.0.0.1:8080/healthz --idle 1000
 
-Opens `--idle` connections that send nothing and `--slow` that send a request head a byte
+With `--body MIB --server-pid PID`, instead: one unauthenticated POST declaring a body of
+MIB MiB and sending it (all but its last byte), then the server's RSS before and after.
+
+Otherwise: opens `--idle` connections that send nothing and `--slow` that send a request head a byte
 every `--slow-interval` seconds, all held open (from this side) for the whole run; then
 times `--probes` GET requests, each on a new connection, and prints the status codes seen
 and the latency percentiles; after `--hold` seconds (0: not checked) how many of the idle
@@ -48,6 +51,33 @@ def probe(host: str, port: int, path: str) -> tuple[str, float]:
     return status, (time.perf_counter() - started) * 1e3
 
 
+def rss_mib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) // 1024 for line in status
+                    if line.startswith("VmRSS"))
+
+
+def body_attack(host: str, port: int, path: str, mib: int, pid: int) -> dict:
+    size = mib << 20
+    before = rss_mib(pid)
+    sock = socket.create_connection((host, port), timeout=30)
+    sock.sendall(b"POST %s HTTP/1.1\r\nHost: eir\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n" % (path.encode(), size))
+    chunk, sent = b"x" * (1 << 20), 0
+    try:
+        while sent < size - 1:
+            count = min(len(chunk), size - 1 - sent)
+            sock.sendall(chunk[:count])
+            sent += count
+    except OSError:
+        pass  # the server closed: refused
+    time.sleep(1)  # let the server take in what it was sent
+    report = {"url": f"http://{host}:{port}{path}", "declared_mib": mib,
+              "sent_mib": sent >> 20, "rss_mib_before": before, "rss_mib_after": rss_mib(pid)}
+    sock.close()
+    return report
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("url", help="http://HOST:PORT/PATH to probe")
@@ -56,9 +86,14 @@ def main() -> None:
     parser.add_argument("--slow-interval", type=float, default=0.5)
     parser.add_argument("--probes", type=int, default=200)
     parser.add_argument("--hold", type=float, default=0.0)
+    parser.add_argument("--body", type=int, default=0, metavar="MIB")
+    parser.add_argument("--server-pid", type=int)
     args = parser.parse_args()
     parts = urlsplit(args.url)
     host, port, path = parts.hostname, parts.port, parts.path or "/"
+    if args.body:
+        print(json.dumps(body_attack(host, port, path, args.body, args.server_pid)))
+        return
 
     idle = [socket.create_connection((host, port)) for _ in range(args.idle)]
     slow = []
