@@ -9,14 +9,13 @@ What makes a retransmission: the same request, from the same peer. A request is 
 (Origin-Host, End-to-End Identifier) (RFC 6733 §3), but both are the peer's to choose, so the
 name alone proves nothing: a request that reuses the name of another with different contents
 (another IMEI) must get its own answer, never the other's (it would carry the other's verdict
-and Session-Id). So an entry is found by its *identity* -- a hash of the peer's identity (the
+and Session-Id). So an entry is found by its *identity* -- the peer's identity (the
 Origin-Host it gave at CER on the connection the request arrives on, which the allowlist and
 TLS checked; not only the Origin-Host AVP of the message), the request's Origin-Host and its
-End-to-End id -- and answers only a request whose *digest* -- a hash of those and of every
-byte of the request but the T flag and the Hop-by-Hop id, which a retransmission changes --
-is the stored one. BLAKE2b (hashlib), 16 bytes each: the request itself is not kept. A T-flag
-request that finds nothing, or a different digest, is handled as new and counted (`misses`,
-`mismatches`).
+End-to-End id -- and answers only a request whose *digest* -- a BLAKE2b hash (16 bytes) of
+every byte of the request but the T flag and the Hop-by-Hop id, which a retransmission
+changes -- is the stored one: the request itself is not kept. A T-flag request that finds
+nothing, or a different digest, is handled as new and counted (`misses`, `mismatches`).
 
 What is stored, and why: the answer bytes of application requests that the application
 answered (the ECA with a verdict). Those depend on state that can change between the original
@@ -35,8 +34,9 @@ Session-Id) fill the byte budget with fewer entries. Entries older than the wind
 in batches (every `EXPIRY_BATCH` stores, and before each look-up). An answer larger than the
 whole budget is not stored.
 
-The cost on the hot path: two BLAKE2b digests of the request (one pass), a dict insert and two
-deque appends per answered request; only requests with the T flag look answers up.
+The cost on the hot path: a BLAKE2b digest of the request (~0.5-1.7 µs for an ECR, the most of
+it), a dict insert and two deque appends per answered request; only requests with the T flag
+look answers up.
 """
 
 from __future__ import annotations
@@ -56,18 +56,13 @@ ENTRY_OVERHEAD_BYTES = 192
 
 def request_keys(peer: bytes, origin_host: bytes, raw: bytes) -> tuple[bytes, bytes]:
     """(identity, digest) of a request: see the module docstring. `peer` is the Origin-Host
-    the connection's CER gave, `origin_host` the request's own Origin-Host AVP payload."""
-    hashing = blake2b(len(peer).to_bytes(2, "big") + peer, digest_size=DIGEST_BYTES)
-    hashing.update(len(origin_host).to_bytes(4, "big"))
-    hashing.update(origin_host)
-    view = memoryview(raw)
-    hashing.update(view[16:20])  # End-to-End Identifier
-    identity = hashing.digest()
-    hashing.update(view[:4])  # version, length
-    hashing.update(bytes((raw[4] & ~FLAG_RETRANSMIT,)))
-    hashing.update(view[5:12])  # command code, application
-    hashing.update(view[20:])  # the AVPs (Hop-by-Hop id, bytes 12..15, left out)
-    return identity, hashing.digest()
+    the connection's CER gave, lower-cased, `origin_host` the request's own Origin-Host AVP
+    payload: both validated DiameterIdentities (at most 255 bytes, no NUL), so the identity
+    is kept as it is (~30 bytes), unhashed."""
+    identity = raw[16:20] + peer + b"\0" + origin_host
+    digest = blake2b(raw[:4] + bytes((raw[4] & ~FLAG_RETRANSMIT,)) + raw[5:12] + raw[16:],
+                     digest_size=DIGEST_BYTES).digest()
+    return identity, digest
 
 
 class DuplicateCache:

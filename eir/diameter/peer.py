@@ -192,6 +192,7 @@ class PeerConnection:
         self.claiming: str | None = None
         self._claimed_cer: Header | None = None
         self._held: list[bytes] | None = None
+        self._peer_key = b""  # the CER's Origin-Host, lower-cased, once open (duplicates)
 
     # -- inputs --------------------------------------------------------------------------
 
@@ -496,7 +497,7 @@ class PeerConnection:
             if duplicates is not None:
                 # The same request from the same peer (eir.diameter.duplicates).
                 origin = found.get("Origin-Host")
-                identity, digest = request_keys(self.peer_host.lower().encode(),
+                identity, digest = request_keys(self._peer_key,
                                                 origin[0].data if origin else b"", raw)
                 if header.flags & FLAG_RETRANSMIT:
                     mismatches = duplicates.mismatches
@@ -652,6 +653,7 @@ class PeerConnection:
 
     def _open(self, header: Header) -> bytes:
         self.state = PeerState.OPEN
+        self._peer_key = self.peer_host.lower().encode()  # its requests' duplicate identity
         self._last_request = self._last_received  # the idle time counts from here
         self.events.append((logging.INFO, f"peer {self.peer_host} (realm {self.peer_realm}) "
                             "is open"))
