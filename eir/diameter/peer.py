@@ -9,7 +9,9 @@ caller calls `resume(now)` on a later turn of its event loop until the backlog i
 Policy comes in as data: the peer allowlist and the names of a verified TLS certificate
 (checked on CER: 3010 DIAMETER_UNKNOWN_PEER), the duplicate-answer cache (T flag), and the
 admission limits (3004 DIAMETER_TOO_BUSY beyond them); see eir.security, eir.overload and
-eir.diameter.duplicates.
+eir.diameter.duplicates. With `claims_identity`, a CER that passes opens only once the caller
+has checked that its Origin-Host may have one more connection (eir.diameter.identities): the
+peer sets `claiming`, the caller calls `claim_decided`.
 
 States: WAIT_CER (connected, nothing else allowed) → OPEN → CLOSING (our DPR sent) → CLOSED.
 """
@@ -439,11 +441,13 @@ class PeerConnection:
                               self.answers.origin + extra)
 
     def _handle(self, raw: bytes, now: float) -> bytes:
-        if self._held is not None:  # the CER's Origin-Host is being claimed: wait for it
-            if len(self._held) >= MAX_HELD_MESSAGES:
+        held = self._held
+        if held is not None:  # the CER's Origin-Host is being claimed: wait for it
+            if len(held) < MAX_HELD_MESSAGES:
+                held.append(raw)
+            else:
                 self._close(f"more than {MAX_HELD_MESSAGES} messages sent before the CEA",
                             logging.WARNING)
-            self._held.append(raw)
             return b""
         header = parse_header(raw)
         if not header.flags & FLAG_REQUEST:
