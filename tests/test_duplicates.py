@@ -152,8 +152,8 @@ def test_at_most_max_entries_answers_are_kept_the_oldest_go_first():
         "Result-Code") == 5012
 
 
-def keys(number: int, body: bytes = b"") -> tuple[bytes, bytes]:
-    return request_keys(b"mme", b"mme", ecr(1, number) + body)
+def keys(number: int) -> tuple[bytes, bytes]:
+    return request_keys(b"mme\0", b"mme", ecr(1, number))
 
 
 def test_entries_stay_within_both_budgets_whatever_the_answer_sizes():
@@ -189,7 +189,7 @@ def test_the_byte_count_matches_what_the_process_allocates():
     # The identities were allocated before (by request_keys): counted, but not traced.
     # The count is an upper bound, and a close one.
     print(f"\n{measured.bytes / 20_000:.0f} bytes counted, {allocated / 20_000:.0f} "
-          "allocated per entry of a 300-byte answer (beside its 16-byte identity)")
+          "allocated per entry of a 300-byte answer (beside its identity)")
     assert allocated <= measured.bytes <= 1.3 * allocated
 
 
@@ -224,16 +224,18 @@ def test_the_same_request_from_a_peer_with_another_cer_identity_is_answered_anew
 
 
 def test_only_the_t_flag_and_the_hop_by_hop_id_may_differ():
-    original = ecr(1, 100)
-    identity, digest = request_keys(b"mme.test", b"mme.test", original)
-    assert request_keys(b"mme.test", b"mme.test", ecr(7, 100, retransmitted=True)) == (
-        identity, digest)
-    changed = bytearray(original)
-    changed[-1] ^= 1  # the last byte of the IMEI
-    assert request_keys(b"mme.test", b"mme.test", bytes(changed)) == (
-        identity, request_keys(b"mme.test", b"mme.test", bytes(changed))[1])
-    assert request_keys(b"mme.test", b"mme.test", bytes(changed))[1] != digest
-    assert request_keys(b"mme.other", b"mme.test", original)[0] != identity
+    def keys_of(message: bytes, peer: bytes = b"mme.test\0") -> tuple[bytes, bytes]:
+        return request_keys(peer, b"mme.test", message)
+
+    identity, digest = keys_of(ecr(1, 100))
+    assert keys_of(ecr(7, 100, retransmitted=True)) == (identity, digest)
+    other_imei = keys_of(ecr(1, 100, imei="35332106470089"))
+    assert other_imei[0] == identity and other_imei[1] != digest
+    assert keys_of(ecr(1, 101))[0] != identity  # another End-to-End id
+    assert keys_of(ecr(1, 100), peer=b"dra.test\0")[0] != identity  # another CER peer
+    command = bytearray(ecr(1, 100))
+    command[7] ^= 1  # another command code, the same AVPs
+    assert keys_of(bytes(command))[0] != identity
 
 
 def test_error_answers_are_not_stored_they_are_recomputed():

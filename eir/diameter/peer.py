@@ -657,7 +657,8 @@ class PeerConnection:
 
     def _open(self, header: Header) -> bytes:
         self.state = PeerState.OPEN
-        self._peer_key = self.peer_host.lower().encode()  # its requests' duplicate identity
+        # Its requests' identity in the duplicate cache starts with this.
+        self._peer_key = self.peer_host.lower().encode() + b"\0"
         self._last_request = self._last_received  # the idle time counts from here
         self.events.append((logging.INFO, f"peer {self.peer_host} (realm {self.peer_realm}) "
                             "is open"))
