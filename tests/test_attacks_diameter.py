@@ -6,6 +6,8 @@ another Diameter version, and DiameterIdentity AVPs that are not FQDNs.
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 
 import pytest
@@ -43,7 +45,7 @@ def rss_bytes(pid: int) -> int:
 
 def test_a_different_request_under_the_ids_of_an_answered_one_gets_its_own_verdict(
         eir_server):
-    server = eir_server()
+    server = eir_server("--workers", "1")  # one cache (each worker has its own)
     with open_peer(server.address) as first:
         original = exchange(first, ecr(BLACKLISTED_IMEI, session_id="mme.test;victim",
                                        hop_by_hop=1, end_to_end=0x7000))
@@ -118,6 +120,21 @@ def test_a_second_connection_from_an_open_origin_host_is_refused(eir_server, tmp
     server.wait_for_log(r"peer closed the connection")
     with open_peer(server.address) as again:
         assert exchange(again, ecr(hop_by_hop=4, end_to_end=4)).result_code == 2001
+
+
+def test_the_origin_hosts_of_a_killed_worker_may_connect_again(eir_server, tmp_path):
+    server = eir_server("--workers", "2", "--config",
+                        write_config(tmp_path, "diameter:\n  duplicate_peers: refuse\n"))
+    with open_peer(server.address):
+        match = server.wait_for_log(r"worker (\d): \S+: peer mme\.test \(realm test\) is open")
+        pid = int(server.wait_for_log(rf"worker {match.group(1)} \(pid (\d+)\) started"
+                                      ).group(1))
+        mark = len(server.lines)
+        os.kill(pid, signal.SIGKILL)
+        server.wait_for_log(r"exited unexpectedly", start=mark)
+        # Its connection went with it, and so did its claim on mme.test.
+        with open_peer(server.address) as again:
+            assert exchange(again, ecr(hop_by_hop=5, end_to_end=5)).result_code == 2001
 
 
 def test_by_default_a_second_connection_is_served_and_noticed(eir_server):
