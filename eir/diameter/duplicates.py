@@ -91,18 +91,21 @@ class DuplicateCache:
         return len(self._entries)
 
     def store(self, identity: bytes, digest: bytes, answer: bytes, now: float) -> None:
-        cost = ENTRY_OVERHEAD_BYTES + len(identity) + len(digest) + len(answer)
-        if cost > self.max_bytes:
-            return
         entries = self._entries
         if identity in entries:
             return  # the first answer stands (a retransmission of a request we never saw)
-        entries[identity] = digest + answer
+        entry = digest + answer
+        cost = ENTRY_OVERHEAD_BYTES + len(identity) + len(entry)
+        total = self.bytes + cost
+        if total > self.max_bytes or len(entries) >= self.max_entries:
+            if cost > self.max_bytes:
+                return
+            while entries and (total > self.max_bytes or len(entries) >= self.max_entries):
+                total -= self._drop_oldest()
+        entries[identity] = entry
         self._identities.append(identity)
         self._times.append(now)
-        self.bytes += cost
-        while self.bytes > self.max_bytes or len(entries) > self.max_entries:
-            self._drop_oldest()
+        self.bytes = total
         self._until_expiry -= 1
         if not self._until_expiry:
             self._until_expiry = EXPIRY_BATCH
@@ -125,11 +128,13 @@ class DuplicateCache:
         start = DIGEST_BYTES
         return entry[start:start + 12] + raw[12:16] + entry[start + 16:]
 
-    def _drop_oldest(self) -> None:
+    def _drop_oldest(self) -> int:
+        """Drop the oldest entry; the bytes it counted for."""
         identity = self._identities.popleft()
         self._times.popleft()
-        entry = self._entries.pop(identity)
-        self.bytes -= ENTRY_OVERHEAD_BYTES + len(identity) + len(entry)
+        cost = ENTRY_OVERHEAD_BYTES + len(identity) + len(self._entries.pop(identity))
+        self.bytes -= cost
+        return cost
 
     def _expire(self, now: float) -> None:
         times = self._times
