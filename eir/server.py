@@ -280,6 +280,8 @@ class DiameterProtocol(asyncio.BufferedProtocol):
             self.transport.write(out)
         self._after()
         self._schedule()
+        if peer.reading is not self._reading:
+            self._set_reading()
 
     def _release_claim(self) -> None:
         host, self.claimed_host = self.claimed_host, None

@@ -241,11 +241,12 @@ def test_a_cer_waits_for_its_claim_and_what_follows_it_waits_too():
     peer = claiming_peer()
     assert peer.receive(cer_from() + ecr_request(5), 0.0) == b""  # CER, and an ECR after it
     assert peer.claiming == "mme.test" and peer.state is PeerState.WAIT_CER
+    assert not peer.reading  # the caller stops reading until it is decided
     out = peer.claim_decided(None, 0.1)
     cea, eca = out[:int.from_bytes(out[1:4], "big")], out[int.from_bytes(out[1:4], "big"):]
     assert one_message(cea).value("Result-Code") == SUCCESS
     assert one_message(eca).header.hop_by_hop == 5  # the ECR, answered once open
-    assert peer.state is PeerState.OPEN and peer.claiming is None
+    assert peer.state is PeerState.OPEN and peer.claiming is None and peer.reading
 
 
 def test_a_refused_claim_gets_cea_5012_and_closes():

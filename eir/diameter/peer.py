@@ -628,6 +628,7 @@ class PeerConnection:
             self.claiming = host
             self._claimed_cer = header
             self._held = []
+            self.reading = False  # until it is decided: what is held stays one read at most
             self.events.append((logging.DEBUG, f"{host}: CER accepted, claiming its "
                                 "Origin-Host"))
             return b""
@@ -640,6 +641,7 @@ class PeerConnection:
         R-Conn-CER in R-Open is R-Reject) and close, `refusal` saying why in the log."""
         header, held = self._claimed_cer, self._held
         self.claiming = self._claimed_cer = self._held = None
+        self.reading = True
         if self.closed:
             return b""
         if refusal is not None:
