@@ -45,12 +45,16 @@ from dataclasses import dataclass
 @dataclass
 class Admission:
     """Limits on queued work; one instance is shared by all connections of a server, so
-    `queued_total` counts the requests waiting on all of them."""
+    `queued_total` and `queued_bytes_total` count the requests waiting on all of them."""
 
     requests_per_turn: int = 16
     max_queued_per_connection: int = 4096
     max_queued_total: int = 16384
+    bytes_per_turn: int = 2048
+    max_queued_bytes_per_connection: int = 1 << 20
+    max_queued_bytes_total: int = 4 << 20
     queued_total: int = 0  # requests waiting in connection queues right now
+    queued_bytes_total: int = 0  # their bytes
     refused_total: int = 0  # requests answered 3004 since start
 
 

@@ -221,6 +221,128 @@ def test_without_admission_limits_a_read_is_answered_whole():
     assert peer.backlog == 0
 
 
+# -- work, not requests: bytes per turn and in the queues; AVPs per message ------------------
+
+def test_a_turn_ends_after_bytes_per_turn_bytes_of_requests_whichever_comes_first():
+    size = len(ecrs(1, 1))
+    admission = Admission(requests_per_turn=16, bytes_per_turn=2 * size + 1)
+    peer = open_admitted(admission)
+    assert set(answers_of(peer.receive(ecrs(1, 7), 1.0))) == {1, 2, 3}  # crosses the bytes
+    assert (peer.backlog, admission.queued_bytes_total) == (4, 4 * size)
+    assert set(answers_of(peer.resume(1.0))) == {4, 5, 6}
+    assert set(answers_of(peer.resume(1.0))) == {7}
+    assert admission.queued_bytes_total == 0
+    # One request larger than a turn's bytes is answered in a turn of its own.
+    big = with_proxy_infos(sans_io.ecr(), 1, state=b"s" * 4 * size)
+    assert len(answers_of(peer.receive(big + ecrs(10, 2), 1.0))) == 1
+    assert set(answers_of(peer.resume(1.0))) == {10, 11}
+
+
+def test_queued_bytes_are_bounded_per_connection_and_in_all():
+    size = len(ecrs(1, 1))
+    admission = Admission(requests_per_turn=2, max_queued_per_connection=1000,
+                          max_queued_total=1000, max_queued_bytes_per_connection=6 * size,
+                          max_queued_bytes_total=8 * size)
+    flooder, other = open_admitted(admission), open_admitted(admission)
+    first = answers_of(flooder.receive(ecrs(1, 10), 1.0))  # 2 answered, 4 queued, 4 refused
+    assert {h: m.value("Result-Code") for h, m in first.items()} == {
+        1: SUCCESS, 2: SUCCESS, 7: TOO_BUSY, 8: TOO_BUSY, 9: TOO_BUSY, 10: TOO_BUSY}
+    assert (flooder.backlog, flooder.reading) == (4, False)
+    assert f"6 request(s) ({6 * size} bytes) queued on this connection" in \
+        sans_io.event_text(flooder)
+    # In all: 4 of the flooder's, this turn's 2, 2 more waiting, then 3004.
+    burst = answers_of(other.receive(ecrs(100, 6), 1.0))
+    assert {h: m.value("Result-Code") for h, m in burst.items()} == {
+        100: SUCCESS, 101: SUCCESS, 104: TOO_BUSY, 105: TOO_BUSY}
+    assert admission.queued_bytes_total == 6 * size
+    flooder.resume(1.0)  # 2 left: reading again once half empty
+    assert (flooder.backlog, flooder.reading) == (2, True)
+    flooder.connection_lost()
+    other.connection_lost()
+    assert (admission.queued_total, admission.queued_bytes_total) == (0, 0)
+
+
+PROXY_INFO_MIN = sans_io.E("Proxy-Info", [sans_io.E("Proxy-Host", "a"),
+                                          sans_io.E("Proxy-State", b"")])
+ECR_AVPS = 7  # sans_io.ecr(): 6 at the top, IMEI inside Terminal-Information
+
+
+def with_proxy_infos(request: bytes, count: int, state: bytes = b"") -> bytes:
+    """`request` with `count` Proxy-Info AVPs (three AVPs each) appended, the last one
+    holding `state` as its Proxy-State."""
+    extra = PROXY_INFO_MIN * (count - 1) + sans_io.E(
+        "Proxy-Info", [sans_io.E("Proxy-Host", "a"), sans_io.E("Proxy-State", state)])
+    body = bytearray(request + extra)
+    struct.pack_into("!I", body, 0, 0x01000000 | len(body))
+    return bytes(body)
+
+
+def limited_peer(max_avps: int) -> PeerConnection:
+    application = S13Application(sans_io.D, sans_io.LOCAL, sans_io.RULE_SET)
+    peer = PeerConnection(sans_io.D, sans_io.LOCAL, {APPLICATION_S13: application}, now=0.0,
+                          max_avps_per_message=max_avps)
+    sans_io.one_message(peer.receive(sans_io.cer(APPLICATION_S13), 0.0))
+    return peer
+
+
+def test_a_request_within_max_avps_per_message_is_answered_with_its_proxy_info_echoed():
+    peer = limited_peer(ECR_AVPS + 3 * 10)
+    request = with_proxy_infos(sans_io.ecr(), 10, state=b"kept")
+    answer = sans_io.one_message(peer.receive(request, 1.0))
+    assert answer.value("Result-Code") == SUCCESS
+    assert [a.encode() for a in answer.all("Proxy-Info")] == \
+        [a.encode() for a in sans_io.Message(request).all("Proxy-Info")]
+
+
+def test_more_avps_than_max_avps_per_message_at_the_top_is_5009_with_the_first_beyond():
+    peer = limited_peer(ECR_AVPS + 3 * 10)
+    # 6 AVPs of the ECR and 40 Proxy-Info at the top: the 32nd Proxy-Info is the first AVP
+    # beyond the budget. Decoding stops there: the bytes after it are never cut (garbage
+    # there would otherwise be 5014).
+    request = with_proxy_infos(sans_io.ecr(), 40)
+    broken = request[:-28] + b"\xff" * 28
+    for sent in (request, broken):
+        answer = sans_io.one_message(peer.receive(sent, 1.0))
+        assert answer.value("Result-Code") == 5009  # DIAMETER_AVP_OCCURS_TOO_MANY_TIMES
+        assert answer.value("Session-Id") == "mme.test;1"
+        [failed] = answer.all("Failed-AVP")
+        assert failed.data == PROXY_INFO_MIN  # RFC 6733 §7.1.5: the first one beyond
+        assert answer.value("Error-Message") == "more AVPs in the message than accepted"
+        assert answer.all("Proxy-Info") == []
+    assert "answering 5009 AVP_OCCURS_TOO_MANY_TIMES: more AVPs" in sans_io.event_text(peer)
+
+
+def test_more_avps_than_max_avps_per_message_inside_grouped_ones_is_5009_too():
+    # 17 AVPs at the top fit; the children of the 11th Proxy-Info overrun the budget (IMEI
+    # and 10 pairs before them): Failed-AVP is the Proxy-Info around the first child beyond
+    # (RFC 6733 §7.5), not the whole of it.
+    peer = limited_peer(ECR_AVPS + 3 * 10)
+    answer = sans_io.one_message(peer.receive(with_proxy_infos(sans_io.ecr(), 11), 1.0))
+    assert answer.value("Result-Code") == 5009
+    [failed] = answer.all("Failed-AVP")
+    assert failed.data == sans_io.E("Proxy-Info", [sans_io.E("Proxy-State", b"")])
+    assert answer.value("Error-Message") == "Proxy-Info: more AVPs in the message than accepted"
+
+
+def test_an_answer_is_at_most_its_request_and_a_fixed_overhead():
+    # Proxy-Info is echoed whole (RFC 6733 §6.2) and Failed-AVP holds at most the offending
+    # AVP of the request; what an answer adds is bounded: Origin-Host/Realm, Result-Code,
+    # Vendor-Specific-Application-Id, Auth-Session-State, an Error-Message of at most 200
+    # characters, and the headers of Failed-AVP and the Grouped AVPs around the offender.
+    from test_wire_errors import CASES
+    peer = sans_io.open_peer()
+    requests = [case.request for case in CASES.values()] + [
+        with_proxy_infos(sans_io.ecr(), 40, state=b"s" * 60000),
+        with_proxy_infos(sans_io.ecr(), 2000), sans_io.request(324, b"", APPLICATION_S13,
+                                                               FLAG_REQUEST | FLAG_PROXIABLE)]
+    for request in requests:
+        answer = peer.receive(request, 1.0)
+        assert len(answer) <= len(request) + ANSWER_OVERHEAD, (len(answer), len(request))
+
+
+ANSWER_OVERHEAD = 1024  # bytes
+
+
 # -- idle connections --------------------------------------------------------------------
 
 def idle_peer(idle: float):
