@@ -198,18 +198,17 @@ def with_avps(message: bytes, extra: bytes) -> bytes:
     return bytes(body)
 
 
-def heavy_ecrs(size: int, proxy_infos: int) -> tuple[bytes, bytes]:
-    """Two valid ECRs of `size` bytes at most, the heaviest to answer we know of:
-    one packed with the smallest Proxy-Info AVPs (every 28 bytes three AVPs to decode,
-    validate and echo), and one with `proxy_infos` of them, the last filled up to `size`
-    with a Proxy-State (as heavy as a request may be under an AVP budget of ~3 per
-    Proxy-Info)."""
+def heavy_ecrs(size: int, proxy_infos: int) -> tuple[bytes, bytes, bytes]:
+    """Three valid ECRs, the heaviest to answer we know of: one of `size` bytes packed with
+    the smallest Proxy-Info AVPs (every 28 bytes three AVPs to decode, validate and echo),
+    one with `proxy_infos` of them (as many as an AVP budget of ~3 a Proxy-Info lets
+    through), and that one with its last Proxy-State filled up to `size` bytes."""
     base = ecr(session_id="mme.test;heavy", hop_by_hop=0)
     packed = with_avps(base, proxy_info() * ((size - len(base)) // 28))
     some = proxy_info() * (proxy_infos - 1)
     room = size - len(base) - len(some) - len(proxy_info())
     filled = with_avps(base, some + proxy_info(b"s" * (room - room % 4)))
-    return packed, filled
+    return packed, with_avps(base, some + proxy_info()), filled
 
 
 class HeavyFlood:
