@@ -28,6 +28,7 @@ from eir.diameter.peer import TOO_BUSY as BUSY_ERROR
 from eir.diameter.peer import PeerConnection, PeerState, Timers
 from eir.overload import Admission, ConnectionLimits
 from eir.s13 import S13Application
+from helpers_faults import proxy_info, raw_avp, with_avps
 from helpers_ops import wait_until
 from helpers_wire import (FLAG_ERROR, FLAG_PROXIABLE, FLAG_REQUEST, PEER_HOST,
                           ConnectionClosed, assert_closed_by_server, cer, ecr, open_peer,
@@ -454,6 +455,30 @@ def test_an_idle_connection_gets_dpr_and_is_closed_on_dpa(eir_server, tmp_path):
                                         AVP("Origin-Realm", val="test")])))
         assert assert_closed_by_server(sock) == b""
     server.wait_for_log(r"mme\.test: no request for 0\.5 s: disconnecting")
+
+
+def test_the_avp_budget_is_a_setting_and_beyond_it_is_5009_with_failed_avp(eir_server,
+                                                                           tmp_path):
+    # The least the setting allows: an ECR of 9 AVPs (scapy's) with 7 Proxy-Info is 30.
+    config = write_config(tmp_path, "diameter:\n  max_avps_per_message: 32\n")
+    server = eir_server("--config", config)
+    within = with_avps(ecr(hop_by_hop=1, end_to_end=1), proxy_info(b"s") * 7)
+    beyond = with_avps(ecr(hop_by_hop=2, end_to_end=2), proxy_info(b"s") * 8)
+    with open_peer(server.address) as sock:
+        sock.sendall(within)
+        answer = parse_answer(read_message(sock))
+        assert answer.result_code == SUCCESS
+        assert b"".join(avp.raw for avp in answer.all(284)) == proxy_info(b"s") * 7
+        sock.sendall(beyond)
+        answer = parse_answer(read_message(sock))
+        assert (answer.hop_by_hop, answer.result_code) == (2, 5009)
+        assert answer.session_id == "mme.test;1;1"
+        # The 33rd AVP is the last Proxy-Info's Proxy-State: Failed-AVP holds it inside
+        # its Proxy-Info (RFC 6733 §7.5).
+        [failed] = answer.all(279)
+        assert failed.value[0].raw == raw_avp(284, raw_avp(33, b"s"))
+    server.wait_for_log(r"mme\.test: answering 5009 AVP_OCCURS_TOO_MANY_TIMES: Proxy-Info: "
+                        r"more AVPs in the message than accepted")
 
 
 # -- the flood -------------------------------------------------------------------------
