@@ -335,7 +335,12 @@ def test_an_answer_is_at_most_its_request_and_a_fixed_overhead():
     requests = [case.request for case in CASES.values()] + [
         with_proxy_infos(sans_io.ecr(), 40, state=b"s" * 60000),
         with_proxy_infos(sans_io.ecr(), 2000), sans_io.request(324, b"", APPLICATION_S13,
-                                                               FLAG_REQUEST | FLAG_PROXIABLE)]
+                                                               FLAG_REQUEST | FLAG_PROXIABLE),
+        # An IMEI of 4-byte characters comes back twice: whole in Failed-AVP, and its first
+        # characters in Error-Message.
+        with_proxy_infos(sans_io.ecr().replace(
+            sans_io.E("Terminal-Information", [sans_io.E("IMEI", "35209900176148")]),
+            sans_io.E("Terminal-Information", [sans_io.E("IMEI", "\U0001d7d8" * 10000)])), 1)]
     for request in requests:
         answer = peer.receive(request, 1.0)
         assert len(answer) <= len(request) + ANSWER_OVERHEAD, (len(answer), len(request))
