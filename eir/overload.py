@@ -35,10 +35,12 @@ the `Admission` data below; the asyncio shell only calls back while work is queu
   or `bytes_per_turn` bytes of requests, whichever comes first (one request at least): 16
   plain ECRs of ~150-250 bytes, ~0.3 ms; 2 requests at the AVP budget, ~0.35 ms; one of
   64 KiB. The rest of its read waits in its queue and is resumed on the next turn of the
-  event loop, after the other connections had theirs; a read that finds requests queued
-  only queues, so a connection gets one turn per turn of the loop. A peer with a few
-  requests in flight is answered in the turn its read arrives, however busy another
-  connection is: it waits for one turn of each busy connection at most.
+  event loop, after the other connections had theirs; a read that finds requests queued,
+  or that follows a full turn of its connection (a turn's worth of requests or bytes: a
+  read of a few large requests is one), only queues, so a connection gets one turn per
+  turn of the loop. A peer with a few small requests in flight is answered in the turn
+  its read arrives, however busy another connection is: it waits for one turn of each
+  busy connection at most.
 * **Reads** are at most `read_bytes` (the shell's one read buffer, eir.server), so that
   framing and queueing a flooding peer's read (64 KiB, ~450 ECRs of 140 bytes) costs
   ~0.2 ms, not asyncio's 256 KiB.

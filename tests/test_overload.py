@@ -49,6 +49,7 @@ def open_admitted(admission: Admission | None, now: float = 0.0,
                           timers=timers or Timers(watchdog=30.0, watchdog_jitter=0))
     sans_io.one_message(peer.receive(sans_io.cer(APPLICATION_S13), now))
     assert peer.state is PeerState.OPEN
+    assert peer.resume(now) == b""  # the next turn of the loop: the CER's turn is over
     peer.events.clear()
     return peer
 
@@ -138,6 +139,22 @@ def test_a_read_while_requests_wait_is_answered_in_turns_one_per_loop_turn():
     assert set(answers_of(peer.resume(1.0))) == {3, 4}
 
 
+def test_a_read_after_a_full_turn_waits_for_the_next_turn_of_the_loop():
+    # Reads that each bring a turn's worth (here 2 requests; in life a few large ones, see
+    # bytes_per_turn) would otherwise get a turn from the read and another from `resume` in
+    # the same turn of the event loop: two turns to the other connections' one.
+    peer = open_admitted(Admission(requests_per_turn=2, bytes_per_turn=10**6))
+    assert set(answers_of(peer.receive(ecrs(1, 2), 1.0))) == {1, 2}  # a full turn
+    assert peer.receive(ecrs(3, 1), 1.0) == b"" and peer.backlog == 1
+    assert set(answers_of(peer.resume(1.0))) == {3}  # its next turn, not a full one
+    assert set(answers_of(peer.receive(ecrs(4, 1), 1.0))) == {4}  # answered at once
+    # The same by bytes: one request as large as a turn's bytes.
+    peer = open_admitted(Admission(bytes_per_turn=len(ecrs(1, 1))))
+    assert set(answers_of(peer.receive(ecrs(1, 1), 1.0))) == {1}
+    assert peer.receive(ecrs(2, 1), 1.0) == b""
+    assert set(answers_of(peer.resume(1.0))) == {2}
+
+
 def test_watchdogs_are_never_refused_even_beyond_the_queue_bound():
     admission = Admission(requests_per_turn=2, max_queued_per_connection=4)
     peer = open_admitted(admission)
@@ -165,8 +182,8 @@ def test_the_global_bound_refuses_queueing_but_never_a_peer_with_nothing_queued(
     flooder, other = open_admitted(admission), open_admitted(admission)
     flooder.receive(ecrs(1, 10), 1.0)  # 6 queued (the global bound), 4 refused, 2 answered
     assert admission.queued_total == 4
-    # A peer with a request or two per read is answered in its own turn, never refused.
-    lone = answers_of(other.receive(ecrs(100, 2), 1.0))
+    # A peer with a request per read is answered in its own turn, never refused.
+    lone = answers_of(other.receive(ecrs(100, 1), 1.0))
     assert {m.value("Result-Code") for m in lone.values()} == {SUCCESS}
     # One that would have to queue is refused what the global bound has no room for.
     burst = answers_of(other.receive(ecrs(200, 6), 1.0))

@@ -3,8 +3,9 @@
 Sans-IO: `receive(data, now)` and `on_timer(now)` return the bytes to send; the caller owns
 the socket and the clock. After each call the caller drains `events` (log records) and, when
 `closed` is set, writes what was returned and closes the transport. With `admission` limits,
-a read of more requests than one turn may answer leaves the rest queued (`backlog`): the
-caller calls `resume(now)` on a later turn of its event loop until the backlog is empty.
+a read of more requests than one turn may answer leaves the rest queued (`backlog`), and so
+does a read that follows a full turn: the caller calls `resume(now)` on a later turn of its
+event loop until the backlog is empty.
 
 Policy comes in as data: the peer allowlist and the names of a verified TLS certificate
 (checked on CER: 3010 DIAMETER_UNKNOWN_PEER), the duplicate-answer cache (T flag), and the
@@ -175,6 +176,10 @@ class PeerConnection:
         admission = self.admission
         self._per_turn = admission.requests_per_turn if admission else sys.maxsize
         self._bytes_per_turn = admission.bytes_per_turn if admission else sys.maxsize
+        # The last turn answered requests_per_turn requests or bytes_per_turn bytes: the
+        # next read only queues, so that a connection whose reads each bring a turn's worth
+        # (a few large requests) gets one turn per turn of the event loop, not two.
+        self._full_turn = False
         self.refused_busy = 0  # requests answered 3004 on this connection
         self._busy_templates: dict[bytes, tuple[bytes, bytes]] = {}
         self._application_ids = {a.to_bytes(4, "big") for a in self.applications}
@@ -197,12 +202,17 @@ class PeerConnection:
         self._last_received = now
         framer = self._framer
         messages = framer.feed(data)
-        if self._queue:  # a turn is pending already: this read waits for it
+        if self._queue or self._full_turn:
+            # A turn is pending already, or this connection has just had a full one: this
+            # read waits for its next turn (`resume`, on the next turn of the event loop).
             return self._receive_queued(messages, now, serve=False)
-        if len(messages) > self._per_turn or len(messages) > 1 and sum(
-                map(len, messages)) > self._bytes_per_turn:
+        count = len(messages)
+        size = len(messages[0]) if count == 1 else sum(map(len, messages))
+        if count > self._per_turn or count > 1 and size > self._bytes_per_turn:
             return self._receive_queued(messages, now, serve=True)
-        if len(messages) == 1 and framer.error is None:
+        # Answered now, as this connection's turn.
+        self._full_turn = count >= self._per_turn or size >= self._bytes_per_turn
+        if count == 1 and framer.error is None:
             return self._handle(messages[0], now)
         out = []
         for message in messages:
@@ -369,6 +379,7 @@ class PeerConnection:
             out.append(self._handle(message, now))
             if self.closed:
                 break
+        self._full_turn = served >= self._per_turn or served_bytes >= self._bytes_per_turn
         if not self.reading and (
                 len(queue) <= admission.max_queued_per_connection // 2
                 and self._queued_bytes <= admission.max_queued_bytes_per_connection // 2):
