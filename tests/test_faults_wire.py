@@ -1,12 +1,14 @@
 """Wire faults against a live `eir serve` (issue 7, item 2; docs/RELIABILITY.md): peers that
 vanish mid-message, half-open links and peers that never answer our DWR, a thousand
-connections trickling bytes beside a timed MME, a burst of ten thousand connection attempts,
-CER repeated on an open connection, requests before CER.
+connections trickling bytes beside a timed MME, connections sending the heaviest ECRs beside
+a timed MME (issue 13), a burst of ten thousand connection attempts, CER repeated on an open
+connection, requests before CER.
 
 Counts are configurable: EIR_FAULT_SLOW_CONNECTIONS (default 1000), EIR_FAULT_SLOW_SECONDS
-(default 5), EIR_FAULT_BURST (default 10000). The timed MME's p99 beside the slow
-connections is asserted (5 ms; printed with -s); EIR_FAULT_CHECK_P99=0 only prints it, for a
-machine busy with other work. Run as a script,
+(default 5), EIR_FAULT_BURST (default 10000), EIR_FAULT_HEAVY_CONNECTIONS (default 4),
+EIR_FAULT_HEAVY_SECONDS (default 4). The timed MME's p99 beside the slow connections and
+beside the heavy ones is asserted (5 ms; printed with -s); EIR_FAULT_CHECK_P99=0 only prints
+it, for a machine busy with other work. Run as a script,
 this file is the trickling client the slow-connection test starts on the other core (so that
 its work does not land on the timed MME's thread):
 `python tests/test_faults_wire.py HOST PORT COUNT SECONDS`.
