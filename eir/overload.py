@@ -35,8 +35,9 @@ the `Admission` data below; the asyncio shell only calls back while work is queu
   or `bytes_per_turn` bytes of requests, whichever comes first (one request at least): 8
   to 14 plain ECRs of 150-250 bytes, ~0.2 ms; 2 requests at the AVP budget, ~0.35 ms; one
   of 64 KiB. (At 4096 bytes, 16 plain ECRs would fit, but 4 requests at the AVP budget,
-  ~0.7 ms, would too: the turns of a few heavy connections add up for the peer waiting.) The rest of its read waits in its queue and is resumed on the next turn of the
-  event loop, after the other connections had theirs; a read that finds requests queued,
+  ~0.7 ms, would too: the turns of a few heavy connections add up for the peer waiting.)
+  The rest of its read waits in its queue and is resumed on the next turn of the event
+  loop, after the other connections had theirs; a read that finds requests queued,
   or that follows a full turn of its connection (a turn's worth of requests or bytes: a
   read of a few large requests is one), only queues, so a connection gets one turn per
   turn of the loop. A peer with a few small requests in flight is answered in the turn
