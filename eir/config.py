@@ -109,9 +109,15 @@ class DuplicateSettings(_Strict):
 class OverloadSettings(_Strict):
     max_connections: int = Field(1024, ge=1)
     max_connections_per_address: int = Field(64, ge=1)
+    # A connection's turn ends after this many requests or this many bytes of requests,
+    # whichever comes first (eir.overload: a byte of request costs up to ~0.2 µs).
     requests_per_turn: int = Field(16, ge=1)
+    bytes_per_turn: int = Field(2048, ge=1)
+    # Requests, and bytes of requests, waiting for their turn; beyond: 3004 TOO_BUSY.
     max_queued_per_connection: int = Field(4096, ge=1)
     max_queued_total: int = Field(16384, ge=1)
+    max_queued_bytes_per_connection: int = Field(1 << 20, ge=1)
+    max_queued_bytes_total: int = Field(4 << 20, ge=1)
     read_bytes: int = Field(65536, ge=4096)  # at most this much read per read
     idle_timeout_seconds: float = Field(0.0, ge=0)  # 0: never
 
@@ -130,6 +136,9 @@ class DiameterSettings(_Strict):
     cer_timeout_seconds: float = Field(10.0, gt=0)
     disconnect_timeout_seconds: float = Field(3.0, gt=0)
     max_message_bytes: int = Field(65536, ge=1024, le=0xFFFFFF)
+    # AVPs a request may hold, counted at every depth of grouping (each costs ~1 µs to
+    # decode and validate); beyond: 5009 DIAMETER_AVP_OCCURS_TOO_MANY_TIMES (eir.overload).
+    max_avps_per_message: int = Field(128, ge=32)
     peers: list[AllowedPeerSettings] = Field(default_factory=list)  # []: any peer
     duplicates: DuplicateSettings = Field(default_factory=DuplicateSettings)
     # A CER from an Origin-Host that has an open connection already (eir.diameter.identities):

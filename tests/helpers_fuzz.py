@@ -6,7 +6,8 @@ Input layout (both targets): two control bytes, then the stream as the peer woul
   byte 0, codec: bit 0 → Framer max_length 1024 (else 65536); bits 1-7 → which grammar the
           bare AVP list is validated against.
   byte 0, peer: bit 0 → a valid CER is received first (the connection is open); bit 1 →
-          admission limits (small turns and queues: the 3004 and backlog paths); bit 2 →
+          admission limits (small turns and queues, in requests and bytes: the 3004 and
+          backlog paths); bit 2 →
           duplicate detection; bit 3 → idle timeout; bits 4-5 → clock step between chunks
           (0, 0.5 s, 11 s: past the CER timeout, 31 s: past Tw); bit 6 → max_message_bytes
           1024 (else 65536); bit 7 → the fuzzed bytes come before the CER (when bit 0).
@@ -157,7 +158,9 @@ _APPLICATION = S13Application(D, sans_io.LOCAL, sans_io.RULE_SET)
 
 def new_fuzz_peer(control: int) -> PeerConnection:
     admission = (Admission(requests_per_turn=2, max_queued_per_connection=4,
-                           max_queued_total=8) if control & 2 else None)
+                           max_queued_total=8, bytes_per_turn=600,
+                           max_queued_bytes_per_connection=1200,
+                           max_queued_bytes_total=2400) if control & 2 else None)
     return PeerConnection(
         D, sans_io.LOCAL, {APPLICATION_S13: _APPLICATION}, now=0.0,
         local_addresses=("127.0.0.1",),
@@ -254,6 +257,7 @@ def seed_inputs(target: str) -> dict[str, bytes]:
     """Named seed inputs for `target`: CER, ECR, DWR, DPR and answers, alone and pipelined,
     and every error case of test_wire_errors. Control bytes as in the module docstring."""
     import helpers_wire as wire
+    from helpers_faults import heavy_ecrs, proxy_info, with_avps
     from test_wire_errors import CASES
 
     ours = sans_io.open_peer()
@@ -289,6 +293,13 @@ def seed_inputs(target: str) -> dict[str, bytes]:
         "cer-timeout": bytes([cer_step, 0]) + b"\1",
         "small-max": bytes([open_first | small_max, 0]) + ecr,
         "dpa-unsolicited": bytes([open_first, 0]) + sans_io.answer_to(dpr),
+        # Heavy requests (eir.overload): beyond the AVP budget (5009), at it (2001, its
+        # Proxy-Info echoed), and a pipeline of those ending turns by their bytes.
+        "proxy-info-beyond-the-avp-budget": bytes([open_first, 0]) + with_avps(
+            ecr, proxy_info() * 140),
+        "proxy-info-at-the-avp-budget": bytes([open_first, 0]) + heavy_ecrs(4096, 39)[1],
+        "heavy-flood-admission": bytes([open_first | admission, 0]) + heavy_ecrs(
+            4096, 39)[1] * 6,
     }
     for name, case in CASES.items():
         seeds["error " + name] = bytes([open_first, 0]) + case.request
