@@ -50,6 +50,7 @@ from h2.events import (ConnectionTerminated, DataReceived, RemoteSettingsChanged
 from h2.errors import ErrorCodes
 from h2.exceptions import DenialOfServiceError, H2Error, ProtocolError
 from h2.settings import SettingCodes, Settings
+from h2.utilities import HeaderValidationFlags, validate_headers
 from hpack.exceptions import HPACKError
 from hyperframe.frame import GoAwayFrame
 
@@ -234,6 +235,11 @@ CONTROL_FRAMES = frozenset((PRIORITY, SETTINGS, PING, WINDOW_UPDATE))
 # h2's own concurrency check makes a stream beyond it a connection error (GOAWAY); ours
 # refuses the stream alone, so h2's is set where it never fires.
 H2_UNCHECKED_STREAMS = 2**31 - 1
+# A request's headers are checked here (RFC 9113 §8.2-8.3, h2's own checks), not by h2 as it
+# receives them: h2 makes a malformed request a connection error, RFC 9113 §8.1.1 a stream
+# error (RST_STREAM PROTOCOL_ERROR), which leaves the client's other streams alone.
+REQUEST_HEADERS = HeaderValidationFlags(is_client=False, is_trailer=False,
+                                        is_response_header=False, is_push_promise=False)
 
 
 class FloodBudget:
@@ -290,7 +296,8 @@ class SbiSession:
       (CONTINUATION floods, HPACK bombs), a frame longer than 16 KiB before it is buffered;
       each with GOAWAY ENHANCE_YOUR_CALM or FRAME_SIZE_ERROR.
     Stream errors stay stream errors: a stream beyond `max_concurrent_streams` gets
-    RST_STREAM REFUSED_STREAM, one the client reset is not answered. Every h2 exception ends
+    RST_STREAM REFUSED_STREAM, a malformed request RST_STREAM PROTOCOL_ERROR (both counted
+    as resets), one the client reset is not answered. Every h2 exception ends
     here, as a GOAWAY with its code; `last_stream_id` is the highest stream answered, so the
     client may retry the others.
     """
@@ -469,7 +476,9 @@ class SbiSession:
                 if stream_id in reset:
                     continue
                 if len(self._pending) + len(self.blocked) >= self.settings.max_concurrent_streams:
-                    self._refuse(stream_id, now)
+                    self._reset(stream_id, ErrorCodes.REFUSED_STREAM, now)
+                elif self._malformed(stream_id, event.headers, now):
+                    continue
                 elif event.stream_ended is not None:  # a GET: HEADERS with END_STREAM
                     self._answer(stream_id, event.headers)
                 else:
@@ -493,13 +502,24 @@ class SbiSession:
     def _closed_by_client(self, events: list) -> None:
         for event in events:
             if type(event) is ConnectionTerminated:
-                self.closed_reason = f"the client closed the connection (GOAWAY " \
-                                     f"{_code_name(event.error_code)})"
-                self.events.append((logging.DEBUG, self.closed_reason))
+                self._end(f"the client closed the connection (GOAWAY "
+                          f"{_code_name(event.error_code)})", logging.DEBUG)
 
-    def _refuse(self, stream_id: int, now: float) -> None:
+    def _malformed(self, stream_id: int, headers: list, now: float) -> bool:
+        try:
+            for _ in validate_headers(headers, REQUEST_HEADERS):
+                pass
+        except ProtocolError as exc:
+            self.events.append((logging.INFO, f"stream {stream_id}: malformed request: "
+                                f"{str(exc)[:200]!r} (RST_STREAM PROTOCOL_ERROR)"))
+            self._reset(stream_id, ErrorCodes.PROTOCOL_ERROR, now)
+            return True
+        return False
+
+    def _reset(self, stream_id: int, code: ErrorCodes, now: float) -> None:
+        """A stream error: RST_STREAM, counted with the streams the client resets."""
         self._last_stream = max(self._last_stream, stream_id)
-        self.h2.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
+        self.h2.reset_stream(stream_id, code)
         if not self._resets.spend(now):
             raise self._flood("streams reset", "max_resets_per_second")
 
@@ -537,12 +557,14 @@ class SbiSession:
         frame = GoAwayFrame(0)
         frame.last_stream_id = self._last_stream
         frame.error_code = code
-        self.closed_reason = f"closing the N5g-eir connection: {reason} " \
-                             f"(GOAWAY {code.name})"
-        self.events.append((level, self.closed_reason))
-        self.waiting = False
-        self._buffer.clear()
+        self._end(f"closing the N5g-eir connection: {reason} (GOAWAY {code.name})", level)
         return frame.serialize()
+
+    def _end(self, reason: str, level: int) -> None:
+        self.closed_reason = reason
+        self.events.append((level, reason))
+        self.waiting = False  # what is left unread is dropped with the connection
+        self._buffer.clear()
 
 
 def _code_name(code) -> str:
@@ -695,10 +717,7 @@ class N5gEir:
                                        settings.max_connections_per_address, section="sbi")
         # One read buffer for every connection: each read is copied out before the next.
         self.read_buffer = memoryview(bytearray(settings.read_bytes))
-        # Our answers' headers are ours: not validated again on every send.
-        self.h2_config = H2Configuration(client_side=False, header_encoding=None,
-                                         validate_outbound_headers=False,
-                                         normalize_outbound_headers=False)
+        self.h2_config = self.h2_configuration()
         self.check = EquipmentIdentityCheck(server, self.counters, server.audit)
         self._own_audit = None
         self.tls_context = None
@@ -711,6 +730,14 @@ class N5gEir:
         self.urls: list[str] = []
         self.connections: set[SbiConnection] = set()
         self.nrf = NrfRegistration(self, settings.nrf) if settings.nrf is not None else None
+
+    @staticmethod
+    def h2_configuration() -> H2Configuration:
+        # Our answers' headers are ours: not validated again on every send.
+        return H2Configuration(client_side=False, header_encoding=None,
+                               validate_outbound_headers=False,
+                               normalize_outbound_headers=False,
+                               validate_inbound_headers=False)  # SbiSession checks them
 
     async def start(self) -> None:
         loop = self.loop = asyncio.get_running_loop()
