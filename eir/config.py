@@ -346,8 +346,9 @@ class SbiSettings(_Strict):
     max_resets_per_second: float = Field(100.0, gt=0)
     max_control_frames_per_second: float = Field(1000.0, gt=0)
     flood_burst_seconds: float = Field(10.0, gt=0)
-    # A connection must send the HTTP/2 preface (magic and SETTINGS) within this (over TLS:
-    # the handshake too); and is closed (GOAWAY NO_ERROR) after this long without a request.
+    # A connection must send the HTTP/2 preface (magic and SETTINGS) within this (over TLS,
+    # the handshake before it has as long again); and is closed (GOAWAY NO_ERROR) after
+    # this long without a request.
     preface_timeout_seconds: float = Field(10.0, gt=0)
     idle_timeout_seconds: float = Field(300.0, ge=0)  # 0: never
     nrf: NrfSettings | None = None

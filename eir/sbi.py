@@ -16,8 +16,10 @@ audited (interface "n5g-eir") and counted like an S13 check.
 Transport: HTTP/2 with prior knowledge on cleartext (h2c, as Open5GS's SBI speaks), and over
 TLS with ALPN h2, on listeners of their own (`sbi.listen`, `sbi.tls`).
 
-Library: the `h2` package (python-hyper), sans-IO, on an asyncio.Protocol: bytes in, events
-out, bytes back, in the same callback, as the Diameter peer state machine works. One request
+Library: the `h2` package (python-hyper), sans-IO, inside our own sans-IO `SbiSession`
+(frames cut and counted before h2 sees them: turns, flood budgets, stream and connection
+errors; docs/5G.md "Limits") under an asyncio.BufferedProtocol: bytes in, events out, bytes
+back, in the same callback, as the Diameter peer state machine works. One request
 costs one HEADERS frame decoded and one encoded, no task, no ASGI scope, no framework
 routing: it shares the event loop with Diameter, so it has to stay that cheap. (hypercorn,
 an ASGI server on top of the same h2, would add a task and an ASGI round trip per request,
