@@ -56,7 +56,7 @@ from h2.utilities import HeaderValidationFlags, validate_headers
 from hpack.exceptions import HPACKError
 from hyperframe.frame import GoAwayFrame
 
-from eir.config import parse_host_port
+from eir.config import SbiSettings, parse_host_port
 from eir.decision import EquipmentStatus, today
 from eir.imei import IMEI_KEY_LENGTH
 from eir.logs import audit_log
@@ -274,6 +274,17 @@ class SbiConnectionError(Exception):
         self.code = code
 
 
+def malformed(headers: list) -> str | None:
+    """What makes a request's headers malformed (RFC 9113 §8.1.1-8.3, as h2 checks them),
+    quoted and cut short; None when they are not."""
+    try:
+        for _ in validate_headers(headers, REQUEST_HEADERS):
+            pass
+    except ProtocolError as exc:
+        return repr(str(exc)[:200])
+    return None
+
+
 def goaway_code(exc: H2Error) -> ErrorCodes:
     """The GOAWAY error code of an h2 exception raised on received data: h2's own, except a
     header block HPACK cannot decode, a COMPRESSION_ERROR (RFC 9113 §4.3), which h2 calls a
@@ -299,13 +310,13 @@ class SbiSession:
       each with GOAWAY ENHANCE_YOUR_CALM or FRAME_SIZE_ERROR.
     Stream errors stay stream errors: a stream beyond `max_concurrent_streams` gets
     RST_STREAM REFUSED_STREAM, a malformed request RST_STREAM PROTOCOL_ERROR (both counted
-    as resets), one the client reset is not answered. Every h2 exception ends
-    here, as a GOAWAY with its code; `last_stream_id` is the highest stream answered, so the
-    client may retry the others.
+    as resets), one the client reset is not answered. Every h2 exception ends here, as a
+    GOAWAY with its code; `last_stream_id` is the highest stream answered, so the client
+    may retry the others.
     """
 
-    def __init__(self, check: EquipmentIdentityCheck, settings, h2_config: H2Configuration,
-                 remote: bytes, now: float):
+    def __init__(self, check: EquipmentIdentityCheck, settings: SbiSettings,
+                 h2_config: H2Configuration, remote: bytes, now: float):
         self.check = check
         self.settings = settings
         self.remote = remote
@@ -313,7 +324,7 @@ class SbiSession:
         self.events: list[tuple[int, str]] = []
         self.closed_reason: str | None = None
         self.waiting = False  # whole frames wait for the next turn
-        self.blocked: dict[int, bytes] = {}  # stream → body waiting for flow-control window
+        self._blocked: dict[int, bytes] = {}  # stream → body waiting for flow-control window
         self._pending: dict[int, list] = {}  # stream → request headers, until its end
         self._buffer = bytearray()  # read, not yet handed to h2
         self._preface_left = len(CLIENT_PREFACE)  # preface bytes not yet handed to h2
@@ -477,10 +488,13 @@ class SbiSession:
                 self._last_request = now
                 if stream_id in reset:
                     continue
-                if len(self._pending) + len(self.blocked) >= self.settings.max_concurrent_streams:
+                open_streams = len(self._pending) + len(self._blocked)
+                if open_streams >= self.settings.max_concurrent_streams:
                     self._reset(stream_id, ErrorCodes.REFUSED_STREAM, now)
-                elif self._malformed(stream_id, event.headers, now):
-                    continue
+                elif (problem := malformed(event.headers)) is not None:
+                    self.events.append((logging.INFO, f"stream {stream_id}: malformed request: "
+                                        f"{problem} (RST_STREAM PROTOCOL_ERROR)"))
+                    self._reset(stream_id, ErrorCodes.PROTOCOL_ERROR, now)
                 elif event.stream_ended is not None:  # a GET: HEADERS with END_STREAM
                     self._answer(stream_id, event.headers)
                 else:
@@ -493,11 +507,11 @@ class SbiSession:
                 if event.flow_controlled_length:
                     h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
             elif kind is WindowUpdated:
-                if self.blocked:
+                if self._blocked:
                     self._unblock()
             elif kind is StreamReset:
                 self._pending.pop(event.stream_id, None)
-                self.blocked.pop(event.stream_id, None)
+                self._blocked.pop(event.stream_id, None)
             elif kind is RemoteSettingsChanged:
                 self._settled = True
 
@@ -506,17 +520,6 @@ class SbiSession:
             if type(event) is ConnectionTerminated:
                 self._end(f"the client closed the connection (GOAWAY "
                           f"{_code_name(event.error_code)})", logging.DEBUG)
-
-    def _malformed(self, stream_id: int, headers: list, now: float) -> bool:
-        try:
-            for _ in validate_headers(headers, REQUEST_HEADERS):
-                pass
-        except ProtocolError as exc:
-            self.events.append((logging.INFO, f"stream {stream_id}: malformed request: "
-                                f"{str(exc)[:200]!r} (RST_STREAM PROTOCOL_ERROR)"))
-            self._reset(stream_id, ErrorCodes.PROTOCOL_ERROR, now)
-            return True
-        return False
 
     def _reset(self, stream_id: int, code: ErrorCodes, now: float) -> None:
         """A stream error: RST_STREAM, counted with the streams the client resets."""
@@ -544,14 +547,14 @@ class SbiSession:
         if len(answer.body) <= h2.local_flow_control_window(stream_id):
             h2.send_data(stream_id, answer.body, end_stream=True)
         else:  # the client has not given back enough window yet
-            self.blocked[stream_id] = answer.body
+            self._blocked[stream_id] = answer.body
 
     def _unblock(self) -> None:
         h2 = self.h2
-        for stream_id, body in list(self.blocked.items()):
+        for stream_id, body in list(self._blocked.items()):
             if len(body) <= h2.local_flow_control_window(stream_id):
                 h2.send_data(stream_id, body, end_stream=True)
-                del self.blocked[stream_id]
+                del self._blocked[stream_id]
 
     def _close(self, code: ErrorCodes, reason: str, level: int) -> bytes:
         """GOAWAY with `code`, in place of whatever h2 queued in the failed turn."""

@@ -119,8 +119,9 @@ class TimedMme(threading.Thread):
     def summary(self) -> str:
         if not self.latencies:
             return f"no {self.what} timed"
-        return (f"{len(self.latencies)} {self.what}, p50 {percentile(self.latencies, 0.5) * 1e3:.2f} "
-                f"ms, p99 {percentile(self.latencies, 0.99) * 1e3:.2f} ms, max "
+        return (f"{len(self.latencies)} {self.what}, p50 "
+                f"{percentile(self.latencies, 0.5) * 1e3:.2f} ms, p99 "
+                f"{percentile(self.latencies, 0.99) * 1e3:.2f} ms, max "
                 f"{max(self.latencies) * 1e3:.2f} ms, Result-Codes {self.result_codes}")
 
 

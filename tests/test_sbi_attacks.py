@@ -186,7 +186,8 @@ def test_stream_errors_leave_the_connection_and_its_other_streams(eir_server):
     assert int.from_bytes(seen[-1][3], "big") == PROTOCOL_ERROR
     assert amf.answer(13) == BLACKLISTED_BODY
     amf.close()
-    server.wait_for_log(r"stream 11: malformed request: .*connection.* \(RST_STREAM PROTOCOL_ERROR\)")
+    server.wait_for_log(r"stream 11: malformed request: .*connection.* "
+                        r"\(RST_STREAM PROTOCOL_ERROR\)")
     assert "Traceback" not in server.log() and "Fatal error" not in server.log()
 
 
