@@ -61,7 +61,7 @@ from eir.decision import EquipmentStatus, today
 from eir.imei import IMEI_KEY_LENGTH
 from eir.logs import audit_log
 from eir.overload import ConnectionLimits
-from eir.security import server_tls_context
+from eir.security import TlsAcceptor, server_tls_context
 
 log = logging.getLogger("eir.sbi")
 
@@ -586,13 +586,15 @@ class SbiConnection(asyncio.BufferedProtocol):
     connection limits, then feeds its SbiSession and writes what it returns. Reads go into
     the listener's one read buffer (at most `sbi.read_bytes`), copied out at once."""
 
-    def __init__(self, service: "N5gEir"):
+    def __init__(self, service: "N5gEir", admitted: str | None = None):
         self.service = service
         self.loop = service.loop
         self.session: SbiSession | None = None
         self.transport: asyncio.Transport | None = None
         self.remote = UNKNOWN_CLIENT.decode()
-        self._address: str | None = None  # counted against the limits under this address
+        # The source address counted against the limits (a TLS connection is counted
+        # before its handshake, by eir.security.TlsAcceptor); None: not counted yet.
+        self._address = admitted
         self._timer: asyncio.TimerHandle | None = None
         self._resume_handle: asyncio.Handle | None = None
         self._reading = True  # the transport's reading state (see _set_reading)
@@ -602,13 +604,14 @@ class SbiConnection(asyncio.BufferedProtocol):
         service = self.service
         peer = transport.get_extra_info("peername")
         self.remote = _format_address(peer)
-        address = peer[0] if peer else ""
-        refusal = service.limits.admit(address)
-        if refusal is not None:
-            log.warning("%s: N5g-eir connection refused: %s", self.remote, refusal)
-            transport.abort()
-            return
-        self._address = address
+        if self._address is None:
+            address = peer[0] if peer else ""
+            refusal = service.limits.admit(address)
+            if refusal is not None:
+                log.warning("%s: N5g-eir connection refused: %s", self.remote, refusal)
+                transport.abort()
+                return
+            self._address = address
         service.counters.connections += 1
         self.transport = transport  # type: ignore[assignment]
         service.connections.add(self)
@@ -621,9 +624,11 @@ class SbiConnection(asyncio.BufferedProtocol):
         return self.service.read_buffer
 
     def buffer_updated(self, nbytes: int) -> None:
-        session = self.session
-        out = session.receive(self.service.read_buffer[:nbytes].tobytes(), self.loop.time())
-        self._after(out)
+        self.data_received(self.service.read_buffer[:nbytes].tobytes())
+
+    def data_received(self, data: bytes) -> None:
+        """Bytes read from the client (from buffer_updated, or early TLS data)."""
+        self._after(self.session.receive(data, self.loop.time()))
 
     def _resume(self) -> None:
         """This connection's next turn: after the other connections ready now had theirs."""
@@ -759,9 +764,8 @@ class N5gEir:
             host, port = parse_host_port(listen)
             try:
                 listener = await loop.create_server(
-                    lambda: SbiConnection(self), host, port, ssl=context, reuse_address=True,
-                    ssl_handshake_timeout=(self.settings.preface_timeout_seconds
-                                           if context is not None else None))
+                    self._tls_acceptor if context is not None else lambda: SbiConnection(self),
+                    host, port, reuse_address=True)
             except OSError as exc:
                 raise OSError(f"sbi {listen}: {exc.strerror or exc}") from None
             self.listeners.append(listener)
@@ -775,6 +779,15 @@ class N5gEir:
             self._own_audit.start()
         if self.nrf is not None:
             self.nrf.start()
+
+    def _tls_acceptor(self) -> TlsAcceptor:
+        """A TLS connection, counted against the limits from accept (its handshake within
+        the preface timeout), then an SbiConnection."""
+        limits = self.limits
+        return TlsAcceptor(self.tls_context, self.settings.preface_timeout_seconds,
+                           limits.admit, limits.release,
+                           lambda address: SbiConnection(self, admitted=address),
+                           self.server._spawn)
 
     async def stop(self) -> None:
         """Deregister from the NRF (bounded), stop listening, close the connections."""

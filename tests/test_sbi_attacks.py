@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import ssl
 import struct
 import subprocess
 import sys
@@ -23,7 +24,7 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
+import httpx
 from hpack import Encoder, NeverIndexedHeaderTuple
 from helpers_faults import MmeProcess, TimedMme, percentile
 from helpers_ops import endpoint
@@ -303,6 +304,38 @@ def test_idle_connections_from_one_address_cannot_lock_another_amf_out(eir_serve
                         r"open, the most allowed from one address "
                         r"\(sbi\.max_connections_per_address\)")
     for sock in idle:
+        sock.close()
+
+
+def test_tls_handshakes_count_against_the_limits_and_are_bounded_in_time(eir_server,
+                                                                          tmp_path):
+    """On main, TCP connections on the TLS port were counted only once their handshake was
+    done (asyncio's create_server(ssl=...)), and the handshake could take 60 s: any number
+    of them could wait. Now they count from accept, and the handshake has the preface
+    timeout."""
+    from test_tls import Authority
+
+    ca = Authority(tmp_path, "Test Operator CA")
+    ca.issue("eir.test", "eir")
+    config = tmp_path / "eir.yaml"
+    config.write_text("sbi:\n  max_connections_per_address: 4\n"
+                      "  preface_timeout_seconds: 1\n  tls:\n    listen: 127.0.0.1:0\n"
+                      "    certificate: eir.pem\n    key: eir.key\n")
+    server = eir_server("--config", str(config), "--workers", "1")
+    url = endpoint(server, r"N5g-eir served on (https://\S+)/n5g-eir-eic/v1/ \(TLS")
+    host, port = url.removeprefix("https://").rsplit(":", 1)
+    silent = [socket.create_connection((host, int(port)), timeout=10) for _ in range(6)]
+    server.wait_for_log(r"connection refused: 4 connections from 127\.0\.0\.1 are open, the "
+                        r"most allowed from one address \(sbi\.max_connections_per_address\)")
+    started = time.monotonic()
+    assert silent[0].recv(100) == b""  # closed: no handshake within the preface timeout
+    assert time.monotonic() - started < 5
+    server.wait_for_log(r"TLS handshake refused: SSL handshake is taking longer than 1\.0 s")
+    trusting = ssl.create_default_context(cafile=str(ca.path))
+    with httpx.Client(http2=True, verify=trusting, timeout=10) as client:
+        response = client.get(url + STATUS_PATH, params={"pei": BLACKLISTED_PEI})
+    assert (response.http_version, response.content) == ("HTTP/2", BLACKLISTED_BODY)
+    for sock in silent:
         sock.close()
 
 
