@@ -39,6 +39,7 @@ import ipaddress
 import json
 import logging
 import ssl
+import traceback
 import uuid
 from collections import deque
 from dataclasses import dataclass
@@ -411,8 +412,9 @@ class SbiSession:
             return self._close(goaway_code(exc), f"HTTP/2 protocol error: "
                                f"{exc or type(exc).__name__}", logging.INFO)
         except Exception as exc:  # noqa: BLE001 - a defect: this connection only, logged
-            return self._close(ErrorCodes.INTERNAL_ERROR, f"internal error: {exc!r}",
-                               logging.ERROR)
+            where = traceback.extract_tb(exc.__traceback__)[-1]
+            return self._close(ErrorCodes.INTERNAL_ERROR, f"internal error: {exc!r} at "
+                               f"{where.filename}:{where.lineno}", logging.ERROR)
         return self.h2.data_to_send()
 
     def _cut(self, now: float) -> tuple[int, SbiConnectionError | None]:
