@@ -346,10 +346,6 @@ class SbiSettings(_Strict):
     max_resets_per_second: float = Field(100.0, gt=0)
     max_control_frames_per_second: float = Field(1000.0, gt=0)
     flood_burst_seconds: float = Field(10.0, gt=0)
-    # After a flood (GOAWAY ENHANCE_YOUR_CALM), new connections from that address are
-    # refused at accept for this long (0: not at all), so that reconnecting does not buy a
-    # new budget at once.
-    flood_penalty_seconds: float = Field(10.0, ge=0)
     # A connection must send the HTTP/2 preface (magic and SETTINGS) within this (over TLS,
     # the handshake before it has as long again); and is closed (GOAWAY NO_ERROR) after
     # this long without a request.

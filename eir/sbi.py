@@ -324,7 +324,6 @@ class SbiSession:
         self.h2 = H2Connection(h2_config)
         self.events: list[tuple[int, str]] = []
         self.closed_reason: str | None = None
-        self.goaway_code: ErrorCodes | None = None  # the GOAWAY we closed with, if we did
         self.waiting = False  # whole frames wait for the next turn
         self._blocked: dict[int, bytes] = {}  # stream → body waiting for flow-control window
         self._pending: dict[int, list] = {}  # stream → request headers, until its end
@@ -564,7 +563,7 @@ class SbiSession:
         self.h2.data_to_send()  # what h2 queued (its own GOAWAY, if it raised) is dropped
         frame = GoAwayFrame(0)
         frame.last_stream_id = self._last_stream
-        frame.error_code = self.goaway_code = code
+        frame.error_code = code
         self._end(f"closing the N5g-eir connection: {reason} (GOAWAY {code.name})", level)
         return frame.serialize()
 
@@ -609,7 +608,7 @@ class SbiConnection(asyncio.BufferedProtocol):
         self.remote = _format_address(peer)
         if self._address is None:
             address = peer[0] if peer else ""
-            refusal = service.admit(address)
+            refusal = service.limits.admit(address)
             if refusal is not None:
                 log.warning("%s: N5g-eir connection refused: %s", self.remote, refusal)
                 transport.abort()
@@ -647,8 +646,6 @@ class SbiConnection(asyncio.BufferedProtocol):
         if session.closed:
             if not self.transport.is_closing():
                 self.transport.close()  # flushes what was written first
-                if session.goaway_code is ErrorCodes.ENHANCE_YOUR_CALM:
-                    self.service.penalise(self._address)
             return
         if session.waiting and self._resume_handle is None:
             self._resume_handle = self.loop.call_soon(self._resume)
@@ -741,8 +738,6 @@ class N5gEir:
             self.tls_context = server_tls_context(tls.certificate, tls.key, tls.ca,
                                                   tls.require_client_cert, section="sbi.tls")
             self.tls_context.set_alpn_protocols(["h2"])
-        # Addresses whose connections are refused at accept after a flood: until (loop time).
-        self.penalised: dict[str, float] = {}
         self.listeners: list[asyncio.AbstractServer] = []
         self.urls: list[str] = []
         self.connections: set[SbiConnection] = set()
@@ -787,36 +782,12 @@ class N5gEir:
         if self.nrf is not None:
             self.nrf.start()
 
-    def admit(self, address: str) -> str | None:
-        """Count a new connection from `address`; or say why not (eir.overload's limits, or
-        a flood from that address a moment ago)."""
-        until = self.penalised.get(address)
-        if until is not None:
-            if self.loop.time() < until:
-                self.limits.refused_total += 1
-                return "a flood from this address was cut off a moment ago " \
-                       "(sbi.flood_penalty_seconds)"
-            del self.penalised[address]
-        return self.limits.admit(address)
-
-    def penalise(self, address: str) -> None:
-        """Refuse `address` for sbi.flood_penalty_seconds: it flooded."""
-        seconds = self.settings.flood_penalty_seconds
-        if not seconds:
-            return
-        now = self.loop.time()
-        for known, until in list(self.penalised.items()):  # forget the ones served
-            if until <= now:
-                del self.penalised[known]
-        self.penalised[address] = now + seconds
-        log.warning("%s: N5g-eir connections from this address refused for %g s after its "
-                    "flood", address, seconds)
-
     def _tls_acceptor(self) -> TlsAcceptor:
         """A TLS connection, counted against the limits from accept (its handshake within
         the preface timeout), then an SbiConnection."""
+        limits = self.limits
         return TlsAcceptor(self.tls_context, self.settings.preface_timeout_seconds,
-                           self.admit, self.limits.release,
+                           limits.admit, limits.release,
                            lambda address: SbiConnection(self, admitted=address),
                            self.server._spawn)
 

@@ -242,9 +242,8 @@ def test_every_connection_error_gets_goaway_with_its_code_and_nothing_escapes(ei
     code RFC 9113 names, and the server goes on."""
     server, url = start_sbi(eir_server)
     found = {}
-    # One source address each: after ENHANCE_YOUR_CALM an address is refused for a while.
-    for source, (name, (data, _, _)) in enumerate(CONNECTION_ERRORS.items(), start=10):
-        client = RawH2(url, source=f"127.0.0.{source}", start=False)
+    for name, (data, _, _) in CONNECTION_ERRORS.items():
+        client = RawH2(url, start=False)
         client.send(data if name == "not HTTP/2" else CLIENT_START + data)
         found[name] = client.goaway()[1]
         client.close()
@@ -263,7 +262,6 @@ def test_rapid_reset_and_control_frame_floods_get_goaway_enhance_your_calm(eir_s
 max_resets_per_second: 20
 max_control_frames_per_second: 20
 flood_burst_seconds: 1
-flood_penalty_seconds: 0.5
 """)
     # A little beyond the budget (20 at once), all in one write with the preface, and no
     # SETTINGS ACK: the server closes with nothing unread, so that no TCP reset overtakes
@@ -273,8 +271,8 @@ flood_penalty_seconds: 0.5
         "frames without a request": frame(PING, 0, bytes(8)) * 30,
         "empty DATA": get(1, end_stream=False) + frame(DATA, 1) * 30,
     }
-    for source, (what, data) in enumerate(floods.items(), start=3):
-        client = RawH2(url, source=f"127.0.0.{source}", start=False)
+    for what, data in floods.items():
+        client = RawH2(url, start=False)
         client.send(CLIENT_START + data)
         last_stream, code, _ = client.goaway()
         assert code == ENHANCE_YOUR_CALM, what
@@ -282,19 +280,6 @@ flood_penalty_seconds: 0.5
     server.wait_for_log(r"flood: more than 20 streams reset per second "
                         r"\(sbi\.max_resets_per_second, 1 s of burst\) \(GOAWAY ENHANCE_YOUR")
     server.wait_for_log(r"flood: more than 20 frames without a request per second")
-    # The flooder's address is refused for sbi.flood_penalty_seconds, then admitted again.
-    server.wait_for_log(r"127\.0\.0\.3: N5g-eir connections from this address refused for "
-                        r"0\.5 s after its flood")
-    refused = RawH2(url, source="127.0.0.3", start=False)
-    try:
-        first = refused.sock.recv(100)
-    except ConnectionResetError:
-        first = b""
-    assert first == b""  # closed at accept, before even our SETTINGS
-    server.wait_for_log(r"127\.0\.0\.3:\d+: N5g-eir connection refused: a flood from this "
-                        r"address was cut off a moment ago \(sbi\.flood_penalty_seconds\)")
-    time.sleep(0.5)  # the penalty's length: what is tested
-    still_serves(url, source="127.0.0.3")
     # The budget counts resets, not requests: an AMF sending 200 requests at once and
     # cancelling one is served whole.
     amf = RawH2(url)
@@ -468,15 +453,12 @@ def rapid_reset_flood(host: str, port: int, seconds: float) -> dict:
     return report
 
 
-def test_a_rapid_reset_flood_leaves_another_amf_and_s13_within_5_ms(eir_server, tmp_path):
+def test_a_rapid_reset_flood_leaves_another_amf_and_s13_within_5_ms(eir_server):
     """CVE-2023-44487 from one connection (reconnecting whenever closed) while an AMF and an
     MME each send a request every 4 ms. As in tests/test_overload.py, the server has the
     first core and the flooder the second at nice 19; the AMF and the MME are processes of
     their own. On main: ~140-300 ms p99 for both (h2 parsed a whole 256 KiB read at once)."""
-    # No penalty after a flood: it is the flood itself, sustained, that is timed (as from an
-    # attacker with many addresses).
-    server, url = start_sbi(eir_server, tmp_path, "flood_penalty_seconds: 0",
-                            prefix=("taskset", "-c", "0"))
+    server, url = start_sbi(eir_server, prefix=("taskset", "-c", "0"))
     host, port = url.removeprefix("http://").rsplit(":", 1)
     flooder = subprocess.Popen(["taskset", "-c", "1", "nice", "-n", "19", sys.executable,
                                 __file__, host, port, str(FLOOD_SECONDS)],
