@@ -351,6 +351,10 @@ class SbiSettings(_Strict):
     # this long without a request.
     preface_timeout_seconds: float = Field(10.0, gt=0)
     idle_timeout_seconds: float = Field(300.0, ge=0)  # 0: never
+    # After our GOAWAY on cleartext, what the client still sends is read and dropped for at
+    # most this long before the close (a close with unread data would send a TCP reset,
+    # which can overtake the GOAWAY); 0: closed at once.
+    close_linger_seconds: float = Field(2.0, ge=0)
     nrf: NrfSettings | None = None
 
     @field_validator("listen")

@@ -324,6 +324,7 @@ class SbiSession:
         self.h2 = H2Connection(h2_config)
         self.events: list[tuple[int, str]] = []
         self.closed_reason: str | None = None
+        self.closed_on_error = False  # closed by our GOAWAY with an error code
         self.waiting = False  # whole frames wait for the next turn
         self._blocked: dict[int, bytes] = {}  # stream → body waiting for flow-control window
         self._pending: dict[int, list] = {}  # stream → request headers, until its end
@@ -565,6 +566,7 @@ class SbiSession:
         frame.last_stream_id = self._last_stream
         frame.error_code = code
         self._end(f"closing the N5g-eir connection: {reason} (GOAWAY {code.name})", level)
+        self.closed_on_error = code is not ErrorCodes.NO_ERROR
         return frame.serialize()
 
     def _end(self, reason: str, level: int) -> None:
@@ -599,6 +601,7 @@ class SbiConnection(asyncio.BufferedProtocol):
         self._address = admitted
         self._timer: asyncio.TimerHandle | None = None
         self._resume_handle: asyncio.Handle | None = None
+        self._linger: asyncio.TimerHandle | None = None  # set once our GOAWAY is written
         self._reading = True  # the transport's reading state (see _set_reading)
         self._writing = True  # False while the transport's write buffer is above its limit
 
@@ -644,12 +647,26 @@ class SbiConnection(asyncio.BufferedProtocol):
         if session.events:
             self._log_events()
         if session.closed:
-            if not self.transport.is_closing():
-                self.transport.close()  # flushes what was written first
+            if self._linger is None and not self.transport.is_closing():
+                self._close()
             return
         if session.waiting and self._resume_handle is None:
             self._resume_handle = self.loop.call_soon(self._resume)
         self._set_reading()
+
+    def _close(self) -> None:
+        """Close once what was written is sent. After a connection error on cleartext:
+        FIN after the GOAWAY, then what the client still sends read and dropped until its
+        own FIN or sbi.close_linger_seconds: a close with unread data would answer it with a
+        TCP reset, which can overtake the GOAWAY (a client still sending is likely then)."""
+        transport = self.transport
+        linger = self.service.settings.close_linger_seconds
+        if not (linger and self.session.closed_on_error and transport.can_write_eof()):
+            transport.close()  # flushes what was written first
+            return
+        transport.write_eof()
+        self._linger = self.loop.call_later(linger, transport.close)
+        transport.resume_reading()  # the session drops what comes
 
     def pause_writing(self) -> None:
         # The client does not read its answers: stop reading its requests until it does.
@@ -698,7 +715,7 @@ class SbiConnection(asyncio.BufferedProtocol):
         self._address = None
         service.counters.connections -= 1
         service.connections.discard(self)
-        for handle in (self._timer, self._resume_handle):
+        for handle in (self._timer, self._resume_handle, self._linger):
             if handle is not None:
                 handle.cancel()
         self._log_events()

@@ -263,17 +263,17 @@ max_resets_per_second: 20
 max_control_frames_per_second: 20
 flood_burst_seconds: 1
 """)
-    # A little beyond the budget (20 at once), all in one write with the preface, and no
-    # SETTINGS ACK: the server closes with nothing unread, so that no TCP reset overtakes
-    # its GOAWAY.
+    # Far beyond the budget (20 at once): the server closes while the client still sends.
+    # It reads and drops the rest (sbi.close_linger_seconds), so that no TCP reset
+    # overtakes its GOAWAY.
     floods = {
-        "streams reset": b"".join(get(n) + rst(n) for n in range(1, 60, 2)),
-        "frames without a request": frame(PING, 0, bytes(8)) * 30,
-        "empty DATA": get(1, end_stream=False) + frame(DATA, 1) * 30,
+        "streams reset": b"".join(get(n) + rst(n) for n in range(1, 6000, 2)),
+        "frames without a request": frame(PING, 0, bytes(8)) * 20000,
+        "empty DATA": get(1, end_stream=False) + frame(DATA, 1) * 20000,
     }
     for what, data in floods.items():
-        client = RawH2(url, start=False)
-        client.send(CLIENT_START + data)
+        client = RawH2(url)
+        client.send(data)
         last_stream, code, _ = client.goaway()
         assert code == ENHANCE_YOUR_CALM, what
         client.close()
