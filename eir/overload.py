@@ -97,9 +97,11 @@ class Admission:
 class ConnectionLimits:
     """Counts open connections, in all and per source address; refuses beyond the limits."""
 
-    def __init__(self, max_connections: int, max_per_address: int):
+    def __init__(self, max_connections: int, max_per_address: int,
+                 section: str = "diameter.overload"):
         self.max_connections = max_connections
         self.max_per_address = max_per_address
+        self.section = section  # where the settings are, for the refusals' text
         self.open = 0
         self._by_address: Counter[str] = Counter()
         self.refused_total = 0
@@ -109,12 +111,12 @@ class ConnectionLimits:
         if self.open >= self.max_connections:
             self.refused_total += 1
             return (f"{self.open} connections are open, the most allowed "
-                    "(diameter.overload.max_connections)")
+                    f"({self.section}.max_connections)")
         if self._by_address[address] >= self.max_per_address:
             self.refused_total += 1
             return (f"{self._by_address[address]} connections from {address} are open, the "
                     "most allowed from one address "
-                    "(diameter.overload.max_connections_per_address)")
+                    f"({self.section}.max_connections_per_address)")
         self.open += 1
         self._by_address[address] += 1
         return None

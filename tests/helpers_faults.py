@@ -91,6 +91,8 @@ class TimedMme(threading.Thread):
     from write to answer. The ECR is built once by scapy (building one costs ~2 ms, more
     than what is measured); only its ids change."""
 
+    what = "ECRs"  # in the summary
+
     def __init__(self, address: tuple[str, int], interval: float = 0.004):
         super().__init__(daemon=True)
         self.sock = open_peer(address)
@@ -129,9 +131,10 @@ class TimedMme(threading.Thread):
 
     def summary(self) -> str:
         if not self.latencies:
-            return "no ECR timed"
-        return (f"{len(self.latencies)} ECRs, p50 {percentile(self.latencies, 0.5) * 1e3:.2f} "
-                f"ms, p99 {percentile(self.latencies, 0.99) * 1e3:.2f} ms, max "
+            return f"no {self.what} timed"
+        return (f"{len(self.latencies)} {self.what}, p50 "
+                f"{percentile(self.latencies, 0.5) * 1e3:.2f} ms, p99 "
+                f"{percentile(self.latencies, 0.99) * 1e3:.2f} ms, max "
                 f"{max(self.latencies) * 1e3:.2f} ms, Result-Codes {self.result_codes}")
 
 
@@ -139,21 +142,21 @@ class MmeProcess:
     """A TimedMme in a process of its own (fork): timed beside a test that keeps its own
     process busy (thousands of connects and selects), whose GIL would otherwise stall the
     MME's thread and show up as the server's latency. Same `latencies`, `result_codes` and
-    `summary()` after `stop()`."""
+    `summary()` after `stop()`. `timed`: the class timed (TimedMme, or one like it)."""
 
-    def __init__(self, address: tuple[str, int], interval: float = 0.004):
+    def __init__(self, address, interval: float = 0.004, timed=TimedMme):
         context = multiprocessing.get_context("fork")
         self._stop = context.Event()
         receiving, self._sending = context.Pipe(duplex=False)
         self._receiving = receiving
-        self._process = context.Process(target=self._run, args=(address, interval),
+        self._process = context.Process(target=self._run, args=(address, interval, timed),
                                         daemon=True)
         self.latencies: list[float] = []
         self.result_codes: dict[int | None, int] = {}
         self._summary = ""
 
-    def _run(self, address, interval) -> None:
-        mme = TimedMme(address, interval)
+    def _run(self, address, interval, timed) -> None:
+        mme = timed(address, interval)
         mme.start()
         self._stop.wait()
         try:
