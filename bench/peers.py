@@ -5,7 +5,8 @@ Targets: `eir serve` (started here), and any of
   --pydiameter                 bench/pydiameter_eir.py started here on the same list;
   --peer NAME=HOST:PORT        an EIR already running (a vendor's, Open5GS's, PyHSS...);
   --pid NAME=PID[,PID...]      its processes, for CPU per ECR (PyHSS: diameterService.py and
-                               hssService.py, and redis-server if you want it counted);
+                               hssService.py, and redis-server if you want it counted; for
+                               a target started here, added to its own);
   --pyhss PATH                 a PyHSS checkout: its diameterService and hssService are
                                started here from PATH (with PATH/config.yaml, which must
                                listen on --pyhss-port; Redis must be running), and their PIDs
@@ -24,7 +25,7 @@ cores); a --peer is wherever it is: pin it yourself (`taskset -c 0 ...`) for fai
 
     python3 bench/peers.py --pydiameter [--peer NAME=HOST:PORT --pid NAME=PID]...
                            [--rates 100,1000,max] [--seconds 5] [--rounds 2]
-                           [--list FILE --mix FILE] [--expect FILE] [--unknown VERDICT]
+                           [--list FILE --mix FILE] [--expect LIST] [--unknown [NAME=]VERDICT]
 
 The last line printed is one JSON object with every figure.
 """
@@ -35,6 +36,8 @@ import argparse
 import asyncio
 import json
 import os
+import resource
+import socket
 import statistics
 import subprocess
 import sys
@@ -45,6 +48,7 @@ from pathlib import Path
 
 import hotpath  # first: it puts the checkout and tests/ on sys.path
 from e2e import cpu_seconds, pinning
+from hotpath import OtherLoad
 from helpers_process import LoggedProcess, start_eir, start_server  # from tests/
 from load_table import write_inputs
 
@@ -52,6 +56,7 @@ from eir.conformance import (CHECKS, Expected, Identity, Probe, read_expectation
                              run_checks)
 
 BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
 TIMEOUT_S = 5.0  # eir replay --timeout: an answer later than this is a timeout
 
 
@@ -74,9 +79,12 @@ def replay_run(target: Target, mix: Path, seconds: float, rate: float | None,
     if rate:
         command += ["--rate", f"{rate:g}"]
     cpu_before = sum(cpu_seconds(pid) for pid in target.pids)
+    client_before = _children_cpu()
+    other = OtherLoad()
     result = subprocess.run(command, capture_output=True, text=True,
                             timeout=seconds + TIMEOUT_S + 60)
     cpu = sum(cpu_seconds(pid) for pid in target.pids) - cpu_before
+    other_cpus = other.cpus(cpu + _children_cpu() - client_before)
     if result.returncode != 0:
         return {"failed": result.stderr.strip().splitlines()[-1:] or [
             f"exit {result.returncode}"]}
@@ -86,7 +94,13 @@ def replay_run(target: Target, mix: Path, seconds: float, rate: float | None,
     return {"rate": report["rate_per_s"], "p50_ms": latency.get("p50"),
             "p99_ms": latency.get("p99"), "sent": report["sent"], "answered": answered,
             "errors": report["errors"] + report["lost"], "timeouts": report["timeouts"],
-            "cpu_us_per_ecr": (cpu / answered * 1e6 if target.pids and answered else None)}
+            "cpu_us_per_ecr": (cpu / answered * 1e6 if target.pids and answered else None),
+            "other_cpus": round(other_cpus, 2)}
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def combine(runs: list[dict]) -> dict:
@@ -101,6 +115,7 @@ def combine(runs: list[dict]) -> dict:
 
     return {"rate": median("rate"), "p50_ms": median("p50_ms"), "p99_ms": median("p99_ms"),
             "cpu_us_per_ecr": median("cpu_us_per_ecr"), "rounds": len(good),
+            "other_cpus_max": max(run["other_cpus"] for run in good),
             "failed_rounds": len(runs) - len(good),
             **{key: sum(run[key] for run in good) for key in
                ("sent", "answered", "errors", "timeouts")}}
@@ -147,6 +162,13 @@ def conformance_table(targets: list[Target], verdicts: dict) -> str:
     return "\n".join(lines)
 
 
+def with_rows_of(list_path: Path, extra: Path, combined: Path) -> Path:
+    """`list_path` and the data rows of `extra` (both native lists) in one file."""
+    rows = [line for line in extra.read_text().splitlines()[1:] if line.strip()]
+    combined.write_text(list_path.read_text().rstrip("\n") + "\n" + "\n".join(rows) + "\n")
+    return combined
+
+
 def parse_rates(text: str) -> list[float | None]:
     rates = []
     for item in text.split(","):
@@ -155,20 +177,25 @@ def parse_rates(text: str) -> list[float | None]:
     return rates
 
 
-def start_pyhss(path: Path, port: int, prefix: list[str]) -> Target:
-    """PyHSS's diameterService and hssService from a checkout (its config.yaml, Redis
-    already running). Its Python is PATH/.venv/bin/python when there is one."""
+def start_pyhss(path: Path, config: Path | None, port: int, prefix: list[str]) -> Target:
+    """PyHSS's hssService and diameterService from a checkout, with `config` (else the
+    checkout's config.yaml; its hss.bind_port must be `port`, its Redis running). Its Python
+    is PATH/.venv/bin/python when there is one."""
     python = path / ".venv" / "bin" / "python"
     python = str(python) if python.exists() else sys.executable
+    environment = dict(os.environ)
+    if config is not None:
+        environment["PYHSS_CONFIG"] = str(config.resolve())
     processes = []
     for service in ("hssService.py", "diameterService.py"):
+        # stdout: its banner and log lines, kept for the error message if it does not start
         process = subprocess.Popen(prefix + [python, f"services/{service}"], cwd=path,
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                   env=environment, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                    text=True, errors="replace")
-        processes.append(LoggedProcess(process, process.stderr, f"PyHSS {service}"))
-    # Ready when it accepts a connection: PyHSS logs nothing we could wait for on stderr.
+        processes.append(LoggedProcess(process, process.stdout, f"PyHSS {service}"))
+    # Ready when it accepts a connection (its log lines vary between versions).
     deadline = time.monotonic() + 60
-    import socket
     while True:
         try:
             socket.create_connection(("127.0.0.1", port), 1).close()
@@ -196,7 +223,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--peer", action="append", default=[], metavar="NAME=HOST:PORT")
     parser.add_argument("--pid", action="append", default=[], metavar="NAME=PID[,PID]")
     parser.add_argument("--pyhss", type=Path, metavar="PATH", help="a PyHSS checkout")
-    parser.add_argument("--pyhss-port", type=int, default=3868)
+    parser.add_argument("--pyhss-config", type=Path, metavar="FILE",
+                        help="PyHSS's config.yaml (PYHSS_CONFIG; default: the checkout's)")
+    parser.add_argument("--pyhss-port", type=int, default=3868,
+                        help="the hss.bind_port of that config (default 3868)")
     parser.add_argument("--rates", default="100,1000,max",
                         help="requests per second, comma-separated; max = flat out")
     parser.add_argument("--seconds", type=float, default=5.0, help="per run (default 5)")
@@ -204,11 +234,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--list", type=Path, help="the list eir serve and python-diameter "
                         "serve (default: hotpath.py's 105,000 rules)")
     parser.add_argument("--mix", type=Path, help="imei,imsi requests (default: hotpath.py's)")
-    parser.add_argument("--expect", action="append", type=Path, default=[],
-                        help="eir conformance --expect (default: none, verdicts n/a)")
-    parser.add_argument("--unknown", default="5422",
-                        help="eir conformance --unknown: what the EIRs answer for an "
-                             "unlisted IMEI")
+    parser.add_argument("--expect", type=Path, default=ROOT / "config/lists/example.csv",
+                        help="a native list: added to the list of the servers started here, "
+                             "and the conformance run expects its verdicts from every target "
+                             "(provision it in the others); default config/lists/example.csv")
+    parser.add_argument("--unknown", action="append", default=[], metavar="[NAME=]VERDICT",
+                        help="eir conformance --unknown for every target, or for NAME "
+                             "(PyHSS answers its no_match_response, 2 = GREYLISTED, by "
+                             "default); default 5422")
     args = parser.parse_args(argv)
     rates = parse_rates(args.rates)
     server_prefix, client_core, pinned = pinning()
@@ -217,13 +250,17 @@ def main(argv: list[str] | None = None) -> dict:
     for item in args.pid:
         name, _, numbers = item.partition("=")
         pids[name] = [int(n) for n in numbers.split(",")]
-    expectations = [e for path in args.expect for e in read_expectations(path)]
-    unknown = Expected.parse(args.unknown)
+    expectations = read_expectations(args.expect)
+    unknown = {"": Expected.parse("5422")}
+    for item in args.unknown:
+        name, _, verdict = item.rpartition("=")
+        unknown[name] = Expected.parse(verdict)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         if args.list is None or args.mix is None:
             list_path, mix = write_inputs(hotpath.build_workload(), work)
         list_path, mix = args.list or list_path, args.mix or mix
+        list_path = with_rows_of(list_path, args.expect, work / "served.csv")
         targets: list[Target] = []
         try:
             eir = start_eir("--workers", "1", "--unknown", "unknown", lists=[list_path],
@@ -238,11 +275,14 @@ def main(argv: list[str] | None = None) -> dict:
                 targets.append(Target("python-diameter", pd.host, pd.port,
                                       [pd.process.pid], pd.kill))
             if args.pyhss is not None:
-                targets.append(start_pyhss(args.pyhss, args.pyhss_port, server_prefix))
+                targets.append(start_pyhss(args.pyhss, args.pyhss_config, args.pyhss_port,
+                                           server_prefix))
             for item in args.peer:
                 name, _, address = item.partition("=")
                 host, _, port = address.rpartition(":")
-                targets.append(Target(name, host.strip("[]"), int(port), pids.get(name, [])))
+                targets.append(Target(name, host.strip("[]"), int(port)))
+            for target in targets:  # --pid adds to those started here too (PyHSS's Redis)
+                target.pids += pids.get(target.name, [])
             print(f"peers: {', '.join(t.name for t in targets)}; mix {mix}; "
                   f"{args.seconds:g} s per run, {args.rounds} round(s); {pinned}", flush=True)
             runs: dict = {(t.name, rate): [] for t in targets for rate in rates}
@@ -253,7 +293,8 @@ def main(argv: list[str] | None = None) -> dict:
                         run = replay_run(target, mix, args.seconds, rate, client_prefix)
                         runs[target.name, rate].append(run)
                         print(f"  {target.name} at {rate or 'max'}: {run}", flush=True)
-            verdicts = {t.name: conformance(t, expectations, unknown) for t in targets}
+            verdicts = {t.name: conformance(t, expectations, unknown.get(t.name, unknown[""]))
+                        for t in targets}
         finally:
             for target in targets:
                 if target.stop is not None:
@@ -261,9 +302,14 @@ def main(argv: list[str] | None = None) -> dict:
     rows = {key: combine(value) for key, value in runs.items()}
     print()
     print(figures_table(targets, rates, rows))
+    others = [row["other_cpus_max"] for row in rows.values() if "other_cpus_max" in row]
+    if others:
+        print(f"\nother processes used up to {max(others):.2f} CPU (of {os.cpu_count()}) "
+              "during a run" + (": the machine was not quiet, figures are low"
+                                if max(others) > 0.10 else ""))
     print()
     print(conformance_table(targets, verdicts))
-    result = {"pinning": pinned, "seconds": args.seconds, "rounds": args.rounds,
+    result = {"pinning": pinned, "cores": os.cpu_count(), "seconds": args.seconds, "rounds": args.rounds,
               "figures": {f"{name}@{rate or 'max'}": row for (name, rate), row in rows.items()},
               "conformance": verdicts}
     print(json.dumps(result))
