@@ -309,7 +309,8 @@ def main(argv: list[str] | None = None) -> dict:
                                 if max(others) > 0.10 else ""))
     print()
     print(conformance_table(targets, verdicts))
-    result = {"pinning": pinned, "cores": os.cpu_count(), "seconds": args.seconds, "rounds": args.rounds,
+    result = {"pinning": pinned, "cores": os.cpu_count(), "seconds": args.seconds,
+              "rounds": args.rounds,
               "figures": {f"{name}@{rate or 'max'}": row for (name, rate), row in rows.items()},
               "conformance": verdicts}
     print(json.dumps(result))
