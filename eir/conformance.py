@@ -55,6 +55,7 @@ APPLICATION_S6A = 16777251  # a real 3GPP application an EIR does not serve
 UNKNOWN_MANDATORY_AVP = 0x7EEE_0001  # no dictionary defines it
 MAX_MESSAGE_BYTES = 1 << 20
 PIPELINED = 64
+DPA_WAIT_S = 0.5  # at the end of each check's connection
 # An IMEI no sane list holds (TAC 99999999 is unallocated): its verdict is the EIR's default.
 UNLISTED_IMEI = "99999999012345"
 UNLISTED_IMSI = "001010000000001"  # the IMSI of requests about no subscriber in particular
@@ -408,6 +409,7 @@ class Link:
         self.reader = reader
         self.writer = writer
         self.cea: Answer | None = None
+        self.disconnected = False  # DPR/DPA exchanged: nothing more to say
 
     @classmethod
     async def open(cls, probe: Probe, capabilities: bool = True) -> "Link":
@@ -480,6 +482,22 @@ class Link:
                 raise CheckFailed(f"an answer with hop-by-hop id {answer.header.hop_by_hop:#x}"
                                   f" to a request with {hop_by_hop:#x}", answer.raw)
 
+    async def finish(self) -> None:
+        """Disconnect as RFC 6733 §5.4 asks (DPR, wait a little for DPA), then close: a
+        target that elects one connection per peer (§5.6.4) has let this one go before the
+        next check connects. A target that has closed, or does not answer, is just closed."""
+        try:
+            if not self.disconnected and not self.reader.at_eof():
+                encode = dictionary().encode
+                request = base_request(self.probe, COMMAND_DISCONNECT_PEER,
+                                       encode("Disconnect-Cause",
+                                              int(DisconnectCause.REBOOTING)))
+                await self.exchange(request, min(self.probe.timeout, DPA_WAIT_S))
+        except (CheckFailed, Closed, ConnectionError):
+            pass
+        finally:
+            self.close()
+
     def close(self) -> None:
         self.writer.close()
 
@@ -550,7 +568,7 @@ async def ecr_exchange(probe: Probe, imei: str | None, imsi: str | None = None,
         answer = await link.exchange(request)
         return answer, request, session_id
     finally:
-        link.close()
+        await link.finish()
 
 
 # -- the checks --------------------------------------------------------------------------------
@@ -581,7 +599,7 @@ async def _cer_cea(probe: Probe) -> Outcome:
         request = cer(probe, link.writer.get_extra_info("sockname")[0])
         cea = await link.exchange(request)
     finally:
-        link.close()
+        await link.finish()
     require_answer_to(cea, request, COMMAND_CAPABILITIES_EXCHANGE, APPLICATION_COMMON)
     require_result(cea, 2001)
     for code, name in ((ORIGIN_HOST, "Origin-Host"), (ORIGIN_REALM, "Origin-Realm"),
@@ -654,7 +672,7 @@ async def _echo(probe: Probe) -> Outcome:
                     f"Session-Id {echoed.data if echoed else None!r}, sent "
                     f"{session_id!r}", echoed.encode() if echoed else answer.raw)
     finally:
-        link.close()
+        await link.finish()
     return passed()
 
 
@@ -698,7 +716,7 @@ async def _verdicts(probe: Probe) -> Outcome:
             if not expectation.expected.matches(answer):
                 wrong.append((expectation, answer))
     finally:
-        link.close()
+        await link.finish()
     if wrong:
         expectation, answer = wrong[0]
         more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
@@ -730,7 +748,7 @@ async def _imei_lengths(probe: Probe) -> Outcome:
             answer = await link.exchange(request)
             require_verdict(answer, expected, f"IMEI {imei} ({len(imei)} digits)")
     finally:
-        link.close()
+        await link.finish()
     return passed(f"{expected.describe()} for {imei14}")
 
 
@@ -819,7 +837,7 @@ async def _version(probe: Probe) -> Outcome:
                               "DIAMETER_UNSUPPORTED_VERSION answer", bytes(request[:20]))
         require_result(answer, 5011)
     finally:
-        link.close()
+        await link.finish()
     # A crash or a wedged accept loop shows here.
     alive, _, _ = await ecr_exchange(probe, UNLISTED_IMEI, UNLISTED_IMSI)
     require(alive.result_code is not None or alive.experimental_result is not None,
@@ -835,7 +853,7 @@ async def _dwr(probe: Probe) -> Outcome:
         request = base_request(probe, COMMAND_DEVICE_WATCHDOG)
         answer = await link.exchange(request)
     finally:
-        link.close()
+        await link.finish()
     require_answer_to(answer, request, COMMAND_DEVICE_WATCHDOG, APPLICATION_COMMON)
     require_result(answer, 2001)
     require(answer.first(ORIGIN_HOST) is not None and answer.first(ORIGIN_REALM) is not None,
@@ -851,8 +869,9 @@ async def _dpr(probe: Probe) -> Outcome:
         request = base_request(probe, COMMAND_DISCONNECT_PEER,
                                encode("Disconnect-Cause", int(DisconnectCause.REBOOTING)))
         answer = await link.exchange(request)
+        link.disconnected = True
     finally:
-        link.close()
+        await link.finish()
     require_answer_to(answer, request, COMMAND_DISCONNECT_PEER, APPLICATION_COMMON)
     require_result(answer, 2001)
     require(answer.first(ORIGIN_HOST) is not None and answer.first(ORIGIN_REALM) is not None,
@@ -888,7 +907,7 @@ async def _pipelining(probe: Probe) -> Outcome:
                     "an answer carries another request's Session-Id", answer.raw)
             slowest = time.monotonic() - started
     finally:
-        link.close()
+        await link.finish()
     return passed(f"all in {slowest * 1000:.1f} ms")
 
 
@@ -903,7 +922,7 @@ async def _framing_split(probe: Probe) -> Outcome:
             await asyncio.sleep(0.02)  # let each piece leave as its own segment (TCP_NODELAY)
         answer = await link.read()
     finally:
-        link.close()
+        await link.finish()
     require(answer.header.hop_by_hop == parse_header(request).hop_by_hop,
             "the answer is not to the split ECR", answer.raw)
     require_verdict(answer, probe.unknown, "the split ECR")
@@ -930,7 +949,7 @@ async def _framing_many(probe: Probe) -> Outcome:
             require(waiting.pop(answer.header.hop_by_hop, None) is not None,
                     "an answer to none of the messages sent", answer.raw)
     finally:
-        link.close()
+        await link.finish()
     return passed()
 
 
