@@ -89,6 +89,15 @@ def test_declared_unknown_default(eir):
     assert "expected 2001 GREYLISTED" in declared.stdout
 
 
+def test_usage_errors_exit_2():
+    for args, said in ((["--check", "no-such-check"], "--check no-such-check: no such check"),
+                       (["--timeout", "0"], "--timeout and --deadline must be more than 0"),
+                       (["--unknown", "PURPLE"], "--unknown: 'PURPLE' is not")):
+        result = run_eir("conformance", "--target", "127.0.0.1:1", *args)
+        assert result.returncode == 2, result.stderr
+        assert said in result.stderr
+
+
 def test_unreachable_target_exits_1():
     result = run_eir("conformance", "--target", "127.0.0.1:1", "--check", "dwr-dwa")
     assert result.returncode == 1
