@@ -8,8 +8,12 @@ uvicorn runs as a task in the loop (`HttpEndpoint`): the handlers read the serve
 (rule set, peers, counters) directly, with no locks and no second copy; the one slow thing
 an endpoint does, reading the observations database, runs in a thread.
 
-The endpoints share the event loop with Diameter, so they are kept cheap and bounded: at most
-`MAX_CONNECTIONS` concurrent HTTP connections per endpoint, loopback by default.
+The endpoints share the event loop with Diameter, so they are kept cheap and bounded: each
+keeps at most `max_connections` HTTP/1.1 connections (`max_connections_per_address` from one
+address), closes idle and slow ones (`idle_timeout_seconds`, `request_read_timeout_seconds`),
+and is bound to loopback by default; idle connections never keep the probes and /metrics
+from answering (eir.http1 says how and why). The access log shows no token and no unmasked
+IMSI, however the request encodes them (eir.http1.loggable_target).
 
 Authentication: `Authorization: Bearer <token>` with the token of `api.token` or
 $EIR_API_TOKEN, compared in constant time; without it, 401. /healthz and /readyz are open
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import logging
 import socket
@@ -39,6 +44,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from eir import __version__
 from eir.config import ConfigError, parse_local_listen
+from eir.http1 import GuardedH11Protocol, HttpConnectionPool, bounded_body, loggable_target
 from eir.imei import normalise_imei
 from eir.untrusted import untrusted
 from eir.observations import ObservationError, database_location, equipment_history
@@ -46,7 +52,6 @@ from eir.store import Store, StoreError
 
 log = logging.getLogger("eir.api")
 
-MAX_CONNECTIONS = 32
 SHUTDOWN_SECONDS = 2.0
 IMEI_PATTERN = r"^[0-9]{14,16}$"
 IMSI_PATTERN = r"^[0-9]{5,15}$"
@@ -229,12 +234,12 @@ def create_app(server, token: str) -> FastAPI:
     async def _access_log(request: Request, call_next):
         started = time.perf_counter()
         response = await call_next(request)
-        query = f"?{request.url.query}" if request.url.query else ""
-        path = request.url.path
+        scope = request.scope
         # Probes come every few seconds from an orchestrator: logged only when debugging.
-        level = logging.DEBUG if path in PROBE_PATHS else logging.INFO
-        log.log(level, "%s %s%s %d %.1f ms", untrusted(request.method), untrusted(path),
-                untrusted(query), response.status_code, (time.perf_counter() - started) * 1e3)
+        level = logging.DEBUG if request.url.path in PROBE_PATHS else logging.INFO
+        log.log(level, "%s %s %d %.1f ms", untrusted(request.method),
+                loggable_target(scope["raw_path"], scope["query_string"], (token,)),
+                response.status_code, (time.perf_counter() - started) * 1e3)
         return response
 
     secured = [Depends(authorised)]
@@ -385,11 +390,14 @@ class _EmbeddedUvicorn(uvicorn.Server):
 
 class HttpEndpoint:
     """An ASGI app served by uvicorn in the running event loop, on a socket bound here (so
-    that a bad address fails with its own error, and port 0 tells its port)."""
+    that a bad address fails with its own error, and port 0 tells its port), with the
+    connection limits and timeouts of `settings` (eir.config._HttpListenSettings: the api or
+    metrics section) applied by eir.http1."""
 
-    def __init__(self, app, listen: str, name: str):
-        self.app = app
-        self.listen = listen
+    def __init__(self, app, settings, name: str):
+        self.app = bounded_body(app, settings.max_body_bytes)
+        self.settings = settings
+        self.listen = settings.listen
         self.name = name
         self.address: tuple[str, int] | None = None
         self._server: _EmbeddedUvicorn | None = None
@@ -402,15 +410,25 @@ class HttpEndpoint:
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((host, port))
-            sock.listen(128)
+            sock.listen(self.settings.backlog)
         except OSError as exc:
             sock.close()
             raise OSError(f"{self.name} {self.listen}: {exc.strerror or exc}") from None
         sock.setblocking(False)
         self.address = sock.getsockname()[:2]
-        config = uvicorn.Config(self.app, log_config=None, access_log=False, lifespan="off",
-                                limit_concurrency=MAX_CONNECTIONS, server_header=False,
-                                proxy_headers=False, timeout_graceful_shutdown=SHUTDOWN_SECONDS)
+        limits = self.settings
+        # No limit_concurrency: it counts idle connections and answers 503 to the probes
+        # once ~limit of them are open; the pool bounds connections instead (eir.http1).
+        protocol = functools.partial(
+            GuardedH11Protocol, name=self.name,
+            pool=HttpConnectionPool(limits.max_connections, limits.max_connections_per_address),
+            read_timeout=limits.request_read_timeout_seconds)
+        config = uvicorn.Config(self.app, http=protocol, ws="none", log_config=None,
+                                access_log=False, lifespan="off", server_header=False,
+                                proxy_headers=False, backlog=limits.backlog,
+                                h11_max_incomplete_event_size=limits.max_incomplete_head_bytes,
+                                timeout_keep_alive=limits.idle_timeout_seconds,
+                                timeout_graceful_shutdown=SHUTDOWN_SECONDS)
         self._server = _EmbeddedUvicorn(config)
         self._task = asyncio.get_running_loop().create_task(self._server.serve(sockets=[sock]))
         self._task.add_done_callback(self._ended)
@@ -447,7 +465,7 @@ class Operations:
         if settings.metrics.listen:
             from eir.metrics import metrics_app
 
-            self.endpoints.append(HttpEndpoint(metrics_app(server), settings.metrics.listen,
+            self.endpoints.append(HttpEndpoint(metrics_app(server), settings.metrics,
                                                "metrics"))
         if settings.api.listen:
             token = settings.api.effective_token()
@@ -455,7 +473,7 @@ class Operations:
                 raise ConfigError("api.listen is set but there is no API token: set api.token "
                                   "in the configuration or the EIR_API_TOKEN environment "
                                   "variable")
-            self.endpoints.append(HttpEndpoint(create_app(server, token), settings.api.listen,
+            self.endpoints.append(HttpEndpoint(create_app(server, token), settings.api,
                                                "admin API"))
 
     async def start(self) -> None:

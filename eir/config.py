@@ -96,8 +96,14 @@ class TlsSettings(_Strict):
 
 
 class DuplicateSettings(_Strict):
+    """The cache of recent answers for retransmissions (eir.diameter.duplicates). Its memory
+    is bounded by both budgets, exactly: an entry counts its answer bytes plus ~224 bytes
+    (digests and bookkeeping), so 100,000 ECAs of ~200 bytes take ~42 MB, and a flood of
+    requests with large answers fills `max_bytes` with fewer entries."""
+
     window_seconds: float = Field(60.0, ge=0)  # 0: no duplicate detection
     max_entries: int = Field(100_000, ge=0)  # 0: no duplicate detection
+    max_bytes: int = Field(64 << 20, ge=0)  # 0: no duplicate detection
 
 
 class OverloadSettings(_Strict):
@@ -126,6 +132,9 @@ class DiameterSettings(_Strict):
     max_message_bytes: int = Field(65536, ge=1024, le=0xFFFFFF)
     peers: list[AllowedPeerSettings] = Field(default_factory=list)  # []: any peer
     duplicates: DuplicateSettings = Field(default_factory=DuplicateSettings)
+    # A CER from an Origin-Host that has an open connection already (eir.diameter.identities):
+    # refuse (CEA 5012, RFC 6733 §5.6 R-Reject) or allow (served, logged and counted).
+    duplicate_peers: Literal["refuse", "allow"] = "allow"
     overload: OverloadSettings = Field(default_factory=OverloadSettings)
 
     @field_validator("listen")
@@ -256,7 +265,31 @@ def parse_local_listen(text: str) -> tuple[str, int]:
 
 
 class _HttpListenSettings(_Strict):
+    """An HTTP/1.1 endpoint (eir.api.HttpEndpoint, limits in eir.http1)."""
+
     listen: str | None = None  # HOST:PORT or PORT (127.0.0.1); null: off
+    # Connections kept at once, and from one address. When full, a new connection closes
+    # the longest-idle one (not answering a whole request: between requests, or with a
+    # request still arriving) to make room; it is refused only when every connection in its
+    # way is answering one. So idle or slow connections never keep /healthz, /readyz or
+    # /metrics from answering.
+    max_connections: int = Field(64, ge=1)
+    max_connections_per_address: int = Field(16, ge=1)
+    # A connection that sends nothing is closed after this long: a new one before its first
+    # byte, a kept-alive one between requests (uvicorn's timeout_keep_alive).
+    idle_timeout_seconds: float = Field(5.0, gt=0)
+    # A request (head and body) must be whole this long after its first byte, else the
+    # connection is closed (slowloris: a head sent a byte at a time).
+    request_read_timeout_seconds: float = Field(10.0, gt=0)
+    # A request head (request line and headers) still incomplete after this many bytes is
+    # answered 400 and the connection closed (h11's max_incomplete_event_size: it bounds
+    # what a slow connection makes the server hold; a head that comes whole in one read is
+    # bounded by that read, 256 KiB).
+    max_incomplete_head_bytes: int = Field(16384, ge=1024)
+    # A request body must come with a Content-Length of at most this (413 otherwise, 411
+    # for a chunked body), checked before the app reads it.
+    max_body_bytes: int = Field(65536, ge=0)
+    backlog: int = Field(1024, ge=1)  # the listening socket's accept queue
 
     @field_validator("listen")
     @classmethod

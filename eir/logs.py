@@ -76,7 +76,8 @@ def mask_imsi(imsi: str) -> str:
 
 def redact(text: str) -> str:
     """`text` with every IMSI that follows a word naming one masked."""
-    if "msi" not in text and "MSI" not in text and "ser-" not in text:
+    folded = text.lower()  # "iMsI=..." too: the pattern ignores case, so must this test
+    if "msi" not in folded and "ser-" not in folded:
         return text  # the common case: nothing to look for
     return _IMSI_IN_TEXT.sub(lambda m: m.group(1) + mask_imsi(m.group(2)), text)
 

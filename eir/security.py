@@ -8,6 +8,13 @@ one of them, so that a certificate of one MME cannot open a link as another.
 
 TLS is "TLS on connect" (RFC 6733 §13.1; port 5868): the handshake comes first, CER after it;
 the legacy in-band negotiation (Inband-Security-Id, RFC 3588) is not offered.
+
+A private key file that its group or others may read (or write) is warned about when it is
+loaded, as ssh does ("permissions 0644 for 'eir.key' are too open"), for every TLS key the
+server loads (diameter.tls, sbi.tls). It is a warning, not a refusal to start: Kubernetes
+mounts Secret volumes 0644 unless `defaultMode` says otherwise, and Debian gives keys 0640
+to the ssl-cert group on purpose; refusing would stop such deployments on an upgrade,
+whereas the warning names the file and the fix.
 """
 
 from __future__ import annotations
@@ -15,7 +22,9 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import os
 import ssl
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
@@ -108,6 +117,7 @@ def server_tls_context(certificate: Path, key: Path, ca: Path | None,
     for name, path in (("certificate", certificate), ("key", key), ("ca", ca)):
         if path is not None and not Path(path).is_file():
             raise SecurityError(f"{path}: no such file ({section}.{name})")
+    warn_if_key_is_open(Path(key), f"{section}.key")
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
@@ -125,6 +135,18 @@ def server_tls_context(certificate: Path, key: Path, ca: Path | None,
         raise SecurityError(f"{section}.require_client_cert needs {section}.ca, the CA "
                             "that signs the peers' certificates")
     return context
+
+
+def warn_if_key_is_open(key: Path, setting: str) -> None:
+    """A WARNING when the private key file `key` (of `setting`, for the log) has any
+    permission for its group or others (the mode that ssh refuses: 0077)."""
+    try:
+        mode = stat.S_IMODE(os.stat(key).st_mode)  # a symlink's target: what is read
+    except OSError:
+        return  # loading it fails next, with the reason
+    if mode & 0o077:
+        log.warning("permissions %04o for '%s' are too open (%s): a private key should be "
+                    "readable by its owner only (chmod 600 %s)", mode, key, setting, key)
 
 
 class TlsAcceptor(asyncio.Protocol):

@@ -298,6 +298,31 @@ def test_unusable_tls_files_stop_the_start_with_the_file_named(tmp_path, pki):
     assert result.returncode == 2 and "cannot use this certificate and key" in result.stderr
 
 
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o600], ids=lambda mode: f"{mode:04o}")
+def test_a_private_key_others_may_read_is_warned_about(eir_server, pki, tmp_path, mode):
+    """As ssh does: every TLS key the server loads (diameter.tls, sbi.tls), a WARNING naming
+    the file and its mode when its group or others may read it; the server starts anyway."""
+    key = tmp_path / "eir.key"
+    key.write_bytes(pki.eir.key.read_bytes())
+    key.chmod(mode)
+    path = tmp_path / "eir.yaml"
+    path.write_text(f"diameter:\n  tls:\n    listen: ['127.0.0.1:0']\n"
+                    f"    certificate: {pki.eir.certificate}\n    key: {key}\n"
+                    f"    ca: {pki.ca.path}\n"
+                    f"sbi:\n  tls:\n    listen: 127.0.0.1:0\n"
+                    f"    certificate: {pki.eir.certificate}\n    key: {key}\n")
+    server = eir_server("--config", str(path), "--workers", "1")
+    server.wait_for_log(TLS_LISTENING)
+    server.wait_for_log(r"N5g-eir served on https://")
+    for setting in ("diameter.tls.key", "sbi.tls.key"):
+        warning = (rf"WARNING eir\.security: permissions {mode:04o} for '{key}' are too open "
+                   rf"\({setting}\): a private key should be readable by its owner only")
+        if mode & 0o077:
+            server.wait_for_log(warning)
+        else:
+            assert "are too open" not in server.log()
+
+
 # -- freeDiameterd as the MME, over TLS ----------------------------------------------------
 
 @pytest.mark.peer
