@@ -4,7 +4,7 @@
 #   docker build -t open-eir .
 #   docker run -v "$PWD/config:/etc/eir:ro" -p 3868:3868 open-eir eir serve --config /etc/eir/eir.yaml
 
-# Build stage: a wheel of this repository, with the optional C lookup (eir/_lookup.c)
+# Build stage: a wheel of this repository, with the optional C lookup (eir/lists/_lookup.c)
 # compiled, since the slim image has no compiler.
 FROM python:3.11-slim AS build
 RUN apt-get update \

@@ -41,9 +41,9 @@ from hotpath import (OtherLoad, Workload, build_workload, ecr_stream, encode_cer
 from helpers_process import RunningServer, start_eir, start_server  # from tests/
 from pydiameter_eir import load_table, lookup
 
-from eir.decision import UnknownPolicy
+from eir.core.decision import UnknownPolicy
 from eir.diameter.codec import encode_avp, encode_message, parse_header
-from eir.lists import load_rule_set
+from eir.lists.native import load_rule_set
 
 BENCH = Path(__file__).resolve().parent
 _WORD = struct.Struct("!I")

@@ -1,9 +1,9 @@
 """Heavy requests in process: what one request costs the event loop, by kind, and how large
-its answer is (issue 13, item 3; docs/SECURITY.md, eir/overload.py).
+its answer is (issue 13, item 3; docs/SECURITY.md, eir/diameter/overload.py).
 
 Each request goes through the real `PeerConnection.receive` of a connection opened by a CER,
 with the real S13 application and the example list, as `eir serve` would answer it (default
-settings: max_message_bytes 65536, max_avps_per_message from eir.config). Kinds:
+settings: max_message_bytes 65536, max_avps_per_message from eir.core.config). Kinds:
 
   * plain: the ECR of tests/test_peer_state.py (7 AVPs);
   * the ECR filled up to max_message_bytes with the smallest AVPs of several sorts: Proxy-Info
@@ -36,12 +36,12 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import test_peer_state as sans_io  # noqa: E402
 
-from eir.config import DiameterSettings, OverloadSettings  # noqa: E402
+from eir.core.config import DiameterSettings, OverloadSettings  # noqa: E402
 from eir.diameter.codec import Framer, encode_avp, encode_message  # noqa: E402
 from eir.diameter.constants import APPLICATION_S13, FLAG_PROXIABLE, FLAG_REQUEST  # noqa: E402
 from eir.diameter.peer import PeerConnection  # noqa: E402
-from eir.overload import Admission  # noqa: E402
-from eir.s13 import S13Application  # noqa: E402
+from eir.diameter.overload import Admission  # noqa: E402
+from eir.interfaces.s13 import S13Application  # noqa: E402
 
 E = sans_io.E
 DEFAULTS = DiameterSettings()

@@ -43,15 +43,15 @@ from diameter.message import Message  # noqa: E402
 from diameter.message.avp.grouped import VendorSpecificApplicationId  # noqa: E402
 from helpers_pydiameter import S13, TGPP, build_cer, build_ecr  # noqa: E402
 
-from eir.decision import RuleSet, UnknownPolicy  # noqa: E402
-from eir.config import DuplicateSettings  # noqa: E402
+from eir.core.decision import RuleSet, UnknownPolicy  # noqa: E402
+from eir.core.config import DuplicateSettings  # noqa: E402
 from eir.diameter.dictionary import Dictionary  # noqa: E402
 from eir.diameter.duplicates import DuplicateCache  # noqa: E402
 from eir.diameter.peer import LocalIdentity, PeerConnection  # noqa: E402
-from eir.imei import luhn_check_digit  # noqa: E402
-from eir.lists import load_rule_set  # noqa: E402
-from eir.metrics import DiameterCounters  # noqa: E402
-from eir.s13 import S13Application  # noqa: E402
+from eir.core.imei import luhn_check_digit  # noqa: E402
+from eir.lists.native import load_rule_set  # noqa: E402
+from eir.interfaces.metrics import DiameterCounters  # noqa: E402
+from eir.interfaces.s13 import S13Application  # noqa: E402
 
 MME_HOST, MME_REALM = b"mme.bench.localdomain", b"localdomain"
 EIR_HOST, EIR_REALM = b"eir.localdomain", b"localdomain"

@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the checkout's eir/, installed or not
 
-from eir.observations import ObservationLog  # noqa: E402
+from eir.check.observations import ObservationLog  # noqa: E402
 
 DAY = 20240501
 

@@ -2,7 +2,7 @@
 connection, many concurrent streams.
 
 The server runs as a subprocess (`--workers 1`, on 127.0.0.1:0, the port read from its
-"N5g-eir served on" log line) with hotpath.py's 105,000-rule list; the client is eir.sbi's
+"N5g-eir served on" log line) with hotpath.py's 105,000-rule list; the client is eir.interfaces.sbi's
 H2Client (the h2 package on asyncio) keeping N requests in flight on one connection (default
 64; the server allows 128 per connection), each request's PEI/SUPI from hotpath.py's request
 mix. After a warm-up, the measured requests run in 5 rounds; requests/s is the median round,
@@ -33,9 +33,9 @@ from e2e import cpu_seconds, pinning
 from helpers_process import start_eir
 from hotpath import OtherLoad, build_workload, load_note, percentile, pin_to
 
-from eir.decision import UnknownPolicy
-from eir.lists import load_rule_set
-from eir.sbi import H2Client
+from eir.core.decision import UnknownPolicy
+from eir.lists.native import load_rule_set
+from eir.interfaces.sbi import H2Client
 
 ROUNDS = 5
 SERVED = r"N5g-eir served on (http://\S+)/n5g-eir-eic/v1/ \(h2c\)"

@@ -63,8 +63,8 @@ from helpers_pydiameter import build_cer, build_ecr  # noqa: E402
 from helpers_wire import read_message  # noqa: E402
 from diameter.message import Message  # noqa: E402
 
-from eir.decision import EquipmentStatus, Match, RuleSet, UnknownPolicy  # noqa: E402
-from eir.snapshot import SNR_DIGITS, Snapshot  # noqa: E402
+from eir.core.decision import EquipmentStatus, Match, RuleSet, UnknownPolicy  # noqa: E402
+from eir.lists.snapshot import SNR_DIGITS, Snapshot  # noqa: E402
 
 FULL_ENTRIES = 100_000_000
 QUICK_ENTRIES = 1_000_000
@@ -325,10 +325,10 @@ def _reset_peak_rss() -> bool:
 def split_in_process(csv: Path, scratch: Path, exceptions: Path | None = None
                      ) -> list[tuple[str, float, int]]:
     """(step, seconds, peak RSS bytes during it) for what `eir sync` does, step by step."""
-    from eir.registry.formats import parse_path
-    from eir.snapshot import compile_snapshot
-    from eir.store import Store
-    from eir.sync import _read_once
+    from eir.lists.formats import parse_path
+    from eir.lists.snapshot import compile_snapshot
+    from eir.lists.store import Store
+    from eir.lists.sync import _read_once
 
     steps = []
     resets = _reset_peak_rss()
@@ -688,7 +688,7 @@ def run(work: Path, n: int, args) -> int:
         extrapolated_pair_bytes
     # both lists grow with the blacklist: 1.2e9 IMEIs and the same share of pairs
     extrapolated_build_s = TARGET_ENTRIES * (n + data.pairs) / n / rows_per_s
-    # The build sorts in spilled runs and merges block by block (eir/registry/table.py): its
+    # The build sorts in spilled runs and merges block by block (eir/lists/table.py): its
     # anonymous memory is bounded by the run size, so the slope is ~0, not a cost per row.
     extrapolated_peak = build.peak_anon + max(0.0, peak_per_row) * (TARGET_ENTRIES - n)
     largest_tac = int(data.counts.max())

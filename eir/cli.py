@@ -12,18 +12,30 @@ from datetime import date
 from pathlib import Path
 
 from eir import __version__
+from eir.check.observations import (
+    ObservationError,
+    clone_suspects,
+    database_location,
+    day_number,
+    format_day,
+    write_dump,
+)
 from eir.conformance import add_arguments as conformance_arguments
 from eir.conformance import main as conformance_main
-from eir.config import ConfigError, Settings, default_config_path, load_settings, \
-    parse_host_port, parse_local_listen
-from eir.decision import UnknownPolicy
+from eir.core.config import (
+    ConfigError,
+    Settings,
+    default_config_path,
+    load_settings,
+    parse_host_port,
+    parse_local_listen,
+)
+from eir.core.decision import UnknownPolicy
+from eir.core.imei import ImeiError, normalise_imei
 from eir.diameter.dictionary import DictionaryError
-from eir.imei import ImeiError, normalise_imei
-from eir.lists import ListError, parse_imsi
-from eir.observations import (ObservationError, clone_suspects, database_location,
-                              day_number, format_day, write_dump)
-from eir.store import Store, StoreError
-from eir.sync import SyncError, sync_configured
+from eir.lists.native import ListError, parse_imsi
+from eir.lists.store import Store, StoreError
+from eir.lists.sync import SyncError, sync_configured
 
 EXIT_REFUSED = 1
 EXIT_USAGE = 2
@@ -270,10 +282,9 @@ def _worker_count(text: str) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from eir.server import build_server
-    from eir.workers import WorkerStartError, default_worker_count
-
-    from eir.logs import configure_logging
+    from eir.core.logs import configure_logging
+    from eir.serve.server import build_server
+    from eir.serve.workers import WorkerStartError, default_worker_count
 
     settings = settings_from(args)
     configure_logging(settings.logging, sys.stderr)
@@ -313,7 +324,7 @@ def _check(args: argparse.Namespace) -> int:
         except ValueError as exc:
             print(f"eir: IMSI: {exc}", file=sys.stderr)
             return EXIT_USAGE
-    from eir.server import grandfather_index, load_rules
+    from eir.serve.server import grandfather_index, load_rules
 
     grandfathering = grandfather_index(settings)
     if grandfathering is not None:
@@ -467,7 +478,7 @@ def _age(seconds: float) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    # eir serve re-runs itself with the same arguments as each of its workers (eir.workers).
+    # eir serve re-runs itself with the same arguments as each of its workers (eir.serve.workers).
     args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if args.command == "serve":

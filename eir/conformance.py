@@ -35,18 +35,34 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Awaitable, Callable
 
-from eir.decision import EquipmentStatus, UnknownPolicy
-from eir.diameter.codec import (Avp, AvpLengthError, decode_avps, encode_avp, encode_message,
-                                parse_header)
-from eir.diameter.constants import (APPLICATION_COMMON, APPLICATION_S13, AVP_FLAG_MANDATORY,
-                                    AVP_FLAG_VENDOR, COMMAND_CAPABILITIES_EXCHANGE,
-                                    COMMAND_DEVICE_WATCHDOG, COMMAND_DISCONNECT_PEER,
-                                    COMMAND_ME_IDENTITY_CHECK, FLAG_ERROR, FLAG_PROXIABLE,
-                                    FLAG_REQUEST, HEADER_LENGTH, VENDOR_3GPP,
-                                    DisconnectCause)
-from eir.config import parse_host_port
+from eir.core.config import parse_host_port
+from eir.core.decision import EquipmentStatus, UnknownPolicy
+from eir.diameter.codec import (
+    Avp,
+    AvpLengthError,
+    decode_avps,
+    encode_avp,
+    encode_message,
+    parse_header,
+)
+from eir.diameter.constants import (
+    APPLICATION_COMMON,
+    APPLICATION_S13,
+    AVP_FLAG_MANDATORY,
+    AVP_FLAG_VENDOR,
+    COMMAND_CAPABILITIES_EXCHANGE,
+    COMMAND_DEVICE_WATCHDOG,
+    COMMAND_DISCONNECT_PEER,
+    COMMAND_ME_IDENTITY_CHECK,
+    FLAG_ERROR,
+    FLAG_PROXIABLE,
+    FLAG_REQUEST,
+    HEADER_LENGTH,
+    VENDOR_3GPP,
+    DisconnectCause,
+)
 from eir.diameter.dictionary import Dictionary
-from eir.lists import CsvRowError, ListError, csv_rows, load_rule_set, read_native_csv
+from eir.lists.native import CsvRowError, ListError, csv_rows, load_rule_set, read_native_csv
 
 EXIT_PASSED, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 PASS, FAIL, NOT_APPLICABLE = "pass", "fail", "n/a"
@@ -834,7 +850,8 @@ async def _version(probe: Probe) -> Outcome:
             answer = await link.read()
         except Closed:
             raise CheckFailed("the connection was closed without a 5011 "
-                              "DIAMETER_UNSUPPORTED_VERSION answer", bytes(request[:20]))
+                              "DIAMETER_UNSUPPORTED_VERSION answer",
+                              bytes(request[:20])) from None
         require_result(answer, 5011)
     finally:
         await link.finish()

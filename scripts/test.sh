@@ -41,6 +41,12 @@ echo "== running the tests"
 if [ "$#" -gt 0 ]; then  # a chosen subset: just those
   exec .venv/bin/python -m pytest "$@"
 fi
+# Style and types first (pyproject.toml: [tool.ruff], [tool.mypy]); the import layering is a
+# test (tests/test_layout.py).
+echo "== ruff check eir"
+.venv/bin/ruff check eir
+echo "== mypy (the eir package)"
+.venv/bin/mypy
 .venv/bin/python -m pytest
 # The whole suite passed: the quick benchmark prints its figures (no timed assertion), so
 # that every change shows its effect on throughput and latency; it fails only if it breaks.

@@ -1,5 +1,5 @@
 """Fuzz targets on the codec, on the whole Diameter connection handler and on the N5g-eir
-HTTP/2 connection (eir.sbi.SbiSession), and the properties they check. One input is plain
+HTTP/2 connection (eir.interfaces.sbi.SbiSession), and the properties they check. One input is plain
 bytes, so the same target runs under atheris (tests/fuzz/run.py, coverage-guided), under
 hypothesis (tests/test_fuzz.py) and on the corpus (tests/fuzz/corpus/).
 
@@ -32,15 +32,15 @@ from hpack import Decoder
 from hyperframe.frame import (ContinuationFrame, DataFrame, GoAwayFrame, HeadersFrame,
                               RstStreamFrame, SettingsFrame)
 
-from eir.config import SbiSettings
+from eir.core.config import SbiSettings
 from eir.diameter.codec import AvpLengthError, Framer, decode_avps, parse_header
 from eir.diameter.constants import APPLICATION_S13, FLAG_ERROR, FLAG_REQUEST, HEADER_LENGTH
 from eir.diameter.dictionary import AvpError
 from eir.diameter.duplicates import DuplicateCache
 from eir.diameter.peer import PeerConnection, PeerState, Timers
-from eir.overload import Admission
-from eir.s13 import S13Application
-from eir.sbi import (CLIENT_PREFACE, FRAME_HEADER_BYTES, MAX_FRAME_BYTES,
+from eir.diameter.overload import Admission
+from eir.interfaces.s13 import S13Application
+from eir.interfaces.sbi import (CLIENT_PREFACE, FRAME_HEADER_BYTES, MAX_FRAME_BYTES,
                      EquipmentIdentityCheck, N5gEir, SbiCounters, SbiSession)
 
 import test_peer_state as sans_io
@@ -427,7 +427,7 @@ def seed_inputs(target: str) -> dict[str, bytes]:
         "cer-timeout": bytes([cer_step, 0]) + b"\1",
         "small-max": bytes([open_first | small_max, 0]) + ecr,
         "dpa-unsolicited": bytes([open_first, 0]) + sans_io.answer_to(dpr),
-        # Heavy requests (eir.overload): beyond the AVP budget (5009), at it (2001, its
+        # Heavy requests (eir.diameter.overload): beyond the AVP budget (5009), at it (2001, its
         # Proxy-Info echoed), and a pipeline of those ending turns by their bytes.
         "proxy-info-beyond-the-avp-budget": bytes([open_first, 0]) + with_avps(
             ecr, proxy_info() * 140),

@@ -1,4 +1,4 @@
-"""The admin and lookup API (eir.api) of a live `eir serve --api`, over HTTP with httpx: bearer
+"""The admin and lookup API (eir.interfaces.api) of a live `eir serve --api`, over HTTP with httpx: bearer
 auth, verdicts with what the observations know, problem details, list status, reload and
 rollback, peers, health and readiness; and schemathesis against the served OpenAPI document."""
 
@@ -17,9 +17,9 @@ from helpers_ops import API_LINE, TOKEN, authorised, endpoint, wait_until
 from helpers_process import EXAMPLE_LIST, eir_ok, run_eir
 from helpers_wire import ecr, open_peer, parse_answer, read_message
 
-from eir.api import create_app
-from eir.config import Settings
-from eir.server import build_server
+from eir.interfaces.api import create_app
+from eir.core.config import Settings
+from eir.serve.server import build_server
 
 PROBLEM = "application/problem+json"
 SCHEMATHESIS_TIMEOUT = 120

@@ -14,15 +14,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from eir.decision import UnknownPolicy
+from eir.core.decision import UnknownPolicy
 from eir.diameter.codec import (Avp, AvpLengthError, Framer, decode_avps, encode_avp,
                                 encode_message, parse_header)
 from eir.diameter.constants import (APPLICATION_RELAY, APPLICATION_S13, AVP_FLAG_MANDATORY,
                                     AVP_FLAG_VENDOR, FLAG_PROXIABLE, FLAG_REQUEST, VENDOR_3GPP)
 from eir.diameter.dictionary import Dictionary
 from eir.diameter.peer import LocalIdentity, PeerConnection, PeerState, Timers
-from eir.lists import load_rule_set
-from eir.s13 import S13Application
+from eir.lists.native import load_rule_set
+from eir.interfaces.s13 import S13Application
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_LIST = ROOT / "config" / "lists" / "example.csv"

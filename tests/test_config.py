@@ -9,8 +9,8 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from eir.config import ConfigError, Settings, load_settings, parse_host_port
-from eir.decision import UnknownPolicy
+from eir.core.config import ConfigError, Settings, load_settings, parse_host_port
+from eir.core.decision import UnknownPolicy
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_CONFIG = ROOT / "config" / "eir.yaml"

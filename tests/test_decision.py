@@ -9,9 +9,10 @@ import timeit
 
 import pytest
 
-import eir.decision
-from eir.decision import EquipmentStatus, Match, Rule, RuleSet, UnknownPolicy
-from eir.lists import load_rule_set
+import eir.core.decision
+from eir.core.decision import EquipmentStatus, Match, Rule, RuleSet, UnknownPolicy
+from eir.lists.native import load_rule_set
+from eir.lists.snapshot import build_rule_set
 
 WHITE, GREY, BLACK = (EquipmentStatus.WHITELISTED, EquipmentStatus.GREYLISTED,
                       EquipmentStatus.BLACKLISTED)
@@ -39,11 +40,11 @@ def rule(fields: dict, status: EquipmentStatus, line: int, reason: str = "") -> 
 
 def decide(rules, imei: str = IMEI, imsi: str | None = IMSI,
            policy: UnknownPolicy = UnknownPolicy.UNKNOWN):
-    return RuleSet.build(rules, policy).decide(imei, imsi)
+    return build_rule_set(rules, policy).decide(imei, imsi)
 
 
 def in_range(low: int, high: int):
-    return RuleSet.build([rule({"imei_range": (low, high)}, WHITE, 1)])
+    return build_rule_set([rule({"imei_range": (low, high)}, WHITE, 1)])
 
 
 def imei14(number: int) -> str:
@@ -123,7 +124,7 @@ def test_paired_range_for_another_imsi_falls_through_to_tac():
 
 
 def test_tac_rule_matches_every_imei_of_the_tac_and_no_other():
-    rule_set = RuleSet.build([rule({"tac": "86000000"}, BLACK, 1)])
+    rule_set = build_rule_set([rule({"tac": "86000000"}, BLACK, 1)])
     assert rule_set.decide("86000000000000").status is BLACK
     assert rule_set.decide("86000000999999").status is BLACK
     assert rule_set.decide("86000001000000").match is Match.UNKNOWN_POLICY
@@ -147,7 +148,7 @@ def test_single_imei_range():
 
 
 def test_overlapping_ranges_take_the_most_severe_where_they_overlap():
-    rule_set = RuleSet.build([rule({"imei_range": (100, 299)}, WHITE, 1),
+    rule_set = build_rule_set([rule({"imei_range": (100, 299)}, WHITE, 1),
                               rule({"imei_range": (200, 399)}, BLACK, 2)])
     expected = {99: None, 100: WHITE, 199: WHITE, 200: BLACK, 299: BLACK, 300: BLACK,
                 399: BLACK, 400: None}
@@ -156,7 +157,7 @@ def test_overlapping_ranges_take_the_most_severe_where_they_overlap():
 
 
 def test_nested_ranges():
-    rule_set = RuleSet.build([rule({"imei_range": (100, 999)}, WHITE, 1),
+    rule_set = build_rule_set([rule({"imei_range": (100, 999)}, WHITE, 1),
                               rule({"imei_range": (400, 499)}, GREY, 2),
                               rule({"imei_range": (450, 459)}, BLACK, 3),
                               rule({"imei_range": (300, 599)}, WHITE, 4)])
@@ -174,7 +175,7 @@ def test_nested_ranges():
 
 
 def test_paired_range_beats_an_unpaired_overlapping_range_only_for_its_imsi():
-    rule_set = RuleSet.build([rule({"imei_range": (100, 199)}, BLACK, 1),
+    rule_set = build_rule_set([rule({"imei_range": (100, 199)}, BLACK, 1),
                               rule({"imei_range": (150, 249), "imsi": IMSI}, WHITE, 2)])
     assert rule_set.decide(imei14(160), IMSI).match is Match.RANGE_IMSI
     assert rule_set.decide(imei14(160), IMSI).status is WHITE
@@ -186,7 +187,7 @@ def test_paired_range_beats_an_unpaired_overlapping_range_only_for_its_imsi():
 def test_many_ranges_each_found():
     rules = [rule({"imei_range": (n * 1000, n * 1000 + 9)}, (WHITE, GREY, BLACK)[n % 3], n)
              for n in range(1, 300)]
-    rule_set = RuleSet.build(rules)
+    rule_set = build_rule_set(rules)
     for n in range(1, 300):
         assert rule_set.decide(imei14(n * 1000 + 5)).source == f"lists/test.csv:{n}"
         assert rule_set.decide(imei14(n * 1000 + 10)).match is Match.UNKNOWN_POLICY
@@ -263,8 +264,8 @@ def scaling_rules(exact: int, ranges: int):
 
 @pytest.fixture(scope="module")
 def small_and_large() -> tuple[RuleSet, RuleSet]:
-    small = RuleSet.build(scaling_rules(5, 3))
-    large = RuleSet.build(scaling_rules(1_000_000, 10_000))
+    small = build_rule_set(scaling_rules(5, 3))
+    large = build_rule_set(scaling_rules(1_000_000, 10_000))
     assert (small.rule_count, large.rule_count) == (10, 1_010_002)
     return small, large
 
@@ -316,7 +317,7 @@ def test_lookup_time_stays_flat_from_10_to_1_million_rules(small_and_large):
 
 
 def test_decision_module_documents_the_precedence_tested_here():
-    doc = eir.decision.__doc__
+    doc = eir.core.decision.__doc__
     order = ["exact IMEI paired", "exact IMEI", "IMEI range paired", "IMEI range",
              "TAC paired", "TAC", "grandfathering", "unknown-equipment policy"]
     positions = [doc.index(text, doc.index(order[i - 1]) + 1 if i else 0)

@@ -7,11 +7,11 @@ import zipfile
 import numpy as np
 import pytest
 
-from eir.decision import EquipmentStatus, RuleSet, UnknownPolicy
-from eir.registry.entries import Attribute, Kind, ListDelta, ListEntries
-from eir.registry.state import DeltaError, ListState
-from eir.store import Store, StoreError
-from eir.sync import SyncError, sync
+from eir.core.decision import EquipmentStatus, RuleSet, UnknownPolicy
+from eir.lists.entries import Attribute, Kind, ListDelta, ListEntries
+from eir.lists.state import DeltaError, ListState
+from eir.lists.store import Store, StoreError
+from eir.lists.sync import SyncError, sync
 
 DAY = 20261201
 BLACK, WHITE = EquipmentStatus.BLACKLISTED, EquipmentStatus.WHITELISTED

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from eir.observations import ObservationLog
+from eir.check.observations import ObservationLog
 from helpers_process import run_eir
 
 DAY, NEXT_DAY = 20240501, 20240502

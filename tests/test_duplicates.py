@@ -11,15 +11,15 @@ from __future__ import annotations
 import signal
 import struct
 
-from eir.decision import UnknownPolicy
+from eir.core.decision import UnknownPolicy
 from eir.diameter.codec import encode_message
 from eir.diameter.constants import (APPLICATION_S13, FLAG_PROXIABLE, FLAG_REQUEST,
                                     FLAG_RETRANSMIT)
 from eir.diameter.duplicates import (ENTRY_OVERHEAD_BYTES, EXPIRY_BATCH, DuplicateCache,
                                      request_keys)
 from eir.diameter.peer import PeerConnection, PeerState, Timers
-from eir.lists import load_rule_set
-from eir.s13 import S13Application
+from eir.lists.native import load_rule_set
+from eir.interfaces.s13 import S13Application
 from helpers_wire import ecr as wire_ecr
 from helpers_wire import open_peer, parse_answer, read_message
 from test_peer_state import (CER, D, E, LOCAL, RULE_SET, Message, cer, event_text,

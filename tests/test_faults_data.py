@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from eir.decision import EquipmentStatus, RuleSet, UnknownPolicy
-from eir.store import Store
-from eir.sync import sync
+from eir.core.decision import EquipmentStatus, RuleSet, UnknownPolicy
+from eir.lists.store import Store
+from eir.lists.sync import sync
 from helpers_ops import METRICS_LINE, endpoint, scrape, value, wait_until
 from helpers_process import ROOT, eir_ok, run_eir
 from helpers_wire import check_all

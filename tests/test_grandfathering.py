@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from eir.observations import ObservationLog
+from eir.check.observations import ObservationLog
 from helpers_process import EXAMPLE_LIST, ROOT
 from helpers_wire import ecr, open_peer, parse_answer, read_message
 

@@ -1,4 +1,4 @@
-"""HTTP/1.1 hardening of the admin API and /metrics (eir.http1) on a live `eir serve --api
+"""HTTP/1.1 hardening of the admin API and /metrics (eir.net.http1) on a live `eir serve --api
 --metrics`: probes and scrapes answer while the ports are full of idle and slow connections,
 idle and slowloris connections are closed after their timeouts, the connection caps close
 idle connections to make room and refuse only when every connection is busy, and the access
@@ -15,7 +15,7 @@ import httpx
 import pytest
 from helpers_ops import API_LINE, METRICS_LINE, TOKEN, authorised, endpoint, wait_until
 
-from eir.http1 import HttpConnectionPool, loggable_target
+from eir.net.http1 import HttpConnectionPool, loggable_target
 
 IMSI = "001010123456789"
 MASKED_IMSI = "00101******6789"
@@ -219,7 +219,7 @@ def test_the_access_log_shows_no_token_and_no_imsi_however_encoded(http_server):
     # The last line logged, then everything before it is there too.
     server.wait_for_log(r"eir\.api: GET /v1/lists/\*\*\* 404 ")
     log = server.log()
-    lines = [line for line in log.splitlines() if "eir.api: GET " in line]
+    lines = [line for line in log.splitlines() if "eir.interfaces.api: GET " in line]
     assert len(lines) == len(targets), lines
     assert f"GET {equipment}?imsi={MASKED_IMSI} 200 " in log
     for shown in (IMSI, encoded_imsi[:9], "%2530", SECRET, SECRET.replace("-", " "),

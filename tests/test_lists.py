@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from eir.decision import EquipmentStatus, Match, UnknownPolicy
-from eir.lists import ListError, load_rule_set, read_native_csv
+from eir.core.decision import EquipmentStatus, Match, UnknownPolicy
+from eir.lists.native import ListError, load_rule_set, read_native_csv
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_LIST = ROOT / "config" / "lists" / "example.csv"

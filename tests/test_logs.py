@@ -1,4 +1,4 @@
-"""Logs and audit (eir.logs): JSON logs from a live server, no API token and no full IMSI in
+"""Logs and audit (eir.core.logs): JSON logs from a live server, no API token and no full IMSI in
 its log or audit file unless logging.show_imsi, audit records with reason and source, sampled
 or all, and an audit file rotated under a running writer."""
 
@@ -23,8 +23,8 @@ from helpers_wire import (ConnectionClosed, cer, ecr, open_peer, parse_answer,
 from scapy.all import raw
 from scapy.contrib.diameter import AVP, DiamG
 
-from eir.decision import EquipmentStatus, Match, Verdict
-from eir.logs import (AuditLog, JsonFormatter, LogRateLimit, TextFormatter, mask_imsi, redact,
+from eir.core.decision import EquipmentStatus, Match, Verdict
+from eir.core.logs import (AuditLog, JsonFormatter, LogRateLimit, TextFormatter, mask_imsi, redact,
                       untrusted)
 
 PAIRED_IMEI, PAIRED_IMSI = "49015420323751", "001010123456789"  # example.csv's pair rule
@@ -231,7 +231,7 @@ def test_repository_config_documents_the_operations_keys():
 
 # -- strings a peer chose, and how much a peer can make us write ------------------------------
 
-FORGED = "2026-01-01 00:00:00,000 CRITICAL eir.server: FORGED"
+FORGED = "2026-01-01 00:00:00,000 CRITICAL eir.serve.server: FORGED"
 # A forged line, then what a terminal or a viewer would obey: escape sequences, a carriage
 # return, C1 NEL, the Unicode line separator, a right-to-left override.
 HOSTILE = "\n" + FORGED + "\x1b[2J\r\x85\u2028\u202e"

@@ -1,4 +1,4 @@
-"""The C exact-IMEI search (eir._lookup.ExactIndex) against the pure-Python one
+"""The C exact-IMEI search (eir.lists._lookup.ExactIndex) against the pure-Python one
 (Snapshot._exact_python) on random compiled snapshots: hits, misses, TACs absent, the first and
 last serial of each TAC, more than 4,096 attribute sets (imei_set_hi), with and without the
 imei_fence section."""
@@ -10,12 +10,12 @@ import random
 import numpy as np
 import pytest
 
-from eir.decision import EquipmentStatus
-from eir.registry.entries import Attribute, Kind, ListEntries
-from eir.snapshot import SET_LOW_MASK, SNR_DIGITS, Snapshot, compile_snapshot
+from eir.core.decision import EquipmentStatus
+from eir.lists.entries import Attribute, Kind, ListEntries
+from eir.lists.snapshot import SET_LOW_MASK, SNR_DIGITS, Snapshot, compile_snapshot
 
 _lookup = pytest.importorskip(
-    "eir._lookup", reason="eir._lookup not built (no C compiler at install time)")
+    "eir.lists._lookup", reason="eir.lists._lookup not built (no C compiler at install time)")
 
 
 def random_entries(rng: random.Random, tacs: int, per_tac: int, sets: int) -> ListEntries:

@@ -1,4 +1,4 @@
-"""The C levels of a snapshot lookup (eir._lookup.ExactIndex.pair and .lookup) against the
+"""The C levels of a snapshot lookup (eir.lists._lookup.ExactIndex.pair and .lookup) against the
 pure-Python path (Snapshot._lookup_python) on random compiled snapshots with IMEI+IMSI pairs:
 IMEIs paired with several IMSIs, the first and last pair entries, empty sections, pairs whose
 set gives no status on the day, ranges and TAC rules below, request strings int() reads
@@ -17,9 +17,9 @@ import weakref
 import numpy as np
 import pytest
 
-from eir.decision import EquipmentStatus, Match, RuleSet, Verdict
-from eir.registry.entries import Attribute, Kind, ListEntries, RangeRule, TacRule
-from eir.snapshot import (
+from eir.core.decision import EquipmentStatus, Match, RuleSet, Verdict
+from eir.lists.entries import Attribute, Kind, ListEntries, RangeRule, TacRule
+from eir.lists.snapshot import (
     IMEI,
     IMEI_IMSI,
     SNR_DIGITS,
@@ -29,7 +29,7 @@ from eir.snapshot import (
 )
 
 _lookup = pytest.importorskip(
-    "eir._lookup", reason="eir._lookup not built (no C compiler at install time)")
+    "eir.lists._lookup", reason="eir.lists._lookup not built (no C compiler at install time)")
 
 BLACK, GREY, WHITE = (EquipmentStatus.BLACKLISTED, EquipmentStatus.GREYLISTED,
                       EquipmentStatus.WHITELISTED)
@@ -87,7 +87,7 @@ def random_lists(rng: random.Random, pairs: int, exact: int, wider: bool) -> lis
 
 
 def c_snapshot(data: bytes) -> Snapshot:
-    """A snapshot searched through eir._lookup, wired here as Snapshot does it, so that
+    """A snapshot searched through eir.lists._lookup, wired here as Snapshot does it, so that
     EIR_PURE_PYTHON=1 (which makes Snapshot use the Python path) does not change what this
     file tests."""
     snapshot = Snapshot.from_bytes(data)

@@ -1,4 +1,4 @@
-"""Prometheus metrics (eir.metrics): a live `eir serve --metrics` scraped over HTTP after real
+"""Prometheus metrics (eir.interfaces.metrics): a live `eir serve --metrics` scraped over HTTP after real
 Diameter traffic, the lab dashboard's queries resolved against that scrape, list reloads and
 syncs seen in the metrics, clone hits from the observations, and snapshots of several worker
 processes merged."""
@@ -22,9 +22,9 @@ from scapy.all import raw
 from scapy.contrib.diameter import DiamG
 from test_testbed_compose import promql_metrics_and_labels
 
-from eir.metrics import (LATENCY_BUCKETS, DiameterCounters, EirCollector, MetricsSnapshot,
+from eir.interfaces.metrics import (LATENCY_BUCKETS, DiameterCounters, EirCollector, MetricsSnapshot,
                          QueuedLatency)
-from eir.observations import ObservationLog, day_number
+from eir.check.observations import ObservationLog, day_number
 
 ECR = "ME-Identity-Check"
 DASHBOARD = ROOT / "testbed" / "grafana" / "dashboards" / "eir.json"

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from eir.decision import UnknownPolicy
-from eir.imei import ImeiError, normalise_imei
-from eir.lists import load_rule_set
+from eir.core.decision import UnknownPolicy
+from eir.core.imei import ImeiError, normalise_imei
+from eir.lists.native import load_rule_set
 from helpers_process import ROOT, LoggedProcess
 from test_freediameter import free_port
 

@@ -31,7 +31,7 @@ import psycopg
 import pytest
 import yaml
 
-from eir.observations import GrandfatherIndex, ObservationLog, backend
+from eir.check.observations import GrandfatherIndex, ObservationLog, backend
 from helpers_process import ROOT
 from helpers_process import eir_ok as run_eir
 from helpers_wire import check_all

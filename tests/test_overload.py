@@ -1,4 +1,4 @@
-"""Overload control (eir.overload): turns, queue bounds and 3004 DIAMETER_TOO_BUSY in the
+"""Overload control (eir.diameter.overload): turns, queue bounds and 3004 DIAMETER_TOO_BUSY in the
 sans-IO peer; connection limits and idle disconnects; and, end to end, one connection flooded
 while another peer's answers stay fast and every request gets an answer.
 
@@ -26,8 +26,8 @@ from eir.diameter.codec import Framer
 from eir.diameter.constants import APPLICATION_S13
 from eir.diameter.peer import TOO_BUSY as BUSY_ERROR
 from eir.diameter.peer import PeerConnection, PeerState, Timers
-from eir.overload import Admission, ConnectionLimits
-from eir.s13 import S13Application
+from eir.diameter.overload import Admission, ConnectionLimits
+from eir.interfaces.s13 import S13Application
 from helpers_faults import proxy_info, raw_avp, with_avps
 from helpers_ops import wait_until
 from helpers_wire import (FLAG_ERROR, FLAG_PROXIABLE, FLAG_REQUEST, PEER_HOST,

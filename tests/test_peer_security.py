@@ -11,14 +11,14 @@ import socket
 
 import pytest
 
-from eir.config import ConfigError, load_settings
+from eir.core.config import ConfigError, load_settings
 from eir.diameter.codec import decode_avps
 from eir.diameter.constants import APPLICATION_S13, FLAG_ERROR
 from eir.diameter.dictionary import AvpError, Grammar
 from eir.diameter.identities import PeerIdentities
 from eir.diameter.peer import PeerConnection, PeerState
-from eir.s13 import S13Application
-from eir.security import AllowedPeer, PeerAllowlist, certificate_names
+from eir.interfaces.s13 import S13Application
+from eir.net.security import AllowedPeer, PeerAllowlist, certificate_names
 from helpers_wire import (assert_closed_by_server, cer, ecr, open_peer, parse_answer,
                           read_message)
 from test_duplicates import ecr as ecr_with_ids

@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from eir.decision import UnknownPolicy
+from eir.core.decision import UnknownPolicy
 from eir.diameter.codec import Avp, Framer, decode_avps, encode_message, parse_header
 from eir.diameter.constants import (APPLICATION_COMMON, APPLICATION_RELAY, APPLICATION_S13,
                                     FLAG_ERROR, FLAG_PROXIABLE, FLAG_REQUEST, VENDOR_3GPP)
 from eir.diameter.dictionary import Dictionary
 from eir.diameter.peer import LocalIdentity, PeerConnection, PeerState, Timers
-from eir.lists import load_rule_set
-from eir.s13 import S13Application
+from eir.lists.native import load_rule_set
+from eir.interfaces.s13 import S13Application
 
 ROOT = Path(__file__).resolve().parent.parent
 D = Dictionary.load()

@@ -1,6 +1,6 @@
-"""Registry list formats (eir.registry.formats): DIRBS full lists and deltas, import-side
+"""Registry list formats (eir.lists.formats): DIRBS full lists and deltas, import-side
 change_type deltas, GSMA-style TAC files and the native CSV, parsed from real files on disk
-(plain and zipped) into the neutral form of eir.registry.entries."""
+(plain and zipped) into the neutral form of eir.lists.entries."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from eir.decision import EquipmentStatus
-from eir.lists import ListError
-from eir.registry.entries import Kind, ListDelta, ListEntries
-from eir.registry.formats import parse_all, parse_path
+from eir.core.decision import EquipmentStatus
+from eir.lists.native import ListError
+from eir.lists.entries import Kind, ListDelta, ListEntries
+from eir.lists.formats import parse_all, parse_path
 
 BLACKLIST = "20261120_blacklist.csv"
 NOTIFICATIONS = "20261120_notifications_op1.csv"
@@ -379,8 +379,8 @@ def test_an_unknown_header_is_refused(tmp_path):
 def test_zip_bomb_member_is_refused_before_parsing(tmp_path):
     import zipfile
 
-    from eir.lists import ListError
-    from eir.registry.formats import parse_path
+    from eir.lists.native import ListError
+    from eir.lists.formats import parse_path
 
     path = tmp_path / "20261120_blacklist.zip"
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:

@@ -1,4 +1,4 @@
-"""N5g-eir over HTTP/2 (eir.sbi): `eir serve --sbi` asked by real HTTP/2 clients (httpx with
+"""N5g-eir over HTTP/2 (eir.interfaces.sbi): `eir serve --sbi` asked by real HTTP/2 clients (httpx with
 h2, prior knowledge on cleartext and ALPN h2 over TLS; curl --http2-prior-knowledge), for every
 list kind, both PEI forms, bad requests, a reload, the audit and the metrics; and the NRF
 registration (register, heartbeat, re-register after a 404, deregister) against a stand-in
@@ -21,7 +21,7 @@ import pytest
 from helpers_ops import METRICS_LINE, endpoint, scrape_until, value, wait_until
 from helpers_process import EXAMPLE_LIST, start_eir
 
-from eir.imei import luhn_check_digit
+from eir.core.imei import luhn_check_digit
 
 H2C_LINE = r"N5g-eir served on (http://\S+)/n5g-eir-eic/v1/ \(h2c\)"
 TLS_LINE = r"N5g-eir served on (https://\S+)/n5g-eir-eic/v1/ \(TLS"

@@ -1,4 +1,4 @@
-"""N5g-eir (eir.sbi) under attack, against a live `eir serve --sbi`: raw HTTP/2 frames
+"""N5g-eir (eir.interfaces.sbi) under attack, against a live `eir serve --sbi`: raw HTTP/2 frames
 written on a socket (built here by hand and with hpack, so that nothing on the client side
 smooths over what is sent), for stream errors that must stay stream errors, every connection
 error answered with its GOAWAY code, floods (rapid reset, control frames, CONTINUATION),

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from eir.server import sctp_unavailable_reason
+from eir.serve.server import sctp_unavailable_reason
 from helpers_pydiameter import S13, build_cer, build_ecr, exchange
 
 TIMEOUT = 10.0

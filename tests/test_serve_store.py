@@ -9,8 +9,8 @@ from pathlib import Path
 
 from helpers_wire import ecr, open_peer, parse_answer, read_message
 
-from eir.store import Store
-from eir.sync import sync
+from eir.lists.store import Store
+from eir.lists.sync import sync
 from helpers_process import eir_ok as cli_ok, run_eir
 
 ROOT = Path(__file__).resolve().parent.parent

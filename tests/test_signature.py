@@ -18,10 +18,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from eir.decision import EquipmentStatus, RuleSet, UnknownPolicy
-from eir.store import Store
-from eir.fetch import Transport
-from eir.sync import DOWNLOADS, SyncError, sync
+from eir.core.decision import EquipmentStatus, RuleSet, UnknownPolicy
+from eir.lists.store import Store
+from eir.lists.fetch import Transport
+from eir.lists.sync import DOWNLOADS, SyncError, sync
 
 DAY = 20261201
 BLACK = EquipmentStatus.BLACKLISTED

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from eir.decision import EquipmentStatus, Match, RuleSet, UnknownPolicy
-from eir.registry.entries import Attribute, Kind, ListEntries
-from eir.snapshot import Snapshot, SnapshotError, compile_snapshot
+from eir.core.decision import EquipmentStatus, Match, RuleSet, UnknownPolicy
+from eir.lists.entries import Attribute, Kind, ListEntries
+from eir.lists.snapshot import Snapshot, SnapshotError, compile_snapshot
 
 BLACK, GREY, WHITE = (EquipmentStatus.BLACKLISTED, EquipmentStatus.GREYLISTED,
                       EquipmentStatus.WHITELISTED)
@@ -125,7 +125,7 @@ def test_damaged_snapshot_is_refused(damage):
 def test_snapshot_with_a_malformed_header_is_refused_as_such():
     import json
 
-    from eir.snapshot import MAGIC
+    from eir.lists.snapshot import MAGIC
 
     header = json.dumps({"format": 1, "version": "x"}).encode()
     data = MAGIC + len(header).to_bytes(4, "little") + bytes(4) + header

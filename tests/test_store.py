@@ -1,4 +1,4 @@
-"""The snapshot store (eir.store) on a real directory: publishing puts a version in force,
+"""The snapshot store (eir.lists.store) on a real directory: publishing puts a version in force,
 versions are listed and pruned, rollback goes back, leftovers and damage are handled, and a
 writer killed with SIGKILL at any point leaves a CURRENT that opens and answers."""
 
@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from eir.decision import EquipmentStatus, Rule, RuleSet, UnknownPolicy
-from eir.registry.entries import Attribute, Kind, ListEntries
-from eir.snapshot import compile_snapshot, entries_from_rules
-from eir.store import SUFFIX, Store, StoreError
+from eir.core.decision import EquipmentStatus, Rule, RuleSet, UnknownPolicy
+from eir.lists.entries import Attribute, Kind, ListEntries
+from eir.lists.snapshot import compile_snapshot, entries_from_rules
+from eir.lists.store import SUFFIX, Store, StoreError
 
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
@@ -227,7 +227,7 @@ def test_current_naming_a_missing_or_damaged_snapshot_is_a_clear_store_error(tmp
 PUBLISHER = """
 import sys
 sys.path.insert(0, sys.argv[2])
-from eir.store import Store
+from eir.lists.store import Store
 from test_store import snapshot_bytes
 store = Store(sys.argv[1], keep=3)
 for _ in range(40):

@@ -1,4 +1,4 @@
-"""Sync (eir.sync and `eir sync`): a registry drop directory on disk becomes one published
+"""Sync (eir.lists.sync and `eir sync`): a registry drop directory on disk becomes one published
 snapshot version whose verdicts follow each list's meaning; anything wrong (manifest, row,
 zip) refuses the whole sync and leaves the store byte for byte as it was."""
 
@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from eir.decision import EquipmentStatus, Match, RuleSet, UnknownPolicy
-from eir.store import Store
-from eir.sync import SyncError, sync
+from eir.core.decision import EquipmentStatus, Match, RuleSet, UnknownPolicy
+from eir.lists.store import Store
+from eir.lists.sync import SyncError, sync
 from helpers_process import run_eir
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -345,7 +345,7 @@ def test_rollback_pins_the_store_until_unpinned(tmp_path, store):
 
 
 def test_sync_counters_count_each_outcome(tmp_path, store):
-    from eir.sync import SyncCounters
+    from eir.lists.sync import SyncCounters
 
     counters = SyncCounters()
     source = write_drop(tmp_path / "counted-drop")
@@ -390,7 +390,7 @@ def test_a_list_renamed_over_after_verification_is_not_what_is_published(tmp_pat
     """The race made deterministic: the file is replaced (atomic rename) after its checksum was
     verified against the manifest, just before the parser opens it. The sync parses the copy it
     hashed, so the verified list is published and the attacker's is never read."""
-    from eir.registry import formats
+    from eir.lists import formats
 
     drop = write_drop(tmp_path / "drop", blacklist_rows(STOLEN) + [f"{NATIVE},20200101,lost"],
                       manifest=True)

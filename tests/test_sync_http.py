@@ -27,11 +27,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from eir import fetch
-from eir.decision import EquipmentStatus, RuleSet, UnknownPolicy
-from eir.fetch import Transport
-from eir.store import Store
-from eir.sync import DOWNLOADS, SyncError, sync
+from eir.lists import fetch
+from eir.core.decision import EquipmentStatus, RuleSet, UnknownPolicy
+from eir.lists.fetch import Transport
+from eir.lists.store import Store
+from eir.lists.sync import DOWNLOADS, SyncError, sync
 
 DAY = 20261201
 BLACK = EquipmentStatus.BLACKLISTED

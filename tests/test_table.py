@@ -1,4 +1,4 @@
-"""Bounded-memory list building (eir.registry.table): sorting in spilled runs, merging block
+"""Bounded-memory list building (eir.lists.table): sorting in spilled runs, merging block
 by block, table files, and a snapshot compiled block by block that is byte-identical to one
 compiled in a single block."""
 
@@ -9,14 +9,14 @@ import sys
 import numpy as np
 import pytest
 
-from eir.decision import EquipmentStatus
-from eir.registry import table
-from eir.registry.entries import Attribute, Kind, ListDelta, ListEntries
-from eir.registry.state import ListState
-from eir.registry.table import Block, EntrySorter, merge, open_table, write_table
-from eir.snapshot import Snapshot, compile_snapshot
-from eir.store import Store
-from eir.sync import sync
+from eir.core.decision import EquipmentStatus
+from eir.lists import table
+from eir.lists.entries import Attribute, Kind, ListDelta, ListEntries
+from eir.lists.state import ListState
+from eir.lists.table import Block, EntrySorter, merge, open_table, write_table
+from eir.lists.snapshot import Snapshot, compile_snapshot
+from eir.lists.store import Store
+from eir.lists.sync import sync
 
 RNG = np.random.default_rng(7)
 

@@ -25,9 +25,9 @@ from pathlib import Path, PurePosixPath
 import pytest
 import yaml
 
-from eir.config import ConfigError, load_settings, parse_host_port
-from eir.lists import ListError
-from eir.server import load_rules
+from eir.core.config import ConfigError, load_settings, parse_host_port
+from eir.lists.native import ListError
+from eir.serve.server import load_rules
 from helpers_process import LoggedProcess, run_eir
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,7 +45,7 @@ DIAMETER_PORT = 3868  # freeDiameter's default Port, and a ConnectPeer's
 WHITELISTED_VARIANT = "lab-whitelisted.csv"
 SCENARIO = ((None, "BLACKLISTED"), (WHITELISTED_VARIANT, "WHITELISTED"))
 
-# open EIR's Prometheus metrics (`eir serve --metrics`, eir.metrics) and their labels.
+# open EIR's Prometheus metrics (`eir serve --metrics`, eir.interfaces.metrics) and their labels.
 METRIC_LABELS = {
     "eir_requests_total": {"command"},
     "eir_answers_total": {"command", "result_code", "equipment_status"},

@@ -178,7 +178,7 @@ def test_cer_ecr_dwr_and_dpr_over_mutual_tls(tls_server, pki):
 
 
 def test_tls_listener_alone_when_listen_is_empty(tmp_path, pki):
-    from eir.config import load_settings
+    from eir.core.config import load_settings
     path = tmp_path / "eir.yaml"
     path.write_text(f"diameter:\n  listen: []\n  tls:\n    certificate: {pki.eir.certificate}\n"
                     f"    key: {pki.eir.key}\n    ca: {pki.ca.path}\n")

@@ -5,9 +5,9 @@ import zipfile
 
 import pytest
 
-from eir.decision import EquipmentStatus, Match, RuleSet, UnknownPolicy
-from eir.store import Store
-from eir.sync import SyncError, sync
+from eir.core.decision import EquipmentStatus, Match, RuleSet, UnknownPolicy
+from eir.lists.store import Store
+from eir.lists.sync import SyncError, sync
 
 DAY = 20261201
 REGISTERED, STOLEN, STRANGER = "35209900176148", "35332106470089", "35000000000001"

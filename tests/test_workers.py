@@ -1,4 +1,4 @@
-"""Several worker processes behind one port (eir.workers): connections spread over the
+"""Several worker processes behind one port (eir.serve.workers): connections spread over the
 workers, one metrics view and one peers list, one observations database, lists swapped in
 every worker, and a worker that dies replaced without losing the port or its places in the
 connection limits."""

@@ -106,7 +106,7 @@ def decode_avps(buf: bytes, start: int, end: int, limit: int = 1 << 24) -> list[
     """Cut buf[start:end] into AVPs. Raises AvpLengthError on a length that cannot be right,
     AvpCountError on an AVP beyond the first `limit` (decoding stops there: a message
     packed with 8-byte AVPs costs what its first `limit` cost, not thousands)."""
-    avps = []
+    avps: list[Avp] = []
     left = limit
     append = avps.append
     unpack2 = _WORDS2.unpack_from

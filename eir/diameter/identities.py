@@ -20,7 +20,7 @@ connection of ours to elect against: for a responder, §5.6.4 comes down to R-Re
   MMEs that run several instances under one identity, as §2.1 permits, and so that nobody
   is locked out by a connection made in its name.
 
-With several worker processes (eir.workers) the registry is the supervisor's: a worker asks
+With several worker processes (eir.serve.workers) the registry is the supervisor's: a worker asks
 it (`claim`) before it answers a CER, and tells it when the connection ends (`release`); a
 worker that dies releases all of its claims.
 """

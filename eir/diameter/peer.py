@@ -9,8 +9,9 @@ event loop until the backlog is empty.
 
 Policy comes in as data: the peer allowlist and the names of a verified TLS certificate
 (checked on CER: 3010 DIAMETER_UNKNOWN_PEER), the duplicate-answer cache (T flag), and the
-admission limits (3004 DIAMETER_TOO_BUSY beyond them); see eir.security, eir.overload and
-eir.diameter.duplicates. With `claims_identity`, a CER that passes opens only once the caller
+admission limits (3004 DIAMETER_TOO_BUSY beyond them); see eir.net.security,
+eir.diameter.overload and eir.diameter.duplicates. With `claims_identity`, a CER that passes
+opens only once the caller
 has checked that its Origin-Host may have one more connection (eir.diameter.identities): the
 peer sets `claiming`, the caller calls `claim_decided`.
 
@@ -28,21 +29,48 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
-from eir.diameter.codec import (Avp, AvpCountError, AvpLengthError, Framer, Header,
-                                decode_avps, encode_avp, encode_message, parse_header)
-from eir.diameter.constants import (APPLICATION_COMMON, APPLICATION_RELAY,
-                                    AVP_FLAG_MANDATORY, COMMAND_CAPABILITIES_EXCHANGE,
-                                    COMMAND_DEVICE_WATCHDOG, COMMAND_DISCONNECT_PEER,
-                                    FLAG_ERROR, FLAG_PROXIABLE, FLAG_REQUEST, FLAG_RETRANSMIT,
-                                    DisconnectCause, ResultCode)
+from eir.core.untrusted import untrusted
+from eir.diameter.codec import (
+    Avp,
+    AvpCountError,
+    AvpLengthError,
+    Framer,
+    Header,
+    decode_avps,
+    encode_avp,
+    encode_message,
+    parse_header,
+)
+from eir.diameter.constants import (
+    APPLICATION_COMMON,
+    APPLICATION_RELAY,
+    AVP_FLAG_MANDATORY,
+    COMMAND_CAPABILITIES_EXCHANGE,
+    COMMAND_DEVICE_WATCHDOG,
+    COMMAND_DISCONNECT_PEER,
+    FLAG_ERROR,
+    FLAG_PROXIABLE,
+    FLAG_REQUEST,
+    FLAG_RETRANSMIT,
+    DisconnectCause,
+    ResultCode,
+)
 from eir.diameter.dictionary import TOO_MANY_AVPS, AvpError, AvpIndex, CommandDef, Dictionary
 from eir.diameter.duplicates import request_keys
-from eir.untrusted import untrusted
 
 if TYPE_CHECKING:
     from eir.diameter.duplicates import DuplicateCache
-    from eir.overload import Admission
-    from eir.security import PeerAllowlist
+    from eir.diameter.overload import Admission
+
+
+class PeerAllowlist(Protocol):
+    """What the peer asks of its allowlist (eir.net.security.PeerAllowlist): empty means any
+    peer may open; otherwise why this peer may not (None: it may)."""
+
+    def __len__(self) -> int: ...
+
+    def refusal(self, host: str, realm: str, address: str | None) -> str | None: ...
+
 
 SESSION_ID_CODE = 263
 _SESSION_ID_HEADER = SESSION_ID_CODE.to_bytes(4, "big")
@@ -105,7 +133,8 @@ class AnswerBuilder:
     def __init__(self, dictionary: Dictionary, local: LocalIdentity, counters=None):
         self.dictionary = dictionary
         self.local = local
-        self.counters = counters  # None, or eir.metrics.DiameterCounters: errors counted
+        # None, or eir.interfaces.metrics.DiameterCounters: errors counted
+        self.counters = counters
         encode = dictionary.encode
         self.origin = encode("Origin-Host", local.origin_host) + encode(
             "Origin-Realm", local.origin_realm)
@@ -149,7 +178,7 @@ class PeerConnection:
     timers: Timers = field(default_factory=Timers)
     max_message_bytes: int = 65536
     # AVPs a request may hold, at every depth of grouping; beyond, 5009 at the cost of
-    # decoding that many (diameter.max_avps_per_message, eir.overload).
+    # decoding that many (diameter.max_avps_per_message, eir.diameter.overload).
     max_avps_per_message: int = 128
     rng: random.Random = field(default_factory=random.Random)
     remote_address: str | None = None  # the peer's IP address, for the allowlist
@@ -159,11 +188,11 @@ class PeerConnection:
     certificate_names: tuple[str, ...] | None = None
     duplicates: DuplicateCache | None = None  # None: no duplicate detection
     admission: Admission | None = None  # None: every read answered whole, at once
-    counters: object = None  # None, or eir.metrics.DiameterCounters (requests, answers)
+    counters: object = None  # None, or eir.interfaces.metrics.DiameterCounters (requests, answers)
     # True: a CER that passes every check opens the connection only once the caller has
     # claimed its Origin-Host (`claiming`, then `claim_decided`): a second connection from
     # an Origin-Host that has one open is refused or allowed server-wide (the registry may
-    # be in another process: eir.workers). False: opened at once.
+    # be in another process: eir.serve.workers). False: opened at once.
     claims_identity: bool = False
 
     def __post_init__(self) -> None:

@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from eir.config import parse_host_port
+from eir.core.config import parse_host_port
 from eir.replay.client import Plan, ReplayError, run_worker
 from eir.replay.messages import Identity
 from eir.replay.workload import DEFAULT_MIX, Workload, WorkloadError

@@ -20,12 +20,22 @@ import struct
 from dataclasses import dataclass
 from typing import Callable
 
-from eir.diameter.constants import (COMMAND_CAPABILITIES_EXCHANGE, COMMAND_DISCONNECT_PEER,
-                                    FLAG_REQUEST, HEADER_LENGTH)
-from eir.replay.messages import (Identity, VerdictReader, encode_answer_to, encode_cer,
-                                 encode_dpr, is_error, verdict_of)
-from eir.replay.stats import (INTERVAL_S, IntervalReport, WorkerResult, new_histogram,
-                              record)
+from eir.diameter.constants import (
+    COMMAND_CAPABILITIES_EXCHANGE,
+    COMMAND_DISCONNECT_PEER,
+    FLAG_REQUEST,
+    HEADER_LENGTH,
+)
+from eir.replay.messages import (
+    Identity,
+    VerdictReader,
+    encode_answer_to,
+    encode_cer,
+    encode_dpr,
+    is_error,
+    verdict_of,
+)
+from eir.replay.stats import INTERVAL_S, IntervalReport, WorkerResult, new_histogram, record
 from eir.replay.workload import Workload
 
 _WORD = struct.Struct("!I")

@@ -12,13 +12,20 @@ import struct
 from dataclasses import dataclass
 from functools import lru_cache
 
-from eir.decision import EquipmentStatus
+from eir.core.decision import EquipmentStatus
 from eir.diameter.codec import AvpLengthError, decode_avps, encode_message, parse_header
-from eir.diameter.constants import (APPLICATION_COMMON, APPLICATION_S13,
-                                    COMMAND_CAPABILITIES_EXCHANGE, COMMAND_DISCONNECT_PEER,
-                                    COMMAND_ME_IDENTITY_CHECK,
-                                    FLAG_PROXIABLE, FLAG_REQUEST, VENDOR_3GPP, DisconnectCause,
-                                    ResultCode)
+from eir.diameter.constants import (
+    APPLICATION_COMMON,
+    APPLICATION_S13,
+    COMMAND_CAPABILITIES_EXCHANGE,
+    COMMAND_DISCONNECT_PEER,
+    COMMAND_ME_IDENTITY_CHECK,
+    FLAG_PROXIABLE,
+    FLAG_REQUEST,
+    VENDOR_3GPP,
+    DisconnectCause,
+    ResultCode,
+)
 from eir.diameter.dictionary import Dictionary
 
 SESSION_COUNTER_DIGITS = 12

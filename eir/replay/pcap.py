@@ -27,8 +27,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from eir.diameter.codec import AvpLengthError, decode_avps, parse_header
-from eir.diameter.constants import (APPLICATION_S13, COMMAND_ME_IDENTITY_CHECK, FLAG_REQUEST,
-                                    FLAG_RETRANSMIT)
+from eir.diameter.constants import (
+    APPLICATION_S13,
+    COMMAND_ME_IDENTITY_CHECK,
+    FLAG_REQUEST,
+    FLAG_RETRANSMIT,
+)
 from eir.replay.messages import Verdict, ecr_fields, session_id_of, verdict_of
 
 DIAMETER_PORT = 3868

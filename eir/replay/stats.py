@@ -33,7 +33,7 @@ def record(histogram: HdrHistogram, latency_us: int) -> None:
 def latency_ms(histogram: HdrHistogram) -> dict[str, float | None]:
     """p50, p90, p99, p999 and max in milliseconds (None for all when nothing was recorded)."""
     if histogram.get_total_count() == 0:
-        return {name: None for name, _ in PERCENTILES} | {"max": None}
+        return dict.fromkeys([*(name for name, _ in PERCENTILES), "max"])
     figures = {name: histogram.get_value_at_percentile(q) / 1000 for name, q in PERCENTILES}
     figures["max"] = histogram.get_max_value() / 1000
     return figures

@@ -13,9 +13,9 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from eir.decision import EquipmentStatus, UnknownPolicy
-from eir.imei import luhn_check_digit
-from eir.lists import CsvRowError, ListError, csv_rows, load_rule_set, read_native_csv
+from eir.core.decision import EquipmentStatus, UnknownPolicy
+from eir.core.imei import luhn_check_digit
+from eir.lists.native import CsvRowError, ListError, csv_rows, load_rule_set, read_native_csv
 from eir.replay.messages import EcrTemplate, Identity, Verdict, ecr_template
 
 MAX_REPORTED_PROBLEMS = 50

@@ -1,1 +1,0 @@
-"""Lists from a national registry (DIRBS-style CEIR): formats, snapshots, sync."""
