@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import test_peer_state as sans_io  # noqa: E402
 
+from eir.check.service import EquipmentCheck
 from eir.core.config import DiameterSettings, OverloadSettings  # noqa: E402
 from eir.diameter.codec import Framer, encode_avp, encode_message  # noqa: E402
 from eir.diameter.constants import APPLICATION_S13, FLAG_PROXIABLE, FLAG_REQUEST  # noqa: E402
@@ -86,7 +87,7 @@ def kinds() -> dict[str, bytes]:
 
 
 def open_peer(admission: Admission | None = None) -> PeerConnection:
-    application = S13Application(sans_io.D, sans_io.LOCAL, sans_io.RULE_SET)
+    application = S13Application(sans_io.D, sans_io.LOCAL, EquipmentCheck(sans_io.RULE_SET))
     peer = PeerConnection(sans_io.D, sans_io.LOCAL, {APPLICATION_S13: application}, now=0.0,
                           max_message_bytes=MAX_BYTES, max_avps_per_message=MAX_AVPS,
                           admission=admission)

@@ -43,6 +43,7 @@ from diameter.message import Message  # noqa: E402
 from diameter.message.avp.grouped import VendorSpecificApplicationId  # noqa: E402
 from helpers_pydiameter import S13, TGPP, build_cer, build_ecr  # noqa: E402
 
+from eir.check.service import EquipmentCheck
 from eir.core.decision import RuleSet, UnknownPolicy  # noqa: E402
 from eir.core.config import DuplicateSettings  # noqa: E402
 from eir.diameter.dictionary import Dictionary  # noqa: E402
@@ -200,7 +201,7 @@ def open_peer(rule_set: RuleSet) -> PeerConnection:
     local = LocalIdentity(EIR_HOST.decode(), EIR_REALM.decode())
     # The counters `eir serve` keeps for its metrics, so that their cost is measured too.
     counters = DiameterCounters.for_dictionary(dictionary)
-    s13 = S13Application(dictionary, local, rule_set, counters=counters)
+    s13 = S13Application(dictionary, local, EquipmentCheck(rule_set), counters=counters)
     # The duplicate cache `eir serve` keeps by default: every answered ECR is stored.
     defaults = DuplicateSettings()
     duplicates = DuplicateCache(defaults.window_seconds, defaults.max_entries,

@@ -16,8 +16,6 @@ from eir.check.observations import (
     ObservationError,
     clone_suspects,
     database_location,
-    day_number,
-    format_day,
     write_dump,
 )
 from eir.conformance import add_arguments as conformance_arguments
@@ -30,7 +28,7 @@ from eir.core.config import (
     parse_host_port,
     parse_local_listen,
 )
-from eir.core.decision import UnknownPolicy
+from eir.core.decision import UnknownPolicy, day_number, format_day
 from eir.core.imei import ImeiError, normalise_imei
 from eir.diameter.dictionary import DictionaryError
 from eir.lists.native import ListError, parse_imsi
@@ -110,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     common(check)
     check.add_argument("imei", help="14-16 digit IMEI or IMEISV")
     check.add_argument("--imsi", help="the subscriber's IMSI")
-    check.add_argument("--software-version", help="the 2-digit software version")
+    check.add_argument("--software-version",
+                       help="the 2-digit software version (accepted; no rule kind uses it)")
     check.add_argument("--json", action="store_true", help="print a JSON object")
 
     sync_command = commands.add_parser(
@@ -333,7 +332,7 @@ def _check(args: argparse.Namespace) -> int:
         except ObservationError as exc:
             print(f"eir: grandfathering: nothing observed yet: {exc}", file=sys.stderr)
     rule_set = load_rules(settings, grandfathering, first_sync=False)  # a query writes nothing
-    verdict = rule_set.explain(imei, imsi, args.software_version)
+    verdict = rule_set.explain(imei, imsi)
     if args.json:
         print(json.dumps({"imei": imei, "imsi": imsi, "status": verdict.status_name,
                           "match": verdict.match.value, "reason": verdict.reason,

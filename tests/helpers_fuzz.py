@@ -25,13 +25,13 @@ target catches anything: whatever escapes is a finding.
 from __future__ import annotations
 
 import logging
-from types import SimpleNamespace
 
 from h2.errors import ErrorCodes
 from hpack import Decoder
 from hyperframe.frame import (ContinuationFrame, DataFrame, GoAwayFrame, HeadersFrame,
                               RstStreamFrame, SettingsFrame)
 
+from eir.check.service import EquipmentCheck
 from eir.core.config import SbiSettings
 from eir.diameter.codec import AvpLengthError, Framer, decode_avps, parse_header
 from eir.diameter.constants import APPLICATION_S13, FLAG_ERROR, FLAG_REQUEST, HEADER_LENGTH
@@ -169,7 +169,7 @@ def fuzz_codec(data: bytes) -> None:
 
 # Stateless between requests (no observation log, counters or audit): one serves every input,
 # which saves a fifth of the time per input.
-_APPLICATION = S13Application(D, sans_io.LOCAL, sans_io.RULE_SET)
+_APPLICATION = S13Application(D, sans_io.LOCAL, EquipmentCheck(sans_io.RULE_SET))
 
 
 def new_fuzz_peer(control: int) -> PeerConnection:
@@ -267,8 +267,7 @@ def fuzz_peer(data: bytes) -> None:
 # -- the N5g-eir HTTP/2 connection -----------------------------------------------------------
 
 # The service on the lists the peer target uses (the server is only where it reads them).
-_CHECK = EquipmentIdentityCheck(SimpleNamespace(rule_set=sans_io.RULE_SET, observations=None),
-                                SbiCounters())
+_CHECK = EquipmentIdentityCheck(EquipmentCheck(sans_io.RULE_SET), SbiCounters())
 _H2_CONFIG = N5gEir.h2_configuration()
 _H2_SMALL = SbiSettings(frames_per_turn=2, max_concurrent_streams=2,
                         max_header_list_bytes=1024, max_resets_per_second=5,

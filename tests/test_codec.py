@@ -14,6 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from eir.check.service import EquipmentCheck
 from eir.core.decision import UnknownPolicy
 from eir.diameter.codec import (Avp, AvpLengthError, Framer, decode_avps, encode_avp,
                                 encode_message, parse_header)
@@ -94,7 +95,7 @@ def ecr(imei: str = "35209900176148") -> bytes:
 
 
 def new_peer(now: float = 0.0) -> PeerConnection:
-    app = S13Application(DICTIONARY, LOCAL, RULE_SET)
+    app = S13Application(DICTIONARY, LOCAL, EquipmentCheck(RULE_SET))
     return PeerConnection(DICTIONARY, LOCAL, {APPLICATION_S13: app}, now=now,
                           local_addresses=("127.0.0.1",), timers=Timers(watchdog_jitter=0))
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import signal
 import struct
 
+from eir.check.service import EquipmentCheck
 from eir.core.decision import UnknownPolicy
 from eir.diameter.codec import encode_message
 from eir.diameter.constants import (APPLICATION_S13, FLAG_PROXIABLE, FLAG_REQUEST,
@@ -55,7 +56,7 @@ def cache(window: float = 60.0, entries: int = 1000, max_bytes: int = 1 << 30
 def open_with(cache: DuplicateCache | None, now: float = 0.0,
               peer_host: str = "mme.test") -> PeerConnection:
     """An open connection; `peer_host` the Origin-Host of its CER."""
-    application = S13Application(D, LOCAL, RULE_SET)
+    application = S13Application(D, LOCAL, EquipmentCheck(RULE_SET))
     peer = PeerConnection(D, LOCAL, {APPLICATION_S13: application}, now=now,
                           timers=Timers(watchdog_jitter=0), duplicates=cache)
     if peer_host == "mme.test":
@@ -85,7 +86,7 @@ def test_retransmission_gets_the_same_answer_without_asking_the_application_agai
     peer = open_with(cache())
     first = peer.receive(ecr(1, 100), 1.0)
     assert status(first) == BLACKLISTED
-    peer.applications[APPLICATION_S13].rule_set = BrokenRules()
+    peer.applications[APPLICATION_S13].check.rule_set = BrokenRules()
     again = peer.receive(ecr(2, 100, retransmitted=True), 5.0)
     assert again == with_hop_by_hop(first, 2)
     assert "duplicate request (T flag, end-to-end id 0x00000064): answered as before" in \
@@ -96,7 +97,7 @@ def test_the_stored_answer_stands_after_the_lists_change():
     peer = open_with(cache())
     first = peer.receive(ecr(1, 100), 1.0)
     # New lists in force: none, and every IMEI whitelisted.
-    peer.applications[APPLICATION_S13].rule_set = load_rule_set([], UnknownPolicy.WHITELISTED)
+    peer.applications[APPLICATION_S13].check.rule_set = load_rule_set([], UnknownPolicy.WHITELISTED)
     assert status(peer.receive(ecr(2, 101), 2.0)) == WHITELISTED  # a new request: new lists
     assert peer.receive(ecr(3, 100, retransmitted=True), 3.0) == with_hop_by_hop(first, 3)
 
@@ -104,14 +105,14 @@ def test_the_stored_answer_stands_after_the_lists_change():
 def test_without_the_t_flag_a_repeated_id_is_answered_anew():
     peer = open_with(cache())
     peer.receive(ecr(1, 100), 1.0)
-    peer.applications[APPLICATION_S13].rule_set = BrokenRules()
+    peer.applications[APPLICATION_S13].check.rule_set = BrokenRules()
     assert Message(peer.receive(ecr(2, 100), 2.0)).value("Result-Code") == 5012
 
 
 def test_same_end_to_end_id_from_another_origin_host_is_not_a_duplicate():
     peer = open_with(cache())
     peer.receive(ecr(1, 100, origin_host="mme.test"), 1.0)
-    peer.applications[APPLICATION_S13].rule_set = BrokenRules()
+    peer.applications[APPLICATION_S13].check.rule_set = BrokenRules()
     other = peer.receive(ecr(2, 100, retransmitted=True, origin_host="mme2.test"), 2.0)
     assert Message(other).value("Result-Code") == 5012
 
@@ -126,7 +127,7 @@ def test_the_retransmission_may_arrive_on_another_connection():
     lost, reconnected = open_with(shared), open_with(shared)
     first = lost.receive(ecr(1, 100), 1.0)
     lost.connection_lost()
-    reconnected.applications[APPLICATION_S13].rule_set = BrokenRules()
+    reconnected.applications[APPLICATION_S13].check.rule_set = BrokenRules()
     assert reconnected.receive(ecr(7, 100, retransmitted=True), 2.0) == with_hop_by_hop(
         first, 7)
 
@@ -134,7 +135,7 @@ def test_the_retransmission_may_arrive_on_another_connection():
 def test_answers_expire_after_the_window():
     peer = open_with(cache(10.0))
     peer.receive(ecr(1, 100), 1.0)
-    peer.applications[APPLICATION_S13].rule_set = BrokenRules()
+    peer.applications[APPLICATION_S13].check.rule_set = BrokenRules()
     assert status(peer.receive(ecr(2, 100, retransmitted=True), 10.9)) == BLACKLISTED
     assert Message(peer.receive(ecr(3, 100, retransmitted=True), 11.1)).value(
         "Result-Code") == 5012
@@ -145,7 +146,7 @@ def test_at_most_max_entries_answers_are_kept_the_oldest_go_first():
     peer = open_with(kept)
     for end_to_end in range(100, 105):
         peer.receive(ecr(end_to_end, end_to_end), 1.0)
-    peer.applications[APPLICATION_S13].rule_set = BrokenRules()
+    peer.applications[APPLICATION_S13].check.rule_set = BrokenRules()
     assert status(peer.receive(ecr(9, 104, retransmitted=True), 2.0)) == BLACKLISTED
     assert len(kept) == 3
     assert Message(peer.receive(ecr(9, 101, retransmitted=True), 2.0)).value(
@@ -217,7 +218,7 @@ def test_the_same_request_from_a_peer_with_another_cer_identity_is_answered_anew
     shared = cache()
     mme, relay = open_with(shared), open_with(shared, peer_host="dra.test")
     mme.receive(ecr(1, 100), 1.0)
-    relay.applications[APPLICATION_S13].rule_set = BrokenRules()
+    relay.applications[APPLICATION_S13].check.rule_set = BrokenRules()
     again = relay.receive(ecr(2, 100, retransmitted=True), 2.0)
     assert Message(again).value("Result-Code") == 5012  # asked anew
     assert (shared.hits, shared.misses) == (0, 1)

@@ -24,7 +24,8 @@ from test_testbed_compose import promql_metrics_and_labels
 
 from eir.interfaces.metrics import (LATENCY_BUCKETS, DiameterCounters, EirCollector, MetricsSnapshot,
                          QueuedLatency)
-from eir.check.observations import ObservationLog, day_number
+from eir.check.observations import ObservationLog
+from eir.core.decision import day_number
 
 ECR = "ME-Identity-Check"
 DASHBOARD = ROOT / "testbed" / "grafana" / "dashboards" / "eir.json"

@@ -22,6 +22,7 @@ from scapy.all import raw
 from scapy.contrib.diameter import AVP, DiamG
 
 import test_peer_state as sans_io
+from eir.check.service import EquipmentCheck
 from eir.diameter.codec import Framer
 from eir.diameter.constants import APPLICATION_S13
 from eir.diameter.peer import TOO_BUSY as BUSY_ERROR
@@ -43,7 +44,7 @@ TOO_BUSY, SUCCESS = 3004, 2001
 
 def open_admitted(admission: Admission | None, now: float = 0.0,
                   timers: Timers | None = None) -> PeerConnection:
-    application = S13Application(sans_io.D, sans_io.LOCAL, sans_io.RULE_SET)
+    application = S13Application(sans_io.D, sans_io.LOCAL, EquipmentCheck(sans_io.RULE_SET))
     peer = PeerConnection(sans_io.D, sans_io.LOCAL, {APPLICATION_S13: application}, now=now,
                           admission=admission,
                           timers=timers or Timers(watchdog=30.0, watchdog_jitter=0))
@@ -296,7 +297,7 @@ def with_proxy_infos(request: bytes, count: int, state: bytes = b"") -> bytes:
 
 
 def limited_peer(max_avps: int) -> PeerConnection:
-    application = S13Application(sans_io.D, sans_io.LOCAL, sans_io.RULE_SET)
+    application = S13Application(sans_io.D, sans_io.LOCAL, EquipmentCheck(sans_io.RULE_SET))
     peer = PeerConnection(sans_io.D, sans_io.LOCAL, {APPLICATION_S13: application}, now=0.0,
                           max_avps_per_message=max_avps)
     sans_io.one_message(peer.receive(sans_io.cer(APPLICATION_S13), 0.0))

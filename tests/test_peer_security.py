@@ -11,6 +11,7 @@ import socket
 
 import pytest
 
+from eir.check.service import EquipmentCheck
 from eir.core.config import ConfigError, load_settings
 from eir.diameter.codec import decode_avps
 from eir.diameter.constants import APPLICATION_S13, FLAG_ERROR
@@ -41,7 +42,7 @@ def cer_from(host: str = "mme.test", realm: str = "test") -> bytes:
 
 def peer_with(allowlist: PeerAllowlist | None, address: str | None = "10.0.0.7",
               names: tuple[str, ...] | None = None) -> PeerConnection:
-    return PeerConnection(D, LOCAL, {APPLICATION_S13: S13Application(D, LOCAL, RULE_SET)},
+    return PeerConnection(D, LOCAL, {APPLICATION_S13: S13Application(D, LOCAL, EquipmentCheck(RULE_SET))},
                           now=0.0, local_addresses=("127.0.0.1",), remote_address=address,
                           allowlist=allowlist,
                           certificate_names=names)
@@ -229,7 +230,7 @@ def test_without_an_allowlist_the_start_up_warns(eir_server):
 # -- one connection per Origin-Host (diameter.duplicate_peers, eir.diameter.identities) -----
 
 def claiming_peer() -> PeerConnection:
-    return PeerConnection(D, LOCAL, {APPLICATION_S13: S13Application(D, LOCAL, RULE_SET)},
+    return PeerConnection(D, LOCAL, {APPLICATION_S13: S13Application(D, LOCAL, EquipmentCheck(RULE_SET))},
                           now=0.0, local_addresses=("127.0.0.1",), claims_identity=True)
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from eir.check.service import EquipmentCheck
 from eir.core.decision import UnknownPolicy
 from eir.diameter.codec import Avp, Framer, decode_avps, encode_message, parse_header
 from eir.diameter.constants import (APPLICATION_COMMON, APPLICATION_RELAY, APPLICATION_S13,
@@ -100,7 +101,7 @@ def ecr() -> bytes:
 
 
 def new_peer(now: float = 0.0) -> PeerConnection:
-    application = S13Application(D, LOCAL, RULE_SET)
+    application = S13Application(D, LOCAL, EquipmentCheck(RULE_SET))
     timers = Timers(watchdog=TW, watchdog_jitter=0, cer_timeout=CER_TIMEOUT,
                     disconnect_timeout=DPA_TIMEOUT)
     return PeerConnection(D, LOCAL, {APPLICATION_S13: application}, now=now,
@@ -147,7 +148,7 @@ def test_cer_gets_cea_2001_with_every_capability():
 
 def test_cea_host_ip_addresses_come_from_local_identity_when_configured():
     local = LocalIdentity("eir.test", "test.realm", host_ip_addresses=("192.0.2.7", "::1"))
-    peer = PeerConnection(D, local, {APPLICATION_S13: S13Application(D, local, RULE_SET)},
+    peer = PeerConnection(D, local, {APPLICATION_S13: S13Application(D, local, EquipmentCheck(RULE_SET))},
                           now=0.0, local_addresses=("127.0.0.1",))
     cea = one_message(peer.receive(cer(APPLICATION_S13), 0.0))
     assert [D["Host-IP-Address"].decode(a.data) for a in cea.all("Host-IP-Address")] == [
@@ -401,11 +402,11 @@ def test_a_bug_in_the_application_answers_5012_and_keeps_the_connection():
 
     peer = open_peer()
     application = peer.applications[APPLICATION_S13]
-    working = application.rule_set
-    application.rule_set = BrokenRules()
+    working = application.check.rule_set
+    application.check.rule_set = BrokenRules()
     answer = one_message(peer.receive(ecr(), 1.0))
     assert answer.value("Result-Code") == 5012
     assert peer.state is PeerState.OPEN
     assert "RuntimeError: boom" in event_text(peer)
-    application.rule_set = working
+    application.check.rule_set = working
     assert one_message(peer.receive(ecr(), 2.0)).value("Result-Code") == 2001

@@ -51,6 +51,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 
+from eir.core.decision import day_number
+
 log = logging.getLogger("eir.observations")
 
 DEFAULT_DATABASE_NAME = "observations.sqlite"
@@ -129,12 +131,6 @@ def database_location(settings) -> Path | str:
     return settings.observations.url or database_path(settings)
 
 
-def day_number(day: date) -> int:
-    return day.year * 10000 + day.month * 100 + day.day
-
-
-def format_day(day: int) -> str:
-    return f"{day // 10000:04d}-{day // 100 % 100:02d}-{day % 100:02d}"
 
 
 def _valid_imsi(imsi: str | None) -> str:

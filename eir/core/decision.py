@@ -33,6 +33,7 @@ import dataclasses
 import enum
 import time
 from dataclasses import dataclass
+from datetime import date
 
 
 class EquipmentStatus(enum.IntEnum):
@@ -108,8 +109,14 @@ class Rule:
         return f"{what} with IMSI {self.imsi}" if self.imsi else what
 
 
-def _format_day(day: int) -> str:
+def format_day(day: int) -> str:
+    """YYYYMMDD (a day as the engine numbers them) as YYYY-MM-DD."""
     return f"{day // 10000:04d}-{day // 100 % 100:02d}-{day % 100:02d}"
+
+
+def day_number(day: date) -> int:
+    """A date as the engine numbers days: YYYYMMDD."""
+    return day.year * 10000 + day.month * 100 + day.day
 
 
 _day_cache = [-1, 0]  # [minute, YYYYMMDD]
@@ -160,14 +167,10 @@ class RuleSet:
     def rule_count(self) -> int:
         return self.snapshot.entry_count
 
-    def decide(self, imei: str, imsi: str | None = None, software_version: str | None = None,
-               day: int | None = None) -> Verdict:
+    def decide(self, imei: str, imsi: str | None = None, day: int | None = None) -> Verdict:
         """The verdict for a normalised 14-digit IMEI, with the subscriber's IMSI if known,
         on `day` (YYYYMMDD, default today: registry entries change status with the date).
-
-        `software_version` is accepted so that rules on it can be added without changing
-        callers; no rule kind uses it yet.
-        """
+        No rule kind looks at the software version, so it is not asked for."""
         day = today() if day is None else day
         verdict = self._hot_lookup(imei, imsi, day)
         if verdict is NotImplemented:
@@ -180,15 +183,14 @@ class RuleSet:
             if seen is not None:
                 return Verdict(EquipmentStatus.WHITELISTED, Match.GRANDFATHERED,
                                f"IMEI with this IMSI was seen on the network on "
-                               f"{_format_day(seen)}, before the cut-off "
+                               f"{format_day(seen)}, before the cut-off "
                                f"{grandfathering.cutoff_text}", "observations")
         return self._unknown
 
-    def explain(self, imei: str, imsi: str | None = None, software_version: str | None = None,
-                day: int | None = None) -> Verdict:
+    def explain(self, imei: str, imsi: str | None = None, day: int | None = None) -> Verdict:
         """decide(), with the device's name (from a TAC file in the lists) in the reason: for
         people asking why, not for the hot path."""
-        verdict = self.decide(imei, imsi, software_version, day)
+        verdict = self.decide(imei, imsi, day)
         device = self.snapshot.device_name(int(imei[:8]))
         if not device:
             return verdict

@@ -10,6 +10,14 @@ TAC_LENGTH = 8
 IMEI_KEY_LENGTH = 14
 
 
+IMSI_LENGTHS = range(5, 16)  # 5 to 15 digits: what every list, S13 and N5g-eir accept
+
+
+def is_imsi(text: str) -> bool:
+    """An IMSI as open EIR takes one: 5 to 15 ASCII digits (TS 23.003 §2.2: at most 15)."""
+    return text.isascii() and text.isdigit() and len(text) in IMSI_LENGTHS
+
+
 class ImeiError(ValueError):
     """Not an IMEI: the message says what is wrong with it."""
 

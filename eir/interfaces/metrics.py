@@ -20,12 +20,11 @@ tuple up: 1.3 µs measured here, per metric). Instead:
 
 Several worker processes: a snapshot is plain data (`as_dict`/`from_dict`, JSON-safe), and
 `MetricsSnapshot.merge` adds counters, histograms and peer gauges up across processes and
-keeps the per-process list and sync facts of the newest snapshot. A server with workers has
-each worker send its snapshot to the parent (which serves /metrics with `EirCollector(lambda:
-MetricsSnapshot.merge(worker_snapshots))`), instead of prometheus-client's multiprocess mode,
-which writes a memory-mapped file on every `.inc()` and does not support custom collectors.
-The server has one process today; merging is implemented and tested, the transport is the
-workers' to add.
+keeps the per-process list and sync facts of the newest snapshot. A server with workers
+(eir.serve.workers) asks each worker for its snapshot at every scrape (`metrics_app`, over
+the supervisor's channel) and serves the merge of its own and theirs (`merged_snapshot`),
+instead of prometheus-client's multiprocess mode, which writes a memory-mapped file on every
+`.inc()` and does not support custom collectors.
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Collection, Coroutine, Protocol
 
+from eir.check.service import EquipmentCheck
 from eir.core.config import Settings
 from eir.core.decision import RuleSet
 
@@ -28,6 +29,9 @@ class ServerView(Protocol):
 
     @property
     def rule_set(self) -> RuleSet: ...  # the one in force now: a reload swaps it whole
+
+    @property
+    def check(self) -> EquipmentCheck: ...  # the check the interfaces run (and its rule set)
 
     @property
     def observations(self) -> Any: ...  # None, or eir.check.observations.ObservationLog

@@ -6,8 +6,9 @@ so answers are built from pre-encoded templates: one per verdict.
 
 from __future__ import annotations
 
-from eir.core.decision import EquipmentStatus, RuleSet, today
-from eir.core.imei import ImeiError, normalise_imei
+from eir.check.service import EquipmentCheck
+from eir.core.decision import EquipmentStatus
+from eir.core.imei import ImeiError, is_imsi, normalise_imei
 from eir.diameter.codec import Avp, Header, encode_avp, encode_message
 from eir.diameter.constants import (
     APPLICATION_S13,
@@ -21,25 +22,23 @@ from eir.diameter.dictionary import AvpError, AvpIndex, CommandDef, Dictionary
 from eir.diameter.peer import AnswerBuilder, LocalIdentity
 
 NO_STATE_MAINTAINED = 1
+INTERFACE = "s13"  # the audit records' `interface`
 
 
 class S13Application:
     application_id = APPLICATION_S13
     vendor_id = VENDOR_3GPP
 
-    def __init__(self, dictionary: Dictionary, local: LocalIdentity, rule_set: RuleSet,
-                 observations=None, counters=None, audit=None):
+    def __init__(self, dictionary: Dictionary, local: LocalIdentity, check: EquipmentCheck,
+                 counters=None, audit=None):
         self.dictionary = dictionary
-        # None, or an eir.check.observations.ObservationLog: every decided check is recorded.
-        self.observations = observations
+        # The rule set in force and the observation log (shared with N5g-eir).
+        self.check = check
         # None, or eir.interfaces.metrics.DiameterCounters: verdicts counted by status (a
         # dict bump).
         self.verdict_counts = counters.verdicts if counters is not None else None
         # None, or eir.core.logs.AuditLog: verdicts handed to its writer thread.
         self.audit = audit
-        # Swapped whole by the server on reload; a request reads it once, so it sees one
-        # snapshot from start to end.
-        self.rule_set = rule_set
         self.answers = AnswerBuilder(dictionary, local, counters)
         encode = dictionary.encode
         self._terminal_information = dictionary["Terminal-Information"]
@@ -73,27 +72,15 @@ class S13Application:
         except ImeiError as exc:
             raise AvpError(ResultCode.INVALID_AVP_VALUE, self._wrap_terminal(imei_avp.encode()),
                            f"Terminal-Information: IMEI: {exc}") from None
-        software_version = terminal.get("Software-Version")
-        if software_version is not None:
-            software_version = software_version[0].data.decode()
         user_name = avps.get("User-Name")
         imsi = None
         if user_name:
             imsi = user_name[0].data.decode()
-            if not (imsi.isascii() and imsi.isdigit() and 5 <= len(imsi) <= 15):
+            if not is_imsi(imsi):
                 raise AvpError(ResultCode.INVALID_AVP_VALUE, user_name[0].encode(),
                                f"User-Name: {imsi[:20]!r} is not an IMSI (5 to 15 digits)")
-        day = today()
-        verdict = self.rule_set.decide(imei, imsi, software_version, day)
-        observations = self.observations
-        if observations is not None:
-            observations.record(day, imei, imsi)
-        verdict_counts = self.verdict_counts
-        if verdict_counts is not None:
-            verdict_counts[verdict.status] += 1
-        if self.audit is not None:
-            self.audit.record(avps["Origin-Host"][0].data, imei, imsi, verdict,
-                              self.rule_set.version)
+        verdict = self.check.run(imei, imsi, avps["Origin-Host"][0].data, self.verdict_counts,
+                                 self.audit, INTERFACE)
         body = encode_avp(263, AVP_FLAG_MANDATORY, 0, session_id.data) + self._templates[
             verdict.status]
         proxy_info = avps.get("Proxy-Info")

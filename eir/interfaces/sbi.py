@@ -64,14 +64,16 @@ from h2.utilities import HeaderValidationFlags, validate_headers
 from hpack.exceptions import HPACKError
 from hyperframe.frame import GoAwayFrame
 
+from eir.check.service import EquipmentCheck
 from eir.core.config import SbiSettings, parse_host_port
-from eir.core.decision import EquipmentStatus, today
-from eir.core.imei import IMEI_KEY_LENGTH
+from eir.core.decision import EquipmentStatus
+from eir.core.imei import IMEI_KEY_LENGTH, is_imsi
 from eir.core.logs import audit_log
 from eir.core.untrusted import untrusted
 from eir.diameter.overload import ConnectionLimits
 from eir.interfaces.ports import ServerView
-from eir.net.security import TlsAcceptor, server_tls_context
+from eir.net.flow import ReadGate
+from eir.net.security import TlsAcceptor, format_address, server_tls_context
 
 log = logging.getLogger("eir.sbi")
 
@@ -120,7 +122,7 @@ def parse_supi(supi: str | None) -> str | None:
     if not supi or not supi.startswith("imsi-"):
         return None
     imsi = supi[5:]
-    if imsi.isascii() and imsi.isdigit() and 5 <= len(imsi) <= 15:
+    if is_imsi(imsi):
         return imsi
     raise QueryError("OPTIONAL_QUERY_PARAM_INCORRECT", "supi",
                      f"{supi[:40]!r} is not imsi-<5 to 15 digits>")
@@ -198,11 +200,11 @@ class SbiCounters:
 
 
 class EquipmentIdentityCheck:
-    """The service itself, free of HTTP/2: (method, path, client) → Answer. Reads the
-    server's rule set, observations and counters at each request."""
+    """The service itself, free of HTTP/2: (method, path, client) → Answer. The check is the
+    server's (eir.check.service: the rule set in force, observations), shared with S13."""
 
-    def __init__(self, server: ServerView, counters: SbiCounters, audit=None):
-        self.server = server
+    def __init__(self, check: EquipmentCheck, counters: SbiCounters, audit=None):
+        self.check = check
         self.counters = counters
         self.audit = audit
 
@@ -214,7 +216,7 @@ class EquipmentIdentityCheck:
             return METHOD_NOT_ALLOWED
         parameters = query_parameters(query)
         try:
-            imei, software_version = parse_pei(parameters.get("pei"))
+            imei, _software_version = parse_pei(parameters.get("pei"))
             imsi = parse_supi(parameters.get("supi"))
         except QueryError as exc:
             # Rate-limited by the client as we know it here: User-Agent, else its address.
@@ -222,15 +224,8 @@ class EquipmentIdentityCheck:
                      extra={"peer": client})
             return Answer.of(400, PROBLEM_JSON, problem(400, "Bad Request", str(exc),
                                                         exc.cause, (exc.param, exc.reason)))
-        server = self.server
-        rule_set = server.rule_set  # the one in force now: a reload swaps it whole
-        day = today()
-        verdict = rule_set.decide(imei, imsi, software_version, day)
-        if server.observations is not None:
-            server.observations.record(day, imei, imsi)
-        self.counters.verdicts[verdict.status] += 1
-        if self.audit is not None:
-            self.audit.record(client, imei, imsi, verdict, rule_set.version, INTERFACE)
+        verdict = self.check.run(imei, imsi, client, self.counters.verdicts, self.audit,
+                                 INTERFACE)
         return VERDICT_ANSWERS[verdict.status]
 
 
@@ -597,7 +592,7 @@ def _code_name(code) -> str:
 
 # -- the HTTP/2 server side: the asyncio shell ---------------------------------------------
 
-class SbiConnection(asyncio.BufferedProtocol):
+class SbiConnection(ReadGate, asyncio.BufferedProtocol):
     """One transport connection (h2c or TLS) of the N5g-eir listener: counted against the
     connection limits, then feeds its SbiSession and writes what it returns. Reads go into
     the listener's one read buffer (at most `sbi.read_bytes`), copied out at once."""
@@ -614,13 +609,11 @@ class SbiConnection(asyncio.BufferedProtocol):
         self._timer: asyncio.TimerHandle | None = None
         self._resume_handle: asyncio.Handle | None = None
         self._linger: asyncio.TimerHandle | None = None  # set once our GOAWAY is written
-        self._reading = True  # the transport's reading state (see _set_reading)
-        self._writing = True  # False while the transport's write buffer is above its limit
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         service = self.service
         peer = transport.get_extra_info("peername")
-        self.remote = _format_address(peer)
+        self.remote = format_address(peer)
         if self._address is None:
             address = peer[0] if peer else ""
             refusal = service.limits.admit(address)
@@ -681,24 +674,9 @@ class SbiConnection(asyncio.BufferedProtocol):
         self._linger = self.loop.call_later(linger, transport.close)
         transport.resume_reading()  # the session drops what comes
 
-    def pause_writing(self) -> None:
-        # The client does not read its answers: stop reading its requests until it does.
-        self._writing = False
-        self._set_reading()
-
-    def resume_writing(self) -> None:
-        self._writing = True
-        self._set_reading()
-
-    def _set_reading(self) -> None:
-        """Read unless answers are not drained or frames already wait for a turn."""
-        reading = self._writing and not self.session.waiting
-        if reading is not self._reading and not self.transport.is_closing():
-            self._reading = reading
-            if reading:
-                self.transport.resume_reading()
-            else:
-                self.transport.pause_reading()
+    def _may_read(self) -> bool:
+        """Unless frames already wait for a turn."""
+        return not self.session.waiting
 
     def _on_timer(self) -> None:
         self._timer = None
@@ -735,11 +713,6 @@ class SbiConnection(asyncio.BufferedProtocol):
         self._log_events()
 
 
-def _format_address(address) -> str:
-    if not address:
-        return UNKNOWN_CLIENT.decode()
-    host, port = address[0], address[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _url(scheme: str, host: str, port: int) -> str:
@@ -761,7 +734,7 @@ class N5gEir:
         # One read buffer for every connection: each read is copied out before the next.
         self.read_buffer = memoryview(bytearray(settings.read_bytes))
         self.h2_config = self.h2_configuration()
-        self.check = EquipmentIdentityCheck(server, self.counters, server.audit)
+        self.check = EquipmentIdentityCheck(server.check, self.counters, server.audit)
         self._own_audit = None
         self.tls_context = None
         if settings.tls is not None:

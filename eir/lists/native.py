@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from eir.core.decision import EquipmentStatus, Rule, RuleSet, UnknownPolicy
-from eir.core.imei import ImeiError, is_tac, normalise_imei
+from eir.core.imei import ImeiError, is_imsi, is_tac, normalise_imei
 from eir.lists.snapshot import build_rule_set, entries_from_rules
 
 COLUMNS = ("imei", "status", "imsi", "reason")
@@ -55,7 +55,7 @@ MAX_TEXT_CELL = 1024
 
 
 def parse_imsi(text: str) -> str:
-    if not text.isascii() or not text.isdigit() or not 5 <= len(text) <= 15:
+    if not is_imsi(text):
         raise ValueError(f"{text!r} is not an IMSI (5 to 15 digits)")
     return text
 

@@ -47,7 +47,15 @@ from typing import BinaryIO, Iterable
 
 import numpy as np
 
-from eir.core.decision import EquipmentStatus, Match, Rule, RuleSet, UnknownPolicy, Verdict
+from eir.core.decision import (
+    EquipmentStatus,
+    Match,
+    Rule,
+    RuleSet,
+    UnknownPolicy,
+    Verdict,
+    format_day,
+)
 from eir.lists.entries import Attribute, Kind, ListEntries, RangeRule, TacRule
 from eir.lists.sections import SectionWriter
 from eir.lists.table import Block, entries_block, merge
@@ -343,7 +351,7 @@ def _describe(attribute: Attribute, status: EquipmentStatus) -> str:
     if kind is Kind.NATIVE:
         why = f"{attribute.subject} is {status.name.lower()}"
         return f"{why}: {text}" if text else why
-    date = _format_day(attribute.block_date)
+    date = format_day(attribute.block_date) if attribute.block_date else "always"
     if kind is Kind.WHITELIST:
         why = "registered on the registry whitelist" + (
             f" on {date}" if attribute.block_date else "")
@@ -358,8 +366,6 @@ def _describe(attribute: Attribute, status: EquipmentStatus) -> str:
     return f"{why}: {text}" if text else why
 
 
-def _format_day(day: int) -> str:
-    return f"{day // 10000:04d}-{day // 100 % 100:02d}-{day % 100:02d}" if day else "always"
 
 
 @dataclass(frozen=True)

@@ -259,6 +259,7 @@ def _handshake_failure(exc: BaseException) -> str:
 
 
 def format_address(address) -> str:
+    """A socket address (host, port[, ...]) as host:port, [host]:port for IPv6; "?" if none."""
     if not address:
         return "?"
     host, port = address[0], address[1]

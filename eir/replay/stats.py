@@ -67,17 +67,6 @@ class IntervalSummary:
 
 
 @dataclass
-class Diff:
-    """A verdict that changed between the capture and the replay."""
-
-    imei: str | None
-    imsi: str | None
-    before: tuple
-    after: tuple
-    count: int
-
-
-@dataclass
 class WorkerResult:
     """The totals of one worker at its end."""
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from eir.core.decision import EquipmentStatus, UnknownPolicy
-from eir.core.imei import luhn_check_digit
+from eir.core.imei import is_imsi, luhn_check_digit
 from eir.lists.native import CsvRowError, ListError, csv_rows, load_rule_set, read_native_csv
 from eir.replay.messages import EcrTemplate, Identity, Verdict, ecr_template
 
@@ -86,7 +86,7 @@ def read_mix(path: Path, identity: Identity) -> Workload:
             if not (imei.isascii() and imei.isdigit() and 14 <= len(imei) <= 16):
                 problems.append(f"{where}: imei: {imei!r} is not an IMEI (14 to 16 digits)")
                 row_ok = False
-            if imsi and not (imsi.isascii() and imsi.isdigit() and 5 <= len(imsi) <= 15):
+            if imsi and not is_imsi(imsi):
                 problems.append(f"{where}: imsi: {imsi!r} is not an IMSI (5 to 15 digits)")
                 row_ok = False
             if row_ok:

@@ -1,0 +1,35 @@
+"""The equipment check both interfaces run (S13: eir.interfaces.s13, N5g-eir:
+eir.interfaces.sbi): decide, observe, count, audit -- written once, so that the two cannot
+drift apart. Hot path: one call per request, on the event loop."""
+
+from __future__ import annotations
+
+from eir.core.decision import RuleSet, Verdict, today
+
+
+class EquipmentCheck:
+    """The rule set in force and the observation log, shared by the interfaces of a server."""
+
+    def __init__(self, rule_set: RuleSet, observations=None):
+        # Swapped whole by the server on reload; a check reads it once, so it sees one
+        # snapshot from start to end.
+        self.rule_set = rule_set
+        # None, or an eir.check.observations.ObservationLog: every decided check is recorded.
+        self.observations = observations
+
+    def run(self, imei: str, imsi: str | None, client: bytes, verdict_counts=None, audit=None,
+            interface: str = "s13") -> Verdict:
+        """The verdict on a normalised IMEI (with the IMSI if known), observed, counted in
+        `verdict_counts` (a dict by status, or None) and handed to `audit` (None, or an
+        eir.core.logs.AuditLog) as asked by `client` (Origin-Host, or User-Agent/address)."""
+        rule_set = self.rule_set
+        day = today()
+        verdict = rule_set.decide(imei, imsi, day)
+        observations = self.observations
+        if observations is not None:
+            observations.record(day, imei, imsi)
+        if verdict_counts is not None:
+            verdict_counts[verdict.status] += 1
+        if audit is not None:
+            audit.record(client, imei, imsi, verdict, rule_set.version, interface)
+        return verdict
