@@ -60,25 +60,40 @@ def build_parser() -> argparse.ArgumentParser:
         prog="eir", description="open EIR: Equipment Identity Register over Diameter S13.")
     parser.add_argument("--version", action="version", version=f"open EIR {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_serve(commands)
+    _add_check(commands)
+    _add_sync(commands)
+    _add_lists(commands)
+    _add_observation_commands(commands)
+    _add_replay(commands)
+    conformance_arguments(commands.add_parser(
+        "conformance", help="S13 and RFC 6733 checks against any EIR, each citing its "
+                            "clause (docs/REPLAY.md)"))
+    return parser
 
-    def common(sub: argparse.ArgumentParser) -> None:
-        sub.add_argument("--config", type=Path, metavar="FILE",
-                         help="YAML configuration (default: $EIR_CONFIG, else "
-                              "./config/eir.yaml if present, else built-in defaults)")
-        sub.add_argument("--list", dest="lists", action="append", type=Path, metavar="FILE",
-                         help="list file in the native CSV format; repeat for several "
-                              "(replaces the config file's lists)")
-        sub.add_argument("--unknown", choices=[p.value for p in UnknownPolicy],
-                         help="verdict for an IMEI no list entry matches")
-        store_option(sub)
 
-    def store_option(sub: argparse.ArgumentParser) -> None:
-        sub.add_argument("--store", type=Path, metavar="DIR",
-                         help="snapshot store directory (answer from its snapshot in force "
-                              "instead of list files)")
+def _common_options(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("--config", type=Path, metavar="FILE",
+                     help="YAML configuration (default: $EIR_CONFIG, else "
+                          "./config/eir.yaml if present, else built-in defaults)")
+    sub.add_argument("--list", dest="lists", action="append", type=Path, metavar="FILE",
+                     help="list file in the native CSV format; repeat for several "
+                          "(replaces the config file's lists)")
+    sub.add_argument("--unknown", choices=[p.value for p in UnknownPolicy],
+                     help="verdict for an IMEI no list entry matches")
+    _store_option(sub)
 
+
+def _store_option(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("--store", type=Path, metavar="DIR",
+                     help="snapshot store directory (answer from its snapshot in force "
+                          "instead of list files)")
+
+
+def _add_serve(commands) -> None:
+    """eir serve: the server."""
     serve = commands.add_parser("serve", help="run the Diameter S13 server")
-    common(serve)
+    _common_options(serve)
     serve.add_argument("--listen", action="append", type=_host_port, metavar="HOST:PORT",
                        help="address to listen on, [ADDR]:PORT for IPv6; repeat for several "
                             "(replaces the config file's)")
@@ -104,22 +119,31 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--sbi", type=_host_port, metavar="HOST:PORT",
                        help="serve N5g-eir (5G-EIR, TS 29.511) over cleartext HTTP/2 there")
 
+
+def _add_check(commands) -> None:
+    """eir check: one verdict."""
     check = commands.add_parser("check", help="print the verdict for one IMEI")
-    common(check)
+    _common_options(check)
     check.add_argument("imei", help="14-16 digit IMEI or IMEISV")
     check.add_argument("--imsi", help="the subscriber's IMSI")
     check.add_argument("--software-version",
                        help="the 2-digit software version (accepted; no rule kind uses it)")
     check.add_argument("--json", action="store_true", help="print a JSON object")
 
+
+def _add_sync(commands) -> None:
+    """eir sync: a drop directory or URL into the store."""
     sync_command = commands.add_parser(
         "sync", help="compile a registry drop directory into a new snapshot in the store")
     sync_command.add_argument("--source", metavar="DIR_OR_URL",
                               help="drop directory, or http(s) URL of the registry's "
                                    "manifest.json (default: sync.source of the config)")
     sync_command.add_argument("--config", type=Path, metavar="FILE")
-    store_option(sync_command)
+    _store_option(sync_command)
 
+
+def _add_lists(commands) -> None:
+    """eir lists status|rollback|unpin: the snapshot store."""
     lists = commands.add_parser("lists", help="the snapshot store: status, rollback")
     lists_commands = lists.add_subparsers(dest="lists_command", required=True,
                                           metavar="ACTION")
@@ -132,8 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
         "unpin", help="let syncs publish again after a rollback pinned the store")
     for sub in (status, rollback, unpin):
         sub.add_argument("--config", type=Path, metavar="FILE")
-        store_option(sub)
+        _store_option(sub)
 
+
+def _add_observation_commands(commands) -> None:
+    """eir dump and eir report clones: from the observations."""
     dump = commands.add_parser(
         "dump", help="the DIRBS operator data dump of one day (date,imei,imsi,msisdn)")
     dump.add_argument("--date", required=True, type=_day, metavar="YYYYMMDD",
@@ -156,8 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
     clones.add_argument("--json", action="store_true", help="print a JSON array")
     for sub in (dump, clones):
         sub.add_argument("--config", type=Path, metavar="FILE")
-        store_option(sub)
+        _store_option(sub)
 
+
+def _add_replay(commands) -> None:
+    """eir replay: the load and replay harness."""
     replay = commands.add_parser(
         "replay", help="load and replay harness: send ECRs to an EIR, report latency and "
                        "verdicts (docs/REPLAY.md)")
@@ -213,11 +243,6 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--destination-realm", default="localdomain")
     replay.add_argument("--seed", type=int, default=1,
                         help="with --generate: the random seed of the IMEIs drawn")
-
-    conformance_arguments(commands.add_parser(
-        "conformance", help="S13 and RFC 6733 checks against any EIR, each citing its "
-                            "clause (docs/REPLAY.md)"))
-    return parser
 
 
 def _day(text: str) -> int:
