@@ -219,7 +219,7 @@ def test_the_access_log_shows_no_token_and_no_imsi_however_encoded(http_server):
     # The last line logged, then everything before it is there too.
     server.wait_for_log(r"eir\.api: GET /v1/lists/\*\*\* 404 ")
     log = server.log()
-    lines = [line for line in log.splitlines() if "eir.interfaces.api: GET " in line]
+    lines = [line for line in log.splitlines() if "eir.api: GET " in line]
     assert len(lines) == len(targets), lines
     assert f"GET {equipment}?imsi={MASKED_IMSI} 200 " in log
     for shown in (IMSI, encoded_imsi[:9], "%2530", SECRET, SECRET.replace("-", " "),

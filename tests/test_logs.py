@@ -231,7 +231,7 @@ def test_repository_config_documents_the_operations_keys():
 
 # -- strings a peer chose, and how much a peer can make us write ------------------------------
 
-FORGED = "2026-01-01 00:00:00,000 CRITICAL eir.serve.server: FORGED"
+FORGED = "2026-01-01 00:00:00,000 CRITICAL eir.server: FORGED"
 # A forged line, then what a terminal or a viewer would obey: escape sequences, a carriage
 # return, C1 NEL, the Unicode line separator, a right-to-left override.
 HOSTILE = "\n" + FORGED + "\x1b[2J\r\x85\u2028\u202e"
