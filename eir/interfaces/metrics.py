@@ -331,134 +331,165 @@ class EirCollector:
         return []  # no up-front collect at registration: the server may not be running yet
 
     def collect(self):
-        from prometheus_client.core import (
-            CounterMetricFamily,
-            GaugeMetricFamily,
-            HistogramMetricFamily,
-            InfoMetricFamily,
-        )
+        from prometheus_client.core import InfoMetricFamily
 
         s = self.snapshot()
-        family = CounterMetricFamily("eir_requests", "Diameter requests received, by command",
-                                     labels=["command"])
-        for command, count in sorted(s.requests.items()):
-            family.add_metric([command], count)
-        yield family
-
-        family = CounterMetricFamily(
-            "eir_answers", "Diameter answers sent, by command, Result-Code (or "
-            "Experimental-Result-Code) and Equipment-Status ('none' when absent)",
-            labels=["command", "result_code", "equipment_status"])
-        for key, count in sorted(s.answers.items()):
-            family.add_metric(key.split("|"), count)
-        yield family
-
-        cumulative, running = [], 0
-        for bound, count in zip([*LATENCY_BUCKETS, float("inf")], s.latency_buckets):
-            running += count
-            cumulative.append(("+Inf" if bound == float("inf") else repr(bound), running))
-        yield HistogramMetricFamily(
-            "eir_request_duration_seconds", "Time from reading a request's bytes to writing "
-            "its answer, per request (a read of N pipelined requests counts N times)",
-            buckets=cumulative, sum_value=s.latency_sum)
-
-        family = GaugeMetricFamily("eir_peers", "Diameter connections by peer state",
-                                   labels=["state"])
-        for state, count in s.peers.items():
-            family.add_metric([state], count)
-        yield family
-
-        family = GaugeMetricFamily("eir_list_entries", "Entries of the lists in force, by kind",
-                                   labels=["kind"])
-        for kind, count in s.list_entries.items():
-            family.add_metric([kind], count)
-        yield family
-        info = InfoMetricFamily("eir_list_version", "Version of the lists in force")
-        info.add_metric([], {"version": s.list_version})
-        yield info
-        yield GaugeMetricFamily("eir_list_age_seconds",
-                                "Age of the lists in force (since they were compiled)",
-                                value=max(0.0, s.taken - s.list_created) if s.list_created
-                                else 0.0)
-        yield GaugeMetricFamily("eir_list_created_timestamp_seconds",
-                                "When the lists in force were compiled (Unix time)",
-                                value=s.list_created)
-        if s.list_published:
-            yield GaugeMetricFamily("eir_list_published_timestamp_seconds",
-                                    "When the registry published the manifest of the lists "
-                                    "in force (its `published`, Unix time)",
-                                    value=s.list_published)
-        if s.sync_max_age is not None:
-            # Stale: the registry's lists in force are older than sync.max_age_seconds (since
-            # their manifest's publication, else since they were compiled): a registry that
-            # stopped publishing, or an attacker holding the EIR on old lists.
-            age = s.taken - (s.list_published or s.list_created)
-            yield GaugeMetricFamily("eir_list_stale", "1 when the lists in force are older "
-                                    "than sync.max_age_seconds, else 0",
-                                    value=int(age > s.sync_max_age))
-        family = CounterMetricFamily("eir_list_reloads", "List reloads by outcome",
-                                     labels=["outcome"])
-        for outcome, count in s.list_reloads.items():
-            family.add_metric([outcome], count)
-        yield family
-
-        family = CounterMetricFamily("eir_sync", "Registry syncs run by this server, by "
-                                     "outcome", labels=["outcome"])
-        for outcome, count in s.sync.items():
-            family.add_metric([outcome], count)
-        yield family
-        if s.sync_last_success is not None:
-            yield GaugeMetricFamily("eir_sync_last_success_timestamp_seconds",
-                                    "When the last sync that was not refused ended",
-                                    value=s.sync_last_success)
-
-        yield GaugeMetricFamily("eir_observations_queued",
-                                "Distinct observations waiting for the next flush",
-                                value=s.observations_queued)
-        yield CounterMetricFamily("eir_observations_written", "Observations committed",
-                                  value=s.observations_written)
-        yield CounterMetricFamily("eir_observations_dropped",
-                                  "Observations refused because too many were pending",
-                                  value=s.observations_dropped)
-        yield CounterMetricFamily("eir_observations_flush_errors",
-                                  "Observation flushes that failed (kept for the next)",
-                                  value=s.observations_flush_errors)
-        yield CounterMetricFamily(
-            "eir_clone_hits", "IMEIs that reached more than observations.clone_threshold "
-            "distinct IMSIs on one day (counted once per IMEI and day by this process)",
-            value=s.clone_hits)
-        yield CounterMetricFamily("eir_audit_records", "Audit records written",
-                                  value=s.audit_written)
-        yield CounterMetricFamily("eir_audit_dropped",
-                                  "Audit records dropped because the writer fell behind",
-                                  value=s.audit_dropped)
-        family = CounterMetricFamily(
-            "eir_retransmissions", "Requests with the T flag, by outcome: answered_from_cache "
-            "(the same request from the same peer), not_cached, different_request (its "
-            "Origin-Host and End-to-End id name another request: answered anew)",
-            labels=["outcome"])
-        for outcome, count in s.retransmissions.items():
-            family.add_metric([outcome], count)
-        yield family
-        yield GaugeMetricFamily("eir_duplicate_cache_entries",
-                                "Answers kept for retransmissions",
-                                value=s.duplicate_cache_entries)
-        yield GaugeMetricFamily("eir_duplicate_cache_bytes", "Bytes the answers kept for "
-                                "retransmissions count for (bounded by "
-                                "diameter.duplicates.max_bytes)",
-                                value=s.duplicate_cache_bytes)
-        family = CounterMetricFamily(
-            "eir_duplicate_peer_connections", "CERs from an Origin-Host that had an open "
-            "connection already, by what diameter.duplicate_peers did with them",
-            labels=["action"])
-        for action, count in s.duplicate_peers.items():
-            family.add_metric([action], count)
-        yield family
+        yield from _diameter_families(s)
+        yield from _list_families(s)
+        yield from _sync_families(s)
+        yield from _observation_and_audit_families(s)
+        yield from _duplicate_families(s)
         if s.sbi_requests or s.sbi_connections or s.nrf_registered:
             yield from _sbi_families(s)
         build = InfoMetricFamily("eir_build", "open EIR version")
         build.add_metric([], {"version": __version__})
         yield build
+
+
+def _diameter_families(s: MetricsSnapshot):
+    """Diameter requests, answers, request latency, peers by state."""
+    from prometheus_client.core import (
+        CounterMetricFamily,
+        GaugeMetricFamily,
+        HistogramMetricFamily,
+    )
+
+    family = CounterMetricFamily("eir_requests", "Diameter requests received, by command",
+                                 labels=["command"])
+    for command, count in sorted(s.requests.items()):
+        family.add_metric([command], count)
+    yield family
+
+    family = CounterMetricFamily(
+        "eir_answers", "Diameter answers sent, by command, Result-Code (or "
+        "Experimental-Result-Code) and Equipment-Status ('none' when absent)",
+        labels=["command", "result_code", "equipment_status"])
+    for key, count in sorted(s.answers.items()):
+        family.add_metric(key.split("|"), count)
+    yield family
+
+    cumulative, running = [], 0
+    for bound, count in zip([*LATENCY_BUCKETS, float("inf")], s.latency_buckets):
+        running += count
+        cumulative.append(("+Inf" if bound == float("inf") else repr(bound), running))
+    yield HistogramMetricFamily(
+        "eir_request_duration_seconds", "Time from reading a request's bytes to writing "
+        "its answer, per request (a read of N pipelined requests counts N times)",
+        buckets=cumulative, sum_value=s.latency_sum)
+
+    peers = GaugeMetricFamily("eir_peers", "Diameter connections by peer state",
+                              labels=["state"])
+    for state, count in s.peers.items():
+        peers.add_metric([state], count)
+    yield peers
+
+
+def _list_families(s: MetricsSnapshot):
+    """The lists in force: entries, version, age, staleness, reloads."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+
+    family = GaugeMetricFamily("eir_list_entries", "Entries of the lists in force, by kind",
+                               labels=["kind"])
+    for kind, count in s.list_entries.items():
+        family.add_metric([kind], count)
+    yield family
+    info = InfoMetricFamily("eir_list_version", "Version of the lists in force")
+    info.add_metric([], {"version": s.list_version})
+    yield info
+    yield GaugeMetricFamily("eir_list_age_seconds",
+                            "Age of the lists in force (since they were compiled)",
+                            value=max(0.0, s.taken - s.list_created) if s.list_created
+                            else 0.0)
+    yield GaugeMetricFamily("eir_list_created_timestamp_seconds",
+                            "When the lists in force were compiled (Unix time)",
+                            value=s.list_created)
+    if s.list_published:
+        yield GaugeMetricFamily("eir_list_published_timestamp_seconds",
+                                "When the registry published the manifest of the lists "
+                                "in force (its `published`, Unix time)",
+                                value=s.list_published)
+    if s.sync_max_age is not None:
+        # Stale: the registry's lists in force are older than sync.max_age_seconds (since
+        # their manifest's publication, else since they were compiled): a registry that
+        # stopped publishing, or an attacker holding the EIR on old lists.
+        age = s.taken - (s.list_published or s.list_created)
+        yield GaugeMetricFamily("eir_list_stale", "1 when the lists in force are older "
+                                "than sync.max_age_seconds, else 0",
+                                value=int(age > s.sync_max_age))
+    reloads = CounterMetricFamily("eir_list_reloads", "List reloads by outcome",
+                                  labels=["outcome"])
+    for outcome, count in s.list_reloads.items():
+        reloads.add_metric([outcome], count)
+    yield reloads
+
+
+def _sync_families(s: MetricsSnapshot):
+    """Registry syncs run by this process."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    family = CounterMetricFamily("eir_sync", "Registry syncs run by this server, by "
+                                 "outcome", labels=["outcome"])
+    for outcome, count in s.sync.items():
+        family.add_metric([outcome], count)
+    yield family
+    if s.sync_last_success is not None:
+        yield GaugeMetricFamily("eir_sync_last_success_timestamp_seconds",
+                                "When the last sync that was not refused ended",
+                                value=s.sync_last_success)
+
+
+def _observation_and_audit_families(s: MetricsSnapshot):
+    """Observations, clone hits, audit records."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    yield GaugeMetricFamily("eir_observations_queued",
+                            "Distinct observations waiting for the next flush",
+                            value=s.observations_queued)
+    yield CounterMetricFamily("eir_observations_written", "Observations committed",
+                              value=s.observations_written)
+    yield CounterMetricFamily("eir_observations_dropped",
+                              "Observations refused because too many were pending",
+                              value=s.observations_dropped)
+    yield CounterMetricFamily("eir_observations_flush_errors",
+                              "Observation flushes that failed (kept for the next)",
+                              value=s.observations_flush_errors)
+    yield CounterMetricFamily(
+        "eir_clone_hits", "IMEIs that reached more than observations.clone_threshold "
+        "distinct IMSIs on one day (counted once per IMEI and day by this process)",
+        value=s.clone_hits)
+    yield CounterMetricFamily("eir_audit_records", "Audit records written",
+                              value=s.audit_written)
+    yield CounterMetricFamily("eir_audit_dropped",
+                              "Audit records dropped because the writer fell behind",
+                              value=s.audit_dropped)
+
+
+def _duplicate_families(s: MetricsSnapshot):
+    """Retransmissions, the duplicate-answer cache, duplicate peers."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    family = CounterMetricFamily(
+        "eir_retransmissions", "Requests with the T flag, by outcome: answered_from_cache "
+        "(the same request from the same peer), not_cached, different_request (its "
+        "Origin-Host and End-to-End id name another request: answered anew)",
+        labels=["outcome"])
+    for outcome, count in s.retransmissions.items():
+        family.add_metric([outcome], count)
+    yield family
+    yield GaugeMetricFamily("eir_duplicate_cache_entries",
+                            "Answers kept for retransmissions",
+                            value=s.duplicate_cache_entries)
+    yield GaugeMetricFamily("eir_duplicate_cache_bytes", "Bytes the answers kept for "
+                            "retransmissions count for (bounded by "
+                            "diameter.duplicates.max_bytes)",
+                            value=s.duplicate_cache_bytes)
+    family = CounterMetricFamily(
+        "eir_duplicate_peer_connections", "CERs from an Origin-Host that had an open "
+        "connection already, by what diameter.duplicate_peers did with them",
+        labels=["action"])
+    for action, count in s.duplicate_peers.items():
+        family.add_metric([action], count)
+    yield family
 
 
 def _sbi_families(s: MetricsSnapshot):
