@@ -240,81 +240,18 @@ def write_snapshot(out: BinaryIO, lists: Iterable[ListEntries], version: str,
     with writer:
         writer.declare("tac", "tac_start", "imei_key", "imei_fence", "pair_imei", "pair_imsi",
                        "pair_set")
-        tac_values, tac_first = [], []
-        keys_written = pairs_written = 0
-        last_tac, set_hi = -1, False
-        for pieces in merge(blocks):
-            parts = [Block(p.imei, p.imsi, p.subscriber, remaps[i][p.attribute])
-                     for i, p in enumerate(pieces) if len(p)]
-            block = parts[0] if len(parts) == 1 else Block.concatenate(parts).sorted(runs=True)
-            imei = block.imei.astype(np.uint64, copy=False)
-            plain = None if block.imsi.strides == (0,) else block.imsi == 0
-            if plain is None or plain.all():
-                keys, sets, _ = _fold(imei, block.attribute, table)
-            else:
-                keys, sets, _ = _fold(imei[plain], block.attribute[plain], table)
-                pair_imei, pair_set, pair_imsi = _fold(
-                    imei[~plain], block.attribute[~plain], table,
-                    secondary=np.asarray(block.imsi)[~plain])
-                writer.append("pair_imei", pair_imei)
-                writer.append("pair_imsi", pair_imsi)
-                writer.append("pair_set", pair_set)
-                pairs_written += len(pair_imei)
-            if not len(keys):
-                continue
-            tac = keys // SNR_DIGITS
-            snr = keys - tac * SNR_DIGITS
-            # keys are sorted: each TAC starts where the TAC changes (np.unique would sort)
-            starts = np.flatnonzero(np.concatenate(([int(tac[0]) != last_tac],
-                                                    tac[1:] != tac[:-1])))
-            tac_values.append(tac[starts])
-            tac_first.append(starts + keys_written)
-            last_tac = int(tac[-1])
-            key = ((snr << SET_LOW_BITS) | (sets & SET_LOW_MASK)).astype(np.uint32)
-            writer.append("imei_key", key)
-            # the fence holds every FENCE_STRIDE-th key of the whole section
-            writer.append("imei_fence", key[(-keys_written) % FENCE_STRIDE::FENCE_STRIDE])
-            high = sets >> SET_LOW_BITS
-            if not set_hi and high.any():
-                set_hi = True  # the first set beyond the low bits: zeros for the keys before
-                for start in range(0, keys_written, 1 << 24):
-                    writer.append("imei_set_hi", np.zeros(
-                        min(1 << 24, keys_written - start), np.uint8))
-            if set_hi:
-                writer.append("imei_set_hi", high.astype(np.uint8))
-            keys_written += len(keys)
+        keys_written, pairs_written = _write_exact(writer, blocks, remaps, table)
 
         set_count = len(attributes) + len(table.combinations)
         if set_count > MAX_SETS:
             raise SnapshotError(f"{set_count} distinct list meanings (reason, date, source); "
                                 f"at most {MAX_SETS} fit in a snapshot")
-        writer.append("tac", np.concatenate(tac_values) if tac_values else np.zeros(0))
-        writer.append("tac_start", np.append(
-            np.concatenate(tac_first) if tac_first else np.zeros(0, np.int64), keys_written))
-
-        if range_rules:
-            starts, first, range_imsi, range_set = _range_segments(range_rules, range_ids)
-        else:
-            starts, first, range_imsi, range_set = [], [0], [], []
-        for name, values in (("range_start", starts), ("range_first", first),
-                             ("range_imsi", range_imsi), ("range_set", range_set)):
-            writer.declare(name)
-            writer.append(name, np.array(values, dtype=np.uint64))
-
-        tac_rules.sort()
-        for column, name in enumerate(("tacrule_tac", "tacrule_imsi", "tacrule_set")):
-            writer.declare(name)
-            writer.append(name, np.array([r[column] for r in tac_rules], dtype=np.uint64))
-
-        names = sorted((tac_names or {}).items())
-        texts = [name.encode("utf-8") for _, name in names]
-        writer.declare("tacname_tac", "tacname_end", "tacname_text")
-        writer.append("tacname_tac", np.array([t for t, _ in names], dtype=np.uint32))
-        writer.append("tacname_end", np.cumsum([len(t) for t in texts], dtype=np.uint64))
-        writer.append("tacname_text", np.frombuffer(b"".join(texts), dtype=np.uint8))
+        _write_ranges(writer, range_rules, range_ids)
+        _write_tac_rules(writer, tac_rules)
+        named = _write_tac_names(writer, tac_names or {})
 
         counts = {"imei": keys_written, "pairs": pairs_written,
-                  "ranges": len(range_rules), "tacs": len(tac_rules), "tac_names": len(names)}
+                  "ranges": len(range_rules), "tacs": len(tac_rules), "tac_names": named}
         header = {
             "format": FORMAT_VERSION, "version": version,
             "created": created if created is not None else time.time(),
@@ -327,6 +264,92 @@ def write_snapshot(out: BinaryIO, lists: Iterable[ListEntries], version: str,
         }
         writer.finish(out, header)
     return counts
+
+
+def _write_exact(writer: SectionWriter, blocks: list, remaps: list,
+                 table: _SetTable) -> tuple[int, int]:
+    """The exact-IMEI sections (tac, tac_start, imei_key, imei_fence, imei_set_hi) and the
+    IMEI+IMSI pair sections, from the lists' blocks merged in key order; returns how many
+    keys and pairs were written."""
+    tac_values, tac_first = [], []
+    keys_written = pairs_written = 0
+    last_tac, set_hi = -1, False
+    for pieces in merge(blocks):
+        parts = [Block(p.imei, p.imsi, p.subscriber, remaps[i][p.attribute])
+                 for i, p in enumerate(pieces) if len(p)]
+        block = parts[0] if len(parts) == 1 else Block.concatenate(parts).sorted(runs=True)
+        imei = block.imei.astype(np.uint64, copy=False)
+        plain = None if block.imsi.strides == (0,) else block.imsi == 0
+        if plain is None or plain.all():
+            keys, sets, _ = _fold(imei, block.attribute, table)
+        else:
+            keys, sets, _ = _fold(imei[plain], block.attribute[plain], table)
+            pair_imei, pair_set, pair_imsi = _fold(
+                imei[~plain], block.attribute[~plain], table,
+                secondary=np.asarray(block.imsi)[~plain])
+            writer.append("pair_imei", pair_imei)
+            writer.append("pair_imsi", pair_imsi)
+            writer.append("pair_set", pair_set)
+            pairs_written += len(pair_imei)
+        if not len(keys):
+            continue
+        tac = keys // SNR_DIGITS
+        snr = keys - tac * SNR_DIGITS
+        # keys are sorted: each TAC starts where the TAC changes (np.unique would sort)
+        starts = np.flatnonzero(np.concatenate(([int(tac[0]) != last_tac],
+                                                tac[1:] != tac[:-1])))
+        tac_values.append(tac[starts])
+        tac_first.append(starts + keys_written)
+        last_tac = int(tac[-1])
+        key = ((snr << SET_LOW_BITS) | (sets & SET_LOW_MASK)).astype(np.uint32)
+        writer.append("imei_key", key)
+        # the fence holds every FENCE_STRIDE-th key of the whole section
+        writer.append("imei_fence", key[(-keys_written) % FENCE_STRIDE::FENCE_STRIDE])
+        high = sets >> SET_LOW_BITS
+        if not set_hi and high.any():
+            set_hi = True  # the first set beyond the low bits: zeros for the keys before
+            for start in range(0, keys_written, 1 << 24):
+                writer.append("imei_set_hi", np.zeros(
+                    min(1 << 24, keys_written - start), np.uint8))
+        if set_hi:
+            writer.append("imei_set_hi", high.astype(np.uint8))
+        keys_written += len(keys)
+
+    writer.append("tac", np.concatenate(tac_values) if tac_values else np.zeros(0))
+    writer.append("tac_start", np.append(
+        np.concatenate(tac_first) if tac_first else np.zeros(0, np.int64), keys_written))
+    return keys_written, pairs_written
+
+
+def _write_ranges(writer: SectionWriter, range_rules: list, range_ids: list) -> None:
+    """The IMEI range sections: the ranges cut into segments (_range_segments)."""
+    if range_rules:
+        starts, first, range_imsi, range_set = _range_segments(range_rules, range_ids)
+    else:
+        starts, first, range_imsi, range_set = [], [0], [], []
+    for name, values in (("range_start", starts), ("range_first", first),
+                         ("range_imsi", range_imsi), ("range_set", range_set)):
+        writer.declare(name)
+        writer.append(name, np.array(values, dtype=np.uint64))
+
+
+def _write_tac_rules(writer: SectionWriter, tac_rules: list) -> None:
+    """The TAC rule sections, sorted by (TAC, IMSI)."""
+    tac_rules.sort()
+    for column, name in enumerate(("tacrule_tac", "tacrule_imsi", "tacrule_set")):
+        writer.declare(name)
+        writer.append(name, np.array([r[column] for r in tac_rules], dtype=np.uint64))
+
+
+def _write_tac_names(writer: SectionWriter, tac_names: dict[int, str]) -> int:
+    """The device-name sections (from TAC files); returns how many names."""
+    names = sorted(tac_names.items())
+    texts = [name.encode("utf-8") for _, name in names]
+    writer.declare("tacname_tac", "tacname_end", "tacname_text")
+    writer.append("tacname_tac", np.array([t for t, _ in names], dtype=np.uint32))
+    writer.append("tacname_end", np.cumsum([len(t) for t in texts], dtype=np.uint64))
+    writer.append("tacname_text", np.frombuffer(b"".join(texts), dtype=np.uint8))
+    return len(names)
 
 
 def attribute_to_json(attribute: Attribute) -> list:
