@@ -6,6 +6,7 @@ the journal of changes. The browser tests are in test_console_browser.py."""
 from __future__ import annotations
 
 import json
+import re
 
 import httpx
 from helpers_console import READ_TOKEN, csrf_of, logged_in, start_console
@@ -122,3 +123,32 @@ def test_hostile_text_is_escaped_and_imsis_masked(eir_server, monkeypatch, tmp_p
         "Clone suspected") and p, "the observations flushed")
     assert "00101******6789" in page.text and "00101******3210" in page.text
     assert IMSI_A not in page.text and IMSI_B not in page.text
+
+
+def test_edit_and_delete_a_rule_applied_to_the_live_server(eir_server, monkeypatch, tmp_path):
+    server, url = start_console(eir_server, monkeypatch, tmp_path)
+    admin = logged_in(url)
+    csrf = csrf_of(admin)
+    admin.post("/rules/add", data={"imei": FRESH, "status": "blacklist", "csrf": csrf})
+    edit = re.search(r'href="/console/rules/(\d+)/edit\?tag=(\w+)"', admin.get("/rules").text)
+    index, tag = edit.groups()
+    assert admin.get(f"/rules/{index}/edit", params={"tag": tag}).status_code == 200
+    changed = {"imei": FRESH, "status": "whitelist", "imsi": IMSI_A, "reason": "cleared",
+               "csrf": csrf, "tag": tag}
+    assert admin.post(f"/rules/{index}/edit", data=changed).status_code == 303
+    white, unpaired = check_all(server.address, [(FRESH + "0", IMSI_A), (FRESH + "0", IMSI_B)])
+    assert white.equipment_status == 0 and unpaired.experimental_result_code == 5422
+    # The old tag names what was there before: a second edit from a stale page is refused.
+    stale = admin.post(f"/rules/{index}/edit", data=dict(changed, status="greylist"))
+    assert stale.status_code == 400 and "changed or removed meanwhile" in stale.text
+    tag = re.search(r'\?tag=(\w+)"', admin.get("/rules").text).group(1)
+    response = admin.post(f"/rules/{index}/delete", data={"csrf": csrf, "tag": tag})
+    assert response.status_code == 303
+    assert (tmp_path / "local.csv").read_text() == ("imei,status,imsi,reason\n"
+                                                    "# the console's rules\n")
+    assert check_all(server.address, [(FRESH + "0", IMSI_A)])[0].experimental_result_code == 5422
+    journal = [json.loads(line) for line in (tmp_path / "console.jsonl").read_text().splitlines()]
+    edited, deleted = journal[-2:]
+    assert (edited["act"], edited["before"]["status"], edited["after"]["status"]) == (
+        "rule-edit", "blacklist", "whitelist")
+    assert (deleted["act"], deleted["after"]) == ("rule-delete", None)

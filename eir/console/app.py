@@ -22,7 +22,7 @@ from eir.console.rules import LocalList, RuleEditError
 from eir.imei import normalise_imei
 from eir.lists import parse_imsi
 from eir.logs import mask_imsi, redact
-from eir.metrics import LATENCY_BUCKETS, merged_snapshot
+from eir.metrics import EQUIPMENT_UNKNOWN, LATENCY_BUCKETS, merged_snapshot
 from eir.observations import (CLONE_MIN_IMSIS, ObservationError, database_location,
                               equipment_history, equipment_sightings, format_day)
 from eir.store import Store, StoreError, operator
@@ -97,13 +97,13 @@ def console_app(server, token: str) -> FastAPI:
 
     app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
 
-    def page(request: Request, name: str, status: int = 200, viewer: Viewer | None = None,
+    def page(request: Request, name: str, code: int = 200, viewer: Viewer | None = None,
              **values) -> HTMLResponse:
         base = request.scope.get("root_path", "")
         done = DONE.get(request.query_params.get("done", ""))
         html = templates.get_template(name).render(
             base=base, viewer=viewer, done=done, local=local is not None, **values)
-        return HTMLResponse(html, status_code=status)
+        return HTMLResponse(html, status_code=code)
 
     def address_of(request: Request) -> str:
         return request.client.host if request.client else "?"
@@ -480,18 +480,18 @@ def _observed(location, key: str, limit: int) -> dict | None:
 def traffic(snapshot) -> dict:
     """The numbers the traffic view shows, from a eir.metrics snapshot."""
     verdicts = dict.fromkeys(("WHITELISTED", "BLACKLISTED", "GREYLISTED", "UNKNOWN"), 0)
-    errors: dict[str, int] = {}
+    others: dict[str, int] = {}  # every other answer: "command Result-Code"
     for key, count in snapshot.answers.items():
-        _, code, status = key.split("|")
+        command, code, status = key.split("|")
         if status != "none":
             verdicts[status] = verdicts.get(status, 0) + count
-        elif code == "5422":
+        elif code == str(EQUIPMENT_UNKNOWN):
             verdicts["UNKNOWN"] += count
-        else:
-            errors[code] = errors.get(code, 0) + count
+        elif count:
+            others[f"{command} {code}"] = others.get(f"{command} {code}", 0) + count
     buckets = snapshot.latency_buckets
     total = sum(buckets)
-    return {"verdicts": verdicts, "errors": errors, "requests": snapshot.requests,
+    return {"verdicts": verdicts, "others": others, "requests": snapshot.requests,
             "sbi": snapshot.sbi_verdicts, "observed": total,
             "mean_ms": snapshot.latency_sum / total * 1e3 if total else None,
             "p50_ms": _quantile_ms(buckets, 0.5), "p99_ms": _quantile_ms(buckets, 0.99),
