@@ -10,7 +10,7 @@ import re
 
 import httpx
 from helpers_console import READ_TOKEN, csrf_of, logged_in, start_console
-from helpers_ops import TOKEN, wait_until
+from helpers_ops import API_LINE, TOKEN, endpoint, wait_until
 from helpers_wire import check_all
 
 STOLEN = "35209900176148"  # blacklisted in config/lists/example.csv
@@ -152,3 +152,39 @@ def test_edit_and_delete_a_rule_applied_to_the_live_server(eir_server, monkeypat
     assert (edited["act"], edited["before"]["status"], edited["after"]["status"]) == (
         "rule-edit", "blacklist", "whitelist")
     assert (deleted["act"], deleted["after"]) == ("rule-delete", None)
+
+
+def test_sync_now_rollback_and_unpin_are_confirmed_and_journaled(eir_server, monkeypatch,
+                                                                 tmp_path):
+    drop, store = tmp_path / "drop", tmp_path / "store"
+    drop.mkdir()
+    (drop / "lists.csv").write_text(f"imei,status\n{FRESH},greylist\n")
+    config = tmp_path / "eir.yaml"
+    config.write_text(f"store:\n  directory: {store}\nsync:\n  source: {drop}\n"
+                      "  interval_seconds: 3600\nconsole:\n  journal: console.jsonl\n")
+    monkeypatch.setenv("EIR_API_TOKEN", TOKEN)
+    server = eir_server("--config", str(config), "--api", "127.0.0.1:0", "--workers", "1",
+                        lists=[])
+    url = endpoint(server, API_LINE)
+    admin = logged_in(url)
+    csrf = csrf_of(admin, "/lists")
+    page = admin.get("/lists/confirm", params={"action": "sync"})
+    assert page.status_code == 200 and 'action="/console/lists/sync"' in page.text
+    (drop / "lists.csv").write_text(f"imei,status\n{FRESH},blacklist\n")
+    synced = admin.post("/lists/sync", data={"csrf": csrf})
+    assert synced.status_code == 200 and "published version 000002" in synced.text
+    assert check_all(server.address, [(FRESH + "0", IMSI_A)])[0].equipment_status == 1
+    assert admin.post("/lists/rollback", data={"csrf": csrf, "version": "000001"}
+                      ).headers["location"] == "/console/lists?done=rollback"
+    assert check_all(server.address, [(FRESH + "0", IMSI_A)])[0].equipment_status == 2
+    assert 'id="pinned">000001<' in admin.get("/lists").text
+    refused = admin.post("/lists/rollback", data={"csrf": csrf, "version": "000009"})
+    assert refused.status_code == 404 and "version 000009 is not kept" in refused.text
+    assert admin.post("/lists/unpin", data={"csrf": csrf}).status_code == 303
+    assert 'id="pinned">no<' in admin.get("/lists").text
+    journal = [json.loads(line) for line in (tmp_path / "console.jsonl").read_text().splitlines()]
+    assert [(e["act"], e.get("before"), e.get("after")) for e in journal[1:]] == [
+        ("sync", "000001", "000002"), ("rollback", "000002", "000001"),
+        ("unpin", "000001", None)]
+    acts = [json.loads(line)["act"] for line in (store / "journal.jsonl").read_text().splitlines()]
+    assert acts == ["publish", "publish", "rollback", "unpin"]
