@@ -341,6 +341,9 @@ class ConsoleSettings(_Strict):
     enabled: bool = True
     # A login lasts this long (the signed session cookie's age), then asks for the token again.
     session_seconds: float = Field(8 * 3600.0, gt=0)
+    # The session cookie's Secure flag (sent back over HTTPS only): null, when the request
+    # came over TLS; true, always (the console behind a TLS-terminating reverse proxy).
+    secure_cookie: bool | None = None
     # Failed logins from one address within login_window_seconds; beyond, every login from
     # it is refused (429) until the window has passed: a token cannot be guessed by trying.
     max_login_failures: int = Field(5, ge=1)

@@ -29,13 +29,15 @@ def console_config(directory: Path, console: str = "") -> Path:
     return config
 
 
-def start_console(eir_server, monkeypatch, directory: Path, *args: str, console: str = ""):
-    """(server, API base URL) of `eir serve --api` with console_config(directory, console)."""
+def start_console(eir_server, monkeypatch, directory: Path, *args: str, console: str = "",
+                  workers: int = 1):
+    """(server, API base URL) of `eir serve --api --workers N` with
+    console_config(directory, console)."""
     monkeypatch.setenv("EIR_API_TOKEN", TOKEN)
     monkeypatch.setenv("EIR_API_READ_TOKEN", READ_TOKEN)
     config = console_config(directory, console)
-    server = eir_server("--config", str(config), "--api", "127.0.0.1:0", "--workers", "1",
-                        *args, lists=[])
+    server = eir_server("--config", str(config), "--api", "127.0.0.1:0", "--workers",
+                        str(workers), *args, lists=[])
     url = endpoint(server, API_LINE)
     assert server.wait_for_log(CONSOLE_LINE).group(1) == url
     return server, url

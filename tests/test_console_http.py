@@ -48,6 +48,12 @@ def test_login_gives_a_signed_httponly_strict_cookie(eir_server, monkeypatch, tm
     assert response.headers["location"] == "/console/lookup"
 
 
+def test_secure_cookie_behind_a_tls_proxy(eir_server, monkeypatch, tmp_path):
+    _, url = start_console(eir_server, monkeypatch, tmp_path, console="  secure_cookie: true\n")
+    response = httpx.post(url + "/console/login", data={"token": TOKEN})
+    assert response.status_code == 303 and "; secure" in response.headers["set-cookie"].lower()
+
+
 def test_failed_logins_are_limited_per_address(eir_server, monkeypatch, tmp_path):
     _, url = start_console(eir_server, monkeypatch, tmp_path,
                            console="  max_login_failures: 3\n")
@@ -126,7 +132,8 @@ def test_hostile_text_is_escaped_and_imsis_masked(eir_server, monkeypatch, tmp_p
 
 
 def test_edit_and_delete_a_rule_applied_to_the_live_server(eir_server, monkeypatch, tmp_path):
-    server, url = start_console(eir_server, monkeypatch, tmp_path)
+    # Two workers: each change reaches every worker's lists (the supervisor's reload).
+    server, url = start_console(eir_server, monkeypatch, tmp_path, workers=2)
     admin = logged_in(url)
     csrf = csrf_of(admin)
     admin.post("/rules/add", data={"imei": FRESH, "status": "blacklist", "csrf": csrf})

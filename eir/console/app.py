@@ -202,7 +202,9 @@ def console_app(server, token: str) -> FastAPI:
         response = RedirectResponse(target or f"{base}/lookup", 303)
         response.set_cookie(COOKIE, sessions.issue(role), max_age=int(console.session_seconds),
                             path=base or "/", httponly=True, samesite="strict",
-                            secure=request.url.scheme == "https")
+                            secure=(console.secure_cookie
+                                    if console.secure_cookie is not None
+                                    else request.url.scheme == "https"))
         return response
 
     @app.post("/logout")
