@@ -267,7 +267,7 @@ def create_app(server, token: str) -> FastAPI:
     @app.get("/v1/lists", response_model=ListStatus, dependencies=secured,
              summary="The lists in force and the store's versions")
     async def lists():
-        return await asyncio.get_running_loop().run_in_executor(None, _list_status, server)
+        return await asyncio.get_running_loop().run_in_executor(None, list_status, server)
 
     @app.post("/v1/lists/reload", response_model=ReloadResult, dependencies=secured,
               responses=_problems(409), summary="Load the lists again (as SIGHUP does); on "
@@ -366,7 +366,7 @@ def _day(number: int | None) -> date | None:
                                             number % 100)
 
 
-def _list_status(server) -> ListStatus:
+def list_status(server) -> ListStatus:
     rule_set = server.rule_set
     info = rule_set.snapshot.info
     settings = server.settings

@@ -147,7 +147,7 @@ def test_edit_and_delete_a_rule_applied_to_the_live_server(eir_server, monkeypat
     assert white.equipment_status == 0 and unpaired.experimental_result_code == 5422
     # The old tag names what was there before: a second edit from a stale page is refused.
     stale = admin.post(f"/rules/{index}/edit", data=dict(changed, status="greylist"))
-    assert stale.status_code == 400 and "changed or removed meanwhile" in stale.text
+    assert stale.status_code == 409 and "changed or removed meanwhile" in stale.text
     tag = re.search(r'\?tag=(\w+)"', admin.get("/rules").text).group(1)
     response = admin.post(f"/rules/{index}/delete", data={"csrf": csrf, "tag": tag})
     assert response.status_code == 303

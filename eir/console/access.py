@@ -3,8 +3,8 @@
 Login: a person pastes a token, the admin API's (`api.token`, $EIR_API_TOKEN: role
 "admin") or the read-only one (`api.read_only_token`, $EIR_API_READ_TOKEN: role "read"),
 compared in constant time. The session that follows is a cookie holding the role, a CSRF
-token and the login time, signed with itsdangerous (HMAC-SHA1 over a key derived with
-HMAC-SHA256 from both tokens, and the time; `Sessions`): nothing is kept on the server, a
+token and the login time, signed with itsdangerous (HMAC-SHA256, with a key derived by
+HMAC-SHA256 from both tokens; `Sessions`): nothing is kept on the server, a
 changed or forged cookie is refused, one older than `console.session_seconds` is refused,
 and changing either token ends every session at once. itsdangerous (Pallets, the makers of
 Flask and Jinja2) rather than our own HMAC framing: it gets the encoding, the timestamp and
@@ -58,7 +58,8 @@ class Sessions:
     def __init__(self, admin_token: str, read_token: str | None, max_age: float):
         key = hmac.new(admin_token.encode(), b"eir console\0" + (read_token or "").encode(),
                        hashlib.sha256).digest()
-        self._serializer = URLSafeTimedSerializer(key, salt=SESSION_SALT)
+        self._serializer = URLSafeTimedSerializer(
+            key, salt=SESSION_SALT, signer_kwargs={"digest_method": hashlib.sha256})
         self.max_age = max_age
 
     def issue(self, role: str) -> str:

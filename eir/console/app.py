@@ -15,10 +15,10 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from eir.api import ApiProblem, _list_status, connected_peers, rollback_lists
+from eir.api import ApiProblem, connected_peers, list_status, rollback_lists
 from eir.config import ConfigError
-from eir.console.access import ADMIN, LoginLimiter, Session, Sessions, csrf_ok, role_of
-from eir.console.rules import LocalList, RuleEditError
+from eir.console.access import LoginLimiter, Session, Sessions, csrf_ok, role_of
+from eir.console.rules import LocalList, RuleEditError, StaleRuleError
 from eir.imei import normalise_imei
 from eir.lists import parse_imsi
 from eir.logs import mask_imsi, redact
@@ -102,7 +102,7 @@ def console_app(server, token: str) -> FastAPI:
         base = request.scope.get("root_path", "")
         done = DONE.get(request.query_params.get("done", ""))
         html = templates.get_template(name).render(
-            base=base, viewer=viewer, done=done, local=local is not None, **values)
+            base=base, viewer=viewer, done=done, **values)
         return HTMLResponse(html, status_code=code)
 
     def address_of(request: Request) -> str:
@@ -138,10 +138,11 @@ def console_app(server, token: str) -> FastAPI:
             raise ConsoleProblem(403, "Read-only", "the read-only role cannot change "
                                  "anything: log in with the admin token")
 
-    async def record(act: str, viewer: Viewer | None, address: str, **fields) -> None:
+    async def record(act: str, role: str | None, address: str, **fields) -> None:
+        """One line in the console journal (in a thread: it is a file write)."""
         line = json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                           "act": act, "role": viewer.session.role if viewer else None,
-                           "address": address, **fields}, ensure_ascii=False)
+                           "act": act, "role": role, "address": address, **fields},
+                          ensure_ascii=False)
         await asyncio.get_running_loop().run_in_executor(None, _append, journal_path, line)
 
     @app.middleware("http")
@@ -197,7 +198,7 @@ def console_app(server, token: str) -> FastAPI:
             log.warning("console: %s: login failed (wrong token)", untrusted(address))
             await record("login-failed", None, address)
             return page(request, "login.html", 401, next=target, error="Wrong token.")
-        await record("login", Viewer(Session(role, ""), address), address)
+        await record("login", role, address)
         base = request.scope.get("root_path", "")
         response = RedirectResponse(target or f"{base}/lookup", 303)
         response.set_cookie(COOKIE, sessions.issue(role), max_age=int(console.session_seconds),
@@ -231,7 +232,7 @@ def console_app(server, token: str) -> FastAPI:
             try:
                 parse_imsi(imsi)
             except ValueError:
-                problems.append(f"IMSI: must be 5 to 15 digits")
+                problems.append("IMSI: must be 5 to 15 digits")
         if problems:
             return page(request, "lookup.html", 400, viewer=viewer, imei=imei[:64],
                         imsi="", result=None, problems=problems)
@@ -281,7 +282,7 @@ def console_app(server, token: str) -> FastAPI:
         _need_local(local)
         try:
             row = local.find(index, tag)
-        except RuleEditError as exc:
+        except StaleRuleError as exc:
             raise ConsoleProblem(409, "Changed meanwhile", exc.problems) from None
         return page(request, "rule_form.html", viewer=viewer, row=row, cells=row.cells)
 
@@ -295,10 +296,10 @@ def console_app(server, token: str) -> FastAPI:
             try:
                 before, after = await asyncio.get_running_loop().run_in_executor(
                     None, local.change, index, form.get("tag"), cells)
+            except StaleRuleError as exc:
+                raise ConsoleProblem(409, "Changed meanwhile", exc.problems) from None
             except RuleEditError as exc:
-                if delete:
-                    raise ConsoleProblem(409, "Refused", exc.problems) from None
-                row = None if index is None else _row_or_none(local, index, form.get("tag"))
+                row = None if index is None else local.find(index, form.get("tag", ""))
                 return page(request, "rule_form.html", 400, viewer=viewer, row=row,
                             cells=cells, problems=exc.problems)
             if not await server.reload_lists():
@@ -308,7 +309,7 @@ def console_app(server, token: str) -> FastAPI:
                     "the change was undone; the lists in force stay in force:",
                     server.last_reload_error or "see the server's log"])
         act = "rule-delete" if delete else "rule-add" if index is None else "rule-edit"
-        await record(act, viewer, viewer.address, list=str(local.path),
+        await record(act, viewer.session.role, viewer.address, list=str(local.path),
                      before=before.cells if before else None,
                      after=after.cells if after else None, version=server.rule_set.version)
         log.warning("console: %s: %s by %s: before %s, after %s", local.path.name, act,
@@ -337,7 +338,7 @@ def console_app(server, token: str) -> FastAPI:
         viewer = viewer_of(request)
         if viewer is None:
             return to_login(request)
-        status = await asyncio.get_running_loop().run_in_executor(None, _list_status, server)
+        status = await asyncio.get_running_loop().run_in_executor(None, list_status, server)
         return page(request, "lists.html", viewer=viewer, status=status,
                     can_sync=bool(settings.sync.source and settings.store.directory))
 
@@ -363,7 +364,7 @@ def console_app(server, token: str) -> FastAPI:
         except ApiProblem as exc:
             raise ConsoleProblem(exc.problem.status, exc.problem.title,
                                  exc.problem.detail) from None
-        await record("rollback", viewer, viewer.address, before=before,
+        await record("rollback", viewer.session.role, viewer.address, before=before,
                      after=result.version, pinned=result.pinned)
         return RedirectResponse(f"{request.scope.get('root_path', '')}/lists?done=rollback",
                                 303)
@@ -379,7 +380,7 @@ def console_app(server, token: str) -> FastAPI:
                 None, store.unpin, f"{viewer.who}; {operator()}")
         except StoreError as exc:
             raise ConsoleProblem(409, "Unpin refused", str(exc)) from None
-        await record("unpin", viewer, viewer.address, before=pinned, after=None)
+        await record("unpin", viewer.session.role, viewer.address, before=pinned, after=None)
         return RedirectResponse(f"{request.scope.get('root_path', '')}/lists?done=unpin", 303)
 
     @app.post("/lists/sync")
@@ -390,7 +391,7 @@ def console_app(server, token: str) -> FastAPI:
                                  "store.directory must be set to sync")
         before = server.rule_set.version
         outcome = await server.sync_now()
-        await record("sync", viewer, viewer.address, before=before,
+        await record("sync", viewer.session.role, viewer.address, before=before,
                      after=server.rule_set.version, outcome=outcome)
         return page(request, "synced.html", viewer=viewer, outcome=outcome)
 
@@ -447,13 +448,6 @@ def _need_local(local: LocalList | None) -> None:
     if local is None:
         raise ConsoleProblem(409, "No local list", "set console.local_list (one of "
                              "lists.files) to edit local rules")
-
-
-def _row_or_none(local: LocalList, index: int, tag: str | None):
-    try:
-        return local.find(index, tag or "")
-    except RuleEditError:
-        return None
 
 
 def _local_target(request: Request, target: str) -> str:

@@ -33,6 +33,10 @@ class RuleEditError(Exception):
         self.problems = problems
 
 
+class StaleRuleError(RuleEditError):
+    """The row to change is not what the person saw: changed or removed meanwhile."""
+
+
 @dataclass(frozen=True)
 class RuleRow:
     index: int  # among the file's rows (the header is not one)
@@ -90,7 +94,7 @@ class LocalList:
         for row in self.rules():
             if row.index == index and row.tag == tag:
                 return row
-        raise RuleEditError([f"rule {index} was changed or removed meanwhile: reload the "
+        raise StaleRuleError([f"rule {index} was changed or removed meanwhile: reload the "
                              "page and try again"])
 
     def change(self, index: int | None, tag: str | None,
