@@ -166,6 +166,8 @@ def test_sync_now_rollback_and_unpin_are_confirmed_and_journaled(eir_server, mon
     drop, store = tmp_path / "drop", tmp_path / "store"
     drop.mkdir()
     (drop / "lists.csv").write_text(f"imei,status\n{FRESH},greylist\n")
+    (drop / "gsma_tac.csv").write_text(f"tac,manufacturer,model_name\n{FRESH[:8]},Acme,"
+                                       "<b>Phone</b> 3\n")
     config = tmp_path / "eir.yaml"
     config.write_text(f"store:\n  directory: {store}\nsync:\n  source: {drop}\n"
                       "  interval_seconds: 3600\nconsole:\n  journal: console.jsonl\n")
@@ -181,6 +183,9 @@ def test_sync_now_rollback_and_unpin_are_confirmed_and_journaled(eir_server, mon
     synced = admin.post("/lists/sync", data={"csrf": csrf})
     assert synced.status_code == 200 and "published version 000002" in synced.text
     assert check_all(server.address, [(FRESH + "0", IMSI_A)])[0].equipment_status == 1
+    lookup = admin.get(f"/lookup?imei={FRESH}")  # the device name from the TAC file
+    assert "<dd>Acme &lt;b&gt;Phone&lt;/b&gt; 3</dd>" in lookup.text
+    assert "<dt>Source</dt><dd>lists.csv" in lookup.text
     assert admin.post("/lists/rollback", data={"csrf": csrf, "version": "000001"}
                       ).headers["location"] == "/console/lists?done=rollback"
     assert check_all(server.address, [(FRESH + "0", IMSI_A)])[0].equipment_status == 2

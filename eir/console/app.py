@@ -488,7 +488,8 @@ def traffic(snapshot) -> dict:
     buckets = snapshot.latency_buckets
     total = sum(buckets)
     return {"verdicts": verdicts, "others": others, "requests": snapshot.requests,
-            "sbi": snapshot.sbi_verdicts, "observed": total,
+            "sbi": snapshot.sbi_verdicts, "sbi_connections": snapshot.sbi_connections,
+            "observed": total,
             "mean_ms": snapshot.latency_sum / total * 1e3 if total else None,
             "p50_ms": _quantile_ms(buckets, 0.5), "p99_ms": _quantile_ms(buckets, 0.99),
             "peer_states": snapshot.peers, "version": snapshot.list_version}
