@@ -134,6 +134,22 @@ def test_log_in_look_up_block_and_the_next_ecr_is_blacklisted(browser, eir_serve
     browser.get(url + "/console/rules/new")
     assert "read-only role cannot change" in wait_for(browser, ".error").text
     shot(browser, "read-only-refused")
+    # A change posted anyway, with the session's own CSRF token, is refused too.
+    browser.get(url + "/console/rules")
+    wait_for(browser, "h1", "Local rules")
+    browser.execute_script("""
+        var form = document.createElement("form");
+        form.method = "post"; form.action = arguments[0];
+        for (var [name, value] of Object.entries({imei: arguments[1], status: "whitelist",
+                csrf: document.querySelector(".logout input[name=csrf]").value})) {
+            var input = document.createElement("input");
+            input.name = name; input.value = value; form.appendChild(input);
+        }
+        document.body.appendChild(form); form.submit();""",
+        url + "/console/rules/add", FRESH)
+    wait_for(browser, "h1", "Read-only")
+    assert FRESH in (tmp_path / "local.csv").read_text()  # still the admin's blacklist rule
+    assert check_all(server.address, [(FRESH + "0", IMSI)])[0].equipment_status == BLACKLISTED
 
 
 def test_roll_back_in_the_browser(browser, eir_server, monkeypatch, tmp_path):
