@@ -125,7 +125,7 @@ def console_app(server, token: str) -> FastAPI:
         form = await request.form()
         if not csrf_ok(viewer.session, form.get("csrf")):
             log.warning("console: %s: change refused: missing or wrong CSRF token",
-                        untrusted(viewer.address))
+                        untrusted(viewer.address), extra={"peer": viewer.address})
             raise ConsoleProblem(403, "Refused", "the form's CSRF token is missing or wrong: "
                                  "reload the page and try again")
         refuse_reader(viewer, request.url.path)
@@ -134,7 +134,8 @@ def console_app(server, token: str) -> FastAPI:
     def refuse_reader(viewer: Viewer, what: str) -> None:
         if not viewer.session.may_change:
             log.warning("console: %s: %s refused to the read-only role",
-                        untrusted(viewer.address), untrusted(what))
+                        untrusted(viewer.address), untrusted(what),
+                        extra={"peer": viewer.address})
             raise ConsoleProblem(403, "Read-only", "the read-only role cannot change "
                                  "anything: log in with the admin token")
 
@@ -187,7 +188,7 @@ def console_app(server, token: str) -> FastAPI:
         wait = limiter.retry_after(address, now)
         if wait > 0:
             log.warning("console: %s: login refused: too many failures (console."
-                        "max_login_failures)", untrusted(address))
+                        "max_login_failures)", untrusted(address), extra={"peer": address})
             return page(request, "login.html", 429, next="", error=(
                 f"Too many failed logins from {address}: try again in {wait:.0f} s."))
         form = await request.form()
@@ -195,7 +196,8 @@ def console_app(server, token: str) -> FastAPI:
         target = _local_target(request, str(form.get("next", "")))
         if role is None:
             limiter.failed(address, now)
-            log.warning("console: %s: login failed (wrong token)", untrusted(address))
+            log.warning("console: %s: login failed (wrong token)", untrusted(address),
+                        extra={"peer": address})
             await record("login-failed", None, address)
             return page(request, "login.html", 401, next=target, error="Wrong token.")
         await record("login", role, address)
