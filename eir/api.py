@@ -20,6 +20,10 @@ $EIR_API_TOKEN, compared in constant time; without it, 401. /healthz and /readyz
 (orchestrators probe them without secrets; they tell nothing but up/ready), and so is
 /openapi.json (the document holds no data). Errors are RFC 9457 problem details
 (application/problem+json): type, title, status, detail, and `field` when one input is wrong.
+
+The web console (eir.console) is mounted at /console on the same app, unless
+console.enabled is false: its own pages, sessions and errors (HTML), on the functions below
+(`list_status`, `rollback_lists`, `connected_peers`) and the server's `reload_lists`.
 """
 
 from __future__ import annotations
