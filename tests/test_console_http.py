@@ -158,6 +158,7 @@ def test_edit_and_delete_a_rule_applied_to_the_live_server(eir_server, monkeypat
     edited, deleted = journal[-2:]
     assert (edited["act"], edited["before"]["status"], edited["after"]["status"]) == (
         "rule-edit", "blacklist", "whitelist")
+    assert edited["after"]["imsi"] == "00101******6789"  # masked, as in the audit log
     assert (deleted["act"], deleted["after"]) == ("rule-delete", None)
 
 

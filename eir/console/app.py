@@ -88,8 +88,11 @@ def console_app(server, token: str) -> FastAPI:
     templates = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=True,
                             undefined=StrictUndefined)
     show_imsi = settings.logging.show_imsi
-    templates.filters["imsi"] = lambda imsi: (imsi if show_imsi or not imsi
-                                              else mask_imsi(imsi))
+
+    def shown_imsi(imsi: str) -> str:
+        return imsi if show_imsi or not imsi else mask_imsi(imsi)
+
+    templates.filters["imsi"] = shown_imsi
     templates.filters["redacted"] = lambda text: text if show_imsi else redact(text)
     templates.filters["day"] = format_day
     static = {name: (HERE / "static" / name).read_bytes() for name in STATIC}
@@ -311,12 +314,13 @@ def console_app(server, token: str) -> FastAPI:
                     "the change was undone; the lists in force stay in force:",
                     server.last_reload_error or "see the server's log"])
         act = "rule-delete" if delete else "rule-add" if index is None else "rule-edit"
+        # IMSIs masked as in the audit log (unless logging.show_imsi); the list file has them.
+        shown_before, shown_after = (None if row is None else dict(
+            row.cells, imsi=shown_imsi(row.imsi)) for row in (before, after))
         await record(act, viewer.session.role, viewer.address, list=str(local.path),
-                     before=before.cells if before else None,
-                     after=after.cells if after else None, version=server.rule_set.version)
+                     before=shown_before, after=shown_after, version=server.rule_set.version)
         log.warning("console: %s: %s by %s: before %s, after %s", local.path.name, act,
-                    untrusted(viewer.who), untrusted(before.cells if before else None),
-                    untrusted(after.cells if after else None))
+                    untrusted(viewer.who), untrusted(shown_before), untrusted(shown_after))
         done = "deleted" if delete else "added" if index is None else "edited"
         return RedirectResponse(f"{request.scope.get('root_path', '')}/rules?done={done}",
                                 303)
