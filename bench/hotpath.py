@@ -44,7 +44,9 @@ from diameter.message.avp.grouped import VendorSpecificApplicationId  # noqa: E4
 from helpers_pydiameter import S13, TGPP, build_cer, build_ecr  # noqa: E402
 
 from eir.decision import RuleSet, UnknownPolicy  # noqa: E402
+from eir.config import DuplicateSettings  # noqa: E402
 from eir.diameter.dictionary import Dictionary  # noqa: E402
+from eir.diameter.duplicates import DuplicateCache  # noqa: E402
 from eir.diameter.peer import LocalIdentity, PeerConnection  # noqa: E402
 from eir.imei import luhn_check_digit  # noqa: E402
 from eir.lists import load_rule_set  # noqa: E402
@@ -199,8 +201,13 @@ def open_peer(rule_set: RuleSet) -> PeerConnection:
     # The counters `eir serve` keeps for its metrics, so that their cost is measured too.
     counters = DiameterCounters.for_dictionary(dictionary)
     s13 = S13Application(dictionary, local, rule_set, counters=counters)
+    # The duplicate cache `eir serve` keeps by default: every answered ECR is stored.
+    defaults = DuplicateSettings()
+    duplicates = DuplicateCache(defaults.window_seconds, defaults.max_entries,
+                                defaults.max_bytes)
     peer = PeerConnection(dictionary, local, {s13.application_id: s13}, time.monotonic(),
-                          local_addresses=("127.0.0.1",), counters=counters)
+                          local_addresses=("127.0.0.1",), counters=counters,
+                          duplicates=duplicates)
     cea = peer.receive(encode_cer(), time.monotonic())
     if verdict_of_answer(cea)[0] != 2001 or not peer.state.name == "OPEN":
         raise SystemExit(f"CER was not accepted: {peer.events}")

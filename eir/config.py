@@ -96,8 +96,14 @@ class TlsSettings(_Strict):
 
 
 class DuplicateSettings(_Strict):
+    """The cache of recent answers for retransmissions (eir.diameter.duplicates). Its memory
+    is bounded by both budgets, exactly: an entry counts its answer bytes plus ~224 bytes
+    (digests and bookkeeping), so 100,000 ECAs of ~200 bytes take ~42 MB, and a flood of
+    requests with large answers fills `max_bytes` with fewer entries."""
+
     window_seconds: float = Field(60.0, ge=0)  # 0: no duplicate detection
     max_entries: int = Field(100_000, ge=0)  # 0: no duplicate detection
+    max_bytes: int = Field(64 << 20, ge=0)  # 0: no duplicate detection
 
 
 class OverloadSettings(_Strict):
@@ -126,6 +132,9 @@ class DiameterSettings(_Strict):
     max_message_bytes: int = Field(65536, ge=1024, le=0xFFFFFF)
     peers: list[AllowedPeerSettings] = Field(default_factory=list)  # []: any peer
     duplicates: DuplicateSettings = Field(default_factory=DuplicateSettings)
+    # A CER from an Origin-Host that has an open connection already (eir.diameter.identities):
+    # refuse (CEA 5012, RFC 6733 §5.6 R-Reject) or allow (served, logged and counted).
+    duplicate_peers: Literal["refuse", "allow"] = "allow"
     overload: OverloadSettings = Field(default_factory=OverloadSettings)
 
     @field_validator("listen")

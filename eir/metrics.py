@@ -52,6 +52,8 @@ EQUIPMENT_UNKNOWN = int(ExperimentalResultCode.ERROR_EQUIPMENT_UNKNOWN)
 NO_EQUIPMENT_STATUS = "none"  # equipment_status label of answers without Equipment-Status
 PEER_STATES = ("wait-cer", "open", "closing")
 SYNC_OUTCOMES = ("published", "up_to_date", "refused")
+RETRANSMISSION_OUTCOMES = ("answered_from_cache", "not_cached", "different_request")
+DUPLICATE_PEER_ACTIONS = ("refused", "allowed")
 
 
 class DiameterCounters:
@@ -176,6 +178,17 @@ class MetricsSnapshot:
     sbi_verdicts: dict[str, int] = field(default_factory=dict)
     sbi_connections: int = 0
     nrf_registered: int = 0
+    # Requests with the T flag, by outcome (eir.diameter.duplicates): answered from the
+    # cache, not found there, or naming a different request (answered anew, all but the
+    # first); and what the cache holds.
+    retransmissions: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
+        RETRANSMISSION_OUTCOMES, 0))
+    duplicate_cache_entries: int = 0
+    duplicate_cache_bytes: int = 0
+    # CERs from an Origin-Host that had an open connection already, by what was done
+    # (diameter.duplicate_peers: refused, or allowed).
+    duplicate_peers: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
+        DUPLICATE_PEER_ACTIONS, 0))
     taken: float = 0.0  # time.time() of the snapshot
 
     def as_dict(self) -> dict:
@@ -203,10 +216,13 @@ class MetricsSnapshot:
             _add_into(merged.sync, snapshot.sync)
             _add_into(merged.sbi_requests, snapshot.sbi_requests)
             _add_into(merged.sbi_verdicts, snapshot.sbi_verdicts)
+            _add_into(merged.retransmissions, snapshot.retransmissions)
+            _add_into(merged.duplicate_peers, snapshot.duplicate_peers)
             for name in ("observations_queued", "observations_written",
                          "observations_dropped", "observations_flush_errors", "clone_hits",
                          "audit_written", "audit_dropped", "sbi_connections",
-                         "nrf_registered"):
+                         "nrf_registered", "duplicate_cache_entries",
+                         "duplicate_cache_bytes"):
                 setattr(merged, name, getattr(merged, name) + getattr(snapshot, name))
             if newest is None or snapshot.taken >= newest.taken:
                 newest = snapshot
@@ -291,6 +307,16 @@ def snapshot_of(server) -> MetricsSnapshot:
     sbi = getattr(server, "sbi", None)
     if sbi is not None:
         sbi.counters.fill(snapshot)
+    duplicates = getattr(server, "duplicates", None)
+    if duplicates is not None:
+        snapshot.retransmissions = {"answered_from_cache": duplicates.hits,
+                                    "not_cached": duplicates.misses,
+                                    "different_request": duplicates.mismatches}
+        snapshot.duplicate_cache_entries = len(duplicates)
+        snapshot.duplicate_cache_bytes = duplicates.bytes
+    identities = getattr(server, "peer_identities", None)
+    if identities is not None:  # the process that keeps the registry (the supervisor's)
+        snapshot.duplicate_peers = dict(identities.duplicates)
     return snapshot
 
 
@@ -402,6 +428,28 @@ class EirCollector:
         yield CounterMetricFamily("eir_audit_dropped",
                                   "Audit records dropped because the writer fell behind",
                                   value=s.audit_dropped)
+        family = CounterMetricFamily(
+            "eir_retransmissions", "Requests with the T flag, by outcome: answered_from_cache "
+            "(the same request from the same peer), not_cached, different_request (its "
+            "Origin-Host and End-to-End id name another request: answered anew)",
+            labels=["outcome"])
+        for outcome, count in s.retransmissions.items():
+            family.add_metric([outcome], count)
+        yield family
+        yield GaugeMetricFamily("eir_duplicate_cache_entries",
+                                "Answers kept for retransmissions",
+                                value=s.duplicate_cache_entries)
+        yield GaugeMetricFamily("eir_duplicate_cache_bytes", "Bytes the answers kept for "
+                                "retransmissions count for (bounded by "
+                                "diameter.duplicates.max_bytes)",
+                                value=s.duplicate_cache_bytes)
+        family = CounterMetricFamily(
+            "eir_duplicate_peer_connections", "CERs from an Origin-Host that had an open "
+            "connection already, by what diameter.duplicate_peers did with them",
+            labels=["action"])
+        for action, count in s.duplicate_peers.items():
+            family.add_metric([action], count)
+        yield family
         if s.sbi_requests or s.sbi_connections or s.nrf_registered:
             yield from _sbi_families(s)
         build = InfoMetricFamily("eir_build", "open EIR version")

@@ -18,6 +18,7 @@ from eir.config import Settings, parse_host_port
 from eir.decision import RuleSet
 from eir.diameter.dictionary import DEFAULT_DICTIONARY_DIR, Dictionary
 from eir.diameter.duplicates import DuplicateCache
+from eir.diameter.identities import PeerIdentities
 from eir.diameter.peer import LocalIdentity, PeerConnection, Timers
 from eir.lists import ListError, load_rule_set
 from eir.logs import AuditLog, audit_log
@@ -98,6 +99,7 @@ class DiameterProtocol(asyncio.BufferedProtocol):
         self.counters = server.counters
         self.latency = QueuedLatency(server.counters)
         self.connected_at = 0.0  # loop time; for GET /v1/peers
+        self.claimed_host: str | None = None  # in server.peer_identities (or the supervisor's)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -127,7 +129,7 @@ class DiameterProtocol(asyncio.BufferedProtocol):
             max_message_bytes=server.settings.diameter.max_message_bytes,
             counters=server.counters, remote_address=remote_ip, allowlist=server.allowlist,
             certificate_names=names, duplicates=server.duplicates,
-            admission=server.admission)
+            admission=server.admission, claims_identity=True)
         server.connections.add(self)
         log.info("connection from %s", self.remote, extra=self.log_extra)
         self._schedule()
@@ -213,6 +215,7 @@ class DiameterProtocol(asyncio.BufferedProtocol):
         if self._admitted is not None:
             self.server.connection_limits.release(self._admitted)
             self._admitted = None
+        self._release_claim()
         self.server.connections.discard(self)
         self.server.connection_closed.set()
 
@@ -245,8 +248,54 @@ class DiameterProtocol(asyncio.BufferedProtocol):
 
     def _after(self) -> None:
         self._log_events()
+        if self.peer.claiming is not None:
+            self._claim(self.peer.claiming)
         if self.peer.closed and not self.transport.is_closing():
             self.transport.close()  # flushes what was written first
+
+    # -- the peer's identity: one connection per Origin-Host (eir.diameter.identities) -----
+
+    def _claim(self, host: str) -> None:
+        self.peer.claiming = None  # asked
+        channel = self.server.worker_channel
+        if channel is None:
+            self._claimed(host, *self.server.peer_identities.claim(host))
+        else:
+            self.server._spawn(self._claim_from_supervisor(channel, host))
+
+    async def _claim_from_supervisor(self, channel: Channel, host: str) -> None:
+        try:
+            granted, why = await channel.request("claim", host=host)
+        except (asyncio.TimeoutError, ConnectionError) as exc:
+            granted, why = False, f"the supervisor did not answer ({type(exc).__name__})"
+        self._claimed(host, granted, why)
+
+    def _claimed(self, host: str, granted: bool, why: str | None) -> None:
+        if granted:
+            self.claimed_host = host
+            if why:
+                log.warning("%s: %s", self.remote, why)
+        peer = self.peer
+        if peer.closed:  # lost while the claim was asked for
+            self._release_claim()
+            return
+        out = peer.claim_decided(None if granted else why, self.loop.time())
+        if out:
+            self.transport.write(out)
+        self._after()
+        self._schedule()
+        if peer.reading is not self._reading:
+            self._set_reading()
+
+    def _release_claim(self) -> None:
+        host, self.claimed_host = self.claimed_host, None
+        if host is None:
+            return
+        channel = self.server.worker_channel
+        if channel is None:
+            self.server.peer_identities.release(host)
+        else:
+            channel.send({"op": "release", "host": host})
 
     def _log_events(self) -> None:
         for level, message in self.peer.events:
@@ -288,9 +337,13 @@ class EirServer:
         self.tls_context = None if diameter.tls is None else server_tls_context(
             diameter.tls.certificate, diameter.tls.key, diameter.tls.ca,
             diameter.tls.require_client_cert)
+        # Origin-Hosts with an open connection (a worker asks its supervisor's instead).
+        self.peer_identities = PeerIdentities(diameter.duplicate_peers)
         duplicates = diameter.duplicates
-        self.duplicates = DuplicateCache(duplicates.window_seconds, duplicates.max_entries) \
-            if duplicates.window_seconds > 0 and duplicates.max_entries > 0 else None
+        self.duplicates = DuplicateCache(duplicates.window_seconds, duplicates.max_entries,
+                                         duplicates.max_bytes) \
+            if min(duplicates.window_seconds, duplicates.max_entries, duplicates.max_bytes) > 0 \
+            else None
         overload = diameter.overload
         self.admission = Admission(overload.requests_per_turn,
                                    overload.max_queued_per_connection,

@@ -22,7 +22,9 @@ The control channel (SOCK_SEQPACKET, one per worker) carries pickled dicts, both
   swaps: every worker loads the new lists first, then all swap on `commit`, so that they
   change version together, within a message's latency), `stop`.
 * worker → supervisor: `ready`, `closed` (a handed-over connection ended: the connection
-  limits are counted in the supervisor), `reply`, and `observations` (the records a
+  limits are counted in the supervisor), `claim` (a request, answered by a `reply`: may a
+  CER's Origin-Host open a connection, eir.diameter.identities: the registry is here) and
+  `release` (that connection ended), `reply`, and `observations` (the records a
   worker's ObservationLog would have written: the supervisor's ObservationLog writes them,
   so one writer owns the database).
 """
@@ -207,6 +209,7 @@ class Worker:
         self.ready = False
         self.connections = 0
         self.addresses: list[str] = []  # of its connections, as counted by the limits
+        self.hosts: list[str] = []  # Origin-Hosts its connections claimed (peer_identities)
         self.ready_event = asyncio.Event()
         self.started_at = 0.0  # loop time of its latest start
 
@@ -289,6 +292,14 @@ class Supervisor:
             worker.connections -= 1
             worker.addresses.remove(message["address"])
             self.server.connection_limits.release(message["address"])
+        elif op == "claim":  # a CER passed its checks: may its Origin-Host open here?
+            granted, why = self.server.peer_identities.claim(message["host"])
+            if granted:
+                worker.hosts.append(message["host"])
+            worker.channel.reply(message, (granted, why))
+        elif op == "release":
+            worker.hosts.remove(message["host"])
+            self.server.peer_identities.release(message["host"])
         elif op == "ready":
             worker.ready = True
             worker.ready_event.set()
@@ -328,6 +339,9 @@ class Supervisor:
         for address in worker.addresses:
             self.server.connection_limits.release(address)
         worker.addresses.clear()
+        for host in worker.hosts:
+            self.server.peer_identities.release(host)
+        worker.hosts.clear()
         worker.ready = False
         worker.ready_event.set()  # a start() waiting on it finds it not ready
         code = None

@@ -165,7 +165,7 @@ def new_fuzz_peer(control: int) -> PeerConnection:
                       disconnect_timeout=sans_io.DPA_TIMEOUT,
                       idle_timeout=5.0 if control & 8 else None),
         max_message_bytes=SMALL_MAX if control & 64 else DEFAULT_MAX,
-        duplicates=DuplicateCache(60.0, 100) if control & 4 else None,
+        duplicates=DuplicateCache(60.0, 100, 1 << 20) if control & 4 else None,
         admission=admission)
 
 

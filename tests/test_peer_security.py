@@ -12,12 +12,16 @@ import socket
 import pytest
 
 from eir.config import ConfigError, load_settings
+from eir.diameter.codec import decode_avps
 from eir.diameter.constants import APPLICATION_S13, FLAG_ERROR
+from eir.diameter.dictionary import AvpError, Grammar
+from eir.diameter.identities import PeerIdentities
 from eir.diameter.peer import PeerConnection, PeerState
 from eir.s13 import S13Application
 from eir.security import AllowedPeer, PeerAllowlist, certificate_names
 from helpers_wire import (assert_closed_by_server, cer, ecr, open_peer, parse_answer,
                           read_message)
+from test_duplicates import ecr as ecr_with_ids
 from test_peer_state import D, E, LOCAL, RULE_SET, event_text, one_message, request
 
 SUCCESS, UNKNOWN_PEER = 2001, 3010
@@ -220,3 +224,134 @@ def test_without_an_allowlist_the_start_up_warns(eir_server):
     server.wait_for_log(r"WARNING .*no peer allowlist \(diameter\.peers is empty\)")
     with open_peer(server.address):
         pass
+
+
+# -- one connection per Origin-Host (diameter.duplicate_peers, eir.diameter.identities) -----
+
+def claiming_peer() -> PeerConnection:
+    return PeerConnection(D, LOCAL, {APPLICATION_S13: S13Application(D, LOCAL, RULE_SET)},
+                          now=0.0, local_addresses=("127.0.0.1",), claims_identity=True)
+
+
+def ecr_request(hop_by_hop: int) -> bytes:
+    return ecr_with_ids(hop_by_hop, hop_by_hop)
+
+
+def test_a_cer_waits_for_its_claim_and_what_follows_it_waits_too():
+    peer = claiming_peer()
+    assert peer.receive(cer_from() + ecr_request(5), 0.0) == b""  # CER, and an ECR after it
+    assert peer.claiming == "mme.test" and peer.state is PeerState.WAIT_CER
+    assert not peer.reading  # the caller stops reading until it is decided
+    out = peer.claim_decided(None, 0.1)
+    cea, eca = out[:int.from_bytes(out[1:4], "big")], out[int.from_bytes(out[1:4], "big"):]
+    assert one_message(cea).value("Result-Code") == SUCCESS
+    assert one_message(eca).header.hop_by_hop == 5  # the ECR, answered once open
+    assert peer.state is PeerState.OPEN and peer.claiming is None and peer.reading
+
+
+def test_a_refused_claim_gets_cea_5012_and_closes():
+    peer = claiming_peer()
+    peer.receive(cer_from("MME.test"), 0.0)
+    cea = one_message(peer.claim_decided("Origin-Host MME.test has an open connection "
+                                         "already", 0.1))
+    assert (cea.value("Result-Code"), cea.header.flags & FLAG_ERROR) == (5012, 0)
+    assert cea.value("Error-Message") == "Origin-Host already connected"
+    cea.validate()
+    assert peer.closed
+    assert "CER refused with 5012 DIAMETER_UNABLE_TO_COMPLY: Origin-Host MME.test has an " \
+        "open connection already" in peer.closed_reason
+
+
+def test_a_peer_that_sends_much_before_its_cea_is_closed():
+    peer = claiming_peer()
+    peer.receive(cer_from() + b"".join(ecr_request(n) for n in range(100)), 0.0)
+    assert peer.closed and "messages sent before the CEA" in peer.closed_reason
+
+
+def test_the_registry_refuses_or_allows_a_second_connection_and_counts_it():
+    refusing = PeerIdentities("refuse")
+    assert refusing.claim("mme.test") == (True, None)
+    granted, why = refusing.claim("MME.TEST")  # DNS names: case does not matter
+    assert not granted and "has an open connection already" in why
+    refusing.release("mme.test")
+    assert refusing.claim("mme.test") == (True, None)
+    assert refusing.duplicates == {"refused": 1, "allowed": 0}
+    allowing = PeerIdentities("allow")
+    allowing.claim("mme.test")
+    assert allowing.claim("mme.test") == (True, "Origin-Host mme.test now has 2 open "
+                                          "connections (diameter.duplicate_peers: allow)")
+    assert allowing.duplicates == {"refused": 0, "allowed": 1}
+
+
+def test_a_repeated_cer_may_not_change_the_origin_host_of_an_open_connection():
+    peer = peer_with(None)
+    assert_opens(peer, cer_from("mme.test"))
+    cea = one_message(peer.receive(cer_from("other.test"), 0.0))
+    assert cea.value("Result-Code") == 5012
+    assert peer.state is PeerState.OPEN and peer.peer_host == "mme.test"
+
+
+# -- DiameterIdentity: an FQDN (RFC 6733 §4.3.1) ----------------------------------------------
+
+IDENTITY_AVPS = sorted(name for name, avp in D.avps_by_name.items()
+                       if avp.type == "DiameterIdentity")
+
+
+NOT_FQDNS = ["mme.test\n2026-01-01 INFO forged", "mme\x1b[31m.test", "mme test", "",
+             "mme..test", ".mme", "-mme.test", "a" * 64 + ".test", "b." * 128 + "c",
+             "mmé.test"]
+FQDNS = ["mme.test", "mme", "mme-1.epc.mnc001.mcc001.3gppnetwork.org", "MME_2.Example.COM",
+         "xn--mnchen-3ya.de", "a" * 63 + ".b", "c." * 127 + "d"]
+
+
+@pytest.mark.parametrize("name", IDENTITY_AVPS)
+def test_every_diameter_identity_avp_takes_fqdns_and_refuses_anything_else(name):
+    assert {"Origin-Host", "Origin-Realm", "Destination-Host", "Destination-Realm",
+            "Route-Record", "Proxy-Host"} <= set(IDENTITY_AVPS)
+    for bad in NOT_FQDNS:
+        avp = D.encode(name, bad)
+        with pytest.raises(AvpError) as refused:
+            D.validate(decode(avp), Grammar(allows_any=True))
+        assert refused.value.result_code == 5004, bad
+        assert refused.value.failed_avp == avp
+    for good in FQDNS:
+        found = D.validate(decode(D.encode(name, good)), Grammar(allows_any=True))
+        assert found[name][0].data == good.encode()
+
+
+def decode(avp: bytes):
+    return decode_avps(avp, 0, len(avp))
+
+
+def test_a_cer_whose_origin_host_is_not_an_fqdn_gets_5004_and_closes():
+    peer = peer_with(None)
+    cea = one_message(peer.receive(cer_from("mme.test\r\nforged"), 0.0))
+    assert cea.value("Result-Code") == 5004
+    [failed] = cea.all("Failed-AVP")
+    assert E("Origin-Host", "mme.test\r\nforged") in failed.data
+    assert peer.closed
+
+
+# -- another Diameter version: 5011 (RFC 6733 §7.1.5) ------------------------------------------
+
+@pytest.mark.parametrize("split", [False, True])
+def test_a_request_of_another_version_is_answered_5011_then_closed(split):
+    peer = peer_with(None)
+    assert_opens(peer, cer_from())
+    message = bytearray(ecr_request(0x77))
+    message[0] = 2
+    if split:  # the header cut after its first word: answered once it is whole
+        assert peer.receive(bytes(message[:4]), 0.0) == b"" and not peer.closed
+        out = peer.receive(bytes(message[4:]), 0.0)
+    else:
+        out = peer.receive(bytes(message), 0.0)
+    answer = one_message(out)
+    assert (answer.value("Result-Code"), answer.header.hop_by_hop) == (5011, 0x77)
+    assert answer.header.flags & FLAG_ERROR == 0  # a permanent failure, not a protocol error
+    assert peer.closed and "unsupported Diameter version 2" in peer.closed_reason
+    # An answer of another version is not answered: the connection just closes.
+    peer = peer_with(None)
+    assert_opens(peer, cer_from())
+    message[4] = 0x40  # not a request
+    assert peer.receive(bytes(message), 0.0) == b""
+    assert peer.closed

@@ -133,15 +133,18 @@ class Framer:
     `feed` returns every complete message now available, in order. A length that cannot be
     right (shorter than a header, not a multiple of 4, above `max_length`) or a version other
     than 1 makes the rest of the stream meaningless: the messages before it are still
-    returned, `error` says what was wrong, and the caller closes the connection.
+    returned, `error` says what was wrong, and the caller closes the connection. A version
+    other than 1 is reported once its whole 20-byte header is in, kept in
+    `unsupported_version_header` (so that a request can be answered 5011 first).
     """
 
-    __slots__ = ("_buffer", "max_length", "error")
+    __slots__ = ("_buffer", "max_length", "error", "unsupported_version_header")
 
     def __init__(self, max_length: int = 65536):
         self._buffer = bytearray()
         self.max_length = max_length
         self.error: str | None = None
+        self.unsupported_version_header: bytes | None = None
 
     def feed(self, data: bytes) -> list[bytes]:
         if self.error is not None:
@@ -160,7 +163,10 @@ class Framer:
             version = word >> 24
             length = word & 0xFFFFFF
             if version != VERSION:
+                if available - pos < HEADER_LENGTH:
+                    break  # the rest of its header is still to come
                 self.error = f"unsupported Diameter version {version}"
+                self.unsupported_version_header = bytes(source[pos:pos + HEADER_LENGTH])
                 break
             if length < HEADER_LENGTH or length & 3 or length > self.max_length:
                 self.error = (f"message length {length} is invalid (must be "

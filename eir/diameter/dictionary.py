@@ -48,8 +48,20 @@ TYPES = set(_FIXED_LENGTH) | _STRING_TYPES | {"OctetString", "Address", "Grouped
 # What `Dictionary.validate` checks of a payload, by AVP type: it tests the common valid
 # case inline and calls `AvpDef.check` (which raises with the right Result-Code) only when
 # that test fails, so that a valid request makes no call per AVP.
-CHECK_NOTHING, CHECK_LENGTH, CHECK_ENUMERATED, CHECK_STRING, CHECK_ADDRESS, CHECK_GROUPED = \
-    range(6)
+(CHECK_NOTHING, CHECK_LENGTH, CHECK_ENUMERATED, CHECK_STRING, CHECK_ADDRESS, CHECK_GROUPED,
+ CHECK_IDENTITY) = range(7)
+
+# A DiameterIdentity is an FQDN (RFC 6733 §4.3.1), in ASCII (an IDN as A-labels, Appendix
+# D): dot-separated labels of 1..63 letters, digits and hyphens, neither first nor last a
+# hyphen, at most 255 bytes in all. Underscores are accepted too (some vendors' host names
+# have them); anything else -- spaces, control characters, escapes -- is 5004.
+IDENTITY = re.compile(rb"(?=.{1,255}\Z)(?:[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+                      rb"(?:\.(?!\Z)|\Z))+")
+# Identities seen valid recently: most requests repeat a handful (their Origin-Host and
+# -Realm, our realm), so a set look-up replaces the pattern match. Bounded: once full, the
+# others are matched each time.
+KNOWN_IDENTITIES_MAX = 4096
+_known_identities: set[bytes] = set()
 
 # Grouped AVPs nested deeper than this are refused (5004): a grammar with *[ AVP ] (Proxy-Info,
 # Failed-AVP) lets a Grouped AVP hold itself, and a 64 KiB message of nested headers would
@@ -122,6 +134,8 @@ class AvpDef:
         self.is_address = self.type == "Address"
         if self.type == "Grouped":
             self.check_kind = CHECK_GROUPED
+        elif self.type == "DiameterIdentity":
+            self.check_kind = CHECK_IDENTITY
         elif self.value_set is not None:
             self.check_kind = CHECK_ENUMERATED
         elif self.fixed_length is not None:
@@ -145,6 +159,13 @@ class AvpDef:
             if self.value_set is not None and _U32.unpack(data)[0] not in self.value_set:
                 raise AvpError(ResultCode.INVALID_AVP_VALUE, avp.encode(),
                                f"{self.name}: {_U32.unpack(data)[0]} is not a defined value")
+        elif self.check_kind == CHECK_IDENTITY:
+            if IDENTITY.fullmatch(data) is None:
+                raise AvpError(ResultCode.INVALID_AVP_VALUE, avp.encode(),
+                               f"{self.name}: not a DiameterIdentity (an FQDN, RFC 6733 "
+                               "§4.3.1)")
+            if len(_known_identities) < KNOWN_IDENTITIES_MAX:
+                _known_identities.add(data)
         elif self.is_string and not data.isascii():  # ASCII is valid UTF-8: skip decoding
             try:
                 data.decode("utf-8")
@@ -372,6 +393,7 @@ class Dictionary:
         groups = found.groups
         rules = grammar.rules
         known = self.avps
+        known_identities = _known_identities
         for avp in avps:
             code, flags, vendor, data = avp
             key = (vendor << 32) | code
@@ -392,6 +414,9 @@ class Dictionary:
             # The valid case tested inline; `check` raises the error otherwise.
             if kind == CHECK_STRING:
                 if not data.isascii():
+                    definition.check(avp)
+            elif kind == CHECK_IDENTITY:
+                if data not in known_identities:
                     definition.check(avp)
             elif kind == CHECK_ENUMERATED:
                 if len(data) != 4 or _U32.unpack(data)[0] not in definition.value_set:

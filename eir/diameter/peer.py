@@ -9,7 +9,9 @@ caller calls `resume(now)` on a later turn of its event loop until the backlog i
 Policy comes in as data: the peer allowlist and the names of a verified TLS certificate
 (checked on CER: 3010 DIAMETER_UNKNOWN_PEER), the duplicate-answer cache (T flag), and the
 admission limits (3004 DIAMETER_TOO_BUSY beyond them); see eir.security, eir.overload and
-eir.diameter.duplicates.
+eir.diameter.duplicates. With `claims_identity`, a CER that passes opens only once the caller
+has checked that its Origin-Host may have one more connection (eir.diameter.identities): the
+peer sets `claiming`, the caller calls `claim_decided`.
 
 States: WAIT_CER (connected, nothing else allowed) → OPEN → CLOSING (our DPR sent) → CLOSED.
 """
@@ -34,6 +36,7 @@ from eir.diameter.constants import (APPLICATION_COMMON, APPLICATION_RELAY,
                                     DisconnectCause, ResultCode)
 from eir.diameter.dictionary import AvpError, AvpIndex, CommandDef, Dictionary
 from eir.untrusted import untrusted
+from eir.diameter.duplicates import request_keys
 
 if TYPE_CHECKING:
     from eir.diameter.duplicates import DuplicateCache
@@ -44,6 +47,9 @@ SESSION_ID_CODE = 263
 _SESSION_ID_HEADER = SESSION_ID_CODE.to_bytes(4, "big")
 _LENGTH_WORD = struct.Struct("!I")  # version and message length
 TOO_BUSY = AvpError(ResultCode.TOO_BUSY, None, "too busy: try another server")
+# Messages read while a CER's Origin-Host is being claimed (a peer should send nothing
+# before the CEA): beyond this, the connection is closed.
+MAX_HELD_MESSAGES = 64
 
 
 @dataclass(frozen=True)
@@ -150,6 +156,11 @@ class PeerConnection:
     duplicates: DuplicateCache | None = None  # None: no duplicate detection
     admission: Admission | None = None  # None: every read answered whole, at once
     counters: object = None  # None, or eir.metrics.DiameterCounters (requests, answers)
+    # True: a CER that passes every check opens the connection only once the caller has
+    # claimed its Origin-Host (`claiming`, then `claim_decided`): a second connection from
+    # an Origin-Host that has one open is refused or allowed server-wide (the registry may
+    # be in another process: eir.workers). False: opened at once.
+    claims_identity: bool = False
 
     def __post_init__(self) -> None:
         self.state = PeerState.WAIT_CER
@@ -179,6 +190,12 @@ class PeerConnection:
         # it down), so that turns go to answering rather than to refusing.
         self.reading = True
         self._refused_in_episode = 0
+        # The Origin-Host of a CER waiting for `claim_decided` (the caller asks once), the
+        # CER's header, and the messages read meanwhile (handled once it is decided).
+        self.claiming: str | None = None
+        self._claimed_cer: Header | None = None
+        self._held: list[bytes] | None = None
+        self._peer_key = b""  # the CER's Origin-Host, lower-cased, once open (duplicates)
 
     # -- inputs --------------------------------------------------------------------------
 
@@ -205,7 +222,7 @@ class PeerConnection:
             if self.closed:
                 break
         if framer.error is not None and not self.closed:
-            self._close(f"closing connection: {framer.error}", logging.WARNING)
+            out.append(self._close_unframeable())
         return b"".join(out)
 
     @property
@@ -363,8 +380,20 @@ class PeerConnection:
         while self._queue and not self.closed:
             out.append(self._serve_turn(now))
         if not self.closed:
-            self._close(f"closing connection: {self._framer.error}", logging.WARNING)
+            out.append(self._close_unframeable())
         return b"".join(out)
+
+    def _close_unframeable(self) -> bytes:
+        """Close a stream that cannot be framed further; a request of another Diameter
+        version is answered 5011 DIAMETER_UNSUPPORTED_VERSION first (RFC 6733 §7.1.5), with
+        the ids of its header (its AVPs may not be ours to read)."""
+        framer = self._framer
+        self._close(f"closing connection: {framer.error}", logging.WARNING)
+        head = framer.unsupported_version_header
+        if head is None or not head[4] & FLAG_REQUEST:
+            return b""
+        return self.answers.error(parse_header(head), None, ResultCode.UNSUPPORTED_VERSION,
+                                  text=f"Diameter version {head[0]} is not supported: 1 is")
 
     def _refusable(self, raw: bytes) -> bool:
         """An application request on an open connection: one that may be answered 3004."""
@@ -414,6 +443,14 @@ class PeerConnection:
                               self.answers.origin + extra)
 
     def _handle(self, raw: bytes, now: float) -> bytes:
+        held = self._held
+        if held is not None:  # the CER's Origin-Host is being claimed: wait for it
+            if len(held) < MAX_HELD_MESSAGES:
+                held.append(raw)
+            else:
+                self._close(f"more than {MAX_HELD_MESSAGES} messages sent before the CEA",
+                            logging.WARNING)
+            return b""
         header = parse_header(raw)
         if not header.flags & FLAG_REQUEST:
             self._handle_answer(header, raw)
@@ -464,16 +501,24 @@ class PeerConnection:
             self._last_request = now
             duplicates = self.duplicates
             if duplicates is not None:
-                # (End-to-End Identifier, Origin-Host) identifies a request (RFC 6733 §3).
+                # The same request from the same peer (eir.diameter.duplicates).
                 origin = found.get("Origin-Host")
-                key = raw[16:20] + (origin[0].data if origin else b"")
+                identity, digest = request_keys(self._peer_key,
+                                                origin[0].data if origin else b"", raw)
                 if header.flags & FLAG_RETRANSMIT:
-                    answer = duplicates.answer_for(key, raw, now)
+                    mismatches = duplicates.mismatches
+                    answer = duplicates.answer_for(identity, digest, raw, now)
                     if answer is not None:
                         self.events.append((logging.INFO, f"{untrusted(self.peer_host)}: "
                                             "duplicate request (T flag, end-to-end id "
                                             f"{header.end_to_end:#010x}): answered as before"))
                         return answer
+                    if duplicates.mismatches != mismatches:
+                        self.events.append((logging.WARNING,
+                                            f"{untrusted(self.peer_host)}: T-flag request "
+                                            "with end-to-end id "
+                                            f"{header.end_to_end:#010x} differs from the "
+                                            "request answered under that id: answered anew"))
             session_id = found["Session-Id"][0] if "Session-Id" in found else None
             try:
                 answer = handler.handle_request(header, command, found)
@@ -485,7 +530,7 @@ class PeerConnection:
                 return handler.error_answer(header, session_id, AvpError(
                     ResultCode.UNABLE_TO_COMPLY, None, "internal error"))
             if duplicates is not None:
-                duplicates.store(key, answer, now)
+                duplicates.store(identity, digest, answer, now)
             return answer
         if header.code == COMMAND_DEVICE_WATCHDOG:
             return self._answer(header, ResultCode.SUCCESS, self.answers.origin_state)
@@ -574,13 +619,58 @@ class PeerConnection:
             return self._capabilities_answer(header, ResultCode.UNABLE_TO_COMPLY,
                                              text="disconnecting")
         if self.state is PeerState.OPEN:
+            if host.lower() != self.peer_host.lower():
+                # The identity was claimed (and the duplicate cache keyed) under the first.
+                self.events.append((logging.WARNING,
+                                    f"{untrusted(self.peer_host)}: CER repeated on an open "
+                                    f"connection with another Origin-Host, {untrusted(host)}: "
+                                    "refused with 5012, the connection stays as it was"))
+                return self._capabilities_answer(
+                    header, ResultCode.UNABLE_TO_COMPLY,
+                    text="Origin-Host cannot change on an open connection")
             self.events.append((logging.INFO,
                                 f"{untrusted(host)}: CER repeated on an open connection"))
+        elif self.claims_identity:
+            self.peer_host, self.peer_realm = host, realm
+            self.claiming = host
+            self._claimed_cer = header
+            self._held = []
+            self.reading = False  # until it is decided: what is held stays one read at most
+            self.events.append((logging.DEBUG, f"{untrusted(host)}: CER accepted, claiming its "
+                                "Origin-Host"))
+            return b""
         self.peer_host, self.peer_realm = host, realm
+        return self._open(header)
+
+    def claim_decided(self, refusal: str | None, now: float) -> bytes:
+        """The caller's answer to `claiming`: None, open (CEA 2001, then the messages read
+        meanwhile); else refuse with CEA 5012 DIAMETER_UNABLE_TO_COMPLY (RFC 6733 §5.6:
+        R-Conn-CER in R-Open is R-Reject) and close, `refusal` saying why in the log."""
+        header, held = self._claimed_cer, self._held
+        self.claiming = self._claimed_cer = self._held = None
+        self.reading = True
+        if self.closed:
+            return b""
+        if refusal is not None:
+            answer = self._capabilities_answer(header, ResultCode.UNABLE_TO_COMPLY,
+                                               text="Origin-Host already connected")
+            self._close(f"CER refused with 5012 DIAMETER_UNABLE_TO_COMPLY: {refusal}",
+                        logging.WARNING)
+            return answer
+        out = [self._open(header)]
+        for raw in held:
+            out.append(self._handle(raw, now))
+            if self.closed:
+                break
+        return b"".join(out)
+
+    def _open(self, header: Header) -> bytes:
         self.state = PeerState.OPEN
+        # Its requests' identity in the duplicate cache starts with this.
+        self._peer_key = self.peer_host.lower().encode() + b"\0"
         self._last_request = self._last_received  # the idle time counts from here
-        self.events.append((logging.INFO,
-                            f"peer {untrusted(host)} (realm {untrusted(realm)}) is open"))
+        self.events.append((logging.INFO, f"peer {untrusted(self.peer_host)} (realm "
+                            f"{untrusted(self.peer_realm)}) is open"))
         return self._capabilities_answer(header, ResultCode.SUCCESS)
 
     def _identity_refusal(self, host: str, realm: str) -> str | None:
