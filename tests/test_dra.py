@@ -30,6 +30,7 @@ import pytest
 import yaml
 
 from eir.imei import normalise_imei
+from helpers_ops import wait_until
 from helpers_process import ROOT, LoggedProcess
 from test_freediameter import free_port
 from test_mme_sim import (CONNECT_TIMEOUT, TERMINALS, MmeSim, check_every_answer,
@@ -181,13 +182,6 @@ def established_receive_queue(port: int) -> int:
     return waiting
 
 
-def wait_until(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
-        time.sleep(0.01)
-
-
 def test_ecrs_through_the_dra_are_spread_over_both_nodes_and_each_answered_right(
         dra_lab, tmp_path, extension, lists, terminals, capsys):  # noqa: F811
     dra, node_a, node_b = dra_lab()
@@ -216,11 +210,11 @@ def test_node_killed_under_load_fails_over_with_t_flag_and_rejoins_after_restart
     dra, node_a, node_b = dra_lab(verbose=True)
     count, rate = 2000, 1000
     sim = run_mme(tmp_path, extension, dra, "failover", csv=terminals, count=count, rate=rate)
-    wait_until(lambda: answered(node_a) >= 100, CONNECT_TIMEOUT, f"{NODE_A} answered 100")
+    wait_until(lambda: answered(node_a) >= 100, f"{NODE_A} answered 100", CONNECT_TIMEOUT)
     node_a.server.process.send_signal(signal.SIGSTOP)
     stopped = time.monotonic()
-    wait_until(lambda: established_receive_queue(node_a.port) > 0, 5,
-               f"requests waiting unread at {NODE_A}")
+    wait_until(lambda: established_receive_queue(node_a.port) > 0,
+               f"requests waiting unread at {NODE_A}", 5, interval=0.005)
     node_a.server.process.kill()
     node_a.server.process.wait(5)
     killed = time.monotonic()
