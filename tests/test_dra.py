@@ -18,6 +18,7 @@ distinct check. docs/SCALE-OUT.md has the figures.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import signal
@@ -52,6 +53,10 @@ NODE_A, NODE_B = sorted(parse_freediameter(DRA_CONFIG).peers)  # eir-a, eir-b .l
 ECR = "ME-Identity-Check"
 # A node with room for one request at a time: a burst through the DRA makes it answer 3004.
 TINY_QUEUES = {"requests_per_turn": 1, "max_queued_per_connection": 1, "max_queued_total": 1}
+# The hung-node test waits for the DRA's watchdog (~2 x TwTimer, 10-14 s): run it with
+# EIR_DRA_WATCHDOG=1 (docs/SCALE-OUT.md has its figures).
+WATCHDOG_TEST = os.environ.get("EIR_DRA_WATCHDOG") == "1"
+DRA_TW = int(parse_freediameter(DRA_CONFIG).value("TwTimer"))
 
 
 def opened(identity: str) -> str:
@@ -293,3 +298,39 @@ def test_both_nodes_record_each_check_once_in_one_postgres(
         assert node.server.stop(signal.SIGTERM) == 0
     rows = stored_rows(database_url)
     assert sorted(rows) == sorted(checked)
+
+
+@pytest.mark.skipif(not WATCHDOG_TEST, reason="waits ~15 s for the DRA's watchdog: "
+                    "EIR_DRA_WATCHDOG=1 runs it")
+def test_hung_node_is_found_by_the_watchdog_and_its_requests_fail_over(
+        dra_lab, tmp_path, extension, lists, terminals, capsys):  # noqa: F811
+    """Node A stops answering without closing its connection (SIGSTOP): nothing tells the
+    DRA but its watchdog. After Tw without a message it sends a DWR, after another Tw without
+    the DWA the node is SUSPECT and its pending requests go to node B with the T flag. The
+    MME waits longer than that (answer_timeout 20 s), so it sees every answer, late."""
+    dra, node_a, node_b = dra_lab(verbose=False)
+    rate = 1000
+    count = rate * (2 * DRA_TW + 8)  # the run outlasts the watchdog's 2 x Tw (+ jitter)
+    sim = run_mme(tmp_path, extension, dra, "hung", csv=terminals, count=count, rate=rate,
+                  answer_timeout_ms=20_000)
+    wait_until(lambda: answered(node_a) >= 100, f"{NODE_A} answered 100", CONNECT_TIMEOUT)
+    node_a.server.process.send_signal(signal.SIGSTOP)
+    stopped = time.monotonic()
+    try:
+        dra.wait_for(rf"-> 'STATE_SUSPECT'\t'{re.escape(NODE_A)}'",
+                               timeout=2 * DRA_TW + 6)
+        found = time.monotonic() - stopped
+        records, summary = finish(sim, CONNECT_TIMEOUT + count / rate + 30)
+    finally:
+        node_a.server.process.send_signal(signal.SIGCONT)
+
+    check_every_answer(records, summary, terminals, expected_answers(lists), count)
+    held = sorted(int(record["latency_us"]) / 1e6 for record in records
+                  if int(record["latency_us"]) > 1_000_000)
+    assert held, "no request was held by the stopped node"
+    # Held from when it went to node A until the failover; none longer than the watchdog.
+    assert held[-1] <= found + 1.0, (found, held)
+    with capsys.disabled():
+        print(f"\nhung node under {rate} ECR/s, TwTimer {DRA_TW} s: SUSPECT after "
+              f"{found:.1f} s; {len(held)} request(s) held, answered by {NODE_B} after "
+              f"{held[0]:.1f}-{held[-1]:.1f} s")
