@@ -50,7 +50,6 @@ DRA_DIRECTORY = ROOT / "testbed" / "dra"
 DRA_CONFIG = DRA_DIRECTORY / "freediameter.conf"
 CONTAINER_DIRECTORY = "/etc/dra/"  # where the dra service mounts testbed/dra
 NODE_A, NODE_B = sorted(parse_freediameter(DRA_CONFIG).peers)  # eir-a, eir-b .localdomain
-ECR = "ME-Identity-Check"
 # A node with room for one request at a time: a burst through the DRA makes it answer 3004.
 TINY_QUEUES = {"requests_per_turn": 1, "max_queued_per_connection": 1, "max_queued_total": 1}
 # The hung-node test waits for the DRA's watchdog (~2 x TwTimer, 10-14 s): run it with
