@@ -1,5 +1,5 @@
 """Command line: `eir serve`, `eir check`, `eir sync`, `eir lists`, `eir dump`, `eir report`,
-`eir replay`, `eir --version`."""
+`eir replay`, `eir conformance`, `eir --version`."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from datetime import date
 from pathlib import Path
 
 from eir import __version__
+from eir.conformance import add_arguments as conformance_arguments
+from eir.conformance import main as conformance_main
 from eir.config import ConfigError, Settings, default_config_path, load_settings, \
     parse_host_port, parse_local_listen
 from eir.decision import UnknownPolicy
@@ -200,6 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--destination-realm", default="localdomain")
     replay.add_argument("--seed", type=int, default=1,
                         help="with --generate: the random seed of the IMEIs drawn")
+
+    conformance_arguments(commands.add_parser(
+        "conformance", help="S13 and RFC 6733 checks against any EIR, each citing its "
+                            "clause (docs/REPLAY.md)"))
     return parser
 
 
@@ -476,6 +482,8 @@ def main(argv: list[str] | None = None) -> int:
             return _report(args)
         if args.command == "replay":
             return _replay(args)
+        if args.command == "conformance":
+            return conformance_main(args)
         return _check(args)
     except ConfigError as exc:
         print(f"eir: bad configuration:\n{exc}", file=sys.stderr)

@@ -109,9 +109,15 @@ class DuplicateSettings(_Strict):
 class OverloadSettings(_Strict):
     max_connections: int = Field(1024, ge=1)
     max_connections_per_address: int = Field(64, ge=1)
+    # A connection's turn ends after this many requests or this many bytes of requests,
+    # whichever comes first (eir.overload: a byte of request costs up to ~0.2 µs).
     requests_per_turn: int = Field(16, ge=1)
+    bytes_per_turn: int = Field(2048, ge=1)
+    # Requests, and bytes of requests, waiting for their turn; beyond: 3004 TOO_BUSY.
     max_queued_per_connection: int = Field(4096, ge=1)
     max_queued_total: int = Field(16384, ge=1)
+    max_queued_bytes_per_connection: int = Field(1 << 20, ge=1)
+    max_queued_bytes_total: int = Field(4 << 20, ge=1)
     read_bytes: int = Field(65536, ge=4096)  # at most this much read per read
     idle_timeout_seconds: float = Field(0.0, ge=0)  # 0: never
 
@@ -130,6 +136,9 @@ class DiameterSettings(_Strict):
     cer_timeout_seconds: float = Field(10.0, gt=0)
     disconnect_timeout_seconds: float = Field(3.0, gt=0)
     max_message_bytes: int = Field(65536, ge=1024, le=0xFFFFFF)
+    # AVPs a request may hold, counted at every depth of grouping (each costs ~1 µs to
+    # decode and validate); beyond: 5009 DIAMETER_AVP_OCCURS_TOO_MANY_TIMES (eir.overload).
+    max_avps_per_message: int = Field(128, ge=32)
     peers: list[AllowedPeerSettings] = Field(default_factory=list)  # []: any peer
     duplicates: DuplicateSettings = Field(default_factory=DuplicateSettings)
     # A CER from an Origin-Host that has an open connection already (eir.diameter.identities):
@@ -391,8 +400,37 @@ class NrfSettings(_Strict):
 class SbiSettings(_Strict):
     listen: str | None = None  # HOST:PORT of the h2c (cleartext HTTP/2) listener; null: off
     tls: SbiTlsSettings | None = None
+    # Connections at once, and from one source address (counted from accept; beyond: closed
+    # at once with a log line).
     max_connections: int = Field(256, ge=1)
-    max_concurrent_streams: int = Field(128, ge=1)  # per connection (SETTINGS frame)
+    max_connections_per_address: int = Field(32, ge=1)
+    # Requests in flight per connection (SETTINGS_MAX_CONCURRENT_STREAMS); a stream beyond
+    # is refused alone (RST_STREAM REFUSED_STREAM, RFC 9113 §5.1.2).
+    max_concurrent_streams: int = Field(128, ge=1)
+    # SETTINGS_MAX_HEADER_LIST_SIZE, and the most bytes one header block (HEADERS and its
+    # CONTINUATIONs) may have before it is decoded; beyond: GOAWAY ENHANCE_YOUR_CALM.
+    max_header_list_bytes: int = Field(8192, ge=1024, le=65536)
+    # Work per connection per turn of the event loop: at most this many frames and (beyond
+    # the first frame) bytes; the rest waits for the next turn, the connection unread.
+    frames_per_turn: int = Field(8, ge=1)
+    bytes_per_turn: int = Field(16384, ge=1024)
+    read_bytes: int = Field(65536, ge=4096)  # at most this much read per read
+    # Floods (GOAWAY ENHANCE_YOUR_CALM beyond): streams reset by the client or refused by us
+    # (rapid reset, CVE-2023-44487), and frames that carry no request (SETTINGS, PING,
+    # PRIORITY, WINDOW_UPDATE, empty DATA, unknown types), per second per connection, with
+    # `flood_burst_seconds` worth of either allowed at once.
+    max_resets_per_second: float = Field(100.0, gt=0)
+    max_control_frames_per_second: float = Field(1000.0, gt=0)
+    flood_burst_seconds: float = Field(10.0, gt=0)
+    # A connection must send the HTTP/2 preface (magic and SETTINGS) within this (over TLS,
+    # the handshake before it has as long again); and is closed (GOAWAY NO_ERROR) after
+    # this long without a request.
+    preface_timeout_seconds: float = Field(10.0, gt=0)
+    idle_timeout_seconds: float = Field(300.0, ge=0)  # 0: never
+    # After our GOAWAY on cleartext, what the client still sends is read and dropped for at
+    # most this long before the close (a close with unread data would send a TCP reset,
+    # which can overtake the GOAWAY); 0: closed at once.
+    close_linger_seconds: float = Field(2.0, ge=0)
     nrf: NrfSettings | None = None
 
     @field_validator("listen")

@@ -16,8 +16,10 @@ audited (interface "n5g-eir") and counted like an S13 check.
 Transport: HTTP/2 with prior knowledge on cleartext (h2c, as Open5GS's SBI speaks), and over
 TLS with ALPN h2, on listeners of their own (`sbi.listen`, `sbi.tls`).
 
-Library: the `h2` package (python-hyper), sans-IO, on an asyncio.Protocol: bytes in, events
-out, bytes back, in the same callback, as the Diameter peer state machine works. One request
+Library: the `h2` package (python-hyper), sans-IO, inside our own sans-IO `SbiSession`
+(frames cut and counted before h2 sees them: turns, flood budgets, stream and connection
+errors; docs/5G.md "Limits") under an asyncio.BufferedProtocol: bytes in, events out, bytes
+back, in the same callback, as the Diameter peer state machine works. One request
 costs one HEADERS frame decoded and one encoded, no task, no ASGI scope, no framework
 routing: it shares the event loop with Diameter, so it has to stay that cheap. (hypercorn,
 an ASGI server on top of the same h2, would add a task and an ASGI round trip per request,
@@ -37,6 +39,7 @@ import ipaddress
 import json
 import logging
 import ssl
+import traceback
 import uuid
 from collections import deque
 from dataclasses import dataclass
@@ -47,15 +50,20 @@ from h2.connection import H2Connection
 from h2.events import (ConnectionTerminated, DataReceived, RemoteSettingsChanged,
                        RequestReceived, ResponseReceived, StreamEnded, StreamReset,
                        WindowUpdated)
-from h2.exceptions import ProtocolError, StreamClosedError
+from h2.errors import ErrorCodes
+from h2.exceptions import DenialOfServiceError, H2Error, ProtocolError
 from h2.settings import SettingCodes, Settings
+from h2.utilities import HeaderValidationFlags, validate_headers
+from hpack.exceptions import HPACKError
+from hyperframe.frame import GoAwayFrame
 
-from eir.config import parse_host_port
+from eir.config import SbiSettings, parse_host_port
 from eir.decision import EquipmentStatus, today
 from eir.imei import IMEI_KEY_LENGTH
 from eir.logs import audit_log
 from eir.untrusted import untrusted
-from eir.security import server_tls_context
+from eir.overload import ConnectionLimits
+from eir.security import TlsAcceptor, server_tls_context
 
 log = logging.getLogger("eir.sbi")
 
@@ -67,7 +75,6 @@ INTERFACE = "n5g-eir"  # the audit records' `interface`
 NF_TYPE = "5G_EIR"
 JSON = b"application/json"
 PROBLEM_JSON = b"application/problem+json"
-MAX_HEADER_LIST_BYTES = 16384
 NRF_TIMEOUT_SECONDS = 5.0
 DEREGISTER_TIMEOUT_SECONDS = 2.0
 UNKNOWN_CLIENT = b"?"
@@ -218,75 +225,314 @@ class EquipmentIdentityCheck:
         return VERDICT_ANSWERS[verdict.status]
 
 
-# -- the HTTP/2 server side ----------------------------------------------------------------
+# -- the HTTP/2 server side: the sans-IO session ------------------------------------------
 
-class SbiConnection(asyncio.Protocol):
-    """One HTTP/2 connection (h2c or TLS) of the N5g-eir listener."""
+CLIENT_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+FRAME_HEADER_BYTES = 9
+# Ours is never raised above the initial value (RFC 9113 §6.5.2): no frame the client may
+# send is longer.
+MAX_FRAME_BYTES = 16384
+(DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE,
+ CONTINUATION) = range(10)
+FLAG_END_STREAM, FLAG_END_HEADERS = 0x1, 0x4
+# Frames that carry no request, counted against sbi.max_control_frames_per_second (with
+# empty DATA frames that do not end their stream, and unknown frame types).
+CONTROL_FRAMES = frozenset((PRIORITY, SETTINGS, PING, WINDOW_UPDATE))
+# h2's own concurrency check makes a stream beyond it a connection error (GOAWAY); ours
+# refuses the stream alone, so h2's is set where it never fires.
+H2_UNCHECKED_STREAMS = 2**31 - 1
+# A request's headers are checked here (RFC 9113 §8.2-8.3, h2's own checks), not by h2 as it
+# receives them: h2 makes a malformed request a connection error, RFC 9113 §8.1.1 a stream
+# error (RST_STREAM PROTOCOL_ERROR), which leaves the client's other streams alone.
+REQUEST_HEADERS = HeaderValidationFlags(is_client=False, is_trailer=False,
+                                        is_response_header=False, is_push_promise=False)
 
-    def __init__(self, service: "N5gEir"):
-        self.service = service
-        self.h2 = H2Connection(service.h2_config)
-        self.transport: asyncio.Transport | None = None
-        self.remote = UNKNOWN_CLIENT
-        self.log_extra = {"peer": "?"}  # lines name the address: eir.logs rate-limits by it
-        self.pending: dict[int, list] = {}  # stream → request headers, until its end
-        self.blocked: dict[int, bytes] = {}  # stream → body waiting for flow-control window
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        counters = self.service.counters
-        peer = transport.get_extra_info("peername")
-        remote = _format_address(peer)
-        self.log_extra = {"peer": peer[0] if peer else "?"}
-        if counters.connections >= self.service.max_connections:
-            log.warning("%s: N5g-eir connection refused: %d connections already open",
-                        remote, counters.connections, extra=self.log_extra)
-            transport.abort()
-            return
-        counters.connections += 1
-        self.transport = transport  # type: ignore[assignment]
-        self.remote = remote.encode()
-        self.service.connections.add(self)
+class FloodBudget:
+    """A token bucket: `rate` events per second, `rate * burst_seconds` of them at once."""
+
+    __slots__ = ("rate", "capacity", "tokens", "at")
+
+    def __init__(self, rate: float, burst_seconds: float, now: float):
+        self.rate = rate
+        self.capacity = rate * burst_seconds
+        self.tokens = self.capacity
+        self.at = now
+
+    def spend(self, now: float) -> bool:
+        """Count one event; False once the budget is spent."""
+        tokens = min(self.capacity, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+        if tokens < 1:
+            self.tokens = tokens
+            return False
+        self.tokens = tokens - 1
+        return True
+
+
+class SbiConnectionError(Exception):
+    """A connection error we found ourselves (before h2 saw the frame): the GOAWAY code."""
+
+    def __init__(self, code: ErrorCodes, reason: str):
+        super().__init__(reason)
+        self.code = code
+
+
+def malformed(headers: list) -> str | None:
+    """What makes a request's headers malformed (RFC 9113 §8.1.1-8.3, as h2 checks them),
+    quoted and cut short; None when they are not."""
+    try:
+        for _ in validate_headers(headers, REQUEST_HEADERS):
+            pass
+    except ProtocolError as exc:
+        return repr(str(exc)[:200])
+    return None
+
+
+def goaway_code(exc: H2Error) -> ErrorCodes:
+    """The GOAWAY error code of an h2 exception raised on received data: h2's own, except a
+    header block HPACK cannot decode, a COMPRESSION_ERROR (RFC 9113 §4.3), which h2 calls a
+    PROTOCOL_ERROR."""
+    if isinstance(exc.__cause__, HPACKError) and not isinstance(exc, DenialOfServiceError):
+        return ErrorCodes.COMPRESSION_ERROR
+    return ErrorCodes(getattr(exc, "error_code", ErrorCodes.PROTOCOL_ERROR))
+
+
+class SbiSession:
+    """One HTTP/2 connection of the N5g-eir listener, sans-IO: `start()`, `receive(data,
+    now)`, `resume(now)` and `on_timer(now)` return the bytes to send; the caller owns the
+    socket and the clock. After each call it drains `events` (log records); when `closed`,
+    it writes what was returned and closes the transport; while `waiting`, it calls
+    `resume(now)` on the next turn of its event loop (and reads nothing meanwhile).
+
+    The frames are cut here (9-byte headers) before h2 parses them, so that:
+    * one call hands h2 at most `frames_per_turn` frames and `bytes_per_turn` bytes (the rest
+      waits for the next turn: one connection's flood cannot hold the event loop);
+    * floods are counted per frame kind (resets, control frames: `FloodBudget`), and a
+      header block longer than `max_header_list_bytes` is refused before it is decoded
+      (CONTINUATION floods, HPACK bombs), a frame longer than 16 KiB before it is buffered;
+      each with GOAWAY ENHANCE_YOUR_CALM or FRAME_SIZE_ERROR.
+    Stream errors stay stream errors: a stream beyond `max_concurrent_streams` gets
+    RST_STREAM REFUSED_STREAM, a malformed request RST_STREAM PROTOCOL_ERROR (both counted
+    as resets), one the client reset is not answered. Every h2 exception ends here, as a
+    GOAWAY with its code; `last_stream_id` is the highest stream answered, so the client
+    may retry the others.
+    """
+
+    def __init__(self, check: EquipmentIdentityCheck, settings: SbiSettings,
+                 h2_config: H2Configuration, remote: bytes, now: float):
+        self.check = check
+        self.settings = settings
+        self.remote = remote
+        self.h2 = H2Connection(h2_config)
+        self.events: list[tuple[int, str]] = []
+        self.closed_reason: str | None = None
+        self.closed_on_error = False  # closed by our GOAWAY with an error code
+        self.waiting = False  # whole frames wait for the next turn
+        self._blocked: dict[int, bytes] = {}  # stream → body waiting for flow-control window
+        self._pending: dict[int, list] = {}  # stream → request headers, until its end
+        self._buffer = bytearray()  # read, not yet handed to h2
+        self._preface_left = len(CLIENT_PREFACE)  # preface bytes not yet handed to h2
+        self._header_block = 0  # bytes of the header block being received (0: none)
+        self._resets = FloodBudget(settings.max_resets_per_second,
+                                   settings.flood_burst_seconds, now)
+        self._control = FloodBudget(settings.max_control_frames_per_second,
+                                    settings.flood_burst_seconds, now)
+        self._settled = False  # the client's SETTINGS came: its preface is complete
+        self._started = now
+        self._last_request = now
+        self._last_stream = 0  # the highest stream answered or refused
+
+    @property
+    def closed(self) -> bool:
+        return self.closed_reason is not None
+
+    def start(self) -> bytes:
+        """Our SETTINGS, the first frame the client reads."""
         h2 = self.h2
-        # In force from the start: our SETTINGS are the first frame the client reads.
-        h2.local_settings = Settings(client=False, initial_values=self.service.local_settings)
-        h2.initiate_connection()
-        transport.write(h2.data_to_send())
+        settings = self.settings
+        h2.local_settings = Settings(client=False, initial_values={
+            SettingCodes.MAX_CONCURRENT_STREAMS: settings.max_concurrent_streams,
+            SettingCodes.MAX_HEADER_LIST_SIZE: settings.max_header_list_bytes})
+        h2.initiate_connection()  # announces the settings above, in force from the start
+        h2.local_settings = Settings(client=False, initial_values={
+            SettingCodes.MAX_CONCURRENT_STREAMS: H2_UNCHECKED_STREAMS,
+            SettingCodes.MAX_HEADER_LIST_SIZE: settings.max_header_list_bytes})
+        h2.decoder.max_header_list_size = settings.max_header_list_bytes
+        return h2.data_to_send()
 
-    def data_received(self, data: bytes) -> None:
-        h2 = self.h2
+    def receive(self, data: bytes, now: float) -> bytes:
+        if self.closed:
+            return b""
+        self._buffer += data
+        if self.waiting:  # frames wait for this connection's next turn: that one comes first
+            return b""
+        return self._turn(now)
+
+    def resume(self, now: float) -> bytes:
+        """The next turn of the frames waiting."""
+        if self.closed or not self.waiting:
+            return b""
+        return self._turn(now)
+
+    def next_deadline(self) -> float | None:
+        settings = self.settings
+        if not self._settled:
+            return self._started + settings.preface_timeout_seconds
+        if settings.idle_timeout_seconds:
+            return self._last_request + settings.idle_timeout_seconds
+        return None
+
+    def on_timer(self, now: float) -> bytes:
+        deadline = self.next_deadline()
+        if self.closed or deadline is None or now < deadline:
+            return b""
+        if not self._settled:
+            return self._close(ErrorCodes.NO_ERROR, f"no HTTP/2 preface within "
+                               f"{self.settings.preface_timeout_seconds:g} s", logging.INFO)
+        return self._close(ErrorCodes.NO_ERROR, f"no request for "
+                           f"{self.settings.idle_timeout_seconds:g} s", logging.INFO)
+
+    def shutdown(self) -> bytes:
+        """GOAWAY NO_ERROR: we are stopping."""
+        if self.closed:
+            return b""
+        return self._close(ErrorCodes.NO_ERROR, "shutting down", logging.DEBUG)
+
+    # -- one turn --------------------------------------------------------------------------
+
+    def _turn(self, now: float) -> bytes:
+        end, error = self._cut(now)
+        data = bytes(self._buffer[:end])
+        del self._buffer[:end]
         try:
-            events = h2.receive_data(data)
-        except ProtocolError as exc:  # h2 has queued a GOAWAY saying so
-            log.info("%s: closing the N5g-eir connection: HTTP/2 protocol error: %s",
-                     self.remote.decode(), untrusted(exc or type(exc).__name__),
-                     extra=self.log_extra)
-            self._write()
-            self.transport.close()
+            if data:
+                self._handle(self.h2.receive_data(data), now)
+            if error is not None:
+                raise error
+        except SbiConnectionError as exc:
+            return self._close(exc.code, str(exc), logging.WARNING)
+        except H2Error as exc:
+            return self._close(goaway_code(exc), f"HTTP/2 protocol error: "
+                               f"{exc or type(exc).__name__}", logging.INFO)
+        except Exception as exc:  # noqa: BLE001 - a defect: this connection only, logged
+            where = traceback.extract_tb(exc.__traceback__)[-1]
+            return self._close(ErrorCodes.INTERNAL_ERROR, f"internal error: {exc!r} at "
+                               f"{where.filename}:{where.lineno}", logging.ERROR)
+        return self.h2.data_to_send()
+
+    def _cut(self, now: float) -> tuple[int, SbiConnectionError | None]:
+        """How many buffered bytes this turn hands h2 (whole frames, within the turn's
+        budget), and the connection error found in the frame after them, if any."""
+        buffer = self._buffer
+        size = len(buffer)
+        settings = self.settings
+        position = min(self._preface_left, size)  # h2 checks the preface itself
+        self._preface_left -= position
+        if self._preface_left:
+            return position, None
+        byte_budget = position + settings.bytes_per_turn
+        frames = 0
+        self.waiting = False
+        while size - position >= FRAME_HEADER_BYTES:
+            if frames == settings.frames_per_turn or frames and position >= byte_budget:
+                self.waiting = True
+                break
+            length = int.from_bytes(buffer[position:position + 3], "big")
+            kind, flags = buffer[position + 3], buffer[position + 4]
+            if length > MAX_FRAME_BYTES:
+                return position, SbiConnectionError(
+                    ErrorCodes.FRAME_SIZE_ERROR,
+                    f"a frame of {length} bytes, above SETTINGS_MAX_FRAME_SIZE")
+            if kind == HEADERS or kind == CONTINUATION:
+                self._header_block += length
+                if self._header_block > settings.max_header_list_bytes:
+                    return position, SbiConnectionError(
+                        ErrorCodes.ENHANCE_YOUR_CALM,
+                        f"a header block of more than {settings.max_header_list_bytes} "
+                        "bytes (sbi.max_header_list_bytes)")
+            if size - position - FRAME_HEADER_BYTES < length:
+                if kind == HEADERS or kind == CONTINUATION:
+                    self._header_block -= length  # counted again when whole
+                break
+            if kind == HEADERS or kind == CONTINUATION:
+                if flags & FLAG_END_HEADERS:
+                    self._header_block = 0
+            elif kind == RST_STREAM:
+                if not self._resets.spend(now):
+                    return position, self._flood("streams reset", "max_resets_per_second")
+            elif (kind in CONTROL_FRAMES or kind > CONTINUATION
+                  or kind == DATA and not length and not flags & FLAG_END_STREAM):
+                if not self._control.spend(now):
+                    return position, self._flood("frames without a request",
+                                                 "max_control_frames_per_second")
+            position += FRAME_HEADER_BYTES + length
+            frames += 1
+        return position, None
+
+    def _flood(self, what: str, setting: str) -> SbiConnectionError:
+        settings = self.settings
+        return SbiConnectionError(ErrorCodes.ENHANCE_YOUR_CALM, (
+            f"flood: more than {getattr(settings, setting):g} {what} per second "
+            f"(sbi.{setting}, {settings.flood_burst_seconds:g} s of burst)"))
+
+    def _handle(self, events: list, now: float) -> None:
+        # Frames are all parsed before their events are seen: a stream reset, or a GOAWAY,
+        # later in the same turn already holds in h2. Such a stream gets no answer; after a
+        # GOAWAY h2 sends nothing, so nothing more is answered.
+        kinds = {type(event) for event in events}
+        if ConnectionTerminated in kinds:
+            self._closed_by_client(events)
             return
+        reset = ({event.stream_id for event in events if type(event) is StreamReset}
+                 if StreamReset in kinds else ())
+        h2 = self.h2
         for event in events:
             kind = type(event)
             if kind is RequestReceived:
-                if event.stream_ended is not None:  # a GET: HEADERS with END_STREAM
-                    self._answer(event.stream_id, event.headers)
+                stream_id = event.stream_id
+                self._last_request = now
+                if stream_id in reset:
+                    continue
+                open_streams = len(self._pending) + len(self._blocked)
+                if open_streams >= self.settings.max_concurrent_streams:
+                    self._reset(stream_id, ErrorCodes.REFUSED_STREAM, now)
+                elif (problem := malformed(event.headers)) is not None:
+                    self.events.append((logging.INFO, f"stream {stream_id}: malformed request: "
+                                        f"{problem} (RST_STREAM PROTOCOL_ERROR)"))
+                    self._reset(stream_id, ErrorCodes.PROTOCOL_ERROR, now)
+                elif event.stream_ended is not None:  # a GET: HEADERS with END_STREAM
+                    self._answer(stream_id, event.headers)
                 else:
-                    self.pending[event.stream_id] = event.headers
+                    self._pending[stream_id] = event.headers
             elif kind is StreamEnded:
-                headers = self.pending.pop(event.stream_id, None)
+                headers = self._pending.pop(event.stream_id, None)
                 if headers is not None:
                     self._answer(event.stream_id, headers)
             elif kind is DataReceived:  # no request body is used: only given back as window
-                h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                if event.flow_controlled_length:
+                    h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
             elif kind is WindowUpdated:
-                if self.blocked:
+                if self._blocked:
                     self._unblock()
             elif kind is StreamReset:
-                self.pending.pop(event.stream_id, None)
-                self.blocked.pop(event.stream_id, None)
-            elif kind is ConnectionTerminated:
-                self._write()
-                self.transport.close()
-                return
-        self._write()
+                self._pending.pop(event.stream_id, None)
+                self._blocked.pop(event.stream_id, None)
+            elif kind is RemoteSettingsChanged:
+                self._settled = True
+
+    def _closed_by_client(self, events: list) -> None:
+        for event in events:
+            if type(event) is ConnectionTerminated:
+                self._end(f"the client closed the connection (GOAWAY "
+                          f"{_code_name(event.error_code)})", logging.DEBUG)
+
+    def _reset(self, stream_id: int, code: ErrorCodes, now: float) -> None:
+        """A stream error: RST_STREAM, counted with the streams the client resets."""
+        self._last_stream = max(self._last_stream, stream_id)
+        self.h2.reset_stream(stream_id, code)
+        if not self._resets.spend(now):
+            raise self._flood("streams reset", "max_resets_per_second")
 
     def _answer(self, stream_id: int, headers: list) -> None:
         method = path = agent = None
@@ -297,59 +543,187 @@ class SbiConnection(asyncio.Protocol):
                 path = value
             elif name == b"user-agent":
                 agent = value
-        service = self.service
-        answer = service.check.answer(method, path, agent or self.remote)
-        requests = service.counters.requests
+        check = self.check
+        answer = check.answer(method, path, agent or self.remote)
+        requests = check.counters.requests
         requests[answer.status] = requests.get(answer.status, 0) + 1
+        self._last_stream = max(self._last_stream, stream_id)
         h2 = self.h2
-        try:
-            h2.send_headers(stream_id, answer.headers)
-            if len(answer.body) <= h2.local_flow_control_window(stream_id):
-                h2.send_data(stream_id, answer.body, end_stream=True)
-            else:  # the client has not given back enough window yet
-                self.blocked[stream_id] = answer.body
-        except StreamClosedError:
-            pass  # the client reset it meanwhile
+        h2.send_headers(stream_id, answer.headers)
+        if len(answer.body) <= h2.local_flow_control_window(stream_id):
+            h2.send_data(stream_id, answer.body, end_stream=True)
+        else:  # the client has not given back enough window yet
+            self._blocked[stream_id] = answer.body
 
     def _unblock(self) -> None:
         h2 = self.h2
-        for stream_id, body in list(self.blocked.items()):
-            try:
-                if len(body) > h2.local_flow_control_window(stream_id):
-                    continue
+        for stream_id, body in list(self._blocked.items()):
+            if len(body) <= h2.local_flow_control_window(stream_id):
                 h2.send_data(stream_id, body, end_stream=True)
-            except StreamClosedError:
-                pass
-            del self.blocked[stream_id]
+                del self._blocked[stream_id]
 
-    def _write(self) -> None:
-        out = self.h2.data_to_send()
+    def _close(self, code: ErrorCodes, reason: str, level: int) -> bytes:
+        """GOAWAY with `code`, in place of whatever h2 queued in the failed turn."""
+        self.h2.data_to_send()  # what h2 queued (its own GOAWAY, if it raised) is dropped
+        frame = GoAwayFrame(0)
+        frame.last_stream_id = self._last_stream
+        frame.error_code = code
+        self._end(f"closing the N5g-eir connection: {reason} (GOAWAY {code.name})", level)
+        self.closed_on_error = code is not ErrorCodes.NO_ERROR
+        return frame.serialize()
+
+    def _end(self, reason: str, level: int) -> None:
+        self.closed_reason = reason
+        self.events.append((level, reason))
+        self.waiting = False  # what is left unread is dropped with the connection
+        self._buffer.clear()
+
+
+def _code_name(code) -> str:
+    try:
+        return ErrorCodes(code).name
+    except ValueError:
+        return str(code)
+
+
+# -- the HTTP/2 server side: the asyncio shell ---------------------------------------------
+
+class SbiConnection(asyncio.BufferedProtocol):
+    """One transport connection (h2c or TLS) of the N5g-eir listener: counted against the
+    connection limits, then feeds its SbiSession and writes what it returns. Reads go into
+    the listener's one read buffer (at most `sbi.read_bytes`), copied out at once."""
+
+    def __init__(self, service: "N5gEir", admitted: str | None = None):
+        self.service = service
+        self.loop = service.loop
+        self.session: SbiSession | None = None
+        self.transport: asyncio.Transport | None = None
+        self.remote = UNKNOWN_CLIENT.decode()
+        # The source address counted against the limits (a TLS connection is counted
+        # before its handshake, by eir.security.TlsAcceptor); None: not counted yet.
+        self._address = admitted
+        self._timer: asyncio.TimerHandle | None = None
+        self._resume_handle: asyncio.Handle | None = None
+        self._linger: asyncio.TimerHandle | None = None  # set once our GOAWAY is written
+        self._reading = True  # the transport's reading state (see _set_reading)
+        self._writing = True  # False while the transport's write buffer is above its limit
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        service = self.service
+        peer = transport.get_extra_info("peername")
+        self.remote = _format_address(peer)
+        if self._address is None:
+            address = peer[0] if peer else ""
+            refusal = service.limits.admit(address)
+            if refusal is not None:
+                log.warning("%s: N5g-eir connection refused: %s", self.remote, refusal,
+                            extra={"peer": address})  # rate-limited by address (eir.logs)
+                transport.abort()
+                return
+            self._address = address
+        service.counters.connections += 1
+        self.transport = transport  # type: ignore[assignment]
+        service.connections.add(self)
+        self.session = SbiSession(service.check, service.settings, service.h2_config,
+                                  self.remote.encode(), self.loop.time())
+        transport.write(self.session.start())
+        self._schedule()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.service.read_buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(self.service.read_buffer[:nbytes].tobytes())
+
+    def data_received(self, data: bytes) -> None:
+        """Bytes read from the client (from buffer_updated, or early TLS data)."""
+        self._after(self.session.receive(data, self.loop.time()))
+
+    def _resume(self) -> None:
+        """This connection's next turn: after the other connections ready now had theirs."""
+        self._resume_handle = None
+        self._after(self.session.resume(self.loop.time()))
+
+    def _after(self, out: bytes) -> None:
+        session = self.session
         if out:
             self.transport.write(out)
+        if session.events:
+            self._log_events()
+        if session.closed:
+            if self._linger is None and not self.transport.is_closing():
+                self._close()
+            return
+        if session.waiting and self._resume_handle is None:
+            self._resume_handle = self.loop.call_soon(self._resume)
+        self._set_reading()
+
+    def _close(self) -> None:
+        """Close once what was written is sent. After a connection error on cleartext:
+        FIN after the GOAWAY, then what the client still sends read and dropped until its
+        own FIN or sbi.close_linger_seconds: a close with unread data would answer it with a
+        TCP reset, which can overtake the GOAWAY (a client still sending is likely then)."""
+        transport = self.transport
+        linger = self.service.settings.close_linger_seconds
+        if not (linger and self.session.closed_on_error and transport.can_write_eof()):
+            transport.close()  # flushes what was written first
+            return
+        transport.write_eof()
+        self._linger = self.loop.call_later(linger, transport.close)
+        transport.resume_reading()  # the session drops what comes
 
     def pause_writing(self) -> None:
         # The client does not read its answers: stop reading its requests until it does.
-        self.transport.pause_reading()
+        self._writing = False
+        self._set_reading()
 
     def resume_writing(self) -> None:
-        self.transport.resume_reading()
+        self._writing = True
+        self._set_reading()
+
+    def _set_reading(self) -> None:
+        """Read unless answers are not drained or frames already wait for a turn."""
+        reading = self._writing and not self.session.waiting
+        if reading is not self._reading and not self.transport.is_closing():
+            self._reading = reading
+            if reading:
+                self.transport.resume_reading()
+            else:
+                self.transport.pause_reading()
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._after(self.session.on_timer(self.loop.time()))
+        self._schedule()
+
+    def _schedule(self) -> None:
+        deadline = self.session.next_deadline()
+        if deadline is not None and not self.session.closed:
+            self._timer = self.loop.call_at(deadline, self._on_timer)
+
+    def _log_events(self) -> None:
+        extra = {"peer": self._address or self.remote}  # rate-limited by address (eir.logs)
+        for level, message in self.session.events:
+            log.log(level, "%s: %s", self.remote, message, extra=extra)
+        self.session.events.clear()
 
     def close(self) -> None:
         """Shutdown: GOAWAY, then close once written."""
         if self.transport is not None and not self.transport.is_closing():
-            try:
-                self.h2.close_connection()
-                self._write()
-            except ProtocolError:
-                pass
-            self.transport.close()
+            self._after(self.session.shutdown())
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.transport is None:
+        if self._address is None:
             return  # refused in connection_made: never counted
-        self.service.counters.connections -= 1
-        self.service.connections.discard(self)
-        self.transport = None
+        service = self.service
+        service.limits.release(self._address)
+        self._address = None
+        service.counters.connections -= 1
+        service.connections.discard(self)
+        for handle in (self._timer, self._resume_handle, self._linger):
+            if handle is not None:
+                handle.cancel()
+        self._log_events()
 
 
 def _format_address(address) -> str:
@@ -372,14 +746,12 @@ class N5gEir:
         settings = server.settings.sbi
         self.settings = settings
         self.counters = SbiCounters()
-        self.max_connections = settings.max_connections
-        self.local_settings = {SettingCodes.MAX_CONCURRENT_STREAMS:
-                               settings.max_concurrent_streams,
-                               SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST_BYTES}
-        # Our answers' headers are ours: not validated again on every send.
-        self.h2_config = H2Configuration(client_side=False, header_encoding=None,
-                                         validate_outbound_headers=False,
-                                         normalize_outbound_headers=False)
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.limits = ConnectionLimits(settings.max_connections,
+                                       settings.max_connections_per_address, section="sbi")
+        # One read buffer for every connection: each read is copied out before the next.
+        self.read_buffer = memoryview(bytearray(settings.read_bytes))
+        self.h2_config = self.h2_configuration()
         self.check = EquipmentIdentityCheck(server, self.counters, server.audit)
         self._own_audit = None
         self.tls_context = None
@@ -393,8 +765,16 @@ class N5gEir:
         self.connections: set[SbiConnection] = set()
         self.nrf = NrfRegistration(self, settings.nrf) if settings.nrf is not None else None
 
+    @staticmethod
+    def h2_configuration() -> H2Configuration:
+        # Our answers' headers are ours: not validated again on every send.
+        return H2Configuration(client_side=False, header_encoding=None,
+                               validate_outbound_headers=False,
+                               normalize_outbound_headers=False,
+                               validate_inbound_headers=False)  # SbiSession checks them
+
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self.loop = asyncio.get_running_loop()
         if self.check.audit is None and self.server.supervisor is not None:
             # A supervisor (eir.workers) has no audit writer (its workers have theirs): it
             # gets one for these verdicts.
@@ -407,8 +787,9 @@ class N5gEir:
         for listen, context, scheme, how in wanted:
             host, port = parse_host_port(listen)
             try:
-                listener = await loop.create_server(lambda: SbiConnection(self), host, port,
-                                                    ssl=context, reuse_address=True)
+                listener = await loop.create_server(
+                    self._tls_acceptor if context is not None else lambda: SbiConnection(self),
+                    host, port, reuse_address=True)
             except OSError as exc:
                 raise OSError(f"sbi {listen}: {exc.strerror or exc}") from None
             self.listeners.append(listener)
@@ -422,6 +803,15 @@ class N5gEir:
             self._own_audit.start()
         if self.nrf is not None:
             self.nrf.start()
+
+    def _tls_acceptor(self) -> TlsAcceptor:
+        """A TLS connection, counted against the limits from accept (its handshake within
+        the preface timeout), then an SbiConnection."""
+        limits = self.limits
+        return TlsAcceptor(self.tls_context, self.settings.preface_timeout_seconds,
+                           limits.admit, limits.release,
+                           lambda address: SbiConnection(self, admitted=address),
+                           self.server._spawn)
 
     async def stop(self) -> None:
         """Deregister from the NRF (bounded), stop listening, close the connections."""

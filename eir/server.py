@@ -127,6 +127,7 @@ class DiameterProtocol(asyncio.BufferedProtocol):
             server.dictionary, server.local, server.applications, self.loop.time(),
             local_addresses=(local_ip,) if local_ip else (), timers=server.timers,
             max_message_bytes=server.settings.diameter.max_message_bytes,
+            max_avps_per_message=server.settings.diameter.max_avps_per_message,
             counters=server.counters, remote_address=remote_ip, allowlist=server.allowlist,
             certificate_names=names, duplicates=server.duplicates,
             admission=server.admission, claims_identity=True)
@@ -345,9 +346,13 @@ class EirServer:
             if min(duplicates.window_seconds, duplicates.max_entries, duplicates.max_bytes) > 0 \
             else None
         overload = diameter.overload
-        self.admission = Admission(overload.requests_per_turn,
-                                   overload.max_queued_per_connection,
-                                   overload.max_queued_total)
+        self.admission = Admission(
+            requests_per_turn=overload.requests_per_turn,
+            max_queued_per_connection=overload.max_queued_per_connection,
+            max_queued_total=overload.max_queued_total,
+            bytes_per_turn=overload.bytes_per_turn,
+            max_queued_bytes_per_connection=overload.max_queued_bytes_per_connection,
+            max_queued_bytes_total=overload.max_queued_bytes_total)
         self.connection_limits = ConnectionLimits(overload.max_connections,
                                                   overload.max_connections_per_address)
         self.read_buffer = memoryview(bytearray(overload.read_bytes))

@@ -1,15 +1,21 @@
-"""Fuzz targets on the codec and on the whole connection handler, and the properties they
-check. One input is plain bytes, so the same target runs under atheris (tests/fuzz/run.py,
-coverage-guided), under hypothesis (tests/test_fuzz.py) and on the corpus (tests/fuzz/corpus/).
+"""Fuzz targets on the codec, on the whole Diameter connection handler and on the N5g-eir
+HTTP/2 connection (eir.sbi.SbiSession), and the properties they check. One input is plain
+bytes, so the same target runs under atheris (tests/fuzz/run.py, coverage-guided), under
+hypothesis (tests/test_fuzz.py) and on the corpus (tests/fuzz/corpus/).
 
-Input layout (both targets): two control bytes, then the stream as the peer would send it.
+Input layout (every target): two control bytes, then the stream as the peer would send it.
   byte 0, codec: bit 0 → Framer max_length 1024 (else 65536); bits 1-7 → which grammar the
           bare AVP list is validated against.
   byte 0, peer: bit 0 → a valid CER is received first (the connection is open); bit 1 →
-          admission limits (small turns and queues: the 3004 and backlog paths); bit 2 →
+          admission limits (small turns and queues, in requests and bytes: the 3004 and
+          backlog paths); bit 2 →
           duplicate detection; bit 3 → idle timeout; bits 4-5 → clock step between chunks
           (0, 0.5 s, 11 s: past the CER timeout, 31 s: past Tw); bit 6 → max_message_bytes
           1024 (else 65536); bit 7 → the fuzzed bytes come before the CER (when bit 0).
+  byte 0, h2: bit 0 → small limits (2 frames per turn, 2 streams, 1 KiB header lists, 5
+          resets and 5 control frames per second, 1 s of burst); bit 1 → the client preface
+          (magic, SETTINGS, WINDOW_UPDATE) comes first; bits 2-3 → clock step between
+          chunks (0, 0.5 s, 11 s: past the preface timeout, 301 s: past the idle timeout).
   byte 1: the stream is fed in chunks of this many bytes (0: whole).
 
 A property that does not hold raises AssertionError; any other exception is a crash. Neither
@@ -18,6 +24,15 @@ target catches anything: whatever escapes is a finding.
 
 from __future__ import annotations
 
+import logging
+from types import SimpleNamespace
+
+from h2.errors import ErrorCodes
+from hpack import Decoder
+from hyperframe.frame import (ContinuationFrame, DataFrame, GoAwayFrame, HeadersFrame,
+                              RstStreamFrame, SettingsFrame)
+
+from eir.config import SbiSettings
 from eir.diameter.codec import AvpLengthError, Framer, decode_avps, parse_header
 from eir.diameter.constants import APPLICATION_S13, FLAG_ERROR, FLAG_REQUEST, HEADER_LENGTH
 from eir.diameter.dictionary import AvpError
@@ -25,6 +40,8 @@ from eir.diameter.duplicates import DuplicateCache
 from eir.diameter.peer import PeerConnection, PeerState, Timers
 from eir.overload import Admission
 from eir.s13 import S13Application
+from eir.sbi import (CLIENT_PREFACE, FRAME_HEADER_BYTES, MAX_FRAME_BYTES,
+                     EquipmentIdentityCheck, N5gEir, SbiCounters, SbiSession)
 
 import test_peer_state as sans_io
 
@@ -157,7 +174,9 @@ _APPLICATION = S13Application(D, sans_io.LOCAL, sans_io.RULE_SET)
 
 def new_fuzz_peer(control: int) -> PeerConnection:
     admission = (Admission(requests_per_turn=2, max_queued_per_connection=4,
-                           max_queued_total=8) if control & 2 else None)
+                           max_queued_total=8, bytes_per_turn=600,
+                           max_queued_bytes_per_connection=1200,
+                           max_queued_bytes_total=2400) if control & 2 else None)
     return PeerConnection(
         D, sans_io.LOCAL, {APPLICATION_S13: _APPLICATION}, now=0.0,
         local_addresses=("127.0.0.1",),
@@ -245,7 +264,123 @@ def fuzz_peer(data: bytes) -> None:
     run.check_end()
 
 
-TARGETS = {"codec": fuzz_codec, "peer": fuzz_peer}
+# -- the N5g-eir HTTP/2 connection -----------------------------------------------------------
+
+# The service on the lists the peer target uses (the server is only where it reads them).
+_CHECK = EquipmentIdentityCheck(SimpleNamespace(rule_set=sans_io.RULE_SET, observations=None),
+                                SbiCounters())
+_H2_CONFIG = N5gEir.h2_configuration()
+_H2_SMALL = SbiSettings(frames_per_turn=2, max_concurrent_streams=2,
+                        max_header_list_bytes=1024, max_resets_per_second=5,
+                        max_control_frames_per_second=5, flood_burst_seconds=1)
+_H2_DEFAULT = SbiSettings()
+# Magic, SETTINGS (empty), the connection window opened to its most.
+H2_CLIENT_START = (CLIENT_PREFACE + bytes.fromhex("000000040000000000") +
+                   bytes.fromhex("0000040800000000007fff0000"))
+_H2_CLOCK_STEPS = (0.0, 0.5, _H2_DEFAULT.preface_timeout_seconds + 1,
+                   _H2_DEFAULT.idle_timeout_seconds + 1)
+
+
+class H2Run:
+    """One SbiSession driven through chunks, turns and timers; what it wrote is checked as
+    a client would read it: whole frames, none longer than a client accepts by default, the
+    HEADERS decodable in order (one HPACK context), nothing after a GOAWAY, and a GOAWAY
+    last whenever the session closed the connection itself."""
+
+    def __init__(self, control: int):
+        self.settings = _H2_SMALL if control & 1 else _H2_DEFAULT
+        self.session = SbiSession(_CHECK, self.settings, _H2_CONFIG, b"fuzz", 0.0)
+        self.now = 0.0
+        self.decoder = Decoder()
+        # Our encoder's table follows the client's SETTINGS_HEADER_TABLE_SIZE, which may
+        # change several times within one chunk: not checked here (h2's business); what is
+        # checked is that the blocks decode, in order.
+        self.decoder.max_allowed_table_size = 2**32
+        self.statuses: list[bytes] = []  # :status of every answer
+        self.resets: list[int] = []  # RST_STREAM error codes
+        self.goaway: int | None = None  # its error code
+        self.wrote(self.session.start())
+
+    def receive(self, chunk: bytes) -> None:
+        session = self.session
+        self.wrote(session.receive(chunk, self.now))
+        for _ in range(MAX_RESUMES_PER_CHUNK):
+            if not session.waiting:
+                break
+            self.wrote(session.resume(self.now))
+        else:
+            raise AssertionError("frames still waiting after every turn")
+        # What stays buffered is part of one frame not yet whole (its declared length is
+        # never allocated ahead).
+        assert len(session._buffer) < FRAME_HEADER_BYTES + MAX_FRAME_BYTES
+
+    def timer(self) -> None:
+        deadline = self.session.next_deadline()
+        if deadline is not None and self.now >= deadline:
+            self.wrote(self.session.on_timer(self.now))
+
+    def wrote(self, out: bytes) -> None:
+        view = memoryview(out)
+        position = 0
+        while position < len(out):
+            assert self.goaway is None, "a frame after GOAWAY"
+            assert len(out) - position >= FRAME_HEADER_BYTES, "a partial frame header"
+            frame, length = HeadersFrame.parse_frame_header(view[position:position + 9],
+                                                             strict=True)
+            assert length <= MAX_FRAME_BYTES, length
+            end = position + FRAME_HEADER_BYTES + length
+            assert end <= len(out), "a partial frame"
+            frame.parse_body(view[position + FRAME_HEADER_BYTES:end])
+            position = end
+            self.check_frame(frame)
+        events = self.session.events
+        for level, text in events:
+            assert level < logging.ERROR, text  # an ERROR is a defect (INTERNAL_ERROR)
+        events.clear()
+
+    def check_frame(self, frame) -> None:
+        if isinstance(frame, HeadersFrame):
+            assert frame.stream_id & 1 and "END_HEADERS" in frame.flags
+            headers = dict(self.decoder.decode(frame.data, raw=True))
+            self.statuses.append(headers[b":status"])
+        elif isinstance(frame, (DataFrame, RstStreamFrame)):
+            assert frame.stream_id & 1
+            if isinstance(frame, RstStreamFrame):
+                self.resets.append(frame.error_code)
+        elif isinstance(frame, GoAwayFrame):
+            self.goaway = frame.error_code
+            ErrorCodes(frame.error_code)
+        else:
+            assert not isinstance(frame, ContinuationFrame)  # our header blocks fit a frame
+
+    def check_end(self) -> None:
+        session = self.session
+        if session.closed and not session.closed_reason.startswith("the client"):
+            assert self.goaway is not None, session.closed_reason
+
+
+def fuzz_h2(data: bytes) -> H2Run | None:
+    """SbiSession fed the stream in chunks, each turn taken, the clock moving and timers
+    firing between."""
+    if len(data) < 2:
+        return None
+    control, chunk_size, stream = data[0], data[1], data[2:]
+    run = H2Run(control)
+    step = _H2_CLOCK_STEPS[(control >> 2) & 3]
+    pieces = chunks_of(stream, chunk_size)
+    if control & 2:
+        pieces = [H2_CLIENT_START] + pieces
+    for piece in pieces:
+        if run.session.closed:
+            break
+        run.receive(piece)
+        run.now += step
+        run.timer()
+    run.check_end()
+    return run
+
+
+TARGETS = {"codec": fuzz_codec, "peer": fuzz_peer, "h2": fuzz_h2}
 
 
 # -- seeds: real messages, most encoded by scapy (an encoder nobody on this project wrote) ----
@@ -254,6 +389,7 @@ def seed_inputs(target: str) -> dict[str, bytes]:
     """Named seed inputs for `target`: CER, ECR, DWR, DPR and answers, alone and pipelined,
     and every error case of test_wire_errors. Control bytes as in the module docstring."""
     import helpers_wire as wire
+    from helpers_faults import heavy_ecrs, proxy_info, with_avps
     from test_wire_errors import CASES
 
     ours = sans_io.open_peer()
@@ -268,6 +404,8 @@ def seed_inputs(target: str) -> dict[str, bytes]:
         "ecr-own-encoder": sans_io.ecr(), "dwr": dwr, "dpr": dpr, "dwa": dwa,
         "dpa": sans_io.answer_to(dpr), "cea": cea, "eca": eca,
     }
+    if target == "h2":
+        return h2_seed_inputs()
     if target == "codec":
         seeds = {name: bytes([0, 0]) + raw for name, raw in messages.items()}
         seeds["pipelined-chunks-of-7"] = bytes([0, 7]) + b"".join(messages.values())
@@ -289,9 +427,66 @@ def seed_inputs(target: str) -> dict[str, bytes]:
         "cer-timeout": bytes([cer_step, 0]) + b"\1",
         "small-max": bytes([open_first | small_max, 0]) + ecr,
         "dpa-unsolicited": bytes([open_first, 0]) + sans_io.answer_to(dpr),
+        # Heavy requests (eir.overload): beyond the AVP budget (5009), at it (2001, its
+        # Proxy-Info echoed), and a pipeline of those ending turns by their bytes.
+        "proxy-info-beyond-the-avp-budget": bytes([open_first, 0]) + with_avps(
+            ecr, proxy_info() * 140),
+        "proxy-info-at-the-avp-budget": bytes([open_first, 0]) + heavy_ecrs(4096, 39)[1],
+        "heavy-flood-admission": bytes([open_first | admission, 0]) + heavy_ecrs(
+            4096, 39)[1] * 6,
     }
     for name, case in CASES.items():
         seeds["error " + name] = bytes([open_first, 0]) + case.request
+    return seeds
+
+
+def h2_seed_inputs() -> dict[str, bytes]:
+    """Requests as the h2 library's client writes them (HPACK with its dynamic table, a
+    body, a cancel, PING, SETTINGS, WINDOW_UPDATE), and each attack of
+    tests/test_sbi_attacks.py: rapid reset, streams beyond the limit, floods, every
+    connection error, a missing preface, an idle connection."""
+    from h2.config import H2Configuration
+    from h2.connection import H2Connection
+
+    from test_sbi_attacks import (CONNECTION_ERRORS, CONTINUATION, DATA, PING, frame, get,
+                                  rst)
+
+    client = H2Connection(H2Configuration(client_side=True, header_encoding=None))
+    client.initiate_connection()
+    path = b"/n5g-eir-eic/v1/equipment-status?pei=imei-352099001761481&supi=imsi-00101012"
+    base = [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"eir"),
+            (b":path", path), (b"user-agent", b"AMF-fuzz")]
+    for stream_id in (1, 3, 5):
+        client.send_headers(stream_id, base, end_stream=True)
+    client.send_headers(7, [(b":method", b"POST"), *base[1:]])
+    client.send_data(7, b"{}", end_stream=True)
+    client.send_headers(9, base)
+    client.reset_stream(9)
+    client.ping(b"12345678")
+    client.update_settings({4: 1 << 20})
+    client.increment_flow_control_window(1 << 20)
+    client.close_connection()
+    real = client.data_to_send()
+    small, start, idle = 1, 2, 12
+    seeds = {
+        "h2-client": bytes([0, 0]) + real,
+        "h2-client-chunks-of-7": bytes([0, 7]) + real,
+        "h2-client-small-limits": bytes([small, 0]) + real,
+        "gets": bytes([start, 0]) + get(1) + get(3) + get(5),
+        "rapid-reset": bytes([start | small, 0]) + b"".join(get(n) + rst(n)
+                                                            for n in range(1, 40, 2)),
+        "refused-stream": bytes([start | small, 0]) + b"".join(
+            get(n, end_stream=False) for n in (1, 3, 5)) + frame(DATA, 1, b"", 1),
+        "ping-flood": bytes([start | small, 0]) + frame(PING, 0, bytes(8)) * 20,
+        "empty-data-flood": bytes([start | small, 0]) + get(1, end_stream=False) +
+        frame(DATA, 1) * 20,
+        "continuation": bytes([start, 0]) + frame(1, 1, b"") + frame(CONTINUATION, 1,
+                                                                     b"\x82", 4),
+        "no-preface": bytes([0x8, 0]) + b"PRI * HT",
+        "idle": bytes([start | idle, 0]) + get(1),
+    }
+    for name, (data, _, _) in CONNECTION_ERRORS.items():
+        seeds["error " + name] = bytes([0 if name == "not HTTP/2" else start, 0]) + data
     return seeds
 
 

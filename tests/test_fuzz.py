@@ -1,8 +1,9 @@
-"""Fuzzing of the codec and of the connection handler (targets: tests/helpers_fuzz.py).
+"""Fuzzing of the codec, of the Diameter connection handler and of the N5g-eir HTTP/2
+connection (targets: tests/helpers_fuzz.py).
 
-Default run (~20 s): the committed corpus replayed, a hypothesis run of both targets with
-allocations traced, the regressions found, and a short coverage-guided atheris run of each
-target (tests/fuzz/run.py, 5 s each).
+Default run (~30 s): the committed corpus replayed, a hypothesis run of each target (the
+Diameter ones with allocations traced), the regressions found, and a short coverage-guided
+atheris run of each target (tests/fuzz/run.py, 5 s each).
 
 Long run, behind a flag: `EIR_FUZZ_INPUTS=1000000 .venv/bin/python -m pytest -q
 tests/test_fuzz.py -k atheris` runs atheris for that many inputs per target instead
@@ -21,6 +22,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from h2.errors import ErrorCodes
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -197,6 +199,45 @@ def test_hypothesis_codec(data):
 def test_hypothesis_peer(data):
     # The peer and its S13 application are built inside the target: ~100 KiB of that.
     assert traced_peak(lambda: helpers_fuzz.fuzz_peer(data)) < 256 * 1024 + 16 * len(data)
+
+
+# -- the N5g-eir HTTP/2 connection -----------------------------------------------------------
+
+def test_h2_corpus_reaches_answers_stream_errors_and_every_goaway_code():
+    """The h2 seeds get past the preface to answers, to stream errors and to each
+    connection error, so that the fuzzer starts from every branch of SbiSession."""
+    statuses, resets, goaways = set(), set(), set()
+    for path in corpus_files("h2"):
+        run = helpers_fuzz.fuzz_h2(path.read_bytes())
+        statuses.update(run.statuses)
+        resets.update(run.resets)
+        goaways.add(run.goaway)
+    assert {b"200", b"405"} <= statuses, statuses
+    assert {ErrorCodes.REFUSED_STREAM, ErrorCodes.PROTOCOL_ERROR} <= resets, resets
+    assert {ErrorCodes.NO_ERROR, ErrorCodes.PROTOCOL_ERROR, ErrorCodes.FLOW_CONTROL_ERROR,
+            ErrorCodes.FRAME_SIZE_ERROR, ErrorCodes.COMPRESSION_ERROR,
+            ErrorCodes.ENHANCE_YOUR_CALM} <= goaways, goaways
+
+
+def h2_frame(kind: int, flags: int, stream_id: int, payload: bytes) -> bytes:
+    return (len(payload).to_bytes(3, "big") + bytes((kind, flags)) +
+            stream_id.to_bytes(4, "big") + payload)
+
+
+# Frames of every type (and a few unknown ones), on the streams that matter: the connection,
+# the first requests, an even (server) id, the highest id.
+h2_frames = st.builds(h2_frame, st.integers(0, 11), st.integers(0, 255),
+                      st.sampled_from([0, 1, 3, 5, 2, 2**31 - 1]), st.binary(max_size=48))
+h2_inputs = st.builds(lambda control, chunk, frames: bytes([control, chunk]) + b"".join(frames),
+                      st.integers(0, 255).map(lambda c: c | 2), st.integers(0, 255),
+                      st.lists(st.one_of(h2_frames, st.binary(max_size=16)), max_size=12))
+
+
+@settings(max_examples=300, deadline=timedelta(seconds=2),
+          suppress_health_check=[HealthCheck.too_slow])
+@given(data=h2_inputs)
+def test_hypothesis_h2(data):
+    helpers_fuzz.fuzz_h2(data)
 
 
 # -- atheris: coverage-guided ----------------------------------------------------------------

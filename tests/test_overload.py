@@ -28,6 +28,7 @@ from eir.diameter.peer import TOO_BUSY as BUSY_ERROR
 from eir.diameter.peer import PeerConnection, PeerState, Timers
 from eir.overload import Admission, ConnectionLimits
 from eir.s13 import S13Application
+from helpers_faults import proxy_info, raw_avp, with_avps
 from helpers_ops import wait_until
 from helpers_wire import (FLAG_ERROR, FLAG_PROXIABLE, FLAG_REQUEST, PEER_HOST,
                           ConnectionClosed, assert_closed_by_server, cer, ecr, open_peer,
@@ -48,6 +49,7 @@ def open_admitted(admission: Admission | None, now: float = 0.0,
                           timers=timers or Timers(watchdog=30.0, watchdog_jitter=0))
     sans_io.one_message(peer.receive(sans_io.cer(APPLICATION_S13), now))
     assert peer.state is PeerState.OPEN
+    assert peer.resume(now) == b""  # the next turn of the loop: the CER's turn is over
     peer.events.clear()
     return peer
 
@@ -137,6 +139,22 @@ def test_a_read_while_requests_wait_is_answered_in_turns_one_per_loop_turn():
     assert set(answers_of(peer.resume(1.0))) == {3, 4}
 
 
+def test_a_read_after_a_full_turn_waits_for_the_next_turn_of_the_loop():
+    # Reads that each bring a turn's worth (here 2 requests; in life a few large ones, see
+    # bytes_per_turn) would otherwise get a turn from the read and another from `resume` in
+    # the same turn of the event loop: two turns to the other connections' one.
+    peer = open_admitted(Admission(requests_per_turn=2, bytes_per_turn=10**6))
+    assert set(answers_of(peer.receive(ecrs(1, 2), 1.0))) == {1, 2}  # a full turn
+    assert peer.receive(ecrs(3, 1), 1.0) == b"" and peer.backlog == 1
+    assert set(answers_of(peer.resume(1.0))) == {3}  # its next turn, not a full one
+    assert set(answers_of(peer.receive(ecrs(4, 1), 1.0))) == {4}  # answered at once
+    # The same by bytes: one request as large as a turn's bytes.
+    peer = open_admitted(Admission(bytes_per_turn=len(ecrs(1, 1))))
+    assert set(answers_of(peer.receive(ecrs(1, 1), 1.0))) == {1}
+    assert peer.receive(ecrs(2, 1), 1.0) == b""
+    assert set(answers_of(peer.resume(1.0))) == {2}
+
+
 def test_watchdogs_are_never_refused_even_beyond_the_queue_bound():
     admission = Admission(requests_per_turn=2, max_queued_per_connection=4)
     peer = open_admitted(admission)
@@ -164,8 +182,8 @@ def test_the_global_bound_refuses_queueing_but_never_a_peer_with_nothing_queued(
     flooder, other = open_admitted(admission), open_admitted(admission)
     flooder.receive(ecrs(1, 10), 1.0)  # 6 queued (the global bound), 4 refused, 2 answered
     assert admission.queued_total == 4
-    # A peer with a request or two per read is answered in its own turn, never refused.
-    lone = answers_of(other.receive(ecrs(100, 2), 1.0))
+    # A peer with a request per read is answered in its own turn, never refused.
+    lone = answers_of(other.receive(ecrs(100, 1), 1.0))
     assert {m.value("Result-Code") for m in lone.values()} == {SUCCESS}
     # One that would have to queue is refused what the global bound has no room for.
     burst = answers_of(other.receive(ecrs(200, 6), 1.0))
@@ -219,6 +237,133 @@ def test_without_admission_limits_a_read_is_answered_whole():
     peer = open_admitted(None)
     assert len(answers_of(peer.receive(ecrs(1, 300), 1.0))) == 300
     assert peer.backlog == 0
+
+
+# -- work, not requests: bytes per turn and in the queues; AVPs per message ------------------
+
+def test_a_turn_ends_after_bytes_per_turn_bytes_of_requests_whichever_comes_first():
+    size = len(ecrs(1, 1))
+    admission = Admission(requests_per_turn=16, bytes_per_turn=2 * size + 1)
+    peer = open_admitted(admission)
+    assert set(answers_of(peer.receive(ecrs(1, 7), 1.0))) == {1, 2, 3}  # crosses the bytes
+    assert (peer.backlog, admission.queued_bytes_total) == (4, 4 * size)
+    assert set(answers_of(peer.resume(1.0))) == {4, 5, 6}
+    assert set(answers_of(peer.resume(1.0))) == {7}
+    assert admission.queued_bytes_total == 0
+    # One request larger than a turn's bytes is answered in a turn of its own.
+    big = with_proxy_infos(sans_io.ecr(), 1, state=b"s" * 4 * size)
+    assert len(answers_of(peer.receive(big + ecrs(10, 2), 1.0))) == 1
+    assert set(answers_of(peer.resume(1.0))) == {10, 11}
+
+
+def test_queued_bytes_are_bounded_per_connection_and_in_all():
+    size = len(ecrs(1, 1))
+    admission = Admission(requests_per_turn=2, max_queued_per_connection=1000,
+                          max_queued_total=1000, max_queued_bytes_per_connection=6 * size,
+                          max_queued_bytes_total=8 * size)
+    flooder, other = open_admitted(admission), open_admitted(admission)
+    first = answers_of(flooder.receive(ecrs(1, 10), 1.0))  # 2 answered, 4 queued, 4 refused
+    assert {h: m.value("Result-Code") for h, m in first.items()} == {
+        1: SUCCESS, 2: SUCCESS, 7: TOO_BUSY, 8: TOO_BUSY, 9: TOO_BUSY, 10: TOO_BUSY}
+    assert (flooder.backlog, flooder.reading) == (4, False)
+    assert f"6 request(s) ({6 * size} bytes) queued on this connection" in \
+        sans_io.event_text(flooder)
+    # In all: 4 of the flooder's, this turn's 2, 2 more waiting, then 3004.
+    burst = answers_of(other.receive(ecrs(100, 6), 1.0))
+    assert {h: m.value("Result-Code") for h, m in burst.items()} == {
+        100: SUCCESS, 101: SUCCESS, 104: TOO_BUSY, 105: TOO_BUSY}
+    assert admission.queued_bytes_total == 6 * size
+    flooder.resume(1.0)  # 2 left: reading again once half empty
+    assert (flooder.backlog, flooder.reading) == (2, True)
+    flooder.connection_lost()
+    other.connection_lost()
+    assert (admission.queued_total, admission.queued_bytes_total) == (0, 0)
+
+
+PROXY_INFO_MIN = sans_io.E("Proxy-Info", [sans_io.E("Proxy-Host", "a"),
+                                          sans_io.E("Proxy-State", b"")])
+ECR_AVPS = 7  # sans_io.ecr(): 6 at the top, IMEI inside Terminal-Information
+
+
+def with_proxy_infos(request: bytes, count: int, state: bytes = b"") -> bytes:
+    """`request` with `count` Proxy-Info AVPs (three AVPs each) appended, the last one
+    holding `state` as its Proxy-State."""
+    extra = PROXY_INFO_MIN * (count - 1) + sans_io.E(
+        "Proxy-Info", [sans_io.E("Proxy-Host", "a"), sans_io.E("Proxy-State", state)])
+    body = bytearray(request + extra)
+    struct.pack_into("!I", body, 0, 0x01000000 | len(body))
+    return bytes(body)
+
+
+def limited_peer(max_avps: int) -> PeerConnection:
+    application = S13Application(sans_io.D, sans_io.LOCAL, sans_io.RULE_SET)
+    peer = PeerConnection(sans_io.D, sans_io.LOCAL, {APPLICATION_S13: application}, now=0.0,
+                          max_avps_per_message=max_avps)
+    sans_io.one_message(peer.receive(sans_io.cer(APPLICATION_S13), 0.0))
+    return peer
+
+
+def test_a_request_within_max_avps_per_message_is_answered_with_its_proxy_info_echoed():
+    peer = limited_peer(ECR_AVPS + 3 * 10)
+    request = with_proxy_infos(sans_io.ecr(), 10, state=b"kept")
+    answer = sans_io.one_message(peer.receive(request, 1.0))
+    assert answer.value("Result-Code") == SUCCESS
+    assert [a.encode() for a in answer.all("Proxy-Info")] == \
+        [a.encode() for a in sans_io.Message(request).all("Proxy-Info")]
+
+
+def test_more_avps_than_max_avps_per_message_at_the_top_is_5009_with_the_first_beyond():
+    peer = limited_peer(ECR_AVPS + 3 * 10)
+    # 6 AVPs of the ECR and 40 Proxy-Info at the top: the 32nd Proxy-Info is the first AVP
+    # beyond the budget. Decoding stops there: the bytes after it are never cut (garbage
+    # there would otherwise be 5014).
+    request = with_proxy_infos(sans_io.ecr(), 40)
+    broken = request[:-28] + b"\xff" * 28
+    for sent in (request, broken):
+        answer = sans_io.one_message(peer.receive(sent, 1.0))
+        assert answer.value("Result-Code") == 5009  # DIAMETER_AVP_OCCURS_TOO_MANY_TIMES
+        assert answer.value("Session-Id") == "mme.test;1"
+        [failed] = answer.all("Failed-AVP")
+        assert failed.data == PROXY_INFO_MIN  # RFC 6733 §7.1.5: the first one beyond
+        assert answer.value("Error-Message") == "more AVPs in the message than accepted"
+        assert answer.all("Proxy-Info") == []
+    assert "answering 5009 AVP_OCCURS_TOO_MANY_TIMES: more AVPs" in sans_io.event_text(peer)
+
+
+def test_more_avps_than_max_avps_per_message_inside_grouped_ones_is_5009_too():
+    # 17 AVPs at the top fit; the children of the 11th Proxy-Info overrun the budget (IMEI
+    # and 10 pairs before them): Failed-AVP is the Proxy-Info around the first child beyond
+    # (RFC 6733 §7.5), not the whole of it.
+    peer = limited_peer(ECR_AVPS + 3 * 10)
+    answer = sans_io.one_message(peer.receive(with_proxy_infos(sans_io.ecr(), 11), 1.0))
+    assert answer.value("Result-Code") == 5009
+    [failed] = answer.all("Failed-AVP")
+    assert failed.data == sans_io.E("Proxy-Info", [sans_io.E("Proxy-State", b"")])
+    assert answer.value("Error-Message") == "Proxy-Info: more AVPs in the message than accepted"
+
+
+def test_an_answer_is_at_most_its_request_and_a_fixed_overhead():
+    # Proxy-Info is echoed whole (RFC 6733 §6.2) and Failed-AVP holds at most the offending
+    # AVP of the request; what an answer adds is bounded: Origin-Host/Realm, Result-Code,
+    # Vendor-Specific-Application-Id, Auth-Session-State, an Error-Message of at most 200
+    # characters, and the headers of Failed-AVP and the Grouped AVPs around the offender.
+    from test_wire_errors import CASES
+    peer = sans_io.open_peer()
+    requests = [case.request for case in CASES.values()] + [
+        with_proxy_infos(sans_io.ecr(), 40, state=b"s" * 60000),
+        with_proxy_infos(sans_io.ecr(), 2000), sans_io.request(324, b"", APPLICATION_S13,
+                                                               FLAG_REQUEST | FLAG_PROXIABLE),
+        # An IMEI of 4-byte characters comes back twice: whole in Failed-AVP, and its first
+        # characters in Error-Message.
+        with_proxy_infos(sans_io.ecr().replace(
+            sans_io.E("Terminal-Information", [sans_io.E("IMEI", "35209900176148")]),
+            sans_io.E("Terminal-Information", [sans_io.E("IMEI", "\U0001d7d8" * 10000)])), 1)]
+    for request in requests:
+        answer = peer.receive(request, 1.0)
+        assert len(answer) <= len(request) + ANSWER_OVERHEAD, (len(answer), len(request))
+
+
+ANSWER_OVERHEAD = 1024  # bytes
 
 
 # -- idle connections --------------------------------------------------------------------
@@ -332,6 +477,30 @@ def test_an_idle_connection_gets_dpr_and_is_closed_on_dpa(eir_server, tmp_path):
                                         AVP("Origin-Realm", val="test")])))
         assert assert_closed_by_server(sock) == b""
     server.wait_for_log(r"mme\.test: no request for 0\.5 s: disconnecting")
+
+
+def test_the_avp_budget_is_a_setting_and_beyond_it_is_5009_with_failed_avp(eir_server,
+                                                                           tmp_path):
+    # The least the setting allows: an ECR of 9 AVPs (scapy's) with 7 Proxy-Info is 30.
+    config = write_config(tmp_path, "diameter:\n  max_avps_per_message: 32\n")
+    server = eir_server("--config", config)
+    within = with_avps(ecr(hop_by_hop=1, end_to_end=1), proxy_info(b"s") * 7)
+    beyond = with_avps(ecr(hop_by_hop=2, end_to_end=2), proxy_info(b"s") * 8)
+    with open_peer(server.address) as sock:
+        sock.sendall(within)
+        answer = parse_answer(read_message(sock))
+        assert answer.result_code == SUCCESS
+        assert b"".join(avp.raw for avp in answer.all(284)) == proxy_info(b"s") * 7
+        sock.sendall(beyond)
+        answer = parse_answer(read_message(sock))
+        assert (answer.hop_by_hop, answer.result_code) == (2, 5009)
+        assert answer.session_id == "mme.test;1;1"
+        # The 33rd AVP is the last Proxy-Info's Proxy-State: Failed-AVP holds it inside
+        # its Proxy-Info (RFC 6733 §7.5).
+        [failed] = answer.all(279)
+        assert failed.value[0].raw == raw_avp(284, raw_avp(33, b"s"))
+    server.wait_for_log(r"mme\.test: answering 5009 AVP_OCCURS_TOO_MANY_TIMES: Proxy-Info: "
+                        r"more AVPs in the message than accepted")
 
 
 # -- the flood -------------------------------------------------------------------------

@@ -62,6 +62,16 @@ class AvpLengthError(Exception):
         self.decoded = decoded or []
 
 
+class AvpCountError(Exception):
+    """More AVPs than the caller's budget (→ 5009): `failed` is the first one beyond it,
+    `decoded` those before it (an error answer still echoes their Session-Id)."""
+
+    def __init__(self, failed: Avp, decoded: list[Avp]):
+        super().__init__(f"more AVPs than the {len(decoded)} accepted")
+        self.failed = failed
+        self.decoded = decoded
+
+
 def parse_header(buf: bytes | bytearray | memoryview, offset: int = 0) -> Header:
     w0, w1, app, hbh, e2e = _WORDS5.unpack_from(buf, offset)
     return Header(w0 & 0xFFFFFF, w1 >> 24, w1 & 0xFFFFFF, app, hbh, e2e)
@@ -92,9 +102,12 @@ def encode_avp(code: int, flags: int, vendor: int, data: bytes) -> bytes:
     return head + data + _PADDING[length & 3]
 
 
-def decode_avps(buf: bytes, start: int, end: int) -> list[Avp]:
-    """Cut buf[start:end] into AVPs. Raises AvpLengthError on a length that cannot be right."""
+def decode_avps(buf: bytes, start: int, end: int, limit: int = 1 << 24) -> list[Avp]:
+    """Cut buf[start:end] into AVPs. Raises AvpLengthError on a length that cannot be right,
+    AvpCountError on an AVP beyond the first `limit` (decoding stops there: a message
+    packed with 8-byte AVPs costs what its first `limit` cost, not thousands)."""
     avps = []
+    left = limit
     append = avps.append
     unpack2 = _WORDS2.unpack_from
     unpack1 = _WORD.unpack_from
@@ -118,6 +131,9 @@ def decode_avps(buf: bytes, start: int, end: int) -> list[Avp]:
                 raise AvpLengthError(code, word >> 24, 0, length, avps)
             append(new(Avp, (code, word >> 24, 0, buf[pos + 8:next_pos])))
         pos += (length + 3) & ~3
+        left -= 1
+        if left < 0:
+            raise AvpCountError(avps[-1], avps[:-1])
     return avps
 
 

@@ -17,7 +17,7 @@ from typing import Any, Iterable
 
 import yaml
 
-from eir.diameter.codec import Avp, AvpLengthError, decode_avps, encode_avp
+from eir.diameter.codec import Avp, AvpCountError, AvpLengthError, decode_avps, encode_avp
 from eir.diameter.constants import AVP_FLAG_MANDATORY, AVP_FLAG_VENDOR, ResultCode
 
 
@@ -67,6 +67,9 @@ _known_identities: set[bytes] = set()
 # Failed-AVP) lets a Grouped AVP hold itself, and a 64 KiB message of nested headers would
 # otherwise recurse past Python's stack limit (RecursionError). Real dictionaries nest ~5 deep.
 MAX_GROUPED_DEPTH = 16
+# The Error-Message of 5009 for a message with more AVPs than the server accepts
+# (diameter.max_avps_per_message, enforced by eir.diameter.peer with `Dictionary.validate`).
+TOO_MANY_AVPS = "more AVPs in the message than accepted"
 
 
 class DictionaryError(Exception):
@@ -85,14 +88,16 @@ class AvpError(Exception):
 
 class AvpIndex(dict):
     """Validated AVPs by name (name → occurrences, in order). `groups` holds, for each
-    Grouped AVP, the index of each occurrence's children, so nothing is decoded twice."""
+    Grouped AVP, the index of each occurrence's children, so nothing is decoded twice.
+    `count`: the AVPs indexed, at every depth (what they cost to decode and validate)."""
 
-    __slots__ = ("groups",)
+    __slots__ = ("groups", "count")
 
     def __init__(self) -> None:
         # dict.__init__ is not called: with no arguments it does nothing (hot path: two
         # indexes per request).
         self.groups: dict[str, list[AvpIndex]] = {}
+        self.count = 0
 
 
 def avp_key(code: int, vendor: int) -> int:
@@ -382,14 +387,17 @@ class Dictionary:
     def command(self, application: int, code: int) -> CommandDef | None:
         return self.commands.get((application, code))
 
-    def validate(self, avps: list[Avp], grammar: Grammar, depth: int = 0) -> AvpIndex:
+    def validate(self, avps: list[Avp], grammar: Grammar, depth: int = 0,
+                 budget: int = 1 << 24) -> AvpIndex:
         """Check `avps` against `grammar` (recursing into Grouped AVPs) and index them by name.
 
         Raises AvpError for the first problem found: 5001 unknown AVP with the M bit,
-        5004 invalid value, 5014 invalid length, 5008 AVP not allowed, 5009 too many, and
-        after the whole list, 5005 for a missing required AVP.
+        5004 invalid value, 5014 invalid length, 5008 AVP not allowed, 5009 too many (of
+        one AVP, or more than `budget` AVPs inside the Grouped ones, at every depth: each
+        costs ~1 µs), and after the whole list, 5005 for a missing required AVP.
         """
         found = AvpIndex()
+        left = budget
         groups = found.groups
         rules = grammar.rules
         known = self.avps
@@ -422,7 +430,8 @@ class Dictionary:
                 if len(data) != 4 or _U32.unpack(data)[0] not in definition.value_set:
                     definition.check(avp)
             elif kind == CHECK_GROUPED:
-                children = self._validate_grouped(avp, definition, depth)
+                children = self._validate_grouped(avp, definition, depth, left)
+                left -= children.count
                 group = groups.get(definition.name)
                 if group is None:
                     groups[definition.name] = [children]
@@ -446,16 +455,25 @@ class Dictionary:
             if rule.avp.name not in found or len(found[rule.avp.name]) < rule.min:
                 raise AvpError(ResultCode.MISSING_AVP, rule.avp.empty_instance(),
                                f"{rule.avp.name} is missing")
+        found.count = len(avps) + budget - left
         return found
 
-    def _validate_grouped(self, avp: Avp, definition: AvpDef, depth: int) -> AvpIndex:
+    def _validate_grouped(self, avp: Avp, definition: AvpDef, depth: int,
+                          budget: int) -> AvpIndex:
         if depth >= MAX_GROUPED_DEPTH:
             raise AvpError(ResultCode.INVALID_AVP_VALUE, avp.encode(),
                            f"{definition.name}: Grouped AVPs nested more than "
                            f"{MAX_GROUPED_DEPTH} deep")
         try:
-            return self.validate(decode_avps(avp.data, 0, len(avp.data)), definition.grammar,
-                                 depth + 1)
+            children = decode_avps(avp.data, 0, len(avp.data), budget)
+            return self.validate(children, definition.grammar, depth + 1,
+                                 budget - len(children))
+        except AvpCountError as exc:
+            # RFC 6733 §7.1.5: Failed-AVP holds the first AVP beyond the bound, inside the
+            # Grouped AVP around it (§7.5), as for the errors below.
+            raise AvpError(ResultCode.AVP_OCCURS_TOO_MANY_TIMES,
+                           encode_avp(avp.code, avp.flags, avp.vendor, exc.failed.encode()),
+                           f"{definition.name}: {TOO_MANY_AVPS}") from None
         except AvpLengthError as exc:
             inner = self.failed_for_length_error(exc)
             raise AvpError(ResultCode.INVALID_AVP_LENGTH,

@@ -3,8 +3,9 @@
 Sans-IO: `receive(data, now)` and `on_timer(now)` return the bytes to send; the caller owns
 the socket and the clock. After each call the caller drains `events` (log records) and, when
 `closed` is set, writes what was returned and closes the transport. With `admission` limits,
-a read of more requests than one turn may answer leaves the rest queued (`backlog`): the
-caller calls `resume(now)` on a later turn of its event loop until the backlog is empty.
+a read of more requests than one turn may answer leaves the rest queued (`backlog`), and so
+does a read that follows a full turn: the caller calls `resume(now)` on a later turn of its
+event loop until the backlog is empty.
 
 Policy comes in as data: the peer allowlist and the names of a verified TLS certificate
 (checked on CER: 3010 DIAMETER_UNKNOWN_PEER), the duplicate-answer cache (T flag), and the
@@ -27,16 +28,16 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
-from eir.diameter.codec import (Avp, AvpLengthError, Framer, Header,
+from eir.diameter.codec import (Avp, AvpCountError, AvpLengthError, Framer, Header,
                                 decode_avps, encode_avp, encode_message, parse_header)
 from eir.diameter.constants import (APPLICATION_COMMON, APPLICATION_RELAY,
                                     AVP_FLAG_MANDATORY, COMMAND_CAPABILITIES_EXCHANGE,
                                     COMMAND_DEVICE_WATCHDOG, COMMAND_DISCONNECT_PEER,
                                     FLAG_ERROR, FLAG_PROXIABLE, FLAG_REQUEST, FLAG_RETRANSMIT,
                                     DisconnectCause, ResultCode)
-from eir.diameter.dictionary import AvpError, AvpIndex, CommandDef, Dictionary
-from eir.untrusted import untrusted
+from eir.diameter.dictionary import TOO_MANY_AVPS, AvpError, AvpIndex, CommandDef, Dictionary
 from eir.diameter.duplicates import request_keys
+from eir.untrusted import untrusted
 
 if TYPE_CHECKING:
     from eir.diameter.duplicates import DuplicateCache
@@ -147,6 +148,9 @@ class PeerConnection:
     local_addresses: tuple[str, ...] = ()
     timers: Timers = field(default_factory=Timers)
     max_message_bytes: int = 65536
+    # AVPs a request may hold, at every depth of grouping; beyond, 5009 at the cost of
+    # decoding that many (diameter.max_avps_per_message, eir.overload).
+    max_avps_per_message: int = 128
     rng: random.Random = field(default_factory=random.Random)
     remote_address: str | None = None  # the peer's IP address, for the allowlist
     allowlist: PeerAllowlist | None = None  # None or empty: any peer may open
@@ -180,8 +184,14 @@ class PeerConnection:
         self._last_request = self.now
         # Messages read but not yet handled (only with admission limits).
         self._queue: deque[bytes] = deque()
+        self._queued_bytes = 0  # their length
         admission = self.admission
         self._per_turn = admission.requests_per_turn if admission else sys.maxsize
+        self._bytes_per_turn = admission.bytes_per_turn if admission else sys.maxsize
+        # The last turn answered requests_per_turn requests or bytes_per_turn bytes: the
+        # next read only queues, so that a connection whose reads each bring a turn's worth
+        # (a few large requests) gets one turn per turn of the event loop, not two.
+        self._full_turn = False
         self.refused_busy = 0  # requests answered 3004 on this connection
         self._busy_templates: dict[bytes, tuple[bytes, bytes]] = {}
         self._application_ids = {a.to_bytes(4, "big") for a in self.applications}
@@ -210,11 +220,17 @@ class PeerConnection:
         self._last_received = now
         framer = self._framer
         messages = framer.feed(data)
-        if self._queue:  # a turn is pending already: this read waits for it
+        if self._queue or self._full_turn:
+            # A turn is pending already, or this connection has just had a full one: this
+            # read waits for its next turn (`resume`, on the next turn of the event loop).
             return self._receive_queued(messages, now, serve=False)
-        if len(messages) > self._per_turn:
+        count = len(messages)
+        size = len(messages[0]) if count == 1 else sum(map(len, messages))
+        if count > self._per_turn or count > 1 and size > self._bytes_per_turn:
             return self._receive_queued(messages, now, serve=True)
-        if len(messages) == 1 and framer.error is None:
+        # Answered now, as this connection's turn.
+        self._full_turn = count >= self._per_turn or size >= self._bytes_per_turn
+        if count == 1 and framer.error is None:
             return self._handle(messages[0], now)
         out = []
         for message in messages:
@@ -316,7 +332,9 @@ class PeerConnection:
         self.events.append((level, f"{who}: {reason}"))
         if self._queue:  # never to be answered: the connection is going away
             self.admission.queued_total -= len(self._queue)
+            self.admission.queued_bytes_total -= self._queued_bytes
             self._queue.clear()
+            self._queued_bytes = 0
 
     # -- turns and the queue (admission limits) ------------------------------------------
 
@@ -329,25 +347,32 @@ class PeerConnection:
         loop however often it is read, so that a flooding peer cannot take two."""
         admission = self.admission
         queue = self._queue
-        per_turn = self._per_turn
+        per_turn, bytes_per_turn = self._per_turn, self._bytes_per_turn
         # What this turn answers is never refused; beyond it, up to the bounds wait.
         limit = per_turn + admission.max_queued_per_connection
+        # Bytes are bounded whole (this turn's included): a turn ends at either bound.
+        byte_limit = admission.max_queued_bytes_per_connection
         out = []
         for message in messages:
-            if len(queue) >= per_turn and (
-                    len(queue) >= limit or admission.queued_total >= admission.max_queued_total):
+            if (len(queue) >= per_turn or self._queued_bytes >= bytes_per_turn) and (
+                    len(queue) >= limit or self._queued_bytes >= byte_limit
+                    or admission.queued_total >= admission.max_queued_total
+                    or admission.queued_bytes_total >= admission.max_queued_bytes_total):
                 if self._refusable(message):
                     out.append(self._too_busy(message, now))
                     continue
-                if len(queue) >= 2 * limit:
+                if len(queue) >= 2 * limit or self._queued_bytes >= 2 * byte_limit:
                     # Only a peer flooding base protocol messages (which are never refused)
                     # gets here: its queue must stay bounded all the same.
-                    self._close(f"closing connection: more than {2 * limit} messages queued",
+                    self._close(f"closing connection: {len(queue)} messages queued "
+                                f"({self._queued_bytes} bytes), twice the most allowed",
                                 logging.WARNING)
                     return b"".join(out)
             queue.append(message)
+            self._queued_bytes += len(message)
             admission.queued_total += 1
-        if len(queue) >= limit:
+            admission.queued_bytes_total += len(message)
+        if len(queue) >= limit or self._queued_bytes >= byte_limit:
             self.reading = False
         if self._framer.error is not None:
             out.append(self._serve_all_then_close(now))
@@ -356,16 +381,27 @@ class PeerConnection:
         return b"".join(out)
 
     def _serve_turn(self, now: float) -> bytes:
+        """Answer queued requests until `requests_per_turn` of them or `bytes_per_turn`
+        bytes of them are answered (whichever comes first; one at least)."""
         queue = self._queue
         admission = self.admission
         out = []
-        for _ in range(min(self._per_turn, len(queue))):
+        served = served_bytes = 0
+        while queue and served < self._per_turn and served_bytes < self._bytes_per_turn:
             message = queue.popleft()
+            size = len(message)
+            self._queued_bytes -= size
             admission.queued_total -= 1
+            admission.queued_bytes_total -= size
+            served += 1
+            served_bytes += size
             out.append(self._handle(message, now))
             if self.closed:
                 break
-        if not self.reading and len(queue) <= admission.max_queued_per_connection // 2:
+        self._full_turn = served >= self._per_turn or served_bytes >= self._bytes_per_turn
+        if not self.reading and (
+                len(queue) <= admission.max_queued_per_connection // 2
+                and self._queued_bytes <= admission.max_queued_bytes_per_connection // 2):
             self.reading = True
         if not queue and self._refused_in_episode:
             self.events.append((logging.INFO, f"{untrusted(self.peer_host)}: no longer "
@@ -410,9 +446,11 @@ class PeerConnection:
             self.counters.request(int.from_bytes(raw[5:8], "big"))
         if not self._refused_in_episode:
             self.events.append((logging.WARNING, f"{untrusted(self.peer_host)}: overloaded: "
-                                f"{len(self._queue)} request(s) queued on this connection, "
-                                f"{self.admission.queued_total} on all: answering 3004 "
-                                "DIAMETER_TOO_BUSY to more"))
+                                f"{len(self._queue)} request(s) ({self._queued_bytes} bytes) "
+                                "queued on this connection, "
+                                f"{self.admission.queued_total} "
+                                f"({self.admission.queued_bytes_total} bytes) on all: "
+                                "answering 3004 DIAMETER_TOO_BUSY to more"))
         self._refused_in_episode += 1
         # The answer is the same for every request of a command but for the Session-Id and
         # the header's ids: the application builds the first one, the rest are assembled
@@ -423,7 +461,7 @@ class PeerConnection:
         if template is None or session_avp is None:
             header = parse_header(raw)
             answer = self.applications[header.application].error_answer(
-                header, _leading_session_id(raw), TOO_BUSY)
+                header, _leading_session_id(raw, self.max_avps_per_message), TOO_BUSY)
             if session_avp is not None and answer[20:20 + len(session_avp)] == session_avp:
                 self._busy_templates[key] = (answer[4:8], answer[20 + len(session_avp):])
             return answer
@@ -485,14 +523,19 @@ class PeerConnection:
             return self._protocol_error(
                 header, raw, ResultCode.INVALID_HDR_BITS,
                 f"P bit must be {'set' if command.proxiable else 'clear'} in {command.name}")
+        max_avps = self.max_avps_per_message
         try:
-            avps = decode_avps(raw, 20, len(raw))
+            avps = decode_avps(raw, 20, len(raw), max_avps)
         except AvpLengthError as exc:
             error = AvpError(ResultCode.INVALID_AVP_LENGTH,
                              self.dictionary.failed_for_length_error(exc), str(exc))
             return self._avp_error(header, handler, _session_id(exc.decoded), error)
+        except AvpCountError as exc:
+            error = AvpError(ResultCode.AVP_OCCURS_TOO_MANY_TIMES, exc.failed.encode(),
+                             TOO_MANY_AVPS)
+            return self._avp_error(header, handler, _session_id(exc.decoded), error)
         try:
-            found = self.dictionary.validate(avps, command.request)
+            found = self.dictionary.validate(avps, command.request, budget=max_avps - len(avps))
         except AvpError as error:
             return self._avp_error(header, handler, _session_id(avps), error)
         if handler is not None:
@@ -560,11 +603,9 @@ class PeerConnection:
 
     def _protocol_error(self, header: Header, raw: bytes, code: ResultCode,
                         text: str) -> bytes:
-        try:
-            session_id = _session_id(decode_avps(raw, 20, len(raw)))
-        except AvpLengthError as exc:
-            session_id = _session_id(exc.decoded)
-        self.events.append((logging.INFO, f"{untrusted(self.peer_host)}: answering {code.value} "
+        session_id = _leading_session_id(raw, self.max_avps_per_message)
+        self.events.append((logging.INFO, f"{untrusted(self.peer_host)}: answering "
+                            f"{code.value} "
                             f"{code.name}: {text}"))
         return self.answers.error(header, session_id, code, text=text)
 
@@ -735,14 +776,14 @@ def _leading_session_avp(raw: bytes) -> bytes | None:
     return raw[20:end]
 
 
-def _leading_session_id(raw: bytes) -> Avp | None:
+def _leading_session_id(raw: bytes, max_avps: int) -> Avp | None:
     """The Session-Id of a request without decoding the rest: RFC 6733 §8.8 puts it first.
-    A request that does not is decoded whole."""
+    A request that does not is decoded, up to its first `max_avps` AVPs."""
     if raw[20:24] == _SESSION_ID_HEADER and len(raw) >= 28 and not raw[24] & 0x80:
         length = int.from_bytes(raw[25:28], "big")
         if 8 <= length <= len(raw) - 20:
             return Avp(SESSION_ID_CODE, raw[24], 0, raw[28:20 + length])
     try:
-        return _session_id(decode_avps(raw, 20, len(raw)))
-    except AvpLengthError as exc:
+        return _session_id(decode_avps(raw, 20, len(raw), max_avps))
+    except (AvpLengthError, AvpCountError) as exc:
         return _session_id(exc.decoded)

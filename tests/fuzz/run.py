@@ -2,6 +2,7 @@
 
     .venv/bin/python tests/fuzz/run.py codec -runs=1000000
     .venv/bin/python tests/fuzz/run.py peer -max_total_time=60
+    .venv/bin/python tests/fuzz/run.py h2 -max_total_time=60
     .venv/bin/python tests/fuzz/run.py peer --seed      # (re)write the seed inputs only
 
 Targets and properties: tests/helpers_fuzz.py. Any libFuzzer option may follow the target;
@@ -26,7 +27,7 @@ TESTS = Path(__file__).resolve().parent.parent
 CORPUS = TESTS / "fuzz" / "corpus"
 sys.path.insert(0, str(TESTS))
 
-with atheris.instrument_imports(include=["eir"]):
+with atheris.instrument_imports(include=["eir", "h2", "hpack", "hyperframe"]):
     import helpers_fuzz
 
 # -timeout: an input running longer is a hang (inputs take ~0.1 to 12 ms; 10 s leaves room for
