@@ -2,8 +2,8 @@
 the AMF uses indirect communication). Each node registers itself as a 5G_EIR NF instance; the
 AMF discovers the instances and chooses one. Two `eir serve --sbi` nodes with their own
 Diameter identities register with one stand-in NRF (tests/test_sbi.py's, served by hypercorn):
-two distinct, stable instances, each advertising its own endpoint, both answering the same
-verdicts; a node that stops deregisters its own instance only, and the other keeps its
+two distinct, stable instances, each advertising its own endpoint and the priority, capacity
+and locality the AMFs choose by (sbi.nrf), both answering the same verdicts; a node that stops deregisters its own instance only, and the other keeps its
 heartbeats. docs/SCALE-OUT.md describes the rest (selection, failover), which is the NRF's and
 the AMF's and cannot run here."""
 
@@ -17,15 +17,23 @@ from helpers_ops import wait_until
 from test_sbi import STATUS_PATH, NrfStandIn, imei, start_sbi
 
 NODES = ("eir-a.localdomain", "eir-b.localdomain")
+# What each node advertises for the AMFs' choice (sbi.nrf.priority, capacity, locality): one
+# node per site, the first preferred.
+SELECTION = {"eir-a.localdomain": {"priority": 1, "capacity": 100, "locality": "site-a"},
+             "eir-b.localdomain": {"priority": 2, "capacity": 50, "locality": "site-b"}}
 BLACKLISTED = "35209900176148"  # config/lists/example.csv: reported stolen
 
 
 def test_two_nodes_register_as_two_5g_eir_instances_and_answer_alike(eir_server, tmp_path):
     with NrfStandIn(heartbeat_seconds=1) as nrf:
-        config = tmp_path / "eir.yaml"
-        config.write_text(f"sbi:\n  nrf:\n    url: {nrf.url}\n    heartbeat_seconds: 1\n")
-        nodes = [start_sbi(eir_server, "--config", str(config), "--origin-host", identity)[0]
-                 for identity in NODES]
+        nodes = []
+        for identity in NODES:
+            config = tmp_path / f"{identity}.yaml"
+            config.write_text(f"sbi:\n  nrf:\n    url: {nrf.url}\n    heartbeat_seconds: 1\n"
+                              + "".join(f"    {key}: {value}\n"
+                                        for key, value in SELECTION[identity].items()))
+            nodes.append(start_sbi(eir_server, "--config", str(config), "--origin-host",
+                                   identity)[0])
         # Each node's instance id follows from its Diameter identity: two instances, and
         # the same ones again after a restart.
         paths = {f"/nnrf-nfm/v1/nf-instances/{uuid.uuid5(uuid.NAMESPACE_DNS, identity)}"
@@ -39,6 +47,10 @@ def test_two_nodes_register_as_two_5g_eir_instances_and_answer_alike(eir_server,
         profiles = [json.loads(body) for verb, _, _, body in list(nrf.requests)
                     if verb == "PUT"]
         assert {profile["nfType"] for profile in profiles} == {"5G_EIR"}
+        for identity in NODES:
+            instance = str(uuid.uuid5(uuid.NAMESPACE_DNS, identity))
+            profile, = (p for p in profiles if p["nfInstanceId"] == instance)
+            assert profile == profile | SELECTION[identity], profile
         # What an AMF does with the discovered profiles: any instance, the same verdict.
         endpoints = {(point["ipv4Address"], point["port"]) for profile in profiles
                      for point in profile["nfServices"][0]["ipEndPoints"]}
