@@ -18,6 +18,7 @@ import shlex
 import shutil
 import socket
 import subprocess
+import tempfile
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path, PurePosixPath
@@ -671,12 +672,20 @@ def check_dra(lab: Lab) -> list[str]:
         problems.append(f"EIR nodes: sync.source {sorted(map(str, sources))} is not one "
                         "registry source")
     stores: dict[str, str] = {}
+    synced: set[Path] = set()
     for name, settings in nodes.values():
         source = settings.sync.source or ""
         if not source.startswith(("http://", "https://")):
             host_source = lab.host_path(name, source)
             if host_source is None or not host_source.is_dir():
                 problems.append(f"{name}: sync.source {source} is no mounted directory")
+            elif host_source not in synced:  # what each node does first: sync it, for real
+                synced.add(host_source)
+                with tempfile.TemporaryDirectory() as store:
+                    result = run_eir("sync", "--source", str(host_source), "--store", store)
+                if result.returncode != 0:
+                    problems.append(f"{name}: `eir sync` of {source} fails: "
+                                    f"{(result.stderr or result.stdout).strip()}")
         store = settings.store.directory
         volume = next((src for src, target in map(_volume_source_target,
                                                   lab.service(name).get("volumes") or [])
@@ -1040,6 +1049,8 @@ BREAKS = [
      "      - eir-a-data:/var/lib/eir", "share the store volume eir-a-data"),
     (check_dra, "testbed/dra/eir-node.yaml", "  source: /etc/eir/registry",
      "  source: /etc/eir/registry-gone", "is no mounted directory"),
+    (check_dra, "testbed/dra/registry/20261201_blacklist.csv", "35349006987331,20200101,",
+     "35349006987331,someday,", "`eir sync` of /etc/eir/registry fails"),
     (check_eir_config, "testbed/eir/eir.yaml", "  transport: tcp",
      "  transport: tcp\n  watchdog_seconds: 0", "watchdog_seconds"),
     (check_eir_config, "testbed/eir/lists/lab.csv", "86000000,blacklist,",
