@@ -175,6 +175,14 @@ def finish(sim: MmeSim, timeout: float):
         sim.kill()
 
 
+def distinct_checks(lists: Path) -> set[tuple]:
+    """The observation rows the TERMINALS rows make today, each distinct check once: (day,
+    IMEI, IMSI, MSISDN), malformed IMEIs (5004) left out."""
+    day = today_number()
+    return {(day, normalise_imei(imei), imsi, "")
+            for (imei, imsi, _), want in zip(TERMINALS, expected_answers(lists))
+            if want.result_code != "5004"}
+
 def established_receive_queue(port: int) -> int:
     """Bytes waiting in the receive queues of the established TCP connections to local
     `port` (/proc/net/tcp): what a stopped node has been sent and not read."""
@@ -288,14 +296,10 @@ def test_both_nodes_record_each_check_once_in_one_postgres(
     check_every_answer(records, summary, terminals, expected_answers(lists), count)
     assert node_a.answers().get("2001", 0) > 0 and node_b.answers().get("2001", 0) > 0
 
-    day = today_number()
-    checked = {(day, normalise_imei(imei), imsi, "")
-               for (imei, imsi, _), want in zip(TERMINALS, expected_answers(lists))
-               if want.result_code != "5004"}
     for node in (node_a, node_b):  # SIGTERM: each node flushes what it holds, then exits
         assert node.server.stop(signal.SIGTERM) == 0
     rows = stored_rows(database_url)
-    assert sorted(rows) == sorted(checked)
+    assert sorted(rows) == sorted(distinct_checks(lists))
 
 
 def test_dra_restarted_reconnects_to_nodes_that_refuse_a_second_connection(
@@ -329,22 +333,26 @@ def test_dra_restarted_reconnects_to_nodes_that_refuse_a_second_connection(
 @pytest.mark.skipif(not WATCHDOG_TEST, reason="waits ~15 s for the DRA's watchdog: "
                     "EIR_DRA_WATCHDOG=1 runs it")
 def test_hung_node_is_found_by_the_watchdog_and_its_requests_fail_over(
-        dra_lab, tmp_path, extension, lists, terminals, capsys):  # noqa: F811
+        dra_lab, tmp_path, extension, lists, terminals, database_url, capsys):  # noqa: F811
     """Node A stops answering without closing its connection (SIGSTOP): nothing tells the
     DRA but its watchdog. After Tw without a message it sends a DWR, after another Tw without
     the DWA the node is SUSPECT and its pending requests go to node B with the T flag. The
-    MME waits longer than that (answer_timeout 20 s), so it sees every answer, late."""
-    dra, node_a, node_b = dra_lab(verbose=False)
+    MME waits longer than that (answer_timeout 20 s), so it sees every answer, late, once.
+    Node A then resumes and answers the requests it held too (the DRA drops those answers):
+    both nodes handled them, and the shared observations database still has one row per
+    distinct check."""
+    shared = {"observations": {"url": database_url, "flush_seconds": 0.2}}
+    dra, node_a, node_b = dra_lab(settings={NODE_A: shared, NODE_B: shared})
     rate = 1000
     count = rate * (2 * DRA_TW + 8)  # the run outlasts the watchdog's 2 x Tw (+ jitter)
     sim = run_mme(tmp_path, extension, dra, "hung", csv=terminals, count=count, rate=rate,
                   answer_timeout_ms=20_000)
     wait_until(lambda: answered(node_a) >= 100, f"{NODE_A} answered 100", CONNECT_TIMEOUT)
+    before_stop = answered(node_a)
     node_a.server.process.send_signal(signal.SIGSTOP)
     stopped = time.monotonic()
     try:
-        dra.wait_for(rf"-> 'STATE_SUSPECT'\t'{re.escape(NODE_A)}'",
-                               timeout=2 * DRA_TW + 6)
+        dra.wait_for(rf"-> 'STATE_SUSPECT'\t'{re.escape(NODE_A)}'", timeout=2 * DRA_TW + 6)
         found = time.monotonic() - stopped
         records, summary = finish(sim, CONNECT_TIMEOUT + count / rate + 30)
     finally:
@@ -356,6 +364,12 @@ def test_hung_node_is_found_by_the_watchdog_and_its_requests_fail_over(
     assert held, "no request was held by the stopped node"
     # Held from when it went to node A until the failover; none longer than the watchdog.
     assert held[-1] <= found + 1.0, (found, held)
+    # Node A, resumed, answers what it held (node B answered those already).
+    wait_until(lambda: answered(node_a) >= before_stop + len(held),
+               f"{NODE_A} answered the requests it held", 10)
+    for node in (node_a, node_b):  # SIGTERM: each node flushes what it holds, then exits
+        assert node.server.stop(signal.SIGTERM) == 0
+    assert sorted(stored_rows(database_url)) == sorted(distinct_checks(lists))
     with capsys.disabled():
         print(f"\nhung node under {rate} ECR/s, TwTimer {DRA_TW} s: SUSPECT after "
               f"{found:.1f} s; {len(held)} request(s) held, answered by {NODE_B} after "
