@@ -20,6 +20,10 @@ $EIR_API_TOKEN, compared in constant time; without it, 401. /healthz and /readyz
 (orchestrators probe them without secrets; they tell nothing but up/ready), and so is
 /openapi.json (the document holds no data). Errors are RFC 9457 problem details
 (application/problem+json): type, title, status, detail, and `field` when one input is wrong.
+
+The web console (eir.console) is mounted at /console on the same app, unless
+console.enabled is false: its own pages, sessions and errors (HTML), on the functions below
+(`list_status`, `rollback_lists`, `connected_peers`) and the server's `reload_lists`.
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ IMSI_PATTERN = r"^[0-9]{5,15}$"
 VERSION_PATTERN = r"^[0-9A-Za-z._-]{1,64}$"
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 PROBE_PATHS = ("/healthz", "/readyz")
+CONSOLE_PATH = "/console"  # the web console (eir.console), unless console.enabled is false
 FIELD_MESSAGES = {
     "imei": "must be an IMEI or IMEISV: 14 to 16 digits",
     "imsi": "must be an IMSI: 5 to 15 digits",
@@ -266,7 +271,7 @@ def create_app(server, token: str) -> FastAPI:
     @app.get("/v1/lists", response_model=ListStatus, dependencies=secured,
              summary="The lists in force and the store's versions")
     async def lists():
-        return await asyncio.get_running_loop().run_in_executor(None, _list_status, server)
+        return await asyncio.get_running_loop().run_in_executor(None, list_status, server)
 
     @app.post("/v1/lists/reload", response_model=ReloadResult, dependencies=secured,
               responses=_problems(409), summary="Load the lists again (as SIGHUP does); on "
@@ -281,37 +286,12 @@ def create_app(server, token: str) -> FastAPI:
               responses=_problems(400, 404, 409), summary="Put an earlier store version back "
               "in force and pin the store (syncs wait for `eir lists unpin`)")
     async def rollback(request: RollbackRequest | None = Body(None)):
-        directory = server.settings.store.directory
-        if directory is None:
-            raise ApiProblem(409, "No store", "the lists come from files, not from a store "
-                             "(store.directory): there is nothing to roll back to")
-        store = Store(directory, server.settings.store.keep)
-        wanted = request.version if request is not None else None
-        loop = asyncio.get_running_loop()
-        kept = [v.version for v in await loop.run_in_executor(None, store.versions)]
-        if wanted is not None and wanted not in kept:
-            raise ApiProblem(404, "Not found", f"version {wanted} is not kept (kept: "
-                             f"{', '.join(kept) or 'none'})", field="version")
-        try:
-            version = await loop.run_in_executor(None, store.rollback, wanted)
-        except StoreError as exc:
-            raise ApiProblem(409, "Rollback refused", str(exc)) from None
-        if not await server.reload_lists():
-            raise ApiProblem(409, "Reload refused", f"version {version} is in force in the "
-                             "store, but loading it failed: " + (server.last_reload_error
-                                                                 or "see the server's log"))
-        return RollbackResult(version=version, pinned=store.pinned() or version)
+        return await rollback_lists(server, request.version if request is not None else None)
 
     @app.get("/v1/peers", response_model=list[PeerInfo], dependencies=secured,
              summary="Diameter connections and their peers")
     async def peers():
-        from eir.server import peer_infos
-
-        found = peer_infos(server)
-        if server.supervisor is not None:  # several workers: each has its own connections
-            for infos in await server.supervisor.ask_all("peers"):
-                found += infos
-        return [PeerInfo(**info) for info in found]
+        return [PeerInfo(**info) for info in await connected_peers(server)]
 
     @app.get("/healthz", response_model=Health, summary="The process answers (no token "
              "needed)")
@@ -326,7 +306,47 @@ def create_app(server, token: str) -> FastAPI:
         body = Readiness(ready=all(checks.values()), checks=checks)
         return JSONResponse(body.model_dump(), status_code=200 if body.ready else 503)
 
+    if server.settings.console.enabled:
+        from eir.console import console_app
+
+        app.mount(CONSOLE_PATH, console_app(server, token))
     return app
+
+
+async def rollback_lists(server, wanted: str | None, by: str | None = None) -> RollbackResult:
+    """Put store version `wanted` (None: the one before) back in force, pin the store and
+    reload (POST /v1/lists/rollback, the console); ApiProblem when refused. `by`: who, for
+    the store's journal (default: this process, eir.store.operator)."""
+    directory = server.settings.store.directory
+    if directory is None:
+        raise ApiProblem(409, "No store", "the lists come from files, not from a store "
+                         "(store.directory): there is nothing to roll back to")
+    store = Store(directory, server.settings.store.keep)
+    loop = asyncio.get_running_loop()
+    kept = [v.version for v in await loop.run_in_executor(None, store.versions)]
+    if wanted is not None and wanted not in kept:
+        raise ApiProblem(404, "Not found", f"version {wanted} is not kept (kept: "
+                         f"{', '.join(kept) or 'none'})", field="version")
+    try:
+        version = await loop.run_in_executor(None, store.rollback, wanted, by)
+    except StoreError as exc:
+        raise ApiProblem(409, "Rollback refused", str(exc)) from None
+    if not await server.reload_lists():
+        raise ApiProblem(409, "Reload refused", f"version {version} is in force in the "
+                         "store, but loading it failed: " + (server.last_reload_error
+                                                             or "see the server's log"))
+    return RollbackResult(version=version, pinned=store.pinned() or version)
+
+
+async def connected_peers(server) -> list[dict]:
+    """The Diameter connections of this process and of its workers (GET /v1/peers)."""
+    from eir.server import peer_infos
+
+    found = peer_infos(server)
+    if server.supervisor is not None:  # several workers: each has its own connections
+        for infos in await server.supervisor.ask_all("peers"):
+            found += infos
+    return found
 
 
 def readiness(server) -> dict[str, bool]:
@@ -350,7 +370,7 @@ def _day(number: int | None) -> date | None:
                                             number % 100)
 
 
-def _list_status(server) -> ListStatus:
+def list_status(server) -> ListStatus:
     rule_set = server.rule_set
     info = rule_set.snapshot.info
     settings = server.settings
@@ -483,6 +503,8 @@ class Operations:
         for endpoint in self.endpoints:
             await endpoint.start()
             where = "/metrics" if endpoint.name == "metrics" else "/ (OpenAPI at /openapi.json)"
+            if endpoint.name != "metrics" and self.server.settings.console.enabled:
+                where += f"; web console at {endpoint.url}{CONSOLE_PATH}/"
             log.info("%s served on %s%s", endpoint.name, endpoint.url, where)
 
     async def stop(self) -> None:

@@ -20,8 +20,8 @@ from eir.decision import UnknownPolicy
 from eir.diameter.dictionary import DictionaryError
 from eir.imei import ImeiError, normalise_imei
 from eir.lists import ListError, parse_imsi
-from eir.observations import (ObservationError, clone_suspects, database_location,
-                              day_number, format_day, write_dump)
+from eir.observations import (CLONE_MIN_IMSIS, ObservationError, clone_suspects,
+                              database_location, day_number, format_day, write_dump)
 from eir.store import Store, StoreError
 from eir.sync import SyncError, sync_configured
 
@@ -140,8 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
         "clones", help="IMEIs seen with several IMSIs (cloned IMEIs, SIM swaps)")
     clones.add_argument("--since", required=True, type=_day, metavar="YYYY-MM-DD",
                         help="first day to look at")
-    clones.add_argument("--min-imsis", type=int, default=2, metavar="K",
-                        help="list IMEIs seen with at least K distinct IMSIs (default 2)")
+    clones.add_argument("--min-imsis", type=int, default=CLONE_MIN_IMSIS, metavar="K",
+                        help="list IMEIs seen with at least K distinct IMSIs (default "
+                             f"{CLONE_MIN_IMSIS})")
     clones.add_argument("--json", action="store_true", help="print a JSON array")
     for sub in (dump, clones):
         sub.add_argument("--config", type=Path, metavar="FILE")

@@ -313,15 +313,31 @@ class MetricsSettings(_HttpListenSettings):
 
 
 API_TOKEN_ENVIRONMENT_VARIABLE = "EIR_API_TOKEN"
+API_READ_TOKEN_ENVIRONMENT_VARIABLE = "EIR_API_READ_TOKEN"
 API_TOKEN_MIN_LENGTH = 16
+
+
+def _token_from(variable: str, setting: SecretStr | None) -> str | None:
+    """$`variable` if set, else `setting`; ConfigError if the variable is too short."""
+    token = os.environ.get(variable)
+    if token is not None:
+        if len(token) < API_TOKEN_MIN_LENGTH:
+            raise ConfigError(f"${variable}: must be at least {API_TOKEN_MIN_LENGTH} "
+                              "characters")
+        return token
+    return setting.get_secret_value() if setting is not None else None
 
 
 class ApiSettings(_HttpListenSettings):
     # Bearer token of the admin and lookup API; $EIR_API_TOKEN overrides it. Required when
     # `listen` is set. Kept as a SecretStr: printing the settings shows '**********'.
     token: SecretStr | None = None
+    # The read-only role's token ($EIR_API_READ_TOKEN overrides it): it logs in to the web
+    # console (eir.console) as a reader, who looks up and browses but changes nothing (a
+    # call centre). null: no read-only role.
+    read_only_token: SecretStr | None = None
 
-    @field_validator("token")
+    @field_validator("token", "read_only_token")
     @classmethod
     def _token(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None and len(value.get_secret_value()) < API_TOKEN_MIN_LENGTH:
@@ -330,13 +346,39 @@ class ApiSettings(_HttpListenSettings):
 
     def effective_token(self) -> str | None:
         """$EIR_API_TOKEN if set, else `token`; ConfigError if either is too short."""
-        token = os.environ.get(API_TOKEN_ENVIRONMENT_VARIABLE)
-        if token is not None:
-            if len(token) < API_TOKEN_MIN_LENGTH:
-                raise ConfigError(f"${API_TOKEN_ENVIRONMENT_VARIABLE}: must be at least "
-                                  f"{API_TOKEN_MIN_LENGTH} characters")
-            return token
-        return self.token.get_secret_value() if self.token is not None else None
+        return _token_from(API_TOKEN_ENVIRONMENT_VARIABLE, self.token)
+
+    def effective_read_only_token(self) -> str | None:
+        """$EIR_API_READ_TOKEN if set, else `read_only_token`."""
+        return _token_from(API_READ_TOKEN_ENVIRONMENT_VARIABLE, self.read_only_token)
+
+
+class ConsoleSettings(_Strict):
+    """The web console (eir.console) at /console on the admin API's endpoint."""
+
+    enabled: bool = True
+    # A login lasts this long (the signed session cookie's age), then asks for the token again.
+    session_seconds: float = Field(8 * 3600.0, gt=0)
+    # The session cookie's Secure flag (sent back over HTTPS only): null, when the request
+    # came over TLS; true, always (the console behind a TLS-terminating reverse proxy).
+    secure_cookie: bool | None = None
+    # Failed logins from one address within login_window_seconds; beyond, every login from
+    # it is refused (429) until the window has passed: a token cannot be guessed by trying.
+    max_login_failures: int = Field(5, ge=1)
+    login_window_seconds: float = Field(300.0, gt=0)
+    # Addresses whose failures are tracked at once; beyond, the new ones share one count.
+    max_tracked_addresses: int = Field(4096, ge=1)
+    # The native CSV list the console edits (local rules); it must be one of lists.files,
+    # so that a reload applies it. null: local rules are read-only (shown, not edited).
+    local_list: Path | None = None
+    # Every change made in the console (rules, rollback, unpin, sync), and every login,
+    # one JSON line: time, act, role, address, before, after. null: console.jsonl in the
+    # store directory, else in the current directory.
+    journal: Path | None = None
+    # Observations shown per lookup (the newest days first).
+    max_sightings: int = Field(100, ge=1, le=10000)
+    # How often the traffic view asks for fresh numbers.
+    refresh_seconds: float = Field(5.0, ge=1)
 
 
 class AuditSettings(_Strict):
@@ -460,6 +502,7 @@ class Settings(_Strict):
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     api: ApiSettings = Field(default_factory=ApiSettings)
+    console: ConsoleSettings = Field(default_factory=ConsoleSettings)
     audit: AuditSettings = Field(default_factory=AuditSettings)
     sbi: SbiSettings = Field(default_factory=SbiSettings)
 
@@ -522,6 +565,9 @@ def load_settings(path: Path | None) -> Settings:
         "audit": settings.audit.model_copy(update={
             "path": base / settings.audit.path if settings.audit.path else None}),
         "sbi": _sbi_paths_from(settings.sbi, base),
+        "console": settings.console.model_copy(update={
+            key: base / value for key in ("local_list", "journal")
+            if (value := getattr(settings.console, key)) is not None}),
     })
 
 

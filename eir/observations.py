@@ -99,6 +99,17 @@ WITH RECURSIVE days(day) AS (
 SELECT MIN(o.date), MAX(o.date), COUNT(DISTINCT NULLIF(o.imsi, ''))
 FROM days JOIN observations o ON o.date = days.day AND o.imei = {p}
 """
+# One IMEI's sightings (the console's lookup), newest first: the same walk over the days.
+SELECT_SIGHTINGS = """
+WITH RECURSIVE days(day) AS (
+    SELECT MAX(date) FROM observations
+    UNION ALL
+    SELECT (SELECT MAX(date) FROM observations WHERE date < days.day) FROM days
+    WHERE days.day IS NOT NULL
+)
+SELECT o.date, o.imsi FROM days JOIN observations o ON o.date = days.day AND o.imei = {p}
+ORDER BY o.date DESC, o.imsi LIMIT {p}
+"""
 FETCH_ROWS = 100_000
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 POSTGRES_CONNECT_TIMEOUT_SECONDS = 10
@@ -191,6 +202,7 @@ class Backend:
         self.select_clones = SELECT_CLONES.format(p=p)
         self.select_first_seen = SELECT_FIRST_SEEN.format(p=p)
         self.select_history = SELECT_HISTORY.format(p=p)
+        self.select_sightings = SELECT_SIGHTINGS.format(p=p)
 
     def __str__(self) -> str:
         return str(self.location)
@@ -630,6 +642,11 @@ def write_dump(path: Path | str, day: int, out: IO[str], key: str | None = None)
         return count
 
 
+# The clone report's default (`eir report clones --min-imsis`), and what makes the console
+# mark an IMEI "clone suspected".
+CLONE_MIN_IMSIS = 2
+
+
 @dataclass(frozen=True)
 class CloneSuspect:
     imei: str
@@ -638,7 +655,7 @@ class CloneSuspect:
     last_day: int
 
 
-def clone_suspects(path: Path | str, since: int, min_imsis: int = 2) -> list[CloneSuspect]:
+def clone_suspects(path: Path | str, since: int, min_imsis: int = CLONE_MIN_IMSIS) -> list[CloneSuspect]:
     """IMEIs seen with at least `min_imsis` distinct IMSIs from day `since` on, most IMSIs
     first (then by IMEI)."""
     with _reading(path) as (store, connection):
@@ -662,6 +679,13 @@ def equipment_history(path: Path | str, imei: str) -> EquipmentHistory:
         for first, last, imsis in store.rows(connection, store.select_history, (imei,)):
             return EquipmentHistory(first, last, imsis or 0)
     return EquipmentHistory(None, None, 0)
+
+
+def equipment_sightings(path: Path | str, imei: str, limit: int) -> list[tuple[int, str]]:
+    """(day YYYYMMDD, IMSI or '') of the 14-digit `imei`, newest first, at most `limit`."""
+    with _reading(path) as (store, connection):
+        return [(day, imsi) for day, imsi in
+                store.rows(connection, store.select_sightings, (imei, limit))]
 
 
 # -- grandfathering -------------------------------------------------------------------------

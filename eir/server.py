@@ -625,31 +625,40 @@ class EirServer:
                 await self.reload_lists()
 
     async def _sync_periodically(self) -> None:
+        while True:
+            await self.sync_now()
+            await asyncio.sleep(self.settings.sync.interval_seconds)
+
+    async def sync_now(self) -> str:
+        """Sync once from sync.source (in a daemon thread), counted and logged, and reload
+        when the version in force changed; what happened, in a sentence. Never raises: the
+        snapshot in force keeps serving whatever the source holds."""
         store = Store(self.settings.store.directory, self.settings.store.keep)
         source = self.settings.sync.source
-        while True:
-            try:
-                result = await _in_daemon_thread(self.loop, sync_configured,
-                                                 self.settings.sync, store)
-            except (SyncError, StoreError) as exc:
-                self.sync_counters.record(None, exc)
-                log.error("sync from %s refused; the snapshot in force keeps serving:\n%s",
-                          source, exc)
-            except Exception as exc:  # noqa: BLE001 - the next interval must still sync
-                self.sync_counters.record(None, exc)
-                log.exception("sync from %s failed; the snapshot in force keeps serving",
-                              source)
-            else:
-                self.sync_counters.record(result)
-                log.info("sync from %s: %s", source, f"published version {result.version}"
-                         if result.published else f"up to date (version {result.version})")
-                for note in result.ignored:
-                    log.info("sync: ignored %s", note)
-                for warning in result.warnings:
-                    log.warning("sync: %s", warning)
-                if result.version != self.rule_set.version:
-                    await self.reload_lists()
-            await asyncio.sleep(self.settings.sync.interval_seconds)
+        try:
+            result = await _in_daemon_thread(self.loop, sync_configured,
+                                             self.settings.sync, store)
+        except (SyncError, StoreError) as exc:
+            self.sync_counters.record(None, exc)
+            log.error("sync from %s refused; the snapshot in force keeps serving:\n%s",
+                      source, exc)
+            return f"refused; the snapshot in force keeps serving: {exc}"
+        except Exception as exc:  # noqa: BLE001 - the next interval must still sync
+            self.sync_counters.record(None, exc)
+            log.exception("sync from %s failed; the snapshot in force keeps serving",
+                          source)
+            return f"failed ({type(exc).__name__}); the snapshot in force keeps serving"
+        self.sync_counters.record(result)
+        outcome = (f"published version {result.version}" if result.published
+                   else f"up to date (version {result.version})")
+        log.info("sync from %s: %s", source, outcome)
+        for note in result.ignored:
+            log.info("sync: ignored %s", note)
+        for warning in result.warnings:
+            log.warning("sync: %s", warning)
+        if result.version != self.rule_set.version:
+            await self.reload_lists()
+        return outcome
 
     async def _keep_grandfathering(self) -> None:
         """Build the grandfathering index from the observations database (in a thread: at
