@@ -17,8 +17,11 @@ COPY dictionaries ./dictionaries
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
 
 FROM python:3.11-slim
+# Optional extras of open-eir to install, e.g. EXTRAS=postgres (observations.url) or
+# EXTRAS=postgres,fast; none by default.
+ARG EXTRAS=
 COPY --from=build /wheels /wheels
-RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels \
+RUN pip install --no-cache-dir "$(echo /wheels/*.whl)${EXTRAS:+[$EXTRAS]}" && rm -rf /wheels \
     && useradd --system --home-dir /var/lib/eir --create-home eir
 # Observations (observations.sqlite) are written to the working directory: mount a volume
 # here to keep them.

@@ -418,6 +418,12 @@ class NrfSettings(_Strict):
     advertise: str | None = None
     heartbeat_seconds: int = Field(10, ge=1)  # asked for; the NRF's answer decides
     ca: Path | None = None  # PEM: the CA of an https NRF's certificate (null: the system's)
+    # How AMFs choose among several 5G-EIR instances (TS 29.510 NFProfile, advertised when
+    # set): priority, lower preferred; capacity, a relative weight among instances of equal
+    # priority; locality, e.g. the site, for AMFs that prefer their own. null: not sent.
+    priority: int | None = Field(None, ge=0, le=65535)
+    capacity: int | None = Field(None, ge=0, le=65535)
+    locality: str | None = Field(None, min_length=1, max_length=255, pattern=r"^[ -~]+$")
 
     @field_validator("url")
     @classmethod

@@ -1017,14 +1017,16 @@ def default_nf_instance_id(origin_host: str) -> str:
 
 
 def nf_profile(nf_instance_id: str, scheme: str, host: str, port: int,
-               heartbeat_seconds: int) -> dict:
-    """Our NFProfile: a 5G_EIR with the n5g-eir-eic service at scheme://host:port."""
+               heartbeat_seconds: int, selection: dict | None = None) -> dict:
+    """Our NFProfile: a 5G_EIR with the n5g-eir-eic service at scheme://host:port, and the
+    `selection` attributes AMFs choose instances by (priority, capacity, locality)."""
     service = {"serviceInstanceId": SERVICE_NAME, "serviceName": SERVICE_NAME,
                "versions": [{"apiVersionInUri": API_VERSION,
                              "apiFullVersion": API_FULL_VERSION}],
                "scheme": scheme, "nfServiceStatus": "REGISTERED"}
     profile = {"nfInstanceId": nf_instance_id, "nfType": NF_TYPE, "nfStatus": "REGISTERED",
-               "heartBeatTimer": heartbeat_seconds, "nfServices": [service]}
+               "heartBeatTimer": heartbeat_seconds, "nfServices": [service],
+               **(selection or {})}
     try:
         version = ipaddress.ip_address(host).version
     except ValueError:  # a name
@@ -1089,7 +1091,9 @@ class NrfRegistration:
     async def register(self) -> None:
         scheme, host, port = self.advertised()
         profile = nf_profile(self.nf_instance_id, scheme, host, port,
-                             self.settings.heartbeat_seconds)
+                             self.settings.heartbeat_seconds, self.settings.model_dump(
+                                 include={"priority", "capacity", "locality"},
+                                 exclude_none=True))
         response = await self._request("PUT", json.dumps(profile).encode())
         if response.status not in (200, 201):
             raise NrfError(f"NFRegister answered {response.status}: "

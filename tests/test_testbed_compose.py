@@ -18,9 +18,11 @@ import shlex
 import shutil
 import socket
 import subprocess
+import tempfile
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path, PurePosixPath
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
@@ -476,6 +478,229 @@ def check_diameter(lab: Lab) -> list[str]:
     return problems
 
 
+# --- the DRA profile (testbed/dra): freeDiameter as a relay in front of two EIR nodes -------
+
+DRA_PROFILE = "dra"
+DRA_SERVICE = "dra"
+DRA_ROUTING = ("acl_wl", "rt_default", "rt_load_balance", "rt_busypeers")
+FREEDIAMETER_MIN_TW = 6  # seconds: freeDiameter refuses a smaller TwTimer
+FD_EXTENSION = re.compile(r'LoadExtension\s*=\s*"([^"]+)"\s*(?::\s*"([^"]*)"\s*)?;')
+RT_DEFAULT_RULE = re.compile(r'(?P<criteria>\*|\w+=(?:"[^"]*"|\["[^"]*"\]))\s*:\s*'
+                             r'(?P<target>(?:rlm=)?(?:"[^"]*"|\["[^"]*"\]))\s*\+=\s*'
+                             r'(?P<score>-?\w+)\s*;')
+
+
+def freediameter_extensions(path: Path) -> dict[str, str | None]:
+    """LoadExtension of a freeDiameter config: extension name (dict_nasreq, rt_default, ...)
+    → its configuration file as written (None: none), in load order."""
+    text = _without_comments(path.read_text(encoding="utf-8"))
+    return {PurePosixPath(library).stem: conf or None
+            for library, conf in FD_EXTENSION.findall(text)}
+
+
+def rt_default_rules(path: Path) -> list[re.Match]:
+    """The `CRITERIA : TARGET += SCORE ;` rules of an rt_default configuration."""
+    return list(RT_DEFAULT_RULE.finditer(_without_comments(path.read_text(encoding="utf-8"))))
+
+
+def rt_default_matches(target: str, identity: str) -> bool:
+    """Whether an rt_default TARGET (a quoted name, or a bracketed POSIX ERE) is `identity`."""
+    pattern = target.removeprefix("rlm=")
+    if pattern.startswith("["):
+        return re.search(pattern[2:-2], identity) is not None
+    return pattern.strip('"').lower() == identity.lower()
+
+
+def dra_eir_nodes(lab: Lab) -> list[str]:
+    """The services of the DRA profile that run `eir serve`."""
+    return [name for name, service in lab.services.items()
+            if DRA_PROFILE in (service.get("profiles") or []) and lab.command(name)[:2] ==
+            ["eir", "serve"]]
+
+
+def check_dra(lab: Lab) -> list[str]:
+    """The DRA relays to every EIR node of its profile, at its address, port and identity,
+    with the routing extensions and their configs; the nodes share one PostgreSQL for
+    observations and one registry source, each with its own store."""
+    problems: list[str] = []
+    dra = lab.service(DRA_SERVICE)
+    if DRA_PROFILE not in (dra.get("profiles") or []):
+        return [f"{DRA_SERVICE}: not a service of profile {DRA_PROFILE!r}"]
+    command = lab.command(DRA_SERVICE)
+    if command[:1] != ["freeDiameterd"] or lab.option(DRA_SERVICE, "-c") is None:
+        return [f"{DRA_SERVICE}: command {command} is not `freeDiameterd -c FILE`"]
+    try:
+        config_path = lab.config_file(DRA_SERVICE, lab.option(DRA_SERVICE, "-c"))
+    except LabError as exc:
+        return [str(exc)]
+    config = parse_freediameter(config_path)
+    if config.problems:
+        return config.problems
+    where = config_path.name
+
+    # The EIR nodes: identities, settings, and what they share.
+    nodes: dict[str, tuple[str, object]] = {}  # origin host → (service, settings)
+    for name in dra_eir_nodes(lab):
+        unknown = [word for word in lab.command(name)[2:]
+                   if word.startswith("--") and word.split("=")[0] not in eir_serve_options()]
+        if unknown:
+            problems.append(f"{name}: {', '.join(unknown)}: not an option of `eir serve`")
+            continue
+        try:
+            settings = load_settings(lab.config_file(name, lab.option(name, "--config") or ""))
+        except (LabError, ConfigError, OSError) as exc:
+            problems.append(f"{name}: {exc}")
+            continue
+        identity = lab.option(name, "--origin-host") or settings.diameter.origin_host
+        if identity in nodes:
+            problems.append(f"{name} and {nodes[identity][0]} both have Diameter identity "
+                            f"{identity}")
+        nodes[identity] = (name, settings)
+    if len(nodes) < 2:
+        problems.append(f"profile {DRA_PROFILE}: {len(nodes)} EIR node(s), the DRA needs two "
+                        "or more")
+
+    # The DRA itself.
+    identity, realm = config.value("Identity"), config.value("Realm")
+    mme_identity = lab.freediameter("mme").value("Identity")
+    if identity in nodes or identity == mme_identity:
+        problems.append(f"{where}: Identity {identity} is another peer's")
+    if config.value("ListenOn") != lab.address(DRA_SERVICE):
+        problems.append(f"{where}: ListenOn {config.value('ListenOn')} is not the {DRA_SERVICE} "
+                        f"service's address {lab.address(DRA_SERVICE)}")
+    exposed = {int(str(port).split("/")[0]) for port in dra.get("expose") or []}
+    if config.listen_port not in exposed:
+        problems.append(f"{DRA_SERVICE} service: exposes {sorted(exposed)}, not its Port "
+                        f"{config.listen_port}")
+    tw = int(config.value("TwTimer") or 30)
+    if tw < FREEDIAMETER_MIN_TW:
+        problems.append(f"{where}: TwTimer {tw} is below freeDiameter's minimum "
+                        f"{FREEDIAMETER_MIN_TW}")
+    if config.value("TcTimer") is None:
+        problems.append(f"{where}: no TcTimer (a lost EIR node is retried every 30 s)")
+    if "NoRelay" in config.flags:
+        problems.append(f"{where}: NoRelay: a DRA must relay")
+
+    # Every node is a ConnectPeer at its address and port; every ConnectPeer is a node.
+    for peer in config.peers.values():
+        at = f"{where}: ConnectPeer {peer.name!r}"
+        if peer.name not in nodes:
+            problems.append(f"{at}: no EIR node of profile {DRA_PROFILE} has that identity")
+            continue
+        name, settings = nodes[peer.name]
+        ports = {port for _, port in map(parse_host_port, settings.diameter.listen)}
+        if peer.options.get("ConnectTo") != lab.address(name):
+            problems.append(f"{at}: ConnectTo {peer.options.get('ConnectTo')} is not {name}'s "
+                            f"address {lab.address(name)}")
+        if int(peer.options.get("Port", DIAMETER_PORT)) not in ports:
+            problems.append(f"{at}: Port {peer.options.get('Port')} is not {name}'s listen "
+                            f"port {sorted(ports)}")
+        node_exposed = {int(str(p).split("/")[0]) for p in lab.service(name).get("expose") or []}
+        if not ports <= node_exposed:
+            problems.append(f"{name} service: exposes {sorted(node_exposed)}, not its listen "
+                            f"port {sorted(ports)}")
+        if (settings.diameter.transport == "tcp") != ("No_SCTP" in peer.flags):
+            problems.append(f"{at}: No_SCTP does not match {name}'s transport "
+                            f"{settings.diameter.transport}")
+        if settings.diameter.origin_realm != realm:
+            problems.append(f"{at}: {name}'s realm {settings.diameter.origin_realm} is not the "
+                            f"DRA's Realm {realm}")
+        allowed = {entry.host for entry in settings.diameter.peers}
+        if allowed and identity not in allowed:
+            problems.append(f"{name}: diameter.peers {sorted(allowed)} leaves out the DRA "
+                            f"({identity})")
+    for node in nodes.keys() - config.peers.keys():
+        problems.append(f"{where}: no ConnectPeer for EIR node {node} ({nodes[node][0]})")
+
+    # The routing extensions, and their configs.
+    extensions = freediameter_extensions(config_path)
+    order = list(extensions)
+    if "dict_dcca" in extensions and ("dict_nasreq" not in extensions
+                                      or order.index("dict_nasreq") > order.index("dict_dcca")):
+        problems.append(f"{where}: dict_dcca is loaded before dict_nasreq")
+    configs: dict[str, Path] = {}
+    for extension in DRA_ROUTING:
+        if extension not in extensions:
+            problems.append(f"{where}: {extension} is not loaded")
+        elif extensions[extension] is not None:
+            try:
+                configs[extension] = lab.config_file(DRA_SERVICE, extensions[extension])
+            except LabError as exc:
+                problems.append(str(exc))
+    if "rt_busypeers" in configs:
+        text = _without_comments(configs["rt_busypeers"].read_text(encoding="utf-8"))
+        timeout = re.search(r"RelayTimeout\s*=\s*(\d+)\s*;", text)
+        if timeout and int(timeout.group(1)) != 0:
+            problems.append(f"rt_busypeers: RelayTimeout {timeout.group(1)}: with it set, "
+                            "freeDiameter 1.2.1 drops a request answered 3004 instead of "
+                            "re-sending it (testbed/dra/README.md)")
+        if re.search(r"\bSkipTooBusyErrors\s*;", text):
+            problems.append("rt_busypeers: SkipTooBusyErrors: 3004 would reach the MME")
+    if "rt_default" in configs:
+        targets = [rule.group("target") for rule in rt_default_rules(configs["rt_default"])
+                   if rule.group("score") != "NO_DELIVERY"]
+        for node in nodes:
+            if not any(rt_default_matches(target, node) for target in targets):
+                problems.append(f"rt_default: no rule routes to EIR node {node}")
+        if any(rt_default_matches(target, mme_identity) for target in targets):
+            problems.append(f"rt_default: a rule routes requests to the MME {mme_identity}")
+    if "acl_wl" in configs:
+        allowed_lines = _without_comments(configs["acl_wl"].read_text(encoding="utf-8"))
+        if not any(mme_identity in line.split() and "ALLOW_IPSEC" in line.split()
+                   for line in allowed_lines.splitlines()):
+            problems.append(f"acl_wl: the MME {mme_identity} may not connect without TLS "
+                            "(ALLOW_IPSEC), and the DRA has no TLS credentials")
+
+    # What the nodes share: one observations database, one registry source; own stores.
+    urls = {settings.observations.url for _, settings in nodes.values()}
+    if len(urls) != 1 or None in urls:
+        problems.append(f"EIR nodes: observations.url {sorted(map(str, urls))} is not one "
+                        "shared PostgreSQL database")
+    else:
+        url = urlsplit(urls.pop())
+        database = lab.service(url.hostname or "")
+        environment = database.get("environment") or {}
+        if not database:
+            problems.append(f"observations.url: host {url.hostname!r} is no service")
+        elif (environment.get("POSTGRES_USER"), environment.get("POSTGRES_DB")) != (
+                url.username, url.path.lstrip("/")):
+            problems.append(f"observations.url: user/database {url.username}/"
+                            f"{url.path.lstrip('/')} are not {url.hostname}'s POSTGRES_USER/"
+                            f"POSTGRES_DB")
+    sources = {settings.sync.source for _, settings in nodes.values()}
+    if len(sources) != 1 or None in sources:
+        problems.append(f"EIR nodes: sync.source {sorted(map(str, sources))} is not one "
+                        "registry source")
+    stores: dict[str, str] = {}
+    synced: set[Path] = set()
+    for name, settings in nodes.values():
+        source = settings.sync.source or ""
+        if not source.startswith(("http://", "https://")):
+            host_source = lab.host_path(name, source)
+            if host_source is None or not host_source.is_dir():
+                problems.append(f"{name}: sync.source {source} is no mounted directory")
+            elif host_source not in synced:  # what each node does first: sync it, for real
+                synced.add(host_source)
+                with tempfile.TemporaryDirectory() as store:
+                    result = run_eir("sync", "--source", str(host_source), "--store", store)
+                if result.returncode != 0:
+                    problems.append(f"{name}: `eir sync` of {source} fails: "
+                                    f"{(result.stderr or result.stdout).strip()}")
+        store = settings.store.directory
+        volume = next((src for src, target in map(_volume_source_target,
+                                                  lab.service(name).get("volumes") or [])
+                       if store is not None and (PurePosixPath(target) == PurePosixPath(store)
+                                                 or PurePosixPath(target) in
+                                                 PurePosixPath(store).parents)), None)
+        if volume is None or volume.startswith((".", "/")):
+            problems.append(f"{name}: store.directory {store} is on no named volume")
+        elif volume in stores:
+            problems.append(f"{name} and {stores[volume]} share the store volume {volume}")
+        else:
+            stores[volume] = name
+    return problems
+
+
 def check_eir_config(lab: Lab) -> list[str]:
     """The EIR's command is one `eir serve` accepts, and its config and lists load as
     `eir serve` loads them."""
@@ -708,8 +933,8 @@ def check_grafana(lab: Lab) -> list[str]:
 
 
 CHECKS = [check_services, check_mounts, check_config_paths, check_host_ports, check_addresses,
-          check_diameter, check_eir_config, check_scenario, check_radio, check_subscriber,
-          check_core_links, check_prometheus, check_grafana]
+          check_diameter, check_dra, check_eir_config, check_scenario, check_radio,
+          check_subscriber, check_core_links, check_prometheus, check_grafana]
 
 
 # --- the repository's lab passes every check ---------------------------------------------------
@@ -803,6 +1028,29 @@ BREAKS = [
      'ConnectTo = "172.22.0.7"', "is not mme's address"),
     (check_diameter, "testbed/open5gs/freeDiameter/mme.conf", 'Realm = "localdomain";',
      'Realm = "localdomain"', "not a freeDiameter statement"),
+    (check_dra, "testbed/dra/freediameter.conf", 'ConnectTo = "172.22.0.22"',
+     'ConnectTo = "172.22.0.24"', "ConnectTo 172.22.0.24 is not eir-b's address"),
+    (check_dra, "docker-compose.yml", '"--origin-host", "eir-b.localdomain"',
+     '"--origin-host", "eir-c.localdomain"', "no ConnectPeer for EIR node eir-c.localdomain"),
+    (check_dra, "testbed/dra/freediameter.conf", "TwTimer = 6;", "TwTimer = 3;",
+     "below freeDiameter's minimum"),
+    (check_dra, "testbed/dra/freediameter.conf",
+     'LoadExtension = "/usr/lib/freeDiameter/rt_load_balance.fdx";', "",
+     "rt_load_balance is not loaded"),
+    (check_dra, "testbed/dra/rt_busypeers.conf", "RelayTimeout = 0;", "RelayTimeout = 2000;",
+     "RelayTimeout 2000"),
+    (check_dra, "testbed/dra/rt_default.conf", r'["^eir-[a-z0-9]+\.localdomain$"]',
+     r'["^eir-a\.localdomain$"]', "no rule routes to EIR node eir-b.localdomain"),
+    (check_dra, "testbed/dra/acl_wl.conf", "ALLOW_IPSEC mme.localdomain", "mme.localdomain",
+     "may not connect without TLS"),
+    (check_dra, "testbed/dra/eir-node.yaml", "url: postgresql://eir:eir@postgres/eir",
+     "url: postgresql://eir:eir@postgres/observations", "are not postgres's POSTGRES_USER"),
+    (check_dra, "docker-compose.yml", "      - eir-b-data:/var/lib/eir",
+     "      - eir-a-data:/var/lib/eir", "share the store volume eir-a-data"),
+    (check_dra, "testbed/dra/eir-node.yaml", "  source: /etc/eir/registry",
+     "  source: /etc/eir/registry-gone", "is no mounted directory"),
+    (check_dra, "testbed/dra/registry/20261201_blacklist.csv", "35349006987331,20200101,",
+     "35349006987331,someday,", "`eir sync` of /etc/eir/registry fails"),
     (check_eir_config, "testbed/eir/eir.yaml", "  transport: tcp",
      "  transport: tcp\n  watchdog_seconds: 0", "watchdog_seconds"),
     (check_eir_config, "testbed/eir/lists/lab.csv", "86000000,blacklist,",
@@ -855,7 +1103,7 @@ def _broken_copy(tmp_path: Path, file: str, text: str, replacement: str) -> Lab:
     root.mkdir()
     for name in ("docker-compose.yml", "Dockerfile"):
         shutil.copy(ROOT / name, root / name)
-    for part in ("README.md", "eir", "open5gs", "srsran", "prometheus", "grafana"):
+    for part in ("README.md", "eir", "open5gs", "srsran", "prometheus", "grafana", "dra"):
         source = ROOT / "testbed" / part
         if source.is_dir():
             shutil.copytree(source, root / "testbed" / part)
