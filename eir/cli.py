@@ -222,8 +222,22 @@ def _day(text: str) -> int:
             from None
 
 
+def _config_path(args: argparse.Namespace) -> Path | None:
+    return args.config if args.config is not None else default_config_path()
+
+
+def no_lists(settings: Settings, config: Path | None) -> str | None:
+    """Why there is nothing to answer from (no list file and no store), else None."""
+    if settings.lists.files or settings.store.directory is not None:
+        return None
+    where = (f"{config} names neither lists.files nor store.directory" if config is not None
+             else "no configuration file (neither --config, $EIR_CONFIG nor "
+                  "./config/eir.yaml)")
+    return (f"no lists loaded: {where}; give --list FILE, --store DIR or --config FILE")
+
+
 def settings_from(args: argparse.Namespace) -> Settings:
-    path = args.config if args.config is not None else default_config_path()
+    path = _config_path(args)
     settings = load_settings(path)
     diameter: dict = {}
     if getattr(args, "listen", None):
@@ -277,6 +291,12 @@ def _serve(args: argparse.Namespace) -> int:
     from eir.logs import configure_logging
 
     settings = settings_from(args)
+    # Serving no list at all would answer every IMEI with the unknown policy: a forgotten
+    # config or volume, not a choice (an operator who means it gives an empty list file).
+    missing = no_lists(settings, _config_path(args))
+    if missing is not None:
+        print(f"eir: refusing to serve: {missing}", file=sys.stderr)
+        return EXIT_USAGE
     configure_logging(settings.logging, sys.stderr)
     workers = args.workers or settings.workers or default_worker_count()
     event_loop = args.event_loop or settings.event_loop
@@ -289,6 +309,7 @@ def _serve(args: argparse.Namespace) -> int:
             return EXIT_USAGE
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     server = build_server(settings, workers, args.argv)
+    server.settings_source = lambda: settings_from(args)  # SIGHUP reads it again
     try:
         asyncio.run(server.serve_forever())
     except OSError as exc:
@@ -324,6 +345,9 @@ def _check(args: argparse.Namespace) -> int:
             print(f"eir: grandfathering: nothing observed yet: {exc}", file=sys.stderr)
     rule_set = load_rules(settings, grandfathering, first_sync=False)  # a query writes nothing
     verdict = rule_set.explain(imei, imsi, args.software_version)
+    missing = no_lists(settings, _config_path(args))
+    if missing is not None:
+        print(f"eir: warning: {missing}", file=sys.stderr)
     if args.json:
         print(json.dumps({"imei": imei, "imsi": imsi, "status": verdict.status_name,
                           "match": verdict.match.value, "reason": verdict.reason,
@@ -371,8 +395,10 @@ def _lists(args: argparse.Namespace) -> int:
               "the store was not pinned")
         return 0
     versions = store.versions()
+    pinned = store.pinned()
     if args.json:
         print(json.dumps([{"version": v.version, "in_force": v.in_force,
+                           "pinned": v.version == pinned,
                            "created": v.info.created, "age_seconds": round(v.age_seconds),
                            "counts": v.info.counts, "manifest": v.info.manifest,
                            "sources": v.info.sources}
@@ -380,11 +406,16 @@ def _lists(args: argparse.Namespace) -> int:
         return 0
     if not versions:
         print(f"{store.root}: no snapshot yet (run eir sync)")
+    if pinned is not None:
+        print(f"pinned at version {pinned} by a rollback: syncs are refused until "
+              "`eir lists unpin`")
     for stored in versions:
         mark = "*" if stored.in_force else " "
         created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(stored.info.created))
         counts = ", ".join(f"{n} {k}" for k, n in stored.info.counts.items())
-        print(f"{mark} {stored.version}  {created}  age {_age(stored.age_seconds)}  {counts}")
+        pin = "  (pinned)" if stored.version == pinned else ""
+        print(f"{mark} {stored.version}  {created}  age {_age(stored.age_seconds)}  "
+              f"{counts}{pin}")
         manifest = stored.info.manifest
         if manifest is not None:
             print(f"      manifest sequence {manifest['sequence']} published "
@@ -496,7 +527,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"eir: sync refused, store untouched:\n{exc}", file=sys.stderr)
         return EXIT_REFUSED
     except StoreError as exc:
-        print(f"eir: store: {exc}", file=sys.stderr)
+        # Its message starts with the store's path, or says there is no store.
+        print(f"eir: {exc}", file=sys.stderr)
         return EXIT_REFUSED
     except ObservationError as exc:
         print(f"eir: observations: {exc}", file=sys.stderr)

@@ -410,12 +410,13 @@ class Supervisor:
                 found.append(reply)
         return found
 
-    async def swap_lists(self) -> tuple[bool, str | None]:
-        """Every worker loads the lists in force now; if all could, all swap; else none
-        does. (ok, why not)."""
+    async def swap_lists(self, lists=None) -> tuple[bool, str | None]:
+        """Every worker loads the lists in force now (with the list settings `lists`, when
+        the configuration changed them); if all could, all swap; else none does. (ok, why
+        not)."""
         ready = [worker for worker in self.workers if worker.ready]
-        replies = await asyncio.gather(*(worker.channel.request("prepare") for worker in ready),
-                                       return_exceptions=True)
+        replies = await asyncio.gather(*(worker.channel.request("prepare", lists=lists)
+                                         for worker in ready), return_exceptions=True)
         failures = []
         versions = set()
         for worker, reply in zip(ready, replies):

@@ -1,0 +1,192 @@
+"""Issue 16, the operator's day: what a new user meets from the registry's files to the
+registry's dump. No list found (serve refuses, check says why), the Docker image's example
+configuration, the store's pin in `eir lists status` and the API's unpin and sync, SIGHUP after a
+configuration edit."""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import httpx
+from helpers_ops import API_LINE, TOKEN, authorised, endpoint
+from helpers_process import EXAMPLE_LIST, ROOT, eir_ok, run_eir
+from helpers_wire import ecr, open_peer, parse_answer, read_message
+
+from eir.config import load_settings
+
+UNLISTED = "01234567890123"  # on no list of config/lists/example.csv
+
+
+def drop_with_two_versions(tmp_path: Path) -> tuple[Path, Path]:
+    """(drop directory, store) with versions 000001 and 000002 published."""
+    drop, store = tmp_path / "drop", tmp_path / "store"
+    drop.mkdir()
+    for day, imei in (("20261120", "35209900176148"), ("20261121", "35209900176149")):
+        (drop / f"{day}_blacklist.csv").write_text(
+            f"imei,block_date,reasons\n{imei},20200101,stolen\n")
+        eir_ok("sync", "--source", str(drop), "--store", str(store))
+    return drop, store
+
+
+# -- 1. no list found ----------------------------------------------------------------------
+
+def test_serve_without_any_list_refuses_and_says_why(tmp_path):
+    # An empty directory: no ./config/eir.yaml, no --list, no --store. The old code served
+    # 0 rules (every IMEI 5422) with an INFO line; a timeout here is that bug.
+    result = run_eir("serve", "--listen", "127.0.0.1:0", cwd=tmp_path, timeout=10)
+    assert result.returncode == 2
+    assert "refusing to serve: no lists loaded" in result.stderr
+    assert "--list FILE, --store DIR or --config FILE" in result.stderr
+
+
+def test_serve_with_a_config_naming_no_list_refuses_naming_the_file(tmp_path):
+    config = tmp_path / "eir.yaml"
+    config.write_text("lists:\n  unknown_policy: whitelisted\n")
+    result = run_eir("serve", "--config", str(config), "--listen", "127.0.0.1:0",
+                     cwd=tmp_path, timeout=10)
+    assert result.returncode == 2
+    assert f"{config} names neither lists.files nor store.directory" in result.stderr
+
+
+def test_check_without_any_list_says_the_unknown_is_for_want_of_lists(tmp_path):
+    result = run_eir("check", UNLISTED, cwd=tmp_path)
+    assert result.returncode == 0
+    assert result.stdout.splitlines()[0] == "UNKNOWN"
+    assert "warning: no lists loaded" in result.stderr
+
+
+def test_serving_an_empty_list_is_a_warning(eir_server, tmp_path):
+    empty = tmp_path / "empty.csv"
+    empty.write_text("imei,status,imsi,reason\n")
+    server = eir_server(lists=[empty])
+    server.wait_for_log(r"WARNING.*the lists in force hold 0 rules: every IMEI gets the "
+                        r"unknown policy \(unknown\)")
+    assert server.stop() == 0
+
+
+def test_docker_image_carries_the_example_configuration():
+    # .dockerignore used to leave config/ out, so `docker run open-eir` served 0 rules.
+    ignored = {line.strip().rstrip("/") for line in
+               (ROOT / ".dockerignore").read_text().splitlines()
+               if line.strip() and not line.startswith("#")}
+    assert "config" not in ignored
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "COPY config /etc/eir" in dockerfile
+    assert "ENV EIR_CONFIG=/etc/eir/eir.yaml" in dockerfile
+    # What the image serves: the config names lists, and they exist beside it.
+    settings = load_settings(ROOT / "config" / "eir.yaml")
+    assert settings.lists.files and all(path.is_file() for path in settings.lists.files)
+
+
+# -- 3. the pin, rollback by number, unpin and sync through the API, errors read once --------
+
+def test_lists_status_shows_the_pin_in_text_and_json(tmp_path):
+    _, store = drop_with_two_versions(tmp_path)
+    eir_ok("lists", "rollback", "1", "--store", str(store))  # `1` is version 000001
+    text = eir_ok("lists", "status", "--store", str(store))
+    assert "pinned at version 000001 by a rollback" in text
+    assert "* 000001" in text and "(pinned)" in text
+    versions = json.loads(eir_ok("lists", "status", "--json", "--store", str(store)))
+    assert {v["version"]: v["pinned"] for v in versions} == {"000002": False, "000001": True}
+    eir_ok("lists", "unpin", "--store", str(store))
+    versions = json.loads(eir_ok("lists", "status", "--json", "--store", str(store)))
+    assert not any(v["pinned"] for v in versions)
+
+
+def test_store_errors_name_the_store_once(tmp_path):
+    drop_with_two_versions(tmp_path)
+    # A store named `store` made the old message read "eir: store: store: version ...".
+    result = run_eir("lists", "rollback", "9", "--store", "store", cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.strip() == ("eir: store: version 000009 is not kept (kept: 000002, "
+                                     "000001)")
+
+
+def test_api_unpins_and_syncs_journaled_as_the_api(eir_server, monkeypatch, tmp_path):
+    drop, store = drop_with_two_versions(tmp_path)
+    config = tmp_path / "eir.yaml"
+    config.write_text(f"store:\n  directory: {store}\nsync:\n  source: {drop}\n"
+                      "  interval_seconds: 3600\n")
+    monkeypatch.setenv("EIR_API_TOKEN", TOKEN)
+    server = eir_server("--config", str(config), "--api", "127.0.0.1:0", lists=[])
+    url = endpoint(server, API_LINE)
+
+    def post(path: str, body=None) -> httpx.Response:
+        return httpx.post(url + path, json=body, headers=authorised(), timeout=30)
+
+    assert httpx.post(url + "/v1/lists/unpin", timeout=10).status_code == 401
+    answer = post("/v1/lists/rollback", {"version": "1"})
+    assert answer.status_code == 200, answer.text
+    assert answer.json() == {"version": "000001", "pinned": "000001"}
+    refused = post("/v1/lists/sync")  # pinned: a sync is refused
+    assert refused.status_code == 409 and "pinned at version 000001" in refused.json()["detail"]
+    answer = post("/v1/lists/unpin")
+    assert answer.status_code == 200 and answer.json() == {"was_pinned": "000001"}
+    assert post("/v1/lists/unpin").json() == {"was_pinned": None}
+    (drop / "20261122_blacklist.csv").write_text(
+        "imei,block_date,reasons\n35209900176150,20200101,stolen\n")
+    answer = post("/v1/lists/sync")
+    assert answer.status_code == 200, answer.text
+    assert answer.json() == {"outcome": "published version 000003", "version": "000003"}
+    journal = [json.loads(line) for line in (store / "journal.jsonl").read_text().splitlines()]
+    acts = [(record["act"], str(record.get("by", ""))) for record in journal]
+    assert [act for act, _ in acts][-3:] == ["rollback", "unpin", "publish"]
+    assert all(by.startswith("admin API from 127.0.0.1; ")
+               for act, by in acts[-3:-1])
+    assert server.stop() == 0
+
+
+# -- 4. SIGHUP after a configuration edit -------------------------------------------------
+
+def verdict(sock, imei: str, hop_by_hop: int) -> tuple[int | None, int | None]:
+    sock.sendall(ecr(imei=imei, hop_by_hop=hop_by_hop))
+    answer = parse_answer(read_message(sock))
+    return answer.result_code, answer.equipment_status
+
+
+def test_sighup_applies_the_unknown_policy_and_names_what_needs_a_restart(eir_server,
+                                                                          tmp_path):
+    config = tmp_path / "eir.yaml"
+    lists = f"lists:\n  files: [{EXAMPLE_LIST}]\n"
+    config.write_text(lists + "  unknown_policy: unknown\n")
+    server = eir_server("--config", str(config), lists=[])
+    with open_peer(server.address) as sock:
+        assert verdict(sock, UNLISTED, 1) == (None, None)  # 5422, in Experimental-Result
+        config.write_text(lists + "  unknown_policy: greylisted\n"
+                          "diameter:\n  watchdog_seconds: 7\n")
+        mark = len(server.lines)
+        server.process.send_signal(signal.SIGHUP)
+        server.wait_for_log(r"WARNING.*SIGHUP: configuration changed, not applied until a "
+                            r"restart: diameter\.watchdog_seconds$", start=mark)
+        server.wait_for_log(r"SIGHUP: configuration applied: lists\.unknown_policy$",
+                            start=mark)
+        assert verdict(sock, UNLISTED, 2) == (2001, 2)  # GREYLISTED
+
+        # A configuration that does not load is refused whole; the policy stays.
+        config.write_text(lists + "  unknown_policy: maybe\n")
+        mark = len(server.lines)
+        server.process.send_signal(signal.SIGHUP)
+        server.wait_for_log(r"SIGHUP: configuration refused", start=mark)
+        server.wait_for_log(r"lists reloaded", start=mark)
+        assert verdict(sock, UNLISTED, 3) == (2001, 2)
+    assert server.stop() == 0
+
+
+def test_sighup_applies_a_new_list_file_in_every_worker(eir_server, tmp_path):
+    first, second = tmp_path / "first.csv", tmp_path / "second.csv"
+    first.write_text(f"imei,status\n{UNLISTED},whitelist\n")
+    second.write_text(f"imei,status\n{UNLISTED},blacklist\n")
+    config = tmp_path / "eir.yaml"
+    config.write_text(f"lists:\n  files: [{first}]\n")
+    server = eir_server("--config", str(config), "--workers", "2", lists=[])
+    config.write_text(f"lists:\n  files: [{second}]\n")
+    mark = len(server.lines)
+    server.process.send_signal(signal.SIGHUP)
+    server.wait_for_log(r"SIGHUP: configuration applied: lists\.files$", start=mark)
+    # Each new connection may land on either worker: both answer from the new file.
+    for hop in range(4):
+        with open_peer(server.address) as sock:
+            assert verdict(sock, UNLISTED, hop) == (2001, 1)  # BLACKLISTED
+    assert server.stop() == 0
