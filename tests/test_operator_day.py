@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import signal
+from datetime import date
 from pathlib import Path
 
 import httpx
@@ -190,3 +191,32 @@ def test_sighup_applies_a_new_list_file_in_every_worker(eir_server, tmp_path):
         with open_peer(server.address) as sock:
             assert verdict(sock, UNLISTED, hop) == (2001, 1)  # BLACKLISTED
     assert server.stop() == 0
+
+
+# -- 5. dump and clones read what `eir serve --store` wrote ----------------------------------
+
+def test_dump_and_clones_find_what_serve_wrote_under_its_store(eir_server, tmp_path):
+    _, store = drop_with_two_versions(tmp_path)
+    server = eir_server("--store", str(store), lists=[])  # runs in a directory of its own
+    imsis = ("001010000000001", "001010000000002")
+    with open_peer(server.address) as sock:
+        for hop, imsi in enumerate(imsis):
+            sock.sendall(ecr(imei=UNLISTED, imsi=imsi, hop_by_hop=hop))
+            read_message(sock)
+    assert server.stop() == 0  # the last flush on the way out
+    today = date.today().strftime("%Y%m%d")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    dump = eir_ok("dump", "--date", today, "--store", str(store), cwd=elsewhere)
+    assert [line.split(",")[1:3] for line in dump.splitlines()[1:]] == \
+        [[UNLISTED, imsi] for imsi in imsis]
+    clones = json.loads(eir_ok("report", "clones", "--since", today, "--store", str(store),
+                               "--json", cwd=elsewhere))
+    assert [(c["imei"], c["imsis"]) for c in clones] == [(UNLISTED, 2)]
+
+
+def test_readme_usage_lines_give_dump_and_clones_their_config_and_store():
+    readme = (ROOT / "README.md").read_text()
+    for command in ("eir dump --date YYYYMMDD", "eir report clones --since YYYY-MM-DD"):
+        [line] = [line for line in readme.splitlines() if line.strip().startswith(command)]
+        assert "[--config FILE]" in line and "[--store DIR]" in line, line
