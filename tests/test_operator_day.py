@@ -220,3 +220,50 @@ def test_readme_usage_lines_give_dump_and_clones_their_config_and_store():
     for command in ("eir dump --date YYYYMMDD", "eir report clones --since YYYY-MM-DD"):
         [line] = [line for line in readme.splitlines() if line.strip().startswith(command)]
         assert "[--config FILE]" in line and "[--store DIR]" in line, line
+
+
+# -- 2. a DIRBS delta next to a plain full list: the run, as dirbs-listgen sets it -----------
+
+BLACKLIST_HEADER = "imei,block_date,reasons\n"
+BLACKLIST_REASONS = ("blocked", "unblocked", "changed")
+
+
+def listgen_run(drop: Path, day: str, base: int, run: int, full: str | None,
+                blocked: str) -> None:
+    """What one dirbs-listgen run writes for the blacklist, unzipped: the full list (unless
+    None) and one delta per reason, all named with `day`."""
+    if full is not None:
+        (drop / f"{day}_blacklist.csv").write_text(BLACKLIST_HEADER + full)
+    for reason in BLACKLIST_REASONS:
+        rows = blocked if reason == "blocked" else ""
+        (drop / f"{day}_blacklist_delta_{base}_{run}_{reason}.csv").write_text(
+            BLACKLIST_HEADER + rows)
+
+
+def test_an_unzipped_full_list_is_from_the_run_of_its_deltas(tmp_path):
+    drop, store = tmp_path / "drop", tmp_path / "store"
+    drop.mkdir()
+    listgen_run(drop, "20261120", -1, 1, "35209900176148,20200101,stolen\n",
+                "35209900176148,20200101,stolen\n")
+    eir_ok("sync", "--source", str(drop), "--store", str(store))
+    # The next run's delta, next to the plain full list of run 1 (refused before: "the
+    # list in force is from a file that names no run").
+    listgen_run(drop, "20261121", 1, 2, None, "35209900176149,20200102,stolen\n")
+    assert "published version 000002" in eir_ok("sync", "--source", str(drop), "--store",
+                                                str(store))
+    assert eir_ok("check", "35209900176149", "--store", str(store)).startswith("BLACKLISTED")
+    [in_force] = [v for v in json.loads(eir_ok("lists", "status", "--json", "--store",
+                                               str(store))) if v["in_force"]]
+    assert {s["run"] for s in in_force["sources"]} == {"2"}
+
+
+def test_a_delta_on_a_full_list_without_its_deltas_says_what_to_publish(tmp_path):
+    drop, store = tmp_path / "drop", tmp_path / "store"
+    drop.mkdir()
+    (drop / "20261120_blacklist.csv").write_text(BLACKLIST_HEADER +
+                                                "35209900176148,20200101,stolen\n")
+    eir_ok("sync", "--source", str(drop), "--store", str(store))
+    listgen_run(drop, "20261121", 1, 2, None, "35209900176149,20200102,stolen\n")
+    result = run_eir("sync", "--source", str(drop), "--store", str(store))
+    assert result.returncode == 1
+    assert "names no run (a DIRBS full list is from the run of the deltas" in result.stderr
