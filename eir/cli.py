@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import json
+import re
 import sys
 import time
+import zipfile
 from datetime import date
 from pathlib import Path
 
@@ -20,8 +23,10 @@ from eir.decision import UnknownPolicy
 from eir.diameter.dictionary import DictionaryError
 from eir.imei import ImeiError, normalise_imei
 from eir.lists import ListError, parse_imsi
+from eir.logs import mask_imsi
 from eir.observations import (CLONE_MIN_IMSIS, ObservationError, clone_suspects,
-                              database_location, day_number, format_day, write_dump)
+                              database_location, day_number, dump_file_name, format_day,
+                              write_dump)
 from eir.store import Store, StoreError
 from eir.sync import SyncError, sync_configured
 
@@ -124,11 +129,15 @@ def build_parser() -> argparse.ArgumentParser:
         store_option(sub)
 
     dump = commands.add_parser(
-        "dump", help="the DIRBS operator data dump of one day (date,imei,imsi,msisdn)")
+        "dump", help="the DIRBS operator data dump of one day (date,imei,imsi,msisdn,rat)")
     dump.add_argument("--date", required=True, type=_day, metavar="YYYYMMDD",
                       help="the day to dump")
     dump.add_argument("--output", type=Path, metavar="FILE",
-                      help="write here instead of standard output")
+                      help="write here instead of standard output (with --operator: the "
+                           "directory of the zip, default the current one)")
+    dump.add_argument("--operator", type=_operator_id, metavar="ID",
+                      help="write the zip DIRBS-Core imports, ID_YYYYMMDD_YYYYMMDD.zip "
+                           "(ID: the registry's lower-case operator id)")
     dump.add_argument("--pseudonymise", action="store_true",
                       help="replace IMSIs and MSISDNs with keyed hashes (needs "
                            "observations.pseudonymise_key; when that is set, dumps are "
@@ -234,6 +243,15 @@ def no_lists(settings: Settings, config: Path | None) -> str | None:
              else "no configuration file (neither --config, $EIR_CONFIG nor "
                   "./config/eir.yaml)")
     return (f"no lists loaded: {where}; give --list FILE, --store DIR or --config FILE")
+
+
+def _operator_id(text: str) -> str:
+    # DIRBS-Core's operator ids are lower case (its importer asserts it); the file name is
+    # split on `_` from the right, so an id may hold one.
+    if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,63}", text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a DIRBS operator id (lower-case letters, digits, _ and -)")
+    return text
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
@@ -438,22 +456,33 @@ def _dump(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return EXIT_USAGE
     path = database_location(settings)
-    if args.output is None:
+    if args.output is None and args.operator is None:
         write_dump(path, args.date, sys.stdout, key)
         return 0
-    partial = args.output.with_name(args.output.name + ".partial")
+    output = args.output
+    if args.operator is not None:
+        output = (args.output or Path(".")) / dump_file_name(args.operator, args.date,
+                                                              args.date)
+    partial = output.with_name(output.name + ".partial")
     try:
-        with open(partial, "w", encoding="utf-8", newline="") as out:
-            count = write_dump(path, args.date, out, key)
-        partial.replace(args.output)
+        if args.operator is None:
+            with open(partial, "w", encoding="utf-8", newline="") as out:
+                count = write_dump(path, args.date, out, key)
+        else:
+            # One member, named as the zip with .csv: DIRBS-Core refuses anything else.
+            with zipfile.ZipFile(partial, "w", zipfile.ZIP_DEFLATED) as archive, \
+                    archive.open(Path(output.name).with_suffix(".csv").name, "w") as member, \
+                    io.TextIOWrapper(member, encoding="utf-8", newline="") as out:
+                count = write_dump(path, args.date, out, key)
+        partial.replace(output)
     except OSError as exc:
         partial.unlink(missing_ok=True)
-        print(f"eir: {args.output}: {exc.strerror or exc}", file=sys.stderr)
+        print(f"eir: {output}: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_REFUSED
     except ObservationError:
         partial.unlink(missing_ok=True)
         raise
-    print(f"{args.output}: {count} row(s) for {format_day(args.date)}"
+    print(f"{output}: {count} row(s) for {format_day(args.date)}"
           + (" (IMSIs and MSISDNs pseudonymised)" if key else ""), file=sys.stderr)
     return 0
 
@@ -464,19 +493,24 @@ def _report(args: argparse.Namespace) -> int:
         print("eir: --min-imsis must be at least 1", file=sys.stderr)
         return EXIT_USAGE
     suspects = clone_suspects(database_location(settings), args.since, args.min_imsis)
+    # The IMSIs an analyst needs, masked as in the logs unless logging.show_imsi.
+    shown = (lambda imsi: imsi) if settings.logging.show_imsi else mask_imsi
     if args.json:
         print(json.dumps([{"imei": s.imei, "imsis": s.imsis,
                            "first_seen": format_day(s.first_day),
-                           "last_seen": format_day(s.last_day)} for s in suspects]))
+                           "last_seen": format_day(s.last_day),
+                           "imsi_list": [shown(imsi) for imsi in s.imsi_list]}
+                          for s in suspects]))
         return 0
     if not suspects:
         print(f"no IMEI seen with {args.min_imsis} or more IMSIs since "
               f"{format_day(args.since)}")
         return 0
-    print(f"{'IMEI':<14}  {'IMSIS':>5}  {'FIRST SEEN':<10}  LAST SEEN")
+    print(f"{'IMEI':<14}  {'IMSIS':>5}  {'FIRST SEEN':<10}  {'LAST SEEN':<10}  IMSI LIST")
     for suspect in suspects:
         print(f"{suspect.imei:<14}  {suspect.imsis:>5}  {format_day(suspect.first_day)}  "
-              f"{format_day(suspect.last_day)}")
+              f"{format_day(suspect.last_day)}  "
+              + " ".join(shown(imsi) for imsi in suspect.imsi_list))
     return 0
 
 

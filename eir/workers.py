@@ -42,7 +42,7 @@ import sys
 from collections import deque
 from typing import Callable
 
-from eir.observations import Backend
+from eir.observations import Backend, observation_keys
 
 log = logging.getLogger("eir.workers")
 
@@ -523,8 +523,8 @@ class ForwardingBackend(Backend):
 
     def insert(self, connection, rows: list[tuple]) -> None:
         by_day: dict[int, list[str]] = {}
-        for day, imei, imsi, _ in rows:
-            by_day.setdefault(day, []).append(imei + imsi if imsi else imei)
+        for day, imei, imsi, _, rats in rows:
+            by_day.setdefault(day, []).extend(observation_keys(imei, imsi, rats))
         batch = []
         size = 0
         for day, keys in by_day.items():
