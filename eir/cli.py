@@ -518,7 +518,8 @@ def _replay(args: argparse.Namespace) -> int:
     try:
         from eir.replay import main as replay_main
     except ImportError as exc:
-        print(f"eir replay: {exc.name} is missing: pip install 'open-eir[replay]'",
+        print(f"eir replay: {exc.name} is missing: install open EIR again (pip install -e .), "
+              "its dependencies include eir replay's",
               file=sys.stderr)
         return EXIT_USAGE
     return replay_main(args)

@@ -22,6 +22,7 @@ MAX_REPORTED_PROBLEMS = 50
 GENERATED_SEQUENCE = 1000  # distinct requests of a generated mix; shares exact per 1000
 CLASSES = ("white", "black", "grey", "unknown", "invalid")
 DEFAULT_MIX = "white=60,black=20,grey=10,unknown=5,invalid=5"
+INVALID_AVP_VALUE = 5004  # what an EIR answers an IMEI of the invalid class
 _STATUS_OF_CLASS = {"white": EquipmentStatus.WHITELISTED, "black": EquipmentStatus.BLACKLISTED,
                     "grey": EquipmentStatus.GREYLISTED, "unknown": None}
 
@@ -46,6 +47,9 @@ class Workload:
     cyclic: bool = True  # False: each position once (a capture)
     captured: list[Verdict | None] | None = None
     offsets: list[float] | None = None
+    # The error Result-Code a template is meant to provoke (a generated mix's invalid IMEIs:
+    # 5004), None for the others; such answers are counted apart from real errors.
+    expected_errors: list[int | None] | None = None
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -156,7 +160,9 @@ def generate_mix(text: str, lists: list[Path], identity: Identity,
     described = ", ".join(f"{cls} {share:g}" for cls, share in shares.items())
     names = ", ".join(str(path) for path in lists)
     return Workload("generated", f"generated mix ({described}) from {names}", templates,
-                    subjects, list(range(len(templates))))
+                    subjects, list(range(len(templates))),
+                    expected_errors=[INVALID_AVP_VALUE if cls == "invalid" else None
+                                     for cls in sequence])
 
 
 def _interleave(shares: dict[str, float], length: int) -> list[str]:
