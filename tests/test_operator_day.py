@@ -267,3 +267,19 @@ def test_a_delta_on_a_full_list_without_its_deltas_says_what_to_publish(tmp_path
     result = run_eir("sync", "--source", str(drop), "--store", str(store))
     assert result.returncode == 1
     assert "names no run (a DIRBS full list is from the run of the deltas" in result.stderr
+
+
+# -- 7. eir replay draws from a store or a drop directory -----------------------------------
+
+def test_replay_generates_from_a_store_and_from_a_drop_directory(eir_server, tmp_path):
+    drop, store = drop_with_two_versions(tmp_path)
+    server = eir_server("--store", str(store), lists=[])
+    target = f"{server.host}:{server.port}"
+    for source in (store, drop):  # `--list store` was "Is a directory"
+        result = run_eir("replay", "--target", target, "--generate", "black=90,invalid=10",
+                         "--list", str(source), "--count", "100", "--json", timeout=60)
+        assert result.returncode == 0, result.stderr
+        report = json.loads(result.stdout.strip().splitlines()[-1])
+        assert report["by_equipment_status"] == {"BLACKLISTED": 90}
+        assert (report["errors"], report["expected_errors"]) == (0, 10)
+    assert server.stop() == 0
