@@ -189,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "answer with the captured one")
     replay.add_argument("--list", dest="lists", action="append", type=Path, metavar="FILE",
                         help="with --generate: the list file(s) the target serves (default "
-                             "config/lists/example.csv)")
+                             "config/lists/example.csv), or one directory: a snapshot store "
+                             "or a registry drop directory")
     replay.add_argument("--speed", type=float, default=1.0, metavar="FACTOR",
                         help="with --pcap: replay at the recorded pace times FACTOR (default "
                              "1; 0 = flat out)")
