@@ -5,8 +5,11 @@ configuration edit."""
 
 from __future__ import annotations
 
+import io
 import json
 import signal
+import sqlite3
+import zipfile
 from datetime import date
 from pathlib import Path
 
@@ -16,6 +19,7 @@ from helpers_process import EXAMPLE_LIST, ROOT, eir_ok, run_eir
 from helpers_wire import ecr, open_peer, parse_answer, read_message
 
 from eir.config import load_settings
+from eir.observations import RAT_EUTRAN, RAT_NR, ObservationLog, write_dump
 
 UNLISTED = "01234567890123"  # on no list of config/lists/example.csv
 
@@ -283,3 +287,50 @@ def test_replay_generates_from_a_store_and_from_a_drop_directory(eir_server, tmp
         assert report["by_equipment_status"] == {"BLACKLISTED": 90}
         assert (report["errors"], report["expected_errors"]) == (0, 10)
     assert server.stop() == 0
+
+
+# -- 6. observations keep where each check came from; older databases gain the column ---------
+
+def test_observations_record_the_rat_and_the_dump_carries_dirbs_codes(tmp_path):
+    database = tmp_path / "observations.sqlite"
+    with sqlite3.connect(database) as old:  # a database written before the rats column
+        old.execute("CREATE TABLE observations (date INTEGER NOT NULL, imei TEXT NOT NULL, "
+                    "imsi TEXT NOT NULL, msisdn TEXT NOT NULL, PRIMARY KEY (date, imei, imsi)) "
+                    "WITHOUT ROWID")
+        old.execute("INSERT INTO observations VALUES (20261120, '35000000000001', "
+                    "'001010000000001', '')")
+    log = ObservationLog(database)
+    log.record(20261120, "35000000000002", "001010000000002", RAT_EUTRAN)
+    log.record(20261120, "35000000000002", "001010000000002", RAT_NR)  # same key, both
+    log.record(20261120, "35000000000003", "001010000000003", RAT_NR)
+    log.close()
+    log = ObservationLog(database)  # a later flush adds a RAT to a stored key
+    log.record(20261120, "35000000000003", "001010000000003", RAT_EUTRAN)
+    log.record(20261120, "35000000000004", "001010000000004", RAT_NR)
+    log.close()
+    out = io.StringIO()
+    assert write_dump(database, 20261120, out) == 4
+    assert out.getvalue().splitlines() == [
+        "date,imei,imsi,msisdn,rat",
+        "20261120,35000000000001,001010000000001,,",  # before the column: unknown
+        "20261120,35000000000002,001010000000002,,006",
+        "20261120,35000000000003,001010000000003,,006",
+        "20261120,35000000000004,001010000000004,,"]  # NR alone: DIRBS-Core has no code
+
+
+def test_dump_with_operator_writes_the_zip_dirbs_core_names(tmp_path):
+    database = tmp_path / "observations.sqlite"
+    log = ObservationLog(database)
+    log.record(20261120, "35000000000002", "001010000000002")
+    log.close()
+    config = tmp_path / "eir.yaml"
+    config.write_text(f"observations:\n  database: {database}\n")
+    result = run_eir("dump", "--date", "20261120", "--operator", "op1", "--config",
+                     str(config), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    with zipfile.ZipFile(tmp_path / "op1_20261120_20261120.zip") as archive:
+        assert archive.namelist() == ["op1_20261120_20261120.csv"]
+        assert archive.read("op1_20261120_20261120.csv").decode().splitlines()[1] == \
+            "20261120,35000000000002,001010000000002,,006"
+    refused = run_eir("dump", "--date", "20261120", "--operator", "OP1", cwd=tmp_path)
+    assert refused.returncode == 2 and "lower-case" in refused.stderr
