@@ -445,8 +445,8 @@ class ObservationLog:
     """Observations of the checks a server answers, written in batches by a thread.
 
     Pending records are kept per day as a set of strings IMEI+IMSI+RAT letter (the IMEI is
-    always 14 digits and the letter one character, so the split is unambiguous): strings are not tracked by the cyclic garbage
-    collector, tuples would be. Only the event-loop thread adds to the sets and the dict of
+    always 14 digits and the letter one character, so the split is unambiguous): strings are
+    not tracked by the cyclic garbage collector, tuples would be. Only the event-loop thread adds to the sets and the dict of
     days; the writer thread copies and trims them with single C calls (atomic under the GIL).
 
     Counters (plain attributes, read by whoever reports metrics): `written` records
