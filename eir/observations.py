@@ -499,7 +499,7 @@ class ObservationLog:
         N5g-eir)."""
         if day != self._day:
             self._start_day(day)
-        key = imei + imsi + rat if imsi else imei + rat
+        key = f"{imei}{imsi}{rat}" if imsi else imei + rat  # one BUILD_STRING, no temporary
         pending = self._pending
         if len(pending) < self._room or key in pending:
             pending.add(key)
