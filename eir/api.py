@@ -52,7 +52,7 @@ from eir.http1 import GuardedH11Protocol, HttpConnectionPool, bounded_body, logg
 from eir.imei import normalise_imei
 from eir.untrusted import untrusted
 from eir.observations import ObservationError, database_location, equipment_history
-from eir.store import Store, StoreError
+from eir.store import Store, StoreError, operator
 
 log = logging.getLogger("eir.api")
 
@@ -146,6 +146,16 @@ class RollbackRequest(BaseModel):
 class RollbackResult(BaseModel):
     version: str = Field(description="the version now in force")
     pinned: str
+
+
+class UnpinResult(BaseModel):
+    was_pinned: str | None = Field(description="the version the store was pinned at (null: "
+                                               "it was not pinned)")
+
+
+class SyncResult(BaseModel):
+    outcome: str = Field(description="what the sync did, in a sentence")
+    version: str = Field(description="the version in force after it")
 
 
 class PeerInfo(BaseModel):
@@ -285,8 +295,22 @@ def create_app(server, token: str) -> FastAPI:
     @app.post("/v1/lists/rollback", response_model=RollbackResult, dependencies=secured,
               responses=_problems(400, 404, 409), summary="Put an earlier store version back "
               "in force and pin the store (syncs wait for `eir lists unpin`)")
-    async def rollback(request: RollbackRequest | None = Body(None)):
-        return await rollback_lists(server, request.version if request is not None else None)
+    async def rollback(http: Request, request: RollbackRequest | None = Body(None)):
+        return await rollback_lists(server, request.version if request is not None else None,
+                                    by=_caller(http))
+
+    @app.post("/v1/lists/unpin", response_model=UnpinResult, dependencies=secured,
+              responses=_problems(409), summary="Let syncs publish again after a rollback "
+              "pinned the store (as `eir lists unpin`)")
+    async def unpin(http: Request):
+        return UnpinResult(was_pinned=await unpin_lists(server, by=_caller(http)))
+
+    @app.post("/v1/lists/sync", response_model=SyncResult, dependencies=secured,
+              responses=_problems(409), summary="Sync from the registry source now (as "
+              "`eir sync`), and put a new version in force; 409 when refused")
+    async def sync(http: Request):
+        log.info("sync asked by %s", _caller(http))
+        return await sync_lists(server)
 
     @app.get("/v1/peers", response_model=list[PeerInfo], dependencies=secured,
              summary="Diameter connections and their peers")
@@ -324,6 +348,8 @@ async def rollback_lists(server, wanted: str | None, by: str | None = None) -> R
     store = Store(directory, server.settings.store.keep)
     loop = asyncio.get_running_loop()
     kept = [v.version for v in await loop.run_in_executor(None, store.versions)]
+    if wanted is not None:
+        wanted = Store.version_named(wanted)
     if wanted is not None and wanted not in kept:
         raise ApiProblem(404, "Not found", f"version {wanted} is not kept (kept: "
                          f"{', '.join(kept) or 'none'})", field="version")
@@ -336,6 +362,41 @@ async def rollback_lists(server, wanted: str | None, by: str | None = None) -> R
                          "store, but loading it failed: " + (server.last_reload_error
                                                              or "see the server's log"))
     return RollbackResult(version=version, pinned=store.pinned() or version)
+
+
+async def unpin_lists(server, by: str | None = None) -> str | None:
+    """Let syncs publish again after a rollback (POST /v1/lists/unpin, the console): the
+    version that was pinned, or None; journaled by the store as the act of `by`."""
+    directory = server.settings.store.directory
+    if directory is None:
+        raise ApiProblem(409, "No store", "the lists come from files, not from a store "
+                         "(store.directory): there is nothing to unpin")
+    store = Store(directory, server.settings.store.keep)
+    try:
+        return await asyncio.get_running_loop().run_in_executor(None, store.unpin, by)
+    except StoreError as exc:
+        raise ApiProblem(409, "Unpin refused", str(exc)) from None
+
+
+async def sync_lists(server) -> SyncResult:
+    """Sync from sync.source now (POST /v1/lists/sync, the console's "sync now"); a refused
+    or failed sync is a 409 whose detail says why (the snapshot in force keeps serving)."""
+    settings = server.settings
+    if not (settings.sync.source and settings.store.directory):
+        raise ApiProblem(409, "No registry source", "sync.source and store.directory must "
+                         "be set to sync")
+    outcome = await server.sync_now()
+    # sync_now says what happened in a sentence; these two starts are its refusals.
+    if outcome.startswith(("refused", "failed")):
+        raise ApiProblem(409, "Sync refused", outcome)
+    return SyncResult(outcome=outcome, version=server.rule_set.version)
+
+
+def _caller(request: Request) -> str:
+    """Who acted through the API, for the store's journal: the token's holder, from where,
+    through this process."""
+    address = request.client.host if request.client is not None else "?"
+    return f"admin API from {address}; {operator()}"
 
 
 async def connected_peers(server) -> list[dict]:

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import json
+import re
 import sys
 import time
+import zipfile
 from datetime import date
 from pathlib import Path
 
@@ -20,8 +23,10 @@ from eir.decision import UnknownPolicy
 from eir.diameter.dictionary import DictionaryError
 from eir.imei import ImeiError, normalise_imei
 from eir.lists import ListError, parse_imsi
+from eir.logs import mask_imsi
 from eir.observations import (CLONE_MIN_IMSIS, ObservationError, clone_suspects,
-                              database_location, day_number, format_day, write_dump)
+                              database_location, day_number, dump_file_name, format_day,
+                              write_dump)
 from eir.store import Store, StoreError
 from eir.sync import SyncError, sync_configured
 
@@ -124,11 +129,15 @@ def build_parser() -> argparse.ArgumentParser:
         store_option(sub)
 
     dump = commands.add_parser(
-        "dump", help="the DIRBS operator data dump of one day (date,imei,imsi,msisdn)")
+        "dump", help="the DIRBS operator data dump of one day (date,imei,imsi,msisdn,rat)")
     dump.add_argument("--date", required=True, type=_day, metavar="YYYYMMDD",
                       help="the day to dump")
     dump.add_argument("--output", type=Path, metavar="FILE",
-                      help="write here instead of standard output")
+                      help="write here instead of standard output (with --operator: the "
+                           "directory of the zip, default the current one)")
+    dump.add_argument("--operator", type=_operator_id, metavar="ID",
+                      help="write the zip DIRBS-Core imports, ID_YYYYMMDD_YYYYMMDD.zip "
+                           "(ID: the registry's lower-case operator id)")
     dump.add_argument("--pseudonymise", action="store_true",
                       help="replace IMSIs and MSISDNs with keyed hashes (needs "
                            "observations.pseudonymise_key; when that is set, dumps are "
@@ -180,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "answer with the captured one")
     replay.add_argument("--list", dest="lists", action="append", type=Path, metavar="FILE",
                         help="with --generate: the list file(s) the target serves (default "
-                             "config/lists/example.csv)")
+                             "config/lists/example.csv), or one directory: a snapshot store "
+                             "or a registry drop directory")
     replay.add_argument("--speed", type=float, default=1.0, metavar="FACTOR",
                         help="with --pcap: replay at the recorded pace times FACTOR (default "
                              "1; 0 = flat out)")
@@ -222,8 +232,31 @@ def _day(text: str) -> int:
             from None
 
 
+def _config_path(args: argparse.Namespace) -> Path | None:
+    return args.config if args.config is not None else default_config_path()
+
+
+def no_lists(settings: Settings, config: Path | None) -> str | None:
+    """Why there is nothing to answer from (no list file and no store), else None."""
+    if settings.lists.files or settings.store.directory is not None:
+        return None
+    where = (f"{config} names neither lists.files nor store.directory" if config is not None
+             else "no configuration file (neither --config, $EIR_CONFIG nor "
+                  "./config/eir.yaml)")
+    return (f"no lists loaded: {where}; give --list FILE, --store DIR or --config FILE")
+
+
+def _operator_id(text: str) -> str:
+    # DIRBS-Core's operator ids are lower case (its importer asserts it); the file name is
+    # split on `_` from the right, so an id may hold one.
+    if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,63}", text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a DIRBS operator id (lower-case letters, digits, _ and -)")
+    return text
+
+
 def settings_from(args: argparse.Namespace) -> Settings:
-    path = args.config if args.config is not None else default_config_path()
+    path = _config_path(args)
     settings = load_settings(path)
     diameter: dict = {}
     if getattr(args, "listen", None):
@@ -277,6 +310,12 @@ def _serve(args: argparse.Namespace) -> int:
     from eir.logs import configure_logging
 
     settings = settings_from(args)
+    # Serving no list at all would answer every IMEI with the unknown policy: a forgotten
+    # config or volume, not a choice (an operator who means it gives an empty list file).
+    missing = no_lists(settings, _config_path(args))
+    if missing is not None:
+        print(f"eir: refusing to serve: {missing}", file=sys.stderr)
+        return EXIT_USAGE
     configure_logging(settings.logging, sys.stderr)
     workers = args.workers or settings.workers or default_worker_count()
     event_loop = args.event_loop or settings.event_loop
@@ -289,6 +328,7 @@ def _serve(args: argparse.Namespace) -> int:
             return EXIT_USAGE
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     server = build_server(settings, workers, args.argv)
+    server.settings_source = lambda: settings_from(args)  # SIGHUP reads it again
     try:
         asyncio.run(server.serve_forever())
     except OSError as exc:
@@ -324,6 +364,9 @@ def _check(args: argparse.Namespace) -> int:
             print(f"eir: grandfathering: nothing observed yet: {exc}", file=sys.stderr)
     rule_set = load_rules(settings, grandfathering, first_sync=False)  # a query writes nothing
     verdict = rule_set.explain(imei, imsi, args.software_version)
+    missing = no_lists(settings, _config_path(args))
+    if missing is not None:
+        print(f"eir: warning: {missing}", file=sys.stderr)
     if args.json:
         print(json.dumps({"imei": imei, "imsi": imsi, "status": verdict.status_name,
                           "match": verdict.match.value, "reason": verdict.reason,
@@ -371,8 +414,10 @@ def _lists(args: argparse.Namespace) -> int:
               "the store was not pinned")
         return 0
     versions = store.versions()
+    pinned = store.pinned()
     if args.json:
         print(json.dumps([{"version": v.version, "in_force": v.in_force,
+                           "pinned": v.version == pinned,
                            "created": v.info.created, "age_seconds": round(v.age_seconds),
                            "counts": v.info.counts, "manifest": v.info.manifest,
                            "sources": v.info.sources}
@@ -380,11 +425,16 @@ def _lists(args: argparse.Namespace) -> int:
         return 0
     if not versions:
         print(f"{store.root}: no snapshot yet (run eir sync)")
+    if pinned is not None:
+        print(f"pinned at version {pinned} by a rollback: syncs are refused until "
+              "`eir lists unpin`")
     for stored in versions:
         mark = "*" if stored.in_force else " "
         created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(stored.info.created))
         counts = ", ".join(f"{n} {k}" for k, n in stored.info.counts.items())
-        print(f"{mark} {stored.version}  {created}  age {_age(stored.age_seconds)}  {counts}")
+        pin = "  (pinned)" if stored.version == pinned else ""
+        print(f"{mark} {stored.version}  {created}  age {_age(stored.age_seconds)}  "
+              f"{counts}{pin}")
         manifest = stored.info.manifest
         if manifest is not None:
             print(f"      manifest sequence {manifest['sequence']} published "
@@ -407,22 +457,33 @@ def _dump(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return EXIT_USAGE
     path = database_location(settings)
-    if args.output is None:
+    if args.output is None and args.operator is None:
         write_dump(path, args.date, sys.stdout, key)
         return 0
-    partial = args.output.with_name(args.output.name + ".partial")
+    output = args.output
+    if args.operator is not None:
+        output = (args.output or Path(".")) / dump_file_name(args.operator, args.date,
+                                                              args.date)
+    partial = output.with_name(output.name + ".partial")
     try:
-        with open(partial, "w", encoding="utf-8", newline="") as out:
-            count = write_dump(path, args.date, out, key)
-        partial.replace(args.output)
+        if args.operator is None:
+            with open(partial, "w", encoding="utf-8", newline="") as out:
+                count = write_dump(path, args.date, out, key)
+        else:
+            # One member, named as the zip with .csv: DIRBS-Core refuses anything else.
+            with zipfile.ZipFile(partial, "w", zipfile.ZIP_DEFLATED) as archive, \
+                    archive.open(Path(output.name).with_suffix(".csv").name, "w") as member, \
+                    io.TextIOWrapper(member, encoding="utf-8", newline="") as out:
+                count = write_dump(path, args.date, out, key)
+        partial.replace(output)
     except OSError as exc:
         partial.unlink(missing_ok=True)
-        print(f"eir: {args.output}: {exc.strerror or exc}", file=sys.stderr)
+        print(f"eir: {output}: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_REFUSED
     except ObservationError:
         partial.unlink(missing_ok=True)
         raise
-    print(f"{args.output}: {count} row(s) for {format_day(args.date)}"
+    print(f"{output}: {count} row(s) for {format_day(args.date)}"
           + (" (IMSIs and MSISDNs pseudonymised)" if key else ""), file=sys.stderr)
     return 0
 
@@ -433,19 +494,24 @@ def _report(args: argparse.Namespace) -> int:
         print("eir: --min-imsis must be at least 1", file=sys.stderr)
         return EXIT_USAGE
     suspects = clone_suspects(database_location(settings), args.since, args.min_imsis)
+    # The IMSIs an analyst needs, masked as in the logs unless logging.show_imsi.
+    shown = (lambda imsi: imsi) if settings.logging.show_imsi else mask_imsi
     if args.json:
         print(json.dumps([{"imei": s.imei, "imsis": s.imsis,
                            "first_seen": format_day(s.first_day),
-                           "last_seen": format_day(s.last_day)} for s in suspects]))
+                           "last_seen": format_day(s.last_day),
+                           "imsi_list": [shown(imsi) for imsi in s.imsi_list]}
+                          for s in suspects]))
         return 0
     if not suspects:
         print(f"no IMEI seen with {args.min_imsis} or more IMSIs since "
               f"{format_day(args.since)}")
         return 0
-    print(f"{'IMEI':<14}  {'IMSIS':>5}  {'FIRST SEEN':<10}  LAST SEEN")
+    print(f"{'IMEI':<14}  {'IMSIS':>5}  {'FIRST SEEN':<10}  {'LAST SEEN':<10}  IMSI LIST")
     for suspect in suspects:
         print(f"{suspect.imei:<14}  {suspect.imsis:>5}  {format_day(suspect.first_day)}  "
-              f"{format_day(suspect.last_day)}")
+              f"{format_day(suspect.last_day)}  "
+              + " ".join(shown(imsi) for imsi in suspect.imsi_list))
     return 0
 
 
@@ -453,7 +519,8 @@ def _replay(args: argparse.Namespace) -> int:
     try:
         from eir.replay import main as replay_main
     except ImportError as exc:
-        print(f"eir replay: {exc.name} is missing: pip install 'open-eir[replay]'",
+        print(f"eir replay: {exc.name} is missing: install open EIR again (pip install -e .), "
+              "its dependencies include eir replay's",
               file=sys.stderr)
         return EXIT_USAGE
     return replay_main(args)
@@ -496,7 +563,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"eir: sync refused, store untouched:\n{exc}", file=sys.stderr)
         return EXIT_REFUSED
     except StoreError as exc:
-        print(f"eir: store: {exc}", file=sys.stderr)
+        # Its message starts with the store's path, or says there is no store.
+        print(f"eir: {exc}", file=sys.stderr)
         return EXIT_REFUSED
     except ObservationError as exc:
         print(f"eir: observations: {exc}", file=sys.stderr)

@@ -61,6 +61,7 @@ from eir.config import SbiSettings, parse_host_port
 from eir.decision import EquipmentStatus, today
 from eir.imei import IMEI_KEY_LENGTH
 from eir.logs import audit_log
+from eir.observations import RAT_NR
 from eir.untrusted import untrusted
 from eir.overload import ConnectionLimits
 from eir.security import TlsAcceptor, server_tls_context
@@ -218,7 +219,7 @@ class EquipmentIdentityCheck:
         day = today()
         verdict = rule_set.decide(imei, imsi, software_version, day)
         if server.observations is not None:
-            server.observations.record(day, imei, imsi)
+            server.observations.record(day, imei, imsi, RAT_NR)
         self.counters.verdicts[verdict.status] += 1
         if self.audit is not None:
             self.audit.record(client, imei, imsi, verdict, rule_set.version, INTERFACE)

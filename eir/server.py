@@ -11,10 +11,11 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from datetime import date, timedelta
 
 from eir import __version__
-from eir.config import Settings, parse_host_port
+from eir.config import ConfigError, ListSettings, Settings, parse_host_port
 from eir.decision import RuleSet
 from eir.diameter.dictionary import DEFAULT_DICTIONARY_DIR, Dictionary
 from eir.diameter.duplicates import DuplicateCache
@@ -366,6 +367,7 @@ class EirServer:
         self.worker_snapshots: list = []  # the workers' metrics, gathered at each scrape
         self._listening: list[tuple[socket.socket, str]] = []  # the supervisor's
         self._staged_rule_set: RuleSet | None = None  # a worker's, between prepare and commit
+        self._staged_lists: ListSettings | None = None  # and the list settings it came with
         self.applications = {self.s13.application_id: self.s13}
         self.connections: set[DiameterProtocol] = set()
         self.listeners: list[asyncio.AbstractServer] = []
@@ -374,6 +376,9 @@ class EirServer:
         self.connection_closed = asyncio.Event()
         self._stop = asyncio.Event()
         self._reload_lock = asyncio.Lock()
+        # Reads the configuration again (the file and the command line), for SIGHUP; None:
+        # SIGHUP reloads the lists only (eir.cli sets it).
+        self.settings_source: Callable[[], Settings] | None = None
         self.sync_counters = SyncCounters()
         self._background: set[asyncio.Task] = set()
         # /metrics and the admin API (eir.api), when configured; built here so that a
@@ -521,7 +526,7 @@ class EirServer:
             self._spawn(self._prepare_lists(message))
         elif op == "commit":
             if self._staged_rule_set is not None:
-                self._swap(self._staged_rule_set)
+                self._swap(self._staged_rule_set, self._staged_lists)
                 self._staged_rule_set = None
         elif op == "abort":
             self._staged_rule_set = None
@@ -545,9 +550,10 @@ class EirServer:
             self.connection_limits.release(address)
 
     async def _prepare_lists(self, message: dict) -> None:
-        rule_set = await self._load_lists()
+        lists = message.get("lists")
+        rule_set = await self._load_lists(lists)
         if isinstance(rule_set, RuleSet):
-            self._staged_rule_set = rule_set
+            self._staged_rule_set, self._staged_lists = rule_set, lists
             self.worker_channel.reply(message, {"version": rule_set.version, "error": None})
         else:
             self.worker_channel.reply(message, {"version": None, "error": rule_set})
@@ -563,36 +569,70 @@ class EirServer:
                            limits.release, lambda address: DiameterProtocol(self, address),
                            self._spawn)
 
-    async def reload_lists(self) -> bool:
+    async def reload_lists(self, lists: ListSettings | None = None) -> bool:
         """Load the lists (list files, or the store's snapshot in force) and swap them in;
-        keep the old ones on error.
+        keep the old ones on error. `lists`: new list settings (files, unknown policy) to
+        load with, in force from the swap on (SIGHUP after a configuration edit).
 
         Loading runs in a thread so the event loop keeps answering meanwhile (a large list
         takes seconds to parse); the swap itself is one reference assignment, so a request
         sees the old snapshot or the new one, never a mix. Reloads run one at a time.
         """
         async with self._reload_lock:
-            rule_set = await self._load_lists()
+            rule_set = await self._load_lists(lists)
             if not isinstance(rule_set, RuleSet):
                 self._reload_refused(rule_set)
                 return False
             if self.supervisor is not None:
                 # Every worker loads the same lists first; all swap, or none does.
-                swapped, why = await self.supervisor.swap_lists()
+                swapped, why = await self.supervisor.swap_lists(lists)
                 if not swapped:
                     log.error("list reload refused, lists in force stay in force: %s", why)
                     self._reload_refused(why)
                     return False
-            self._swap(rule_set)
+            self._swap(rule_set, lists)
             self.reload_counts["ok"] += 1
             self.last_reload_error = None
             return True
 
-    async def _load_lists(self) -> RuleSet | str:
-        """The lists the settings name, loaded in a thread; or why not (logged)."""
+    async def reload_configuration(self) -> bool:
+        """SIGHUP: read the configuration again, apply what can change while serving (the
+        `lists` section: list files and the unknown policy), name every other changed
+        setting as waiting for a restart, and reload the lists. A configuration that does
+        not load is refused whole (logged), and the lists are reloaded as they were."""
+        if self.settings_source is None:
+            return await self.reload_lists()
+        try:
+            fresh = await self.loop.run_in_executor(None, self.settings_source)
+        except ConfigError as exc:
+            log.error("SIGHUP: configuration refused, the settings in force stay in force:"
+                      "\n%s", exc)
+            return await self.reload_lists()
+        changed = changed_settings(self.settings, fresh)
+        live = [key for key in changed if key.startswith(LIVE_SECTIONS)]
+        later = [key for key in changed if not key.startswith(LIVE_SECTIONS)]
+        if later:
+            log.warning("SIGHUP: configuration changed, not applied until a restart: %s",
+                        ", ".join(later))
+        if not live:
+            log.info("SIGHUP: no list setting changed; reloading the lists")
+            return await self.reload_lists()
+        applied = await self.reload_lists(fresh.lists)
+        if applied:
+            log.info("SIGHUP: configuration applied: %s", ", ".join(live))
+        else:
+            log.error("SIGHUP: configuration not applied (the lists it names were refused): "
+                      "%s", ", ".join(live))
+        return applied
+
+    async def _load_lists(self, lists: ListSettings | None = None) -> RuleSet | str:
+        """The lists the settings name (with `lists` instead of theirs, if given), loaded
+        in a thread; or why not (logged)."""
+        settings = self.settings if lists is None else \
+            self.settings.model_copy(update={"lists": lists})
         try:
             return await self.loop.run_in_executor(
-                None, functools.partial(load_rules, self.settings, self.grandfathering,
+                None, functools.partial(load_rules, settings, self.grandfathering,
                                         first_sync=self.worker_socket is None))
         except (ListError, StoreError) as exc:
             log.error("list reload refused, lists in force stay in force:\n%s", exc)
@@ -601,11 +641,21 @@ class EirServer:
             log.exception("list reload failed, lists in force stay in force")
             return f"{type(exc).__name__}: {exc}"
 
-    def _swap(self, rule_set: RuleSet) -> None:
+    def _swap(self, rule_set: RuleSet, lists: ListSettings | None = None) -> None:
         self.s13.rule_set = rule_set
+        if lists is not None:
+            self.settings = self.settings.model_copy(update={"lists": lists})
         _freeze_long_lived_objects()
         log.info("lists reloaded: version %s, %d rules", rule_set.version,
                  rule_set.rule_count)
+        self._warn_if_empty()
+
+    def _warn_if_empty(self) -> None:
+        # Serving no rule is legal (an empty list file, an empty registry list) but rarely
+        # meant: every IMEI then gets the unknown policy.
+        if self.rule_set.rule_count == 0:
+            log.warning("the lists in force hold 0 rules: every IMEI gets the unknown "
+                        "policy (%s)", self.rule_set.unknown_policy.value)
 
     def _reload_refused(self, why: str) -> None:
         self.reload_counts["refused"] += 1
@@ -686,7 +736,7 @@ class EirServer:
         self._stop.set()
 
     def _reload_on_signal(self) -> None:
-        self._spawn(self.reload_lists())
+        self._spawn(self.reload_configuration())
 
     def _spawn(self, coroutine) -> None:
         task = self.loop.create_task(coroutine)
@@ -729,6 +779,7 @@ class EirServer:
         log.info("open EIR %s serving as %s (realm %s), lists version %s, %d rules",
                  __version__, self.local.origin_host, self.local.origin_realm,
                  self.rule_set.version, self.rule_set.rule_count)
+        self._warn_if_empty()
         if not self.allowlist:
             log.warning("no peer allowlist (diameter.peers is empty): any peer that "
                         "completes a CER is served")
@@ -901,6 +952,26 @@ def load_rules(settings: Settings, grandfathering: GrandfatherIndex | None = Non
         for warning in result.warnings:
             log.warning("sync: %s", warning)
     return RuleSet(store.open_current(), policy, grandfathering)
+
+
+# Settings a SIGHUP applies while serving; every other one is read at start-up only.
+LIVE_SECTIONS = ("lists.",)
+
+
+def changed_settings(before: Settings, after: Settings) -> list[str]:
+    """The dotted names of the settings that differ (`lists.unknown_policy`, `metrics.listen`);
+    a list or a mapping that changed is named as a whole."""
+    changed: list[str] = []
+
+    def walk(old, new, prefix: str) -> None:
+        if isinstance(old, dict) and isinstance(new, dict):
+            for key in sorted(old.keys() | new.keys()):
+                walk(old.get(key), new.get(key), f"{prefix}{key}.")
+        elif old != new:
+            changed.append(prefix.rstrip("."))
+
+    walk(before.model_dump(), after.model_dump(), "")
+    return changed
 
 
 def grandfather_index(settings: Settings) -> GrandfatherIndex | None:

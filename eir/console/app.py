@@ -15,7 +15,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from eir.api import ApiProblem, connected_peers, list_status, rollback_lists
+from eir.api import ApiProblem, connected_peers, list_status, rollback_lists, unpin_lists
 from eir.config import ConfigError
 from eir.console.access import LoginLimiter, Session, Sessions, csrf_ok, role_of
 from eir.console.rules import LocalList, RuleEditError, StaleRuleError
@@ -25,7 +25,7 @@ from eir.logs import mask_imsi, redact
 from eir.metrics import EQUIPMENT_UNKNOWN, LATENCY_BUCKETS, merged_snapshot
 from eir.observations import (CLONE_MIN_IMSIS, ObservationError, database_location,
                               equipment_history, equipment_sightings, format_day)
-from eir.store import Store, StoreError, operator
+from eir.store import operator
 from eir.untrusted import untrusted
 
 log = logging.getLogger("eir.console")
@@ -378,14 +378,11 @@ def console_app(server, token: str) -> FastAPI:
     @app.post("/lists/unpin")
     async def unpin(request: Request):
         viewer, _ = await changer(request)
-        if settings.store.directory is None:
-            raise ConsoleProblem(409, "No store", "the lists come from files: nothing to unpin")
-        store = Store(settings.store.directory, settings.store.keep)
         try:
-            pinned = await asyncio.get_running_loop().run_in_executor(
-                None, store.unpin, f"{viewer.who}; {operator()}")
-        except StoreError as exc:
-            raise ConsoleProblem(409, "Unpin refused", str(exc)) from None
+            pinned = await unpin_lists(server, by=f"{viewer.who}; {operator()}")
+        except ApiProblem as exc:
+            raise ConsoleProblem(exc.problem.status, exc.problem.title,
+                                 exc.problem.detail) from None
         await record("unpin", viewer.session.role, viewer.address, before=pinned, after=None)
         return RedirectResponse(f"{request.scope.get('root_path', '')}/lists?done=unpin", 303)
 
