@@ -18,6 +18,7 @@ import shlex
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -46,6 +47,22 @@ DIAMETER_PORT = 3868  # freeDiameter's default Port, and a ConnectPeer's
 # IMEI blacklisted; its prepared variant beside it has it whitelisted.
 WHITELISTED_VARIANT = "lab-whitelisted.csv"
 SCENARIO = ((None, "BLACKLISTED"), (WHITELISTED_VARIANT, "WHITELISTED"))
+SCENARIO_ATTACH = {"BLACKLISTED": "reject", "WHITELISTED": "allow"}
+
+# The MME with S13 (open5gs/open5gs pull request 4802), as the code published beside it reads
+# its `mme.eir` section: LetMeConnect001/open5gs-s13 at MME_S13_COMMIT, the commit the lab's
+# build steps pin. src/mme/mme-context.c knows these keys (any other: "unknown key"), each
+# *_action `allow` or `reject` and `allow` by default; src/mme/mme-s13-handler.c applies the
+# action of the answer's Equipment-Status, rejects 5422 whatever the keys say, and every
+# reject is an Attach Reject with EMM cause #6 (illegal ME).
+MME_S13_REPOSITORY = "LetMeConnect001/open5gs-s13"
+MME_S13_COMMIT = "9f4a3016bf60a727877ee28716512387a814eefb"
+MME_EIR_KEYS = {"enabled", "host", "realm", "max_age", "failure_action", "missing_pei_action",
+                "whitelist_action", "greylist_action", "blacklist_action"}
+MME_EIR_ACTIONS = ("allow", "reject")
+MME_EIR_STATUS_ACTION = {"WHITELISTED": "whitelist_action", "GREYLISTED": "greylist_action",
+                         "BLACKLISTED": "blacklist_action"}
+MME_REJECT_CAUSE = "#6"
 
 # open EIR's Prometheus metrics (`eir serve --metrics`, eir.metrics) and their labels.
 METRIC_LABELS = {
@@ -380,6 +397,37 @@ def check_host_ports(lab: Lab) -> list[str]:
                 problems.append(f"host port {published}/{protocol} is published by both "
                                 f"{taken[key]} and {name}")
             taken[key] = name
+    return problems
+
+
+def _published_on_loopback(service: dict, port: int) -> bool:
+    return any(str(entry).split("/")[0] in (f"127.0.0.1:{port}:{port}", f"127.0.0.1:{port}")
+               for entry in service.get("ports") or [])
+
+
+def check_api(lab: Lab) -> list[str]:
+    """The lab serves the admin API and console: api.listen set, the port exposed and
+    published on the host's loopback, and a token long enough given to the service."""
+    problems = []
+    settings = load_settings(lab.eir_config_path())
+    if not settings.api.listen:
+        return ["eir.yaml: api.listen is not set: the lab serves no API or console"]
+    port = parse_host_port(settings.api.listen)[1]
+    service = lab.service("eir")
+    exposed = {int(str(entry).split("/")[0]) for entry in service.get("expose") or []}
+    if port not in exposed:
+        problems.append(f"eir service: does not expose the API port {port}")
+    if not _published_on_loopback(service, port):
+        problems.append(f"eir service: the API port {port} is not published on 127.0.0.1")
+    environment = service.get("environment") or {}
+    if isinstance(environment, list):
+        environment = dict(entry.split("=", 1) for entry in environment)
+    token = compose_default(str(environment.get("EIR_API_TOKEN", "")))
+    if not token and settings.api.token is None:
+        problems.append("eir service: no API token (EIR_API_TOKEN or api.token): "
+                        "`eir serve` refuses api.listen without one")
+    elif token and len(token) < 16:
+        problems.append(f"eir service: EIR_API_TOKEN default {token!r} is under 16 characters")
     return problems
 
 
@@ -755,6 +803,44 @@ def check_scenario(lab: Lab) -> list[str]:
     return problems
 
 
+def mme_attach_outcome(eir_section: dict, status: str) -> str:
+    """`allow` or `reject`: what the pull request's MME does with an answer of this
+    Equipment-Status (UNKNOWN: 5422)."""
+    if status == "UNKNOWN":
+        return "reject"
+    return str(eir_section.get(MME_EIR_STATUS_ACTION[status], "allow"))
+
+
+def check_mme_eir_policy(lab: Lab) -> list[str]:
+    """The MME's `eir:` section holds only keys the S13 MME code reads, and with it the MME
+    refuses the scenario's blacklisted UE and lets the whitelisted one in; the build steps pin
+    the code read, and the READMEs give the reject cause that code sends."""
+    problems = []
+    eir_section = (lab.open5gs_config("mme")[1].get("mme") or {}).get("eir") or {}
+    for key, value in eir_section.items():
+        if key not in MME_EIR_KEYS:
+            problems.append(f"mme.yaml: eir: unknown key `{key}` for the S13 MME (it reads "
+                            f"{sorted(MME_EIR_KEYS)})")
+        elif key.endswith("_action") and value not in MME_EIR_ACTIONS:
+            problems.append(f"mme.yaml: eir.{key}: {value!r} is not allow or reject")
+    for _variant, status in SCENARIO:
+        outcome, needed = mme_attach_outcome(eir_section, status), SCENARIO_ATTACH[status]
+        if outcome != needed:
+            problems.append(f"mme.yaml: an answer {status} would {outcome} the attach "
+                            f"({MME_EIR_STATUS_ACTION[status]}); the scenario needs {needed}")
+    lab_readme = (lab.root / "testbed" / "README.md").read_text(encoding="utf-8")
+    if f"{MME_S13_REPOSITORY}" not in lab_readme or MME_S13_COMMIT not in lab_readme:
+        problems.append(f"testbed/README.md: the MME build does not pin {MME_S13_REPOSITORY} "
+                        f"at {MME_S13_COMMIT}")
+    for name, text in (("testbed/README.md", lab_readme),
+                       ("README.md", (lab.root / "README.md").read_text(encoding="utf-8")
+                        if (lab.root / "README.md").is_file() else "")):
+        for cause in sorted(set(re.findall(r"(?:EMM cause|reject) \(?(#\d+)", text)) - {MME_REJECT_CAUSE}):
+            problems.append(f"{name}: EMM cause {cause}: the S13 MME rejects with "
+                            f"{MME_REJECT_CAUSE} only")
+    return problems
+
+
 def check_radio(lab: Lab) -> list[str]:
     """PLMN, TAC, carrier, S1 and ZeroMQ addresses agree between MME, eNB and UE."""
     problems = []
@@ -932,8 +1018,10 @@ def check_grafana(lab: Lab) -> list[str]:
     return problems
 
 
-CHECKS = [check_services, check_mounts, check_config_paths, check_host_ports, check_addresses,
-          check_diameter, check_dra, check_eir_config, check_scenario, check_radio,
+CHECKS = [check_services, check_mounts, check_config_paths, check_host_ports, check_api,
+          check_addresses,
+          check_diameter, check_dra, check_eir_config, check_scenario, check_mme_eir_policy,
+          check_radio,
           check_subscriber, check_core_links, check_prometheus, check_grafana]
 
 
@@ -1009,6 +1097,12 @@ BREAKS = [
      '"--config", "/etc/eir/lab.yaml"', "/etc/eir/lab.yaml"),
     (check_host_ports, "docker-compose.yml", '"127.0.0.1:3000:3000"', '"127.0.0.1:9090:3000"',
      "host port 9090/tcp is published by both prometheus and grafana"),
+    (check_api, "testbed/eir/eir.yaml", '  listen: "0.0.0.0:8080"', "  listen: null",
+     "api.listen is not set"),
+    (check_api, "docker-compose.yml", '      - "127.0.0.1:8080:8080"\n', "",
+     "the API port 8080 is not published on 127.0.0.1"),
+    (check_api, "docker-compose.yml", "EIR_API_TOKEN: ${EIR_API_TOKEN:-open-eir-lab-api-token}",
+     "EIR_API_TOKEN_UNUSED: x", "no API token"),
     (check_addresses, "docker-compose.yml", "ipv4_address: 172.22.0.41",
      "ipv4_address: 172.22.0.40", "both have address 172.22.0.40"),
     (check_diameter, "testbed/open5gs/freeDiameter/mme.conf", "Port = 3868;", "Port = 3869;",
@@ -1061,6 +1155,18 @@ BREAKS = [
      "353490069873319,greylist,", "is GREYLISTED, the scenario needs WHITELISTED"),
     (check_scenario, "testbed/srsran/ue.conf", "imei = 353490069873319",
      "imei = 353490069873327", "is UNKNOWN, the scenario needs BLACKLISTED"),
+    (check_mme_eir_policy, "testbed/open5gs/mme.yaml", "    blacklist_action: reject\n", "",
+     "an answer BLACKLISTED would allow the attach"),
+    (check_mme_eir_policy, "testbed/open5gs/mme.yaml", "    max_age: 5\n",
+     "    max_age: 5\n    timeout: 3\n", "unknown key `timeout`"),
+    (check_mme_eir_policy, "testbed/open5gs/mme.yaml", "    greylist_action: allow",
+     "    greylist_action: deny", "eir.greylist_action: 'deny' is not allow or reject"),
+    (check_mme_eir_policy, "testbed/open5gs/mme.yaml", "    whitelist_action: allow",
+     "    whitelist_action: reject", "an answer WHITELISTED would reject the attach"),
+    (check_mme_eir_policy, "testbed/README.md", MME_S13_COMMIT, "main",
+     "does not pin LetMeConnect001/open5gs-s13"),
+    (check_mme_eir_policy, "testbed/README.md", "rejected with EMM cause #6",
+     "rejected with EMM cause #17", "EMM cause #17"),
     (check_radio, "testbed/srsran/rr.conf", "tac = 0x0007;", "tac = 0x0008;",
      "TAC 0x0008 is not among the MME's [7]"),
     (check_radio, "testbed/srsran/enb.conf", "mnc = 01", "mnc = 02", "is not the eNB's"),
@@ -1127,6 +1233,39 @@ def test_check_notices_break(tmp_path, check, file, text, replacement, problem):
     assert any(problem in found for found in problems), problems
 
 
+# --- the EIR's healthcheck, run as Docker would run it ------------------------------------------
+
+def healthcheck_command(lab: Lab, port: int) -> list[str]:
+    """The eir service's healthcheck (CMD form), asking about `port` instead of 3868."""
+    test = lab.service("eir")["healthcheck"]["test"]
+    assert test[0] == "CMD" and f":{DIAMETER_PORT:04X}" in test[-1], test
+    return [sys.executable, *test[2:-1],
+            test[-1].replace(f":{DIAMETER_PORT:04X}", f":{port:04X}")]
+
+
+@pytest.mark.skipif(not socket.has_ipv6, reason="no IPv6 in this Python")
+def test_healthcheck_sees_an_ipv6_only_listener(lab):
+    with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as listener:
+        listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        try:
+            listener.bind(("::1", 0))
+        except OSError as exc:
+            pytest.skip(f"no IPv6 loopback here: {exc}")
+        port = listener.getsockname()[1]
+        command = healthcheck_command(lab, port)
+        assert subprocess.run(command, timeout=30).returncode == 1  # bound, not listening
+        listener.listen()
+        assert subprocess.run(command, timeout=30).returncode == 0
+
+
+def test_healthcheck_sees_an_ipv4_listener(lab):
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        command = healthcheck_command(lab, listener.getsockname()[1])
+        assert subprocess.run(command, timeout=30).returncode == 0
+
+
 # --- the MME's freeDiameter config against the lab's EIR, for real --------------------------
 
 def _free_port() -> int:
@@ -1162,10 +1301,11 @@ def loopback_mme_conf(lab: Lab, eir_port: int) -> str:
 @pytest.mark.peer
 @pytest.mark.skipif(shutil.which("freeDiameterd") is None,
                     reason="freeDiameterd is not installed (Debian package freediameterd)")
-def test_mme_freediameter_conf_opens_to_lab_eir(lab, eir_server, tmp_path):
+def test_mme_freediameter_conf_opens_to_lab_eir(lab, eir_server, tmp_path, monkeypatch):
     config = lab.eir_config_path()
     lists = load_settings(config).lists.files
-    server = eir_server("--config", str(config), lists=lists)
+    monkeypatch.setenv("EIR_API_TOKEN", "t" * 16)  # the compose file's environment
+    server = eir_server("--config", str(config), "--api", "127.0.0.1:0", lists=lists)
     settings = load_settings(config).diameter
     conf = tmp_path / "mme.conf"
     conf.write_text(loopback_mme_conf(lab, server.port))
