@@ -72,9 +72,28 @@ METRIC_LABELS = {
     "eir_list_entries": {"kind"},
     "eir_list_age_seconds": set(),
     "eir_sync_total": {"outcome"},
+    "eir_sync_last_success_timestamp_seconds": set(),
+    "eir_list_reloads_total": {"outcome"},
     "eir_observations_written_total": set(),
     "eir_observations_dropped_total": set(),
+    "eir_clone_hits_total": set(),
+    "eir_sbi_requests_total": {"status_code"},
+    "eir_sbi_verdicts_total": {"equipment_status"},
+    "eir_sbi_connections": set(),
+    "eir_nrf_registered": set(),
+    "eir_build_info": {"version"},
 }
+# Labels Prometheus adds to every series it scrapes (its target's), beside the EIR's own.
+TARGET_LABELS = {"instance", "job"}
+# What the dashboard must show (issue 16): a metric each, and the instance variable.
+DASHBOARD_METRICS = {
+    "sync age": "eir_sync_last_success_timestamp_seconds",
+    "refused reloads": "eir_list_reloads_total",
+    "clone hits": "eir_clone_hits_total",
+    "5G verdicts": "eir_sbi_verdicts_total",
+}
+INSTANCE_VARIABLE = "instance"
+ECR_COMMAND = "ME-Identity-Check"
 HISTOGRAMS = {"eir_request_duration_seconds": set()}
 for _histogram, _labels in HISTOGRAMS.items():
     METRIC_LABELS[f"{_histogram}_bucket"] = _labels | {"le"}
@@ -1008,13 +1027,69 @@ def check_grafana(lab: Lab) -> list[str]:
                 for metric in metrics - METRIC_LABELS.keys():
                     problems.append(f"{path.name}: panel {panel.get('title')!r} queries "
                                     f"{metric}, which open EIR does not export")
-                known = set().union(*(METRIC_LABELS.get(m, set()) for m in metrics))
+                known = set().union(TARGET_LABELS,
+                                    *(METRIC_LABELS.get(m, set()) for m in metrics))
                 for label in labels - known:
                     problems.append(f"{path.name}: panel {panel.get('title')!r} uses label "
                                     f"{label!r}, which {sorted(metrics)} do not have")
                 queried |= metrics
         if not queried:
             problems.append(f"{path.name}: queries no metric at all")
+        for variable in (dashboard.get("templating") or {}).get("list") or []:
+            uid = (variable.get("datasource") or {}).get("uid")
+            if variable.get("type") == "query" and uid not in uids:
+                problems.append(f"{path.name}: variable {variable.get('name')!r} uses "
+                                f"datasource {uid!r}, not a provisioned one {sorted(uids)}")
+        problems += _dashboard_coverage(path.name, dashboard, queried)
+    return problems
+
+
+def _dashboard_coverage(name: str, dashboard: dict, queried: set[str]) -> list[str]:
+    """The panels an operator needs, per instance, each titled for what it plots."""
+    problems = [f"{name}: no panel for {what} ({metric})"
+                for what, metric in DASHBOARD_METRICS.items() if metric not in queried]
+    variables = {variable.get("name") for variable in
+                 (dashboard.get("templating") or {}).get("list") or []}
+    if INSTANCE_VARIABLE not in variables:
+        problems.append(f"{name}: no ${INSTANCE_VARIABLE} variable to pick an EIR")
+    for panel in dashboard.get("panels") or []:
+        title = panel.get("title") or ""
+        for target in panel.get("targets") or []:
+            expression = target.get("expr", "")
+            if f"${INSTANCE_VARIABLE}" not in expression:
+                problems.append(f"{name}: panel {title!r} ignores ${INSTANCE_VARIABLE}: "
+                                f"{expression}")
+            if (ECR_COMMAND in title or "ECR" in title.split()) \
+                    and f'command="{ECR_COMMAND}"' not in expression:
+                problems.append(f"{name}: panel {title!r} plots every command, not only "
+                                f"{ECR_COMMAND}: {expression}")
+    return problems
+
+
+def _alert_rules(lab: Lab) -> tuple[Path, list[Path]]:
+    """prometheus.yml and the rule files it loads (relative to it, as Prometheus reads them)."""
+    config = lab.config_file("prometheus", lab.option("prometheus", "--config.file") or "")
+    loaded = (yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get("rule_files") or []
+    return config, [config.parent / name for name in loaded]
+
+
+def check_alerts(lab: Lab) -> list[str]:
+    """Prometheus loads alert rules, and they hold the alerts docs/PRODUCTION.md lists."""
+    _config, rule_files = _alert_rules(lab)
+    if not rule_files:
+        return ["prometheus.yml: loads no rule_files: no alert rules"]
+    alerts = {rule["alert"] for path in rule_files if path.is_file()
+              for group in (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get(
+                  "groups") or []
+              for rule in group.get("rules") or [] if "alert" in rule}
+    production = (ROOT / "docs" / "PRODUCTION.md").read_text(encoding="utf-8")
+    documented = set(re.findall(r"^\| `(Eir[A-Za-z]+)` \|", production, flags=re.M))
+    problems = [f"prometheus.yml: rule file {path.name} does not exist"
+                for path in rule_files if not path.is_file()]
+    problems += [f"alert {name} is in docs/PRODUCTION.md but in no rule file"
+                 for name in sorted(documented - alerts)]
+    problems += [f"alert {name} is in the rules but not in docs/PRODUCTION.md"
+                 for name in sorted(alerts - documented)]
     return problems
 
 
@@ -1022,7 +1097,7 @@ CHECKS = [check_services, check_mounts, check_config_paths, check_host_ports, ch
           check_addresses,
           check_diameter, check_dra, check_eir_config, check_scenario, check_mme_eir_policy,
           check_radio,
-          check_subscriber, check_core_links, check_prometheus, check_grafana]
+          check_subscriber, check_core_links, check_prometheus, check_alerts, check_grafana]
 
 
 # --- the repository's lab passes every check ---------------------------------------------------
@@ -1072,6 +1147,26 @@ def test_promtool_accepts_prometheus_config_and_dashboard_queries(lab, tmp_path)
         result = subprocess.run(command, capture_output=True, text=True, timeout=60)
         assert result.returncode == 0, result.stdout + result.stderr
     assert f"SUCCESS: {len(queries)} rules found" in result.stdout, result.stdout
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None,
+                    reason="promtool is not installed (Debian package prometheus)")
+def test_promtool_checks_and_unit_tests_the_alert_rules(lab):
+    config, rule_files = _alert_rules(lab)
+    tests = sorted(config.parent.glob("*.test.yml"))
+    assert rule_files and tests
+    for command in (["promtool", "check", "rules", *map(str, rule_files)],
+                    ["promtool", "test", "rules", *map(str, tests)]):
+        result = subprocess.run(command, capture_output=True, text=True, timeout=60,
+                                cwd=config.parent)
+        assert result.returncode == 0, result.stdout + result.stderr
+    unit_tested = {test["alertname"] for path in tests
+                   for group in yaml.safe_load(path.read_text(encoding="utf-8"))["tests"]
+                   for test in group.get("alert_rule_test") or [] if test.get("exp_alerts")}
+    rules = {rule["alert"] for path in rule_files
+             for group in yaml.safe_load(path.read_text(encoding="utf-8"))["groups"]
+             for rule in group["rules"]}
+    assert rules - unit_tested == set(), "alerts no unit test sees firing"
 
 
 # --- each check notices a lab broken on purpose ------------------------------------------------
@@ -1191,11 +1286,27 @@ BREAKS = [
      "--prometheus: not an option of `eir serve`"),
     (check_prometheus, "testbed/prometheus/prometheus.yml", "  - job_name: eir",
      "  - job_name: [eir", "prometheus.yml: not YAML"),
-    (check_grafana, "testbed/grafana/dashboards/eir.json", "sum by (state) (eir_peers)",
-     "sum by (state) (eir_peer_count)", "queries eir_peer_count, which open EIR does not"),
+    (check_alerts, "testbed/prometheus/prometheus.yml", "rule_files:\n  - alerts.yml\n", "",
+     "loads no rule_files"),
+    (check_alerts, "testbed/prometheus/alerts.yml", "alert: EirSyncRefused",
+     "alert: EirSyncsRefused", "alert EirSyncRefused is in docs/PRODUCTION.md but in no"),
+    (check_grafana, "testbed/grafana/dashboards/eir.json", "sum by (state) (eir_peers{",
+     "sum by (state) (eir_peer_count{", "queries eir_peer_count, which open EIR does not"),
     (check_grafana, "testbed/grafana/dashboards/eir.json",
-     "sum by (equipment_status) (rate(eir_answers_total[1m]))",
-     "sum by (imei) (rate(eir_answers_total[1m]))", "uses label 'imei'"),
+     "sum by (equipment_status) (rate(eir_answers_total{",
+     "sum by (imei) (rate(eir_answers_total{", "uses label 'imei'"),
+    (check_grafana, "testbed/grafana/dashboards/eir.json", '"title": "Diameter requests by '
+     'command"', '"title": "ME-Identity-Check requests by command"',
+     "plots every command, not only ME-Identity-Check"),
+    (check_grafana, "testbed/grafana/dashboards/eir.json",
+     'sum(increase(eir_clone_hits_total{instance=~\\"$instance\\"}[1d]))',
+     'sum(increase(eir_observations_queued{instance=~\\"$instance\\"}[1d]))',
+     "no panel for clone hits"),
+    (check_grafana, "testbed/grafana/dashboards/eir.json", '"name": "instance"',
+     '"name": "node"', "no $instance variable"),
+    (check_grafana, "testbed/grafana/dashboards/eir.json",
+     'max(eir_list_age_seconds{instance=~\\"$instance\\"})', "max(eir_list_age_seconds)",
+     "panel 'List age' ignores $instance"),
     (check_grafana, "testbed/grafana/dashboards/eir.json", '"uid": "lab-prometheus"',
      '"uid": "prometheus"', "not a provisioned one"),
     (check_grafana, "testbed/grafana/dashboards/eir.json", '"panels": [', '"panels": [,',
