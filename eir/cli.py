@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import signal
 import sys
@@ -261,9 +262,14 @@ def _day(text: str) -> int:
             from None
 
 
+def config_path(args: argparse.Namespace) -> Path | None:
+    """--config, else $EIR_CONFIG, else ./config/eir.yaml if present; None: built-in
+    defaults."""
+    return args.config if args.config is not None else default_config_path()
+
+
 def settings_from(args: argparse.Namespace) -> Settings:
-    path = args.config if args.config is not None else default_config_path()
-    settings = load_settings(path)
+    settings = load_settings(config_path(args))
     diameter: dict = {}
     if getattr(args, "listen", None):
         diameter["listen"] = args.listen
@@ -328,6 +334,9 @@ def _serve(args: argparse.Namespace) -> int:
             return EXIT_USAGE
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     server = build_server(settings, workers, args.argv)
+    if server.worker_socket is None:  # not again in each worker
+        logging.getLogger("eir.cli").info(
+            "configuration: %s", config_path(args) or "built-in defaults (no file)")
     try:
         asyncio.run(server.serve_forever())
     except OSError as exc:

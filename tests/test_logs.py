@@ -441,3 +441,12 @@ def test_text_logs_start_a_workers_lines_with_its_number():
     record.worker = 2
     assert TextFormatter().format(record).endswith(
         "INFO eir.server: worker 2: connection from 127.0.0.1")
+
+
+def test_start_up_names_the_configuration_file_once(eir_server, tmp_path):
+    config = tmp_path / "eir.yaml"
+    config.write_text("logging:\n  level: info\n")
+    server = eir_server("--config", str(config), "--workers", "2")
+    server.wait_for_log(rf"eir\.cli: configuration: {re.escape(str(config))}$")
+    server.wait_for_log(r"open EIR .* serving as")  # after every worker is ready
+    assert len(re.findall(r"eir\.cli: configuration: ", server.log())) == 1
