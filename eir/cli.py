@@ -90,10 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="address to listen on, [ADDR]:PORT for IPv6, or a bare PORT for "
                             "every IPv4 and IPv6 address; repeat for several (default: the "
                             "config's diameter.listen, 0.0.0.0:3868 and [::]:3868; replaces it)")
-    serve.add_argument("--origin-host", metavar="HOST", help="our Origin-Host (default: the config's "
-                                             "diameter.origin_host, eir.localdomain)")
-    serve.add_argument("--origin-realm", metavar="REALM", help="our Origin-Realm (default: the config's "
-                                              "diameter.origin_realm, localdomain)")
+    serve.add_argument("--origin-host", metavar="HOST",
+                       help="our Origin-Host (default: the config's diameter.origin_host, "
+                            "eir.localdomain)")
+    serve.add_argument("--origin-realm", metavar="REALM",
+                       help="our Origin-Realm (default: the config's diameter.origin_realm, "
+                            "localdomain)")
     serve.add_argument("--transport", choices=["tcp", "sctp"],
                        help="transport of the Diameter listeners (default: the config's "
                             "diameter.transport, tcp)")

@@ -854,7 +854,8 @@ def check_mme_eir_policy(lab: Lab) -> list[str]:
     for name, text in (("testbed/README.md", lab_readme),
                        ("README.md", (lab.root / "README.md").read_text(encoding="utf-8")
                         if (lab.root / "README.md").is_file() else "")):
-        for cause in sorted(set(re.findall(r"(?:EMM cause|reject) \(?(#\d+)", text)) - {MME_REJECT_CAUSE}):
+        causes = set(re.findall(r"(?:EMM cause|reject) \(?(#\d+)", text))
+        for cause in sorted(causes - {MME_REJECT_CAUSE}):
             problems.append(f"{name}: EMM cause {cause}: the S13 MME rejects with "
                             f"{MME_REJECT_CAUSE} only")
     return problems
