@@ -14,9 +14,9 @@ import subprocess
 import sys
 
 import pytest
+from helpers_process import ROOT, run_eir
 
 from eir.cli import build_parser, main, settings_from
-from helpers_process import ROOT, run_eir
 
 
 
