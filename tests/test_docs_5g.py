@@ -6,7 +6,6 @@ from __future__ import annotations
 import re
 
 import yaml
-
 from helpers_process import ROOT
 
 # src/amf/context.c of open5gs/open5gs pull request 4708 (head 6b47f1a): the keys under
