@@ -7,7 +7,10 @@ import argparse
 import asyncio
 import io
 import json
+import logging
+import os
 import re
+import signal
 import sys
 import time
 import zipfile
@@ -17,8 +20,8 @@ from pathlib import Path
 from eir import __version__
 from eir.conformance import add_arguments as conformance_arguments
 from eir.conformance import main as conformance_main
-from eir.config import ConfigError, Settings, default_config_path, load_settings, \
-    parse_host_port, parse_local_listen
+from eir.config import ConfigError, Settings, default_config_path, expand_listen, \
+    load_settings, parse_host_port, parse_local_listen
 from eir.decision import UnknownPolicy
 from eir.diameter.dictionary import DictionaryError
 from eir.imei import ImeiError, normalise_imei
@@ -32,11 +35,20 @@ from eir.sync import SyncError, sync_configured
 
 EXIT_REFUSED = 1
 EXIT_USAGE = 2
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE  # what a shell reports for a process SIGPIPE ended
 
 
 def _host_port(text: str) -> str:
     try:
         parse_host_port(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _diameter_listen(text: str) -> str:
+    try:
+        expand_listen(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return text
@@ -56,63 +68,87 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"open EIR {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def common(sub: argparse.ArgumentParser) -> None:
-        sub.add_argument("--config", type=Path, metavar="FILE",
-                         help="YAML configuration (default: $EIR_CONFIG, else "
-                              "./config/eir.yaml if present, else built-in defaults)")
+    def common(sub: argparse.ArgumentParser, store_help: str) -> None:
+        config_option(sub)
         sub.add_argument("--list", dest="lists", action="append", type=Path, metavar="FILE",
                          help="list file in the native CSV format; repeat for several "
-                              "(replaces the config file's lists)")
+                              "(default: the config's lists.files; replaces them)")
         sub.add_argument("--unknown", choices=[p.value for p in UnknownPolicy],
-                         help="verdict for an IMEI no list entry matches")
-        store_option(sub)
+                         help="verdict for an IMEI no list entry matches (default: the "
+                              "config's lists.unknown_policy, unknown = 5422)")
+        store_option(sub, store_help)
 
-    def store_option(sub: argparse.ArgumentParser) -> None:
+    def config_option(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--config", type=Path, metavar="FILE",
+                         help="YAML configuration; flags override it (default: $EIR_CONFIG, "
+                              "else ./config/eir.yaml if present, else built-in defaults)")
+
+    def store_option(sub: argparse.ArgumentParser, text: str) -> None:
         sub.add_argument("--store", type=Path, metavar="DIR",
-                         help="snapshot store directory (answer from its snapshot in force "
-                              "instead of list files)")
+                         help=f"snapshot store directory: {text} (default: the config's "
+                              "store.directory)")
 
     serve = commands.add_parser("serve", help="run the Diameter S13 server")
-    common(serve)
-    serve.add_argument("--listen", action="append", type=_host_port, metavar="HOST:PORT",
-                       help="address to listen on, [ADDR]:PORT for IPv6; repeat for several "
-                            "(replaces the config file's)")
-    serve.add_argument("--origin-host", help="our Origin-Host")
-    serve.add_argument("--origin-realm", help="our Origin-Realm")
-    serve.add_argument("--transport", choices=["tcp", "sctp"])
+    common(serve, "answer from its snapshot in force instead of list files, and sync into "
+                  "it when sync.source is set")
+    serve.add_argument("--listen", action="append", type=_diameter_listen, metavar="HOST:PORT",
+                       help="address to listen on, [ADDR]:PORT for IPv6, or a bare PORT for "
+                            "every IPv4 and IPv6 address; repeat for several (default: the "
+                            "config's diameter.listen, 0.0.0.0:3868 and [::]:3868; replaces it)")
+    serve.add_argument("--origin-host", metavar="HOST",
+                       help="our Origin-Host (default: the config's diameter.origin_host, "
+                            "eir.localdomain)")
+    serve.add_argument("--origin-realm", metavar="REALM",
+                       help="our Origin-Realm (default: the config's diameter.origin_realm, "
+                            "localdomain)")
+    serve.add_argument("--transport", choices=["tcp", "sctp"],
+                       help="transport of the Diameter listeners (default: the config's "
+                            "diameter.transport, tcp)")
     serve.add_argument("--watchdog", type=float, metavar="SECONDS",
-                       help="Tw: send DWR after this long without traffic")
-    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+                       help="Tw: send DWR after this long without traffic (default: the "
+                            "config's diameter.watchdog_seconds, 30)")
+    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
+                       help="least severe log records written (default: the config's "
+                            "logging.level, info)")
     serve.add_argument("--log-format", choices=["text", "json"],
-                       help="text lines (default) or one JSON object per line")
+                       help="text lines or one JSON object per line (default: the config's "
+                            "logging.format, text)")
     serve.add_argument("--metrics", type=_local_listen, metavar="HOST:PORT",
                        help="serve Prometheus metrics at http://HOST:PORT/metrics (a bare "
-                            "PORT binds 127.0.0.1)")
+                            "PORT binds 127.0.0.1; default: the config's metrics.listen, off)")
     serve.add_argument("--event-loop", choices=["asyncio", "uvloop"],
-                       help="the event loop (uvloop: pip install open-eir[fast])")
+                       help="the event loop (uvloop: pip install open-eir[fast]; default: the "
+                            "config's event_loop, asyncio)")
     serve.add_argument("--workers", type=_worker_count, metavar="N",
                        help="worker processes serving the listeners (default: the "
                        "config's `workers`, 0 there meaning one per core)")
     serve.add_argument("--api", type=_local_listen, metavar="HOST:PORT",
                        help="serve the admin and lookup API (a bare PORT binds 127.0.0.1; "
-                            "token: api.token or $EIR_API_TOKEN)")
+                            "token: api.token or $EIR_API_TOKEN; default: the config's "
+                            "api.listen, off)")
     serve.add_argument("--sbi", type=_host_port, metavar="HOST:PORT",
-                       help="serve N5g-eir (5G-EIR, TS 29.511) over cleartext HTTP/2 there")
+                       help="serve N5g-eir (5G-EIR, TS 29.511) over cleartext HTTP/2 there "
+                            "(default: the config's sbi.listen, off)")
 
     check = commands.add_parser("check", help="print the verdict for one IMEI")
-    common(check)
+    common(check, "answer from its snapshot in force instead of list files")
     check.add_argument("imei", help="14-16 digit IMEI or IMEISV")
-    check.add_argument("--imsi", help="the subscriber's IMSI")
-    check.add_argument("--software-version", help="the 2-digit software version")
+    check.add_argument("--imsi", help="the subscriber's IMSI (default: none, as an ECR "
+                                      "without User-Name)")
+    check.add_argument("--software-version", help="the 2-digit software version (default: "
+                                                  "none)")
     check.add_argument("--json", action="store_true", help="print a JSON object")
 
     sync_command = commands.add_parser(
         "sync", help="compile a registry drop directory into a new snapshot in the store")
     sync_command.add_argument("--source", metavar="DIR_OR_URL",
                               help="drop directory, or http(s) URL of the registry's "
-                                   "manifest.json (default: sync.source of the config)")
-    sync_command.add_argument("--config", type=Path, metavar="FILE")
-    store_option(sync_command)
+                                   "manifest.json (default: the config's sync.source)")
+    sync_command.add_argument("--quiet", action="store_true",
+                              help="do not list the files the sync ignored (warnings and "
+                                   "the outcome are still printed)")
+    config_option(sync_command)
+    store_option(sync_command, "where the new snapshot is published")
 
     lists = commands.add_parser("lists", help="the snapshot store: status, rollback")
     lists_commands = lists.add_subparsers(dest="lists_command", required=True,
@@ -121,12 +157,15 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print a JSON array")
     rollback = lists_commands.add_parser(
         "rollback", help="put an earlier version back in force (default: the previous one)")
-    rollback.add_argument("version", nargs="?")
     unpin = lists_commands.add_parser(
         "unpin", help="let syncs publish again after a rollback pinned the store")
-    for sub in (status, rollback, unpin):
-        sub.add_argument("--config", type=Path, metavar="FILE")
-        store_option(sub)
+    rollback.add_argument("version", nargs="?",
+                          help="the version to put in force, as `eir lists status` shows it "
+                               "(default: the one before the version in force)")
+    for sub, text in ((status, "the one to show"), (rollback, "the one to roll back"),
+                      (unpin, "the one to unpin")):
+        config_option(sub)
+        store_option(sub, text)
 
     dump = commands.add_parser(
         "dump", help="the DIRBS operator data dump of one day (date,imei,imsi,msisdn,rat)")
@@ -154,8 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
                              f"{CLONE_MIN_IMSIS})")
     clones.add_argument("--json", action="store_true", help="print a JSON array")
     for sub in (dump, clones):
-        sub.add_argument("--config", type=Path, metavar="FILE")
-        store_option(sub)
+        config_option(sub)
+        store_option(sub, "where the server keeps observations.sqlite, unless "
+                          "observations.database or observations.url says otherwise")
 
     replay = commands.add_parser(
         "replay", help="load and replay harness: send ECRs to an EIR, report latency and "
@@ -208,11 +248,13 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--allow-remote", action="store_true",
                         help="allow a target that is not a loopback address")
     replay.add_argument("--origin-host", default="replay.localdomain",
-                        help="our Origin-Host in CER and ECRs")
-    replay.add_argument("--origin-realm", default="localdomain")
-    replay.add_argument("--destination-realm", default="localdomain")
+                        help="our Origin-Host in CER and ECRs (default replay.localdomain)")
+    replay.add_argument("--origin-realm", default="localdomain",
+                        help="our Origin-Realm in CER and ECRs (default localdomain)")
+    replay.add_argument("--destination-realm", default="localdomain",
+                        help="Destination-Realm of the ECRs (default localdomain)")
     replay.add_argument("--seed", type=int, default=1,
-                        help="with --generate: the random seed of the IMEIs drawn")
+                        help="with --generate: the random seed of the IMEIs drawn (default 1)")
 
     conformance_arguments(commands.add_parser(
         "conformance", help="S13 and RFC 6733 checks against any EIR, each citing its "
@@ -232,7 +274,9 @@ def _day(text: str) -> int:
             from None
 
 
-def _config_path(args: argparse.Namespace) -> Path | None:
+def config_path(args: argparse.Namespace) -> Path | None:
+    """--config, else $EIR_CONFIG, else ./config/eir.yaml if present; None: built-in
+    defaults."""
     return args.config if args.config is not None else default_config_path()
 
 
@@ -256,7 +300,7 @@ def _operator_id(text: str) -> str:
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
-    path = _config_path(args)
+    path = config_path(args)
     settings = load_settings(path)
     diameter: dict = {}
     if getattr(args, "listen", None):
@@ -312,7 +356,7 @@ def _serve(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     # Serving no list at all would answer every IMEI with the unknown policy: a forgotten
     # config or volume, not a choice (an operator who means it gives an empty list file).
-    missing = no_lists(settings, _config_path(args))
+    missing = no_lists(settings, config_path(args))
     if missing is not None:
         print(f"eir: refusing to serve: {missing}", file=sys.stderr)
         return EXIT_USAGE
@@ -329,6 +373,9 @@ def _serve(args: argparse.Namespace) -> int:
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     server = build_server(settings, workers, args.argv)
     server.settings_source = lambda: settings_from(args)  # SIGHUP reads it again
+    if server.worker_socket is None:  # not again in each worker
+        logging.getLogger("eir.cli").info(
+            "configuration: %s", config_path(args) or "built-in defaults (no file)")
     try:
         asyncio.run(server.serve_forever())
     except OSError as exc:
@@ -364,7 +411,7 @@ def _check(args: argparse.Namespace) -> int:
             print(f"eir: grandfathering: nothing observed yet: {exc}", file=sys.stderr)
     rule_set = load_rules(settings, grandfathering, first_sync=False)  # a query writes nothing
     verdict = rule_set.explain(imei, imsi, args.software_version)
-    missing = no_lists(settings, _config_path(args))
+    missing = no_lists(settings, config_path(args))
     if missing is not None:
         print(f"eir: warning: {missing}", file=sys.stderr)
     if args.json:
@@ -392,7 +439,7 @@ def _sync(args: argparse.Namespace) -> int:
     result = sync_configured(settings.sync, store)
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    for note in result.ignored:
+    for note in () if args.quiet else result.ignored:
         print(f"ignored: {note}")
     if result.published:
         print(f"published version {result.version}: " + ", ".join(
@@ -534,6 +581,18 @@ def _age(seconds: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        status = _run(argv)
+        sys.stdout.flush()  # here, where a reader gone away is caught, not at exit
+        return status
+    except BrokenPipeError:
+        # The reader went away (`eir lists status | head -2`): stop quietly, as `cat` does,
+        # with stdout on /dev/null so that the exit's flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+
+
+def _run(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     # eir serve re-runs itself with the same arguments as each of its workers (eir.workers).
     args.argv = list(sys.argv[1:] if argv is None else argv)

@@ -7,8 +7,10 @@ the file (see eir.cli). Defaults here are the ones config/eir.yaml documents.
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import os
+import typing
 import uuid
 from datetime import date
 from pathlib import Path
@@ -27,6 +29,19 @@ CONFIG_ENVIRONMENT_VARIABLE = "EIR_CONFIG"
 
 class ConfigError(Exception):
     """The configuration cannot be used; the message says where and why."""
+
+
+ANY_ADDRESSES = ("0.0.0.0", "[::]")  # a bare Diameter listen PORT binds both
+
+
+def expand_listen(text: str) -> list[str]:
+    """A Diameter listen address: `HOST:PORT`, `[IPV6]:PORT`, or a bare `PORT` meaning every
+    IPv4 and IPv6 address (as the default `0.0.0.0:3868`, `[::]:3868`)."""
+    text = text.strip()
+    addresses = [f"{host}:{text}" for host in ANY_ADDRESSES] if text.isdigit() else [text]
+    for address in addresses:
+        parse_host_port(address)  # raises ValueError, saying what is wrong
+    return addresses
 
 
 def parse_host_port(text: str) -> tuple[str, int]:
@@ -153,9 +168,7 @@ class DiameterSettings(_Strict):
         if not value and not (tls is not None and tls.listen):
             raise ValueError("List should have at least 1 item (or, for TLS only, "
                              "addresses in diameter.tls.listen)")
-        for item in value:
-            parse_host_port(item)
-        return value
+        return [address for item in value for address in expand_listen(item)]
 
     @field_validator("peers")
     @classmethod
@@ -526,7 +539,7 @@ def load_settings(path: Path | None) -> Settings:
     try:
         document = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        raise ConfigError(_yaml_problem(path, exc)) from None
     if document is None:
         document = {}
     if not isinstance(document, dict):
@@ -541,6 +554,8 @@ def load_settings(path: Path | None) -> Settings:
             line = _line_of(text, location)
             where = f"{path}:{line}" if line else str(path)
             message = error["msg"].removeprefix("Value error, ")
+            if error["type"] == "extra_forbidden":
+                message += _suggestion(location)
             lines.append(f"{where}: {key}: {message}")
         raise ConfigError("\n".join(lines)) from None
     base = path.parent
@@ -569,6 +584,43 @@ def load_settings(path: Path | None) -> Settings:
             key: base / value for key in ("local_list", "journal")
             if (value := getattr(settings.console, key)) is not None}),
     })
+
+
+def _yaml_problem(path: Path, exc: yaml.YAMLError) -> str:
+    """`FILE:LINE:COLUMN: not valid YAML: problem`, not PyYAML's `in "<unicode string>"`."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+    problem = getattr(exc, "problem", None) or str(exc)
+    context = getattr(exc, "context", None)
+    return f"{where}: not valid YAML: {problem}" + (f" ({context})" if context else "")
+
+
+def _suggestion(location: list) -> str:
+    """` (did you mean KEY?)` for a misspelt key, from the keys valid where it stands."""
+    model: type[BaseModel] | None = Settings
+    for part in location[:-1]:
+        if isinstance(part, int):  # an item of a list of sections
+            continue
+        field = model.model_fields.get(str(part)) if model is not None else None
+        model = _section_model(field.annotation) if field is not None else None
+    if model is None:
+        return ""
+    close = difflib.get_close_matches(str(location[-1]), list(model.model_fields), n=1)
+    if not close:
+        return ""
+    parent = [str(part) for part in location[:-1] if not isinstance(part, int)]
+    return f" (did you mean {'.'.join([*parent, close[0]])}?)"
+
+
+def _section_model(annotation: object) -> type[BaseModel] | None:
+    """The settings class a field holds, directly or in a list or an Optional."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for argument in typing.get_args(annotation):
+        found = _section_model(argument)
+        if found is not None:
+            return found
+    return None
 
 
 def _tls_paths_from(diameter: DiameterSettings, base: Path) -> DiameterSettings:

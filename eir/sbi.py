@@ -62,6 +62,7 @@ from eir.decision import EquipmentStatus, today
 from eir.imei import IMEI_KEY_LENGTH
 from eir.logs import audit_log
 from eir.observations import RAT_NR
+from eir.metrics import UNKNOWN_EQUIPMENT_STATUS
 from eir.untrusted import untrusted
 from eir.overload import ConnectionLimits
 from eir.security import TlsAcceptor, server_tls_context
@@ -183,8 +184,9 @@ class SbiCounters:
     def fill(self, snapshot) -> None:
         """Copy into an eir.metrics.MetricsSnapshot."""
         snapshot.sbi_requests = {str(code): count for code, count in self.requests.items()}
-        snapshot.sbi_verdicts = {status.name if status is not None else "UNKNOWN": count
-                                 for status, count in self.verdicts.items()}
+        snapshot.sbi_verdicts = {
+            status.name if status is not None else UNKNOWN_EQUIPMENT_STATUS: count
+            for status, count in self.verdicts.items()}
         snapshot.sbi_connections = self.connections
         snapshot.nrf_registered = int(self.nrf_registered)
 

@@ -735,7 +735,12 @@ class EirServer:
     def stop(self) -> None:
         self._stop.set()
 
+    def _stop_on_signal(self, signum: int) -> None:
+        log.info("%s received: stopping", signal.Signals(signum).name)
+        self.stop()
+
     def _reload_on_signal(self) -> None:
+        log.info("SIGHUP received: reloading the configuration and the lists")
         self._spawn(self.reload_configuration())
 
     def _spawn(self, coroutine) -> None:
@@ -747,7 +752,7 @@ class EirServer:
         # Signal handlers first: whoever sees "listening on" may signal us at once.
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, self.stop)
+            loop.add_signal_handler(signum, self._stop_on_signal, signum)
         if self.worker_socket is None:
             loop.add_signal_handler(signal.SIGHUP, self._reload_on_signal)
         else:  # the supervisor's SIGHUP reloads every worker together
@@ -788,7 +793,13 @@ class EirServer:
 
     async def shutdown(self) -> None:
         """Stop listening, send DPR to every open peer, wait for DPA (bounded), exit."""
-        log.info("shutting down: %d connection(s)", len(self.connections))
+        if self.supervisor is not None:
+            # The supervisor holds no Diameter connection: it hands each to a worker, and
+            # counts it out when the worker reports its end.
+            log.info("shutting down: %d connection(s) held by the workers",
+                     self.connection_limits.open)
+        else:
+            log.info("shutting down: %d connection(s)", len(self.connections))
         if self.sbi is not None:  # NFDeregister first (bounded): AMFs stop choosing us
             await self.sbi.stop()
         for listener in self.listeners:

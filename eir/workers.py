@@ -474,17 +474,16 @@ def worker_channel() -> tuple[int, socket.socket, socket.socket] | None:
 
 
 class WorkerLogPrefix(logging.Filter):
-    """Starts every log message of worker N with "worker N: " (all processes share the
-    supervisor's standard error)."""
+    """Marks every log record of worker N with `worker = N` (all processes share the
+    supervisor's standard error): the text format starts its message with "worker N: ",
+    the JSON format has a "worker" field (eir.logs)."""
 
     def __init__(self, index: int):
         super().__init__()
-        self.prefix = f"worker {index}: "
+        self.index = index
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if not getattr(record, "worker_prefixed", False):
-            record.msg = self.prefix + str(record.msg)
-            record.worker_prefixed = True
+        record.worker = self.index
         return True
 
 

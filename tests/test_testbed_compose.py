@@ -18,6 +18,7 @@ import shlex
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -46,6 +47,22 @@ DIAMETER_PORT = 3868  # freeDiameter's default Port, and a ConnectPeer's
 # IMEI blacklisted; its prepared variant beside it has it whitelisted.
 WHITELISTED_VARIANT = "lab-whitelisted.csv"
 SCENARIO = ((None, "BLACKLISTED"), (WHITELISTED_VARIANT, "WHITELISTED"))
+SCENARIO_ATTACH = {"BLACKLISTED": "reject", "WHITELISTED": "allow"}
+
+# The MME with S13 (open5gs/open5gs pull request 4802), as the code published beside it reads
+# its `mme.eir` section: LetMeConnect001/open5gs-s13 at MME_S13_COMMIT, the commit the lab's
+# build steps pin. src/mme/mme-context.c knows these keys (any other: "unknown key"), each
+# *_action `allow` or `reject` and `allow` by default; src/mme/mme-s13-handler.c applies the
+# action of the answer's Equipment-Status, rejects 5422 whatever the keys say, and every
+# reject is an Attach Reject with EMM cause #6 (illegal ME).
+MME_S13_REPOSITORY = "LetMeConnect001/open5gs-s13"
+MME_S13_COMMIT = "9f4a3016bf60a727877ee28716512387a814eefb"
+MME_EIR_KEYS = {"enabled", "host", "realm", "max_age", "failure_action", "missing_pei_action",
+                "whitelist_action", "greylist_action", "blacklist_action"}
+MME_EIR_ACTIONS = ("allow", "reject")
+MME_EIR_STATUS_ACTION = {"WHITELISTED": "whitelist_action", "GREYLISTED": "greylist_action",
+                         "BLACKLISTED": "blacklist_action"}
+MME_REJECT_CAUSE = "#6"
 
 # open EIR's Prometheus metrics (`eir serve --metrics`, eir.metrics) and their labels.
 METRIC_LABELS = {
@@ -55,9 +72,28 @@ METRIC_LABELS = {
     "eir_list_entries": {"kind"},
     "eir_list_age_seconds": set(),
     "eir_sync_total": {"outcome"},
+    "eir_sync_last_success_timestamp_seconds": set(),
+    "eir_list_reloads_total": {"outcome"},
     "eir_observations_written_total": set(),
     "eir_observations_dropped_total": set(),
+    "eir_clone_hits_total": set(),
+    "eir_sbi_requests_total": {"status_code"},
+    "eir_sbi_verdicts_total": {"equipment_status"},
+    "eir_sbi_connections": set(),
+    "eir_nrf_registered": set(),
+    "eir_build_info": {"version"},
 }
+# Labels Prometheus adds to every series it scrapes (its target's), beside the EIR's own.
+TARGET_LABELS = {"instance", "job"}
+# What the dashboard must show (issue 16): a metric each, and the instance variable.
+DASHBOARD_METRICS = {
+    "sync age": "eir_sync_last_success_timestamp_seconds",
+    "refused reloads": "eir_list_reloads_total",
+    "clone hits": "eir_clone_hits_total",
+    "5G verdicts": "eir_sbi_verdicts_total",
+}
+INSTANCE_VARIABLE = "instance"
+ECR_COMMAND = "ME-Identity-Check"
 HISTOGRAMS = {"eir_request_duration_seconds": set()}
 for _histogram, _labels in HISTOGRAMS.items():
     METRIC_LABELS[f"{_histogram}_bucket"] = _labels | {"le"}
@@ -380,6 +416,37 @@ def check_host_ports(lab: Lab) -> list[str]:
                 problems.append(f"host port {published}/{protocol} is published by both "
                                 f"{taken[key]} and {name}")
             taken[key] = name
+    return problems
+
+
+def _published_on_loopback(service: dict, port: int) -> bool:
+    return any(str(entry).split("/")[0] in (f"127.0.0.1:{port}:{port}", f"127.0.0.1:{port}")
+               for entry in service.get("ports") or [])
+
+
+def check_api(lab: Lab) -> list[str]:
+    """The lab serves the admin API and console: api.listen set, the port exposed and
+    published on the host's loopback, and a token long enough given to the service."""
+    problems = []
+    settings = load_settings(lab.eir_config_path())
+    if not settings.api.listen:
+        return ["eir.yaml: api.listen is not set: the lab serves no API or console"]
+    port = parse_host_port(settings.api.listen)[1]
+    service = lab.service("eir")
+    exposed = {int(str(entry).split("/")[0]) for entry in service.get("expose") or []}
+    if port not in exposed:
+        problems.append(f"eir service: does not expose the API port {port}")
+    if not _published_on_loopback(service, port):
+        problems.append(f"eir service: the API port {port} is not published on 127.0.0.1")
+    environment = service.get("environment") or {}
+    if isinstance(environment, list):
+        environment = dict(entry.split("=", 1) for entry in environment)
+    token = compose_default(str(environment.get("EIR_API_TOKEN", "")))
+    if not token and settings.api.token is None:
+        problems.append("eir service: no API token (EIR_API_TOKEN or api.token): "
+                        "`eir serve` refuses api.listen without one")
+    elif token and len(token) < 16:
+        problems.append(f"eir service: EIR_API_TOKEN default {token!r} is under 16 characters")
     return problems
 
 
@@ -755,6 +822,45 @@ def check_scenario(lab: Lab) -> list[str]:
     return problems
 
 
+def mme_attach_outcome(eir_section: dict, status: str) -> str:
+    """`allow` or `reject`: what the pull request's MME does with an answer of this
+    Equipment-Status (UNKNOWN: 5422)."""
+    if status == "UNKNOWN":
+        return "reject"
+    return str(eir_section.get(MME_EIR_STATUS_ACTION[status], "allow"))
+
+
+def check_mme_eir_policy(lab: Lab) -> list[str]:
+    """The MME's `eir:` section holds only keys the S13 MME code reads, and with it the MME
+    refuses the scenario's blacklisted UE and lets the whitelisted one in; the build steps pin
+    the code read, and the READMEs give the reject cause that code sends."""
+    problems = []
+    eir_section = (lab.open5gs_config("mme")[1].get("mme") or {}).get("eir") or {}
+    for key, value in eir_section.items():
+        if key not in MME_EIR_KEYS:
+            problems.append(f"mme.yaml: eir: unknown key `{key}` for the S13 MME (it reads "
+                            f"{sorted(MME_EIR_KEYS)})")
+        elif key.endswith("_action") and value not in MME_EIR_ACTIONS:
+            problems.append(f"mme.yaml: eir.{key}: {value!r} is not allow or reject")
+    for _variant, status in SCENARIO:
+        outcome, needed = mme_attach_outcome(eir_section, status), SCENARIO_ATTACH[status]
+        if outcome != needed:
+            problems.append(f"mme.yaml: an answer {status} would {outcome} the attach "
+                            f"({MME_EIR_STATUS_ACTION[status]}); the scenario needs {needed}")
+    lab_readme = (lab.root / "testbed" / "README.md").read_text(encoding="utf-8")
+    if f"{MME_S13_REPOSITORY}" not in lab_readme or MME_S13_COMMIT not in lab_readme:
+        problems.append(f"testbed/README.md: the MME build does not pin {MME_S13_REPOSITORY} "
+                        f"at {MME_S13_COMMIT}")
+    for name, text in (("testbed/README.md", lab_readme),
+                       ("README.md", (lab.root / "README.md").read_text(encoding="utf-8")
+                        if (lab.root / "README.md").is_file() else "")):
+        causes = set(re.findall(r"(?:EMM cause|reject) \(?(#\d+)", text))
+        for cause in sorted(causes - {MME_REJECT_CAUSE}):
+            problems.append(f"{name}: EMM cause {cause}: the S13 MME rejects with "
+                            f"{MME_REJECT_CAUSE} only")
+    return problems
+
+
 def check_radio(lab: Lab) -> list[str]:
     """PLMN, TAC, carrier, S1 and ZeroMQ addresses agree between MME, eNB and UE."""
     problems = []
@@ -922,19 +1028,77 @@ def check_grafana(lab: Lab) -> list[str]:
                 for metric in metrics - METRIC_LABELS.keys():
                     problems.append(f"{path.name}: panel {panel.get('title')!r} queries "
                                     f"{metric}, which open EIR does not export")
-                known = set().union(*(METRIC_LABELS.get(m, set()) for m in metrics))
+                known = set().union(TARGET_LABELS,
+                                    *(METRIC_LABELS.get(m, set()) for m in metrics))
                 for label in labels - known:
                     problems.append(f"{path.name}: panel {panel.get('title')!r} uses label "
                                     f"{label!r}, which {sorted(metrics)} do not have")
                 queried |= metrics
         if not queried:
             problems.append(f"{path.name}: queries no metric at all")
+        for variable in (dashboard.get("templating") or {}).get("list") or []:
+            uid = (variable.get("datasource") or {}).get("uid")
+            if variable.get("type") == "query" and uid not in uids:
+                problems.append(f"{path.name}: variable {variable.get('name')!r} uses "
+                                f"datasource {uid!r}, not a provisioned one {sorted(uids)}")
+        problems += _dashboard_coverage(path.name, dashboard, queried)
     return problems
 
 
-CHECKS = [check_services, check_mounts, check_config_paths, check_host_ports, check_addresses,
-          check_diameter, check_dra, check_eir_config, check_scenario, check_radio,
-          check_subscriber, check_core_links, check_prometheus, check_grafana]
+def _dashboard_coverage(name: str, dashboard: dict, queried: set[str]) -> list[str]:
+    """The panels an operator needs, per instance, each titled for what it plots."""
+    problems = [f"{name}: no panel for {what} ({metric})"
+                for what, metric in DASHBOARD_METRICS.items() if metric not in queried]
+    variables = {variable.get("name") for variable in
+                 (dashboard.get("templating") or {}).get("list") or []}
+    if INSTANCE_VARIABLE not in variables:
+        problems.append(f"{name}: no ${INSTANCE_VARIABLE} variable to pick an EIR")
+    for panel in dashboard.get("panels") or []:
+        title = panel.get("title") or ""
+        for target in panel.get("targets") or []:
+            expression = target.get("expr", "")
+            if f"${INSTANCE_VARIABLE}" not in expression:
+                problems.append(f"{name}: panel {title!r} ignores ${INSTANCE_VARIABLE}: "
+                                f"{expression}")
+            if (ECR_COMMAND in title or "ECR" in title.split()) \
+                    and f'command="{ECR_COMMAND}"' not in expression:
+                problems.append(f"{name}: panel {title!r} plots every command, not only "
+                                f"{ECR_COMMAND}: {expression}")
+    return problems
+
+
+def _alert_rules(lab: Lab) -> tuple[Path, list[Path]]:
+    """prometheus.yml and the rule files it loads (relative to it, as Prometheus reads them)."""
+    config = lab.config_file("prometheus", lab.option("prometheus", "--config.file") or "")
+    loaded = (yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get("rule_files") or []
+    return config, [config.parent / name for name in loaded]
+
+
+def check_alerts(lab: Lab) -> list[str]:
+    """Prometheus loads alert rules, and they hold the alerts docs/PRODUCTION.md lists."""
+    _config, rule_files = _alert_rules(lab)
+    if not rule_files:
+        return ["prometheus.yml: loads no rule_files: no alert rules"]
+    alerts = {rule["alert"] for path in rule_files if path.is_file()
+              for group in (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get(
+                  "groups") or []
+              for rule in group.get("rules") or [] if "alert" in rule}
+    production = (ROOT / "docs" / "PRODUCTION.md").read_text(encoding="utf-8")
+    documented = set(re.findall(r"^\| `(Eir[A-Za-z]+)` \|", production, flags=re.M))
+    problems = [f"prometheus.yml: rule file {path.name} does not exist"
+                for path in rule_files if not path.is_file()]
+    problems += [f"alert {name} is in docs/PRODUCTION.md but in no rule file"
+                 for name in sorted(documented - alerts)]
+    problems += [f"alert {name} is in the rules but not in docs/PRODUCTION.md"
+                 for name in sorted(alerts - documented)]
+    return problems
+
+
+CHECKS = [check_services, check_mounts, check_config_paths, check_host_ports, check_api,
+          check_addresses,
+          check_diameter, check_dra, check_eir_config, check_scenario, check_mme_eir_policy,
+          check_radio,
+          check_subscriber, check_core_links, check_prometheus, check_alerts, check_grafana]
 
 
 # --- the repository's lab passes every check ---------------------------------------------------
@@ -986,6 +1150,26 @@ def test_promtool_accepts_prometheus_config_and_dashboard_queries(lab, tmp_path)
     assert f"SUCCESS: {len(queries)} rules found" in result.stdout, result.stdout
 
 
+@pytest.mark.skipif(shutil.which("promtool") is None,
+                    reason="promtool is not installed (Debian package prometheus)")
+def test_promtool_checks_and_unit_tests_the_alert_rules(lab):
+    config, rule_files = _alert_rules(lab)
+    tests = sorted(config.parent.glob("*.test.yml"))
+    assert rule_files and tests
+    for command in (["promtool", "check", "rules", *map(str, rule_files)],
+                    ["promtool", "test", "rules", *map(str, tests)]):
+        result = subprocess.run(command, capture_output=True, text=True, timeout=60,
+                                cwd=config.parent)
+        assert result.returncode == 0, result.stdout + result.stderr
+    unit_tested = {test["alertname"] for path in tests
+                   for group in yaml.safe_load(path.read_text(encoding="utf-8"))["tests"]
+                   for test in group.get("alert_rule_test") or [] if test.get("exp_alerts")}
+    rules = {rule["alert"] for path in rule_files
+             for group in yaml.safe_load(path.read_text(encoding="utf-8"))["groups"]
+             for rule in group["rules"]}
+    assert rules - unit_tested == set(), "alerts no unit test sees firing"
+
+
 # --- each check notices a lab broken on purpose ------------------------------------------------
 
 BREAKS = [
@@ -1009,6 +1193,12 @@ BREAKS = [
      '"--config", "/etc/eir/lab.yaml"', "/etc/eir/lab.yaml"),
     (check_host_ports, "docker-compose.yml", '"127.0.0.1:3000:3000"', '"127.0.0.1:9090:3000"',
      "host port 9090/tcp is published by both prometheus and grafana"),
+    (check_api, "testbed/eir/eir.yaml", '  listen: "0.0.0.0:8080"', "  listen: null",
+     "api.listen is not set"),
+    (check_api, "docker-compose.yml", '      - "127.0.0.1:8080:8080"\n', "",
+     "the API port 8080 is not published on 127.0.0.1"),
+    (check_api, "docker-compose.yml", "EIR_API_TOKEN: ${EIR_API_TOKEN:-open-eir-lab-api-token}",
+     "EIR_API_TOKEN_UNUSED: x", "no API token"),
     (check_addresses, "docker-compose.yml", "ipv4_address: 172.22.0.41",
      "ipv4_address: 172.22.0.40", "both have address 172.22.0.40"),
     (check_diameter, "testbed/open5gs/freeDiameter/mme.conf", "Port = 3868;", "Port = 3869;",
@@ -1061,6 +1251,18 @@ BREAKS = [
      "353490069873319,greylist,", "is GREYLISTED, the scenario needs WHITELISTED"),
     (check_scenario, "testbed/srsran/ue.conf", "imei = 353490069873319",
      "imei = 353490069873327", "is UNKNOWN, the scenario needs BLACKLISTED"),
+    (check_mme_eir_policy, "testbed/open5gs/mme.yaml", "    blacklist_action: reject\n", "",
+     "an answer BLACKLISTED would allow the attach"),
+    (check_mme_eir_policy, "testbed/open5gs/mme.yaml", "    max_age: 5\n",
+     "    max_age: 5\n    timeout: 3\n", "unknown key `timeout`"),
+    (check_mme_eir_policy, "testbed/open5gs/mme.yaml", "    greylist_action: allow",
+     "    greylist_action: deny", "eir.greylist_action: 'deny' is not allow or reject"),
+    (check_mme_eir_policy, "testbed/open5gs/mme.yaml", "    whitelist_action: allow",
+     "    whitelist_action: reject", "an answer WHITELISTED would reject the attach"),
+    (check_mme_eir_policy, "testbed/README.md", MME_S13_COMMIT, "main",
+     "does not pin LetMeConnect001/open5gs-s13"),
+    (check_mme_eir_policy, "testbed/README.md", "rejected with EMM cause #6",
+     "rejected with EMM cause #17", "EMM cause #17"),
     (check_radio, "testbed/srsran/rr.conf", "tac = 0x0007;", "tac = 0x0008;",
      "TAC 0x0008 is not among the MME's [7]"),
     (check_radio, "testbed/srsran/enb.conf", "mnc = 01", "mnc = 02", "is not the eNB's"),
@@ -1085,11 +1287,27 @@ BREAKS = [
      "--prometheus: not an option of `eir serve`"),
     (check_prometheus, "testbed/prometheus/prometheus.yml", "  - job_name: eir",
      "  - job_name: [eir", "prometheus.yml: not YAML"),
-    (check_grafana, "testbed/grafana/dashboards/eir.json", "sum by (state) (eir_peers)",
-     "sum by (state) (eir_peer_count)", "queries eir_peer_count, which open EIR does not"),
+    (check_alerts, "testbed/prometheus/prometheus.yml", "rule_files:\n  - alerts.yml\n", "",
+     "loads no rule_files"),
+    (check_alerts, "testbed/prometheus/alerts.yml", "alert: EirSyncRefused",
+     "alert: EirSyncsRefused", "alert EirSyncRefused is in docs/PRODUCTION.md but in no"),
+    (check_grafana, "testbed/grafana/dashboards/eir.json", "sum by (state) (eir_peers{",
+     "sum by (state) (eir_peer_count{", "queries eir_peer_count, which open EIR does not"),
     (check_grafana, "testbed/grafana/dashboards/eir.json",
-     "sum by (equipment_status) (rate(eir_answers_total[1m]))",
-     "sum by (imei) (rate(eir_answers_total[1m]))", "uses label 'imei'"),
+     "sum by (equipment_status) (rate(eir_answers_total{",
+     "sum by (imei) (rate(eir_answers_total{", "uses label 'imei'"),
+    (check_grafana, "testbed/grafana/dashboards/eir.json", '"title": "Diameter requests by '
+     'command"', '"title": "ME-Identity-Check requests by command"',
+     "plots every command, not only ME-Identity-Check"),
+    (check_grafana, "testbed/grafana/dashboards/eir.json",
+     'sum(increase(eir_clone_hits_total{instance=~\\"$instance\\"}[1d]))',
+     'sum(increase(eir_observations_queued{instance=~\\"$instance\\"}[1d]))',
+     "no panel for clone hits"),
+    (check_grafana, "testbed/grafana/dashboards/eir.json", '"name": "instance"',
+     '"name": "node"', "no $instance variable"),
+    (check_grafana, "testbed/grafana/dashboards/eir.json",
+     'max(eir_list_age_seconds{instance=~\\"$instance\\"})', "max(eir_list_age_seconds)",
+     "panel 'List age' ignores $instance"),
     (check_grafana, "testbed/grafana/dashboards/eir.json", '"uid": "lab-prometheus"',
      '"uid": "prometheus"', "not a provisioned one"),
     (check_grafana, "testbed/grafana/dashboards/eir.json", '"panels": [', '"panels": [,',
@@ -1127,6 +1345,39 @@ def test_check_notices_break(tmp_path, check, file, text, replacement, problem):
     assert any(problem in found for found in problems), problems
 
 
+# --- the EIR's healthcheck, run as Docker would run it ------------------------------------------
+
+def healthcheck_command(lab: Lab, port: int) -> list[str]:
+    """The eir service's healthcheck (CMD form), asking about `port` instead of 3868."""
+    test = lab.service("eir")["healthcheck"]["test"]
+    assert test[0] == "CMD" and f":{DIAMETER_PORT:04X}" in test[-1], test
+    return [sys.executable, *test[2:-1],
+            test[-1].replace(f":{DIAMETER_PORT:04X}", f":{port:04X}")]
+
+
+@pytest.mark.skipif(not socket.has_ipv6, reason="no IPv6 in this Python")
+def test_healthcheck_sees_an_ipv6_only_listener(lab):
+    with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as listener:
+        listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        try:
+            listener.bind(("::1", 0))
+        except OSError as exc:
+            pytest.skip(f"no IPv6 loopback here: {exc}")
+        port = listener.getsockname()[1]
+        command = healthcheck_command(lab, port)
+        assert subprocess.run(command, timeout=30).returncode == 1  # bound, not listening
+        listener.listen()
+        assert subprocess.run(command, timeout=30).returncode == 0
+
+
+def test_healthcheck_sees_an_ipv4_listener(lab):
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        command = healthcheck_command(lab, listener.getsockname()[1])
+        assert subprocess.run(command, timeout=30).returncode == 0
+
+
 # --- the MME's freeDiameter config against the lab's EIR, for real --------------------------
 
 def _free_port() -> int:
@@ -1162,10 +1413,11 @@ def loopback_mme_conf(lab: Lab, eir_port: int) -> str:
 @pytest.mark.peer
 @pytest.mark.skipif(shutil.which("freeDiameterd") is None,
                     reason="freeDiameterd is not installed (Debian package freediameterd)")
-def test_mme_freediameter_conf_opens_to_lab_eir(lab, eir_server, tmp_path):
+def test_mme_freediameter_conf_opens_to_lab_eir(lab, eir_server, tmp_path, monkeypatch):
     config = lab.eir_config_path()
     lists = load_settings(config).lists.files
-    server = eir_server("--config", str(config), lists=lists)
+    monkeypatch.setenv("EIR_API_TOKEN", "t" * 16)  # the compose file's environment
+    server = eir_server("--config", str(config), "--api", "127.0.0.1:0", lists=lists)
     settings = load_settings(config).diameter
     conf = tmp_path / "mme.conf"
     conf.write_text(loopback_mme_conf(lab, server.port))

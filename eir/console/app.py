@@ -22,7 +22,7 @@ from eir.console.rules import LocalList, RuleEditError, StaleRuleError
 from eir.imei import normalise_imei
 from eir.lists import parse_imsi
 from eir.logs import mask_imsi, redact
-from eir.metrics import EQUIPMENT_UNKNOWN, LATENCY_BUCKETS, merged_snapshot
+from eir.metrics import LATENCY_BUCKETS, NO_EQUIPMENT_STATUS, merged_snapshot
 from eir.observations import (CLONE_MIN_IMSIS, ObservationError, database_location,
                               equipment_history, equipment_sightings, format_day)
 from eir.store import operator
@@ -482,10 +482,8 @@ def traffic(snapshot) -> dict:
     others: dict[str, int] = {}  # every other answer: "command Result-Code"
     for key, count in snapshot.answers.items():
         command, code, status = key.split("|")
-        if status != "none":
+        if status != NO_EQUIPMENT_STATUS:  # a verdict, 5422 included (UNKNOWN)
             verdicts[status] = verdicts.get(status, 0) + count
-        elif code == str(EQUIPMENT_UNKNOWN):
-            verdicts["UNKNOWN"] += count
         elif count:
             others[f"{command} {code}"] = others.get(f"{command} {code}", 0) + count
     buckets = snapshot.latency_buckets
