@@ -5,17 +5,25 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import json
+import logging
+import os
+import re
+import signal
 import sys
 import time
+import zipfile
 from datetime import date
 from pathlib import Path
 
 from eir import __version__
 from eir.check.observations import (
+    CLONE_MIN_IMSIS,
     ObservationError,
     clone_suspects,
     database_location,
+    dump_file_name,
     write_dump,
 )
 from eir.conformance import add_arguments as conformance_arguments
@@ -24,12 +32,14 @@ from eir.core.config import (
     ConfigError,
     Settings,
     default_config_path,
+    expand_listen,
     load_settings,
     parse_host_port,
     parse_local_listen,
 )
 from eir.core.decision import UnknownPolicy, day_number, format_day
 from eir.core.imei import ImeiError, normalise_imei
+from eir.core.logs import mask_imsi
 from eir.diameter.dictionary import DictionaryError
 from eir.lists.native import ListError, parse_imsi
 from eir.lists.store import Store, StoreError
@@ -37,11 +47,20 @@ from eir.lists.sync import SyncError, sync_configured
 
 EXIT_REFUSED = 1
 EXIT_USAGE = 2
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE  # what a shell reports for a process SIGPIPE ended
 
 
 def _host_port(text: str) -> str:
     try:
         parse_host_port(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _diameter_listen(text: str) -> str:
+    try:
+        expand_listen(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return text
@@ -72,62 +91,83 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _common_options(sub: argparse.ArgumentParser) -> None:
-    sub.add_argument("--config", type=Path, metavar="FILE",
-                     help="YAML configuration (default: $EIR_CONFIG, else "
-                          "./config/eir.yaml if present, else built-in defaults)")
+def _common_options(sub: argparse.ArgumentParser, store_help: str) -> None:
+    _config_option(sub)
     sub.add_argument("--list", dest="lists", action="append", type=Path, metavar="FILE",
                      help="list file in the native CSV format; repeat for several "
-                          "(replaces the config file's lists)")
+                          "(default: the config's lists.files; replaces them)")
     sub.add_argument("--unknown", choices=[p.value for p in UnknownPolicy],
-                     help="verdict for an IMEI no list entry matches")
-    _store_option(sub)
+                     help="verdict for an IMEI no list entry matches (default: the "
+                          "config's lists.unknown_policy, unknown = 5422)")
+    _store_option(sub, store_help)
 
 
-def _store_option(sub: argparse.ArgumentParser) -> None:
+def _config_option(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("--config", type=Path, metavar="FILE",
+                     help="YAML configuration; flags override it (default: $EIR_CONFIG, "
+                          "else ./config/eir.yaml if present, else built-in defaults)")
+
+
+def _store_option(sub: argparse.ArgumentParser, text: str) -> None:
     sub.add_argument("--store", type=Path, metavar="DIR",
-                     help="snapshot store directory (answer from its snapshot in force "
-                          "instead of list files)")
+                     help=f"snapshot store directory: {text} (default: the config's "
+                          "store.directory)")
 
 
 def _add_serve(commands) -> None:
     """eir serve: the server."""
     serve = commands.add_parser("serve", help="run the Diameter S13 server")
-    _common_options(serve)
-    serve.add_argument("--listen", action="append", type=_host_port, metavar="HOST:PORT",
-                       help="address to listen on, [ADDR]:PORT for IPv6; repeat for several "
-                            "(replaces the config file's)")
-    serve.add_argument("--origin-host", help="our Origin-Host")
-    serve.add_argument("--origin-realm", help="our Origin-Realm")
-    serve.add_argument("--transport", choices=["tcp", "sctp"])
+    _common_options(serve, "answer from its snapshot in force instead of list files, and "
+                           "sync into it when sync.source is set")
+    serve.add_argument("--listen", action="append", type=_diameter_listen, metavar="HOST:PORT",
+                       help="address to listen on, [ADDR]:PORT for IPv6, or a bare PORT for "
+                            "every IPv4 and IPv6 address; repeat for several (default: the "
+                            "config's diameter.listen, 0.0.0.0:3868 and [::]:3868; replaces it)")
+    serve.add_argument("--origin-host", metavar="HOST",
+                       help="our Origin-Host (default: the config's diameter.origin_host, "
+                            "eir.localdomain)")
+    serve.add_argument("--origin-realm", metavar="REALM",
+                       help="our Origin-Realm (default: the config's diameter.origin_realm, "
+                            "localdomain)")
+    serve.add_argument("--transport", choices=["tcp", "sctp"],
+                       help="transport of the Diameter listeners (default: the config's "
+                            "diameter.transport, tcp)")
     serve.add_argument("--watchdog", type=float, metavar="SECONDS",
-                       help="Tw: send DWR after this long without traffic")
-    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+                       help="Tw: send DWR after this long without traffic (default: the "
+                            "config's diameter.watchdog_seconds, 30)")
+    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
+                       help="least severe log records written (default: the config's "
+                            "logging.level, info)")
     serve.add_argument("--log-format", choices=["text", "json"],
-                       help="text lines (default) or one JSON object per line")
+                       help="text lines or one JSON object per line (default: the config's "
+                            "logging.format, text)")
     serve.add_argument("--metrics", type=_local_listen, metavar="HOST:PORT",
                        help="serve Prometheus metrics at http://HOST:PORT/metrics (a bare "
-                            "PORT binds 127.0.0.1)")
+                            "PORT binds 127.0.0.1; default: the config's metrics.listen, off)")
     serve.add_argument("--event-loop", choices=["asyncio", "uvloop"],
-                       help="the event loop (uvloop: pip install open-eir[fast])")
+                       help="the event loop (uvloop: pip install open-eir[fast]; default: the "
+                            "config's event_loop, asyncio)")
     serve.add_argument("--workers", type=_worker_count, metavar="N",
                        help="worker processes serving the listeners (default: the "
                        "config's `workers`, 0 there meaning one per core)")
     serve.add_argument("--api", type=_local_listen, metavar="HOST:PORT",
                        help="serve the admin and lookup API (a bare PORT binds 127.0.0.1; "
-                            "token: api.token or $EIR_API_TOKEN)")
+                            "token: api.token or $EIR_API_TOKEN; default: the config's "
+                            "api.listen, off)")
     serve.add_argument("--sbi", type=_host_port, metavar="HOST:PORT",
-                       help="serve N5g-eir (5G-EIR, TS 29.511) over cleartext HTTP/2 there")
+                       help="serve N5g-eir (5G-EIR, TS 29.511) over cleartext HTTP/2 there "
+                            "(default: the config's sbi.listen, off)")
 
 
 def _add_check(commands) -> None:
     """eir check: one verdict."""
     check = commands.add_parser("check", help="print the verdict for one IMEI")
-    _common_options(check)
+    _common_options(check, "answer from its snapshot in force instead of list files")
     check.add_argument("imei", help="14-16 digit IMEI or IMEISV")
-    check.add_argument("--imsi", help="the subscriber's IMSI")
-    check.add_argument("--software-version",
-                       help="the 2-digit software version (accepted; no rule kind uses it)")
+    check.add_argument("--imsi", help="the subscriber's IMSI (default: none, as an ECR "
+                                      "without User-Name)")
+    check.add_argument("--software-version", help="the 2-digit software version (default: "
+                                                  "none)")
     check.add_argument("--json", action="store_true", help="print a JSON object")
 
 
@@ -137,9 +177,12 @@ def _add_sync(commands) -> None:
         "sync", help="compile a registry drop directory into a new snapshot in the store")
     sync_command.add_argument("--source", metavar="DIR_OR_URL",
                               help="drop directory, or http(s) URL of the registry's "
-                                   "manifest.json (default: sync.source of the config)")
-    sync_command.add_argument("--config", type=Path, metavar="FILE")
-    _store_option(sync_command)
+                                   "manifest.json (default: the config's sync.source)")
+    sync_command.add_argument("--quiet", action="store_true",
+                              help="do not list the files the sync ignored (warnings and "
+                                   "the outcome are still printed)")
+    _config_option(sync_command)
+    _store_option(sync_command, "where the new snapshot is published")
 
 
 def _add_lists(commands) -> None:
@@ -151,22 +194,29 @@ def _add_lists(commands) -> None:
     status.add_argument("--json", action="store_true", help="print a JSON array")
     rollback = lists_commands.add_parser(
         "rollback", help="put an earlier version back in force (default: the previous one)")
-    rollback.add_argument("version", nargs="?")
     unpin = lists_commands.add_parser(
         "unpin", help="let syncs publish again after a rollback pinned the store")
-    for sub in (status, rollback, unpin):
-        sub.add_argument("--config", type=Path, metavar="FILE")
-        _store_option(sub)
+    rollback.add_argument("version", nargs="?",
+                          help="the version to put in force, as `eir lists status` shows it "
+                               "(default: the one before the version in force)")
+    for sub, text in ((status, "the one to show"), (rollback, "the one to roll back"),
+                      (unpin, "the one to unpin")):
+        _config_option(sub)
+        _store_option(sub, text)
 
 
 def _add_observation_commands(commands) -> None:
     """eir dump and eir report clones: from the observations."""
     dump = commands.add_parser(
-        "dump", help="the DIRBS operator data dump of one day (date,imei,imsi,msisdn)")
+        "dump", help="the DIRBS operator data dump of one day (date,imei,imsi,msisdn,rat)")
     dump.add_argument("--date", required=True, type=_day, metavar="YYYYMMDD",
                       help="the day to dump")
     dump.add_argument("--output", type=Path, metavar="FILE",
-                      help="write here instead of standard output")
+                      help="write here instead of standard output (with --operator: the "
+                           "directory of the zip, default the current one)")
+    dump.add_argument("--operator", type=_operator_id, metavar="ID",
+                      help="write the zip DIRBS-Core imports, ID_YYYYMMDD_YYYYMMDD.zip "
+                           "(ID: the registry's lower-case operator id)")
     dump.add_argument("--pseudonymise", action="store_true",
                       help="replace IMSIs and MSISDNs with keyed hashes (needs "
                            "observations.pseudonymise_key; when that is set, dumps are "
@@ -178,12 +228,14 @@ def _add_observation_commands(commands) -> None:
         "clones", help="IMEIs seen with several IMSIs (cloned IMEIs, SIM swaps)")
     clones.add_argument("--since", required=True, type=_day, metavar="YYYY-MM-DD",
                         help="first day to look at")
-    clones.add_argument("--min-imsis", type=int, default=2, metavar="K",
-                        help="list IMEIs seen with at least K distinct IMSIs (default 2)")
+    clones.add_argument("--min-imsis", type=int, default=CLONE_MIN_IMSIS, metavar="K",
+                        help="list IMEIs seen with at least K distinct IMSIs (default "
+                             f"{CLONE_MIN_IMSIS})")
     clones.add_argument("--json", action="store_true", help="print a JSON array")
     for sub in (dump, clones):
-        sub.add_argument("--config", type=Path, metavar="FILE")
-        _store_option(sub)
+        _config_option(sub)
+        _store_option(sub, "where the server keeps observations.sqlite, unless "
+                           "observations.database or observations.url says otherwise")
 
 
 def _add_replay(commands) -> None:
@@ -220,7 +272,8 @@ def _add_replay(commands) -> None:
                              "answer with the captured one")
     replay.add_argument("--list", dest="lists", action="append", type=Path, metavar="FILE",
                         help="with --generate: the list file(s) the target serves (default "
-                             "config/lists/example.csv)")
+                             "config/lists/example.csv), or one directory: a snapshot store "
+                             "or a registry drop directory")
     replay.add_argument("--speed", type=float, default=1.0, metavar="FACTOR",
                         help="with --pcap: replay at the recorded pace times FACTOR (default "
                              "1; 0 = flat out)")
@@ -238,11 +291,13 @@ def _add_replay(commands) -> None:
     replay.add_argument("--allow-remote", action="store_true",
                         help="allow a target that is not a loopback address")
     replay.add_argument("--origin-host", default="replay.localdomain",
-                        help="our Origin-Host in CER and ECRs")
-    replay.add_argument("--origin-realm", default="localdomain")
-    replay.add_argument("--destination-realm", default="localdomain")
+                        help="our Origin-Host in CER and ECRs (default replay.localdomain)")
+    replay.add_argument("--origin-realm", default="localdomain",
+                        help="our Origin-Realm in CER and ECRs (default localdomain)")
+    replay.add_argument("--destination-realm", default="localdomain",
+                        help="Destination-Realm of the ECRs (default localdomain)")
     replay.add_argument("--seed", type=int, default=1,
-                        help="with --generate: the random seed of the IMEIs drawn")
+                        help="with --generate: the random seed of the IMEIs drawn (default 1)")
 
 
 def _day(text: str) -> int:
@@ -257,8 +312,33 @@ def _day(text: str) -> int:
             from None
 
 
+def config_path(args: argparse.Namespace) -> Path | None:
+    """--config, else $EIR_CONFIG, else ./config/eir.yaml if present; None: built-in
+    defaults."""
+    return args.config if args.config is not None else default_config_path()
+
+
+def no_lists(settings: Settings, config: Path | None) -> str | None:
+    """Why there is nothing to answer from (no list file and no store), else None."""
+    if settings.lists.files or settings.store.directory is not None:
+        return None
+    where = (f"{config} names neither lists.files nor store.directory" if config is not None
+             else "no configuration file (neither --config, $EIR_CONFIG nor "
+                  "./config/eir.yaml)")
+    return (f"no lists loaded: {where}; give --list FILE, --store DIR or --config FILE")
+
+
+def _operator_id(text: str) -> str:
+    # DIRBS-Core's operator ids are lower case (its importer asserts it); the file name is
+    # split on `_` from the right, so an id may hold one.
+    if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,63}", text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a DIRBS operator id (lower-case letters, digits, _ and -)")
+    return text
+
+
 def settings_from(args: argparse.Namespace) -> Settings:
-    path = args.config if args.config is not None else default_config_path()
+    path = config_path(args)
     settings = load_settings(path)
     diameter: dict = {}
     if getattr(args, "listen", None):
@@ -311,6 +391,12 @@ def _serve(args: argparse.Namespace) -> int:
     from eir.serve.workers import WorkerStartError, default_worker_count
 
     settings = settings_from(args)
+    # Serving no list at all would answer every IMEI with the unknown policy: a forgotten
+    # config or volume, not a choice (an operator who means it gives an empty list file).
+    missing = no_lists(settings, config_path(args))
+    if missing is not None:
+        print(f"eir: refusing to serve: {missing}", file=sys.stderr)
+        return EXIT_USAGE
     configure_logging(settings.logging, sys.stderr)
     workers = args.workers or settings.workers or default_worker_count()
     event_loop = args.event_loop or settings.event_loop
@@ -323,6 +409,10 @@ def _serve(args: argparse.Namespace) -> int:
             return EXIT_USAGE
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     server = build_server(settings, workers, args.argv)
+    server.settings_source = lambda: settings_from(args)  # SIGHUP reads it again
+    if server.worker_socket is None:  # not again in each worker
+        logging.getLogger("eir.cli").info(
+            "configuration: %s", config_path(args) or "built-in defaults (no file)")
     try:
         asyncio.run(server.serve_forever())
     except OSError as exc:
@@ -358,6 +448,9 @@ def _check(args: argparse.Namespace) -> int:
             print(f"eir: grandfathering: nothing observed yet: {exc}", file=sys.stderr)
     rule_set = load_rules(settings, grandfathering, first_sync=False)  # a query writes nothing
     verdict = rule_set.explain(imei, imsi)
+    missing = no_lists(settings, config_path(args))
+    if missing is not None:
+        print(f"eir: warning: {missing}", file=sys.stderr)
     if args.json:
         print(json.dumps({"imei": imei, "imsi": imsi, "status": verdict.status_name,
                           "match": verdict.match.value, "reason": verdict.reason,
@@ -383,7 +476,7 @@ def _sync(args: argparse.Namespace) -> int:
     result = sync_configured(settings.sync, store)
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    for note in result.ignored:
+    for note in () if args.quiet else result.ignored:
         print(f"ignored: {note}")
     if result.published:
         print(f"published version {result.version}: " + ", ".join(
@@ -405,8 +498,10 @@ def _lists(args: argparse.Namespace) -> int:
               "the store was not pinned")
         return 0
     versions = store.versions()
+    pinned = store.pinned()
     if args.json:
         print(json.dumps([{"version": v.version, "in_force": v.in_force,
+                           "pinned": v.version == pinned,
                            "created": v.info.created, "age_seconds": round(v.age_seconds),
                            "counts": v.info.counts, "manifest": v.info.manifest,
                            "sources": v.info.sources}
@@ -414,11 +509,16 @@ def _lists(args: argparse.Namespace) -> int:
         return 0
     if not versions:
         print(f"{store.root}: no snapshot yet (run eir sync)")
+    if pinned is not None:
+        print(f"pinned at version {pinned} by a rollback: syncs are refused until "
+              "`eir lists unpin`")
     for stored in versions:
         mark = "*" if stored.in_force else " "
         created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(stored.info.created))
         counts = ", ".join(f"{n} {k}" for k, n in stored.info.counts.items())
-        print(f"{mark} {stored.version}  {created}  age {_age(stored.age_seconds)}  {counts}")
+        pin = "  (pinned)" if stored.version == pinned else ""
+        print(f"{mark} {stored.version}  {created}  age {_age(stored.age_seconds)}  "
+              f"{counts}{pin}")
         manifest = stored.info.manifest
         if manifest is not None:
             print(f"      manifest sequence {manifest['sequence']} published "
@@ -441,22 +541,33 @@ def _dump(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return EXIT_USAGE
     path = database_location(settings)
-    if args.output is None:
+    if args.output is None and args.operator is None:
         write_dump(path, args.date, sys.stdout, key)
         return 0
-    partial = args.output.with_name(args.output.name + ".partial")
+    output = args.output
+    if args.operator is not None:
+        output = (args.output or Path(".")) / dump_file_name(args.operator, args.date,
+                                                              args.date)
+    partial = output.with_name(output.name + ".partial")
     try:
-        with open(partial, "w", encoding="utf-8", newline="") as out:
-            count = write_dump(path, args.date, out, key)
-        partial.replace(args.output)
+        if args.operator is None:
+            with open(partial, "w", encoding="utf-8", newline="") as out:
+                count = write_dump(path, args.date, out, key)
+        else:
+            # One member, named as the zip with .csv: DIRBS-Core refuses anything else.
+            with zipfile.ZipFile(partial, "w", zipfile.ZIP_DEFLATED) as archive, \
+                    archive.open(Path(output.name).with_suffix(".csv").name, "w") as member, \
+                    io.TextIOWrapper(member, encoding="utf-8", newline="") as out:
+                count = write_dump(path, args.date, out, key)
+        partial.replace(output)
     except OSError as exc:
         partial.unlink(missing_ok=True)
-        print(f"eir: {args.output}: {exc.strerror or exc}", file=sys.stderr)
+        print(f"eir: {output}: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_REFUSED
     except ObservationError:
         partial.unlink(missing_ok=True)
         raise
-    print(f"{args.output}: {count} row(s) for {format_day(args.date)}"
+    print(f"{output}: {count} row(s) for {format_day(args.date)}"
           + (" (IMSIs and MSISDNs pseudonymised)" if key else ""), file=sys.stderr)
     return 0
 
@@ -467,19 +578,24 @@ def _report(args: argparse.Namespace) -> int:
         print("eir: --min-imsis must be at least 1", file=sys.stderr)
         return EXIT_USAGE
     suspects = clone_suspects(database_location(settings), args.since, args.min_imsis)
+    # The IMSIs an analyst needs, masked as in the logs unless logging.show_imsi.
+    shown = (lambda imsi: imsi) if settings.logging.show_imsi else mask_imsi
     if args.json:
         print(json.dumps([{"imei": s.imei, "imsis": s.imsis,
                            "first_seen": format_day(s.first_day),
-                           "last_seen": format_day(s.last_day)} for s in suspects]))
+                           "last_seen": format_day(s.last_day),
+                           "imsi_list": [shown(imsi) for imsi in s.imsi_list]}
+                          for s in suspects]))
         return 0
     if not suspects:
         print(f"no IMEI seen with {args.min_imsis} or more IMSIs since "
               f"{format_day(args.since)}")
         return 0
-    print(f"{'IMEI':<14}  {'IMSIS':>5}  {'FIRST SEEN':<10}  LAST SEEN")
+    print(f"{'IMEI':<14}  {'IMSIS':>5}  {'FIRST SEEN':<10}  {'LAST SEEN':<10}  IMSI LIST")
     for suspect in suspects:
         print(f"{suspect.imei:<14}  {suspect.imsis:>5}  {format_day(suspect.first_day)}  "
-              f"{format_day(suspect.last_day)}")
+              f"{format_day(suspect.last_day)}  "
+              + " ".join(shown(imsi) for imsi in suspect.imsi_list))
     return 0
 
 
@@ -487,7 +603,8 @@ def _replay(args: argparse.Namespace) -> int:
     try:
         from eir.replay import main as replay_main
     except ImportError as exc:
-        print(f"eir replay: {exc.name} is missing: pip install 'open-eir[replay]'",
+        print(f"eir replay: {exc.name} is missing: install open EIR again (pip install -e .), "
+              "its dependencies include eir replay's",
               file=sys.stderr)
         return EXIT_USAGE
     return replay_main(args)
@@ -501,8 +618,21 @@ def _age(seconds: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        status = _run(argv)
+        sys.stdout.flush()  # here, where a reader gone away is caught, not at exit
+        return status
+    except BrokenPipeError:
+        # The reader went away (`eir lists status | head -2`): stop quietly, as `cat` does,
+        # with stdout on /dev/null so that the exit's flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+
+
+def _run(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
-    # eir serve re-runs itself with the same arguments as each of its workers (eir.serve.workers).
+    # eir serve re-runs itself with the same arguments as each of its workers
+    # (eir.serve.workers).
     args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if args.command == "serve":
@@ -530,7 +660,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"eir: sync refused, store untouched:\n{exc}", file=sys.stderr)
         return EXIT_REFUSED
     except StoreError as exc:
-        print(f"eir: store: {exc}", file=sys.stderr)
+        # Its message starts with the store's path, or says there is no store.
+        print(f"eir: {exc}", file=sys.stderr)
         return EXIT_REFUSED
     except ObservationError as exc:
         print(f"eir: observations: {exc}", file=sys.stderr)

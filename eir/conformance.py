@@ -1094,5 +1094,7 @@ def add_arguments(parser) -> None:
                         help="print the results as one JSON object (last line of stdout)")
     parser.add_argument("--origin-host", default="conformance.localdomain",
                         help="our Origin-Host (a valid FQDN) in CER and requests")
-    parser.add_argument("--origin-realm", default="localdomain")
-    parser.add_argument("--destination-realm", default="localdomain")
+    parser.add_argument("--origin-realm", default="localdomain",
+                        help="our Origin-Realm in CER and requests (default localdomain)")
+    parser.add_argument("--destination-realm", default="localdomain",
+                        help="Destination-Realm of the requests (default localdomain)")

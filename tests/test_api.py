@@ -260,6 +260,6 @@ def test_schemathesis_against_the_served_openapi_document(api_server, tmp_path):
                             timeout=SCHEMATHESIS_TIMEOUT)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
-    assert "No issues found" in output and "7 selected / 7 total" in output, output
+    assert "No issues found" in output and "9 selected / 9 total" in output, output
     server.stop()
     assert " 500 " not in server.log()  # no request ended in an internal error

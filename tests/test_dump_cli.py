@@ -55,10 +55,10 @@ def hashed(value: str) -> str:
 
 def test_dump_has_one_row_per_distinct_combination_of_the_day(tmp_path):
     assert succeeds("dump", "--date", str(DAY), "--config", str(config(tmp_path))) == (
-        "date,imei,imsi,msisdn\n"
-        f"{DAY},{PHONE_A},{IMSI_1},{MSISDN_1}\n"
-        f"{DAY},{PHONE_A},{IMSI_2},\n"
-        f"{DAY},{PHONE_B},,\n")
+        "date,imei,imsi,msisdn,rat\n"
+        f"{DAY},{PHONE_A},{IMSI_1},{MSISDN_1},006\n"
+        f"{DAY},{PHONE_A},{IMSI_2},,006\n"
+        f"{DAY},{PHONE_B},,,006\n")
 
 
 def test_dump_to_a_file(tmp_path):
@@ -69,25 +69,25 @@ def test_dump_to_a_file(tmp_path):
     assert result.stdout == ""
     assert f"{output}: 4 row(s) for 2024-05-02" in result.stderr
     assert output.read_text(encoding="utf-8") == (
-        "date,imei,imsi,msisdn\n"
-        f"{NEXT_DAY},{PHONE_A},{IMSI_3},\n"
-        f"{NEXT_DAY},{PHONE_B},{IMSI_1},{MSISDN_1}\n"
-        f"{NEXT_DAY},{PHONE_B},{IMSI_2},\n"
-        f"{NEXT_DAY},{PHONE_C},{IMSI_1},{MSISDN_1}\n")
+        "date,imei,imsi,msisdn,rat\n"
+        f"{NEXT_DAY},{PHONE_A},{IMSI_3},,006\n"
+        f"{NEXT_DAY},{PHONE_B},{IMSI_1},{MSISDN_1},006\n"
+        f"{NEXT_DAY},{PHONE_B},{IMSI_2},,006\n"
+        f"{NEXT_DAY},{PHONE_C},{IMSI_1},{MSISDN_1},006\n")
 
 
 def test_dump_of_a_day_without_observations_is_the_header_alone(tmp_path):
     assert succeeds("dump", "--date", "20240601", "--config", str(config(tmp_path))) == \
-        "date,imei,imsi,msisdn\n"
+        "date,imei,imsi,msisdn,rat\n"
 
 
 def test_pseudonymised_dump_carries_keyed_hashes_not_numbers(tmp_path):
     out = succeeds("dump", "--date", str(DAY), "--pseudonymise",
                    "--config", str(config(tmp_path, pseudonymise_key=KEY)))
-    assert out == ("date,imei,imsi,msisdn\n"
-                   f"{DAY},{PHONE_A},{hashed(IMSI_1)},{hashed(MSISDN_1)}\n"
-                   f"{DAY},{PHONE_A},{hashed(IMSI_2)},\n"
-                   f"{DAY},{PHONE_B},,\n")
+    assert out == ("date,imei,imsi,msisdn,rat\n"
+                   f"{DAY},{PHONE_A},{hashed(IMSI_1)},{hashed(MSISDN_1)},006\n"
+                   f"{DAY},{PHONE_A},{hashed(IMSI_2)},,006\n"
+                   f"{DAY},{PHONE_B},,,006\n")
     assert IMSI_1 not in out and IMSI_2 not in out and MSISDN_1 not in out
 
 
@@ -126,9 +126,19 @@ def test_dump_refuses_a_malformed_date(tmp_path):
 def test_clones_report_lists_imeis_with_several_imsis_most_first(tmp_path):
     out = succeeds("report", "clones", "--since", "2024-05-01", "--json",
                    "--config", str(config(tmp_path)))
+    masked = {imsi: imsi[:5] + "******" + imsi[-4:] for imsi in (IMSI_1, IMSI_2, IMSI_3)}
     assert json.loads(out) == [
-        {"imei": PHONE_A, "imsis": 3, "first_seen": "2024-05-01", "last_seen": "2024-05-02"},
-        {"imei": PHONE_B, "imsis": 2, "first_seen": "2024-05-02", "last_seen": "2024-05-02"}]
+        {"imei": PHONE_A, "imsis": 3, "first_seen": "2024-05-01", "last_seen": "2024-05-02",
+         "imsi_list": [masked[IMSI_1], masked[IMSI_2], masked[IMSI_3]]},
+        {"imei": PHONE_B, "imsis": 2, "first_seen": "2024-05-02", "last_seen": "2024-05-02",
+         "imsi_list": [masked[IMSI_1], masked[IMSI_2]]}]
+
+
+def test_clones_report_shows_whole_imsis_with_show_imsi(tmp_path):
+    path = config(tmp_path)
+    path.write_text(path.read_text() + "logging:\n  show_imsi: true\n")
+    out = succeeds("report", "clones", "--since", "2024-05-01", "--json", "--config", str(path))
+    assert json.loads(out)[0]["imsi_list"] == [IMSI_1, IMSI_2, IMSI_3]
 
 
 def test_clones_report_counts_only_days_since_the_date(tmp_path):
@@ -141,5 +151,7 @@ def test_clones_report_counts_only_days_since_the_date(tmp_path):
 def test_clones_report_with_a_higher_threshold_as_a_table(tmp_path):
     out = succeeds("report", "clones", "--since", "2024-05-01", "--min-imsis", "3",
                    "--config", str(config(tmp_path)))
-    assert out.splitlines() == ["IMEI            IMSIS  FIRST SEEN  LAST SEEN",
-                                f"{PHONE_A}      3  2024-05-01  2024-05-02"]
+    assert out.splitlines() == [
+        "IMEI            IMSIS  FIRST SEEN  LAST SEEN   IMSI LIST",
+        f"{PHONE_A}      3  2024-05-01  2024-05-02  51010******0001 51010******0002 "
+        "51010******0003"]

@@ -130,7 +130,8 @@ def test_freediameter_shutdown_sends_dpr_and_eir_answers_dpa(open_pair):
     assert peer.stop(signal.SIGTERM) == 0, peer.log()
     sent = peer.wait_for(r"SENT to 'eir\.localdomain': 'Disconnect-Peer-Request'0/282 f:R")
     peer.wait_for(r"RCV from 'eir\.localdomain': .*0/282 f:---- ", sent)  # our DPA
-    server.wait_for_log(r"mme\.localdomain: peer sent DPR \(Disconnect-Cause 0\); DPA sent")
+    server.wait_for_log(
+        r"mme\.localdomain: peer sent DPR \(Disconnect-Cause REBOOTING \(0\)\); DPA sent")
     # The peer leaving does not take us down; we still stop cleanly afterwards.
     assert server.process.poll() is None
     assert server.stop(signal.SIGTERM) == 0, server.log()

@@ -411,3 +411,42 @@ def test_the_rate_limit_counts_what_it_suppresses_and_tracks_few_keys():
     limit.sweep(21.0)
     assert (LogRateLimit.OTHER_PEERS, 10_000 - 3 - 3, "") in limit.reports
     assert not limit._windows and not limit.suppressing
+
+
+def test_json_logs_carry_the_worker_and_the_peer_as_fields(tmp_path):
+    """A worker's line about a peer: `worker` and `peer` are fields of their own, and the
+    message no longer starts with "worker N: " (the text format keeps that prefix)."""
+    server, port = start_json_server(tmp_path, "--workers", "2")
+    try:
+        sock = open_peer(("127.0.0.1", port))
+        sock.close()
+        server.wait_for_line(r"peer closed the connection")
+        assert server.stop() == 0
+    finally:
+        server.kill()
+    records = [json.loads(line) for line in server.lines]
+    connection = next(record for record in records
+                      if "connection from 127.0.0.1" in record["message"])
+    assert connection["peer"] == "127.0.0.1"
+    assert isinstance(connection["worker"], int)
+    assert not any(re.match(r"worker \d+: ", record["message"]) for record in records)
+    stopped = [record for record in records if record["message"] == "stopped"]
+    assert {record.get("worker") for record in stopped[:-1]} == {0, 1}
+    assert "worker" not in stopped[-1]  # the supervisor's, which waits for its workers
+
+
+def test_text_logs_start_a_workers_lines_with_its_number():
+    record = logging.LogRecord("eir.server", logging.INFO, __file__, 1, "connection from %s",
+                               ("127.0.0.1",), None)
+    record.worker = 2
+    assert TextFormatter().format(record).endswith(
+        "INFO eir.server: worker 2: connection from 127.0.0.1")
+
+
+def test_start_up_names_the_configuration_file_once(eir_server, tmp_path):
+    config = tmp_path / "eir.yaml"
+    config.write_text("logging:\n  level: info\n")
+    server = eir_server("--config", str(config), "--workers", "2")
+    server.wait_for_log(rf"eir\.cli: configuration: {re.escape(str(config))}$")
+    server.wait_for_log(r"open EIR .* serving as")  # after every worker is ready
+    assert len(re.findall(r"eir\.cli: configuration: ", server.log())) == 1

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import collections
 import json
+import re
 import shutil
 import signal
 from datetime import date
 
+import httpx
 from helpers_ops import METRICS_LINE, endpoint, scrape, scrape_until, value, wait_until
 from helpers_process import EXAMPLE_LIST, ROOT, eir_ok
 from helpers_wire import (FLAG_REQUEST, ecr, open_peer, origin_avps, parse_answer,
@@ -20,7 +22,8 @@ from prometheus_client.core import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 from scapy.all import raw
 from scapy.contrib.diameter import DiamG
-from test_testbed_compose import promql_metrics_and_labels
+from test_sbi import H2C_LINE, STATUS_PATH
+from test_testbed_compose import TARGET_LABELS, promql_metrics_and_labels
 
 from eir.interfaces.metrics import (LATENCY_BUCKETS, DiameterCounters, EirCollector, MetricsSnapshot,
                          QueuedLatency)
@@ -89,7 +92,7 @@ def test_requests_answers_latency_and_peers_of_a_live_server(eir_server):
     answers = {("Capabilities-Exchange", "2001", "none"): 2,
                ("Device-Watchdog", "2001", "none"): 1,
                (ECR, "2001", "BLACKLISTED"): 1, (ECR, "2001", "GREYLISTED"): 1,
-               (ECR, "2001", "WHITELISTED"): 2, (ECR, "5422", "none"): 1,
+               (ECR, "2001", "WHITELISTED"): 2, (ECR, "5422", "UNKNOWN"): 1,
                (ECR, "5004", "none"): 1, ("other", "3001", "none"): 1}
     got = {tuple(dict(labels)[k] for k in ("command", "result_code", "equipment_status")):
            count for (name, labels), count in samples.items()
@@ -254,8 +257,44 @@ def test_sync_outcomes_are_counted(eir_server, tmp_path):
     assert value(samples, "eir_list_entries", kind="imei") == 1
 
 
-def test_every_dashboard_query_resolves_against_a_live_scrape(eir_server):
-    server, url = metrics_server(eir_server)
+def exported_families() -> set[str]:
+    """The metric names eir/interfaces/metrics.py exports, as a scrape shows them (counters with
+    `_total`, info metrics with `_info`)."""
+    source = (ROOT / "eir" / "metrics.py").read_text(encoding="utf-8")
+    suffix = {"Counter": "_total", "Gauge": "", "Info": "_info", "Histogram": ""}
+    return {name + suffix[kind] for kind, name in
+            re.findall(r'(Counter|Gauge|Info|Histogram)MetricFamily\(\s*"(eir_\w+)"', source)}
+
+
+def test_every_exported_metric_is_in_the_production_table():
+    families = exported_families()
+    assert {"eir_sbi_requests_total", "eir_nrf_registered", "eir_answers_total"} <= families
+    table = (ROOT / "docs" / "PRODUCTION.md").read_text(encoding="utf-8").split(
+        "## Metrics", 1)[1]
+    rows = [line for line in table.splitlines() if line.startswith("| `eir_")]
+    documented = set(re.findall(r"`(eir_\w+)`", " ".join(row.split(" | ")[0] for row in rows)))
+    assert families - documented == set()
+
+
+def test_every_dashboard_query_resolves_against_a_live_scrape(eir_server, tmp_path):
+    """Against an EIR that has synced from a registry drop and served N5g-eir too, so that
+    every family the dashboard plots (sync age, 5G) is in the scrape."""
+    source = tmp_path / "drop"
+    source.mkdir()
+    shutil.copy(EXAMPLE_LIST, source / "lists.csv")
+    store = tmp_path / "store"
+    eir_ok("sync", "--source", str(source), "--store", str(store))
+    config = tmp_path / "eir.yaml"
+    config.write_text(f"sync:\n  source: {source}\n  interval_seconds: 3600\n"
+                      f"store:\n  directory: {store}\n")
+    server, url = metrics_server(eir_server, "--config", str(config), "--sbi", "127.0.0.1:0",
+                                 lists=[])
+    scrape_until(url, lambda s: value(s, "eir_sync_total", outcome="up_to_date") == 1,
+                 "the start-up sync")
+    with httpx.Client(http1=False, http2=True, timeout=10) as client:
+        answer = client.get(endpoint(server, H2C_LINE) + STATUS_PATH,
+                            params={"pei": "imeisv-3520990017614812"})
+    assert answer.status_code == 200, answer.text
     send_traffic(server.address)
     samples = scrape(url)
     labels_of: dict[str, set[str]] = {}
@@ -269,14 +308,14 @@ def test_every_dashboard_query_resolves_against_a_live_scrape(eir_server):
         assert metrics, expression
         for metric in metrics:
             assert metric in labels_of, f"{expression}: {metric} is not served"
-            missing = labels - labels_of[metric]
+            missing = labels - labels_of[metric] - TARGET_LABELS  # those Prometheus adds
             assert not missing, f"{expression}: {metric} has no label {missing}"
 
 
 def _snapshot(**changes) -> MetricsSnapshot:
     snapshot = MetricsSnapshot(
         requests={ECR: 10, "Capabilities-Exchange": 1},
-        answers={f"{ECR}|2001|BLACKLISTED": 4, f"{ECR}|5422|none": 6},
+        answers={f"{ECR}|2001|BLACKLISTED": 4, f"{ECR}|5422|UNKNOWN": 6},
         latency_buckets=[5, 5] + [0] * (len(LATENCY_BUCKETS) - 1), latency_sum=0.001,
         peers={"wait-cer": 0, "open": 1, "closing": 0}, list_version="000001",
         list_entries={"imei": 3}, list_created=1000.0, taken=2000.0,
@@ -291,11 +330,11 @@ def test_snapshots_of_several_processes_merge_into_one_scrape():
     one = _snapshot()
     # A second worker: JSON round trip, as it would travel to the parent process.
     two = MetricsSnapshot.from_dict(json.loads(json.dumps(_snapshot(
-        requests={ECR: 5}, answers={f"{ECR}|5422|none": 5}, list_version="000002",
+        requests={ECR: 5}, answers={f"{ECR}|5422|UNKNOWN": 5}, list_version="000002",
         list_entries={"imei": 4}, taken=2001.0).as_dict())))
     merged = MetricsSnapshot.merge([one, two])
     assert merged.requests == {ECR: 15, "Capabilities-Exchange": 1}
-    assert merged.answers == {f"{ECR}|2001|BLACKLISTED": 4, f"{ECR}|5422|none": 11}
+    assert merged.answers == {f"{ECR}|2001|BLACKLISTED": 4, f"{ECR}|5422|UNKNOWN": 11}
     assert merged.latency_buckets[:2] == [10, 10] and merged.latency_sum == 0.002
     assert merged.peers["open"] == 2 and merged.sync["published"] == 2
     assert merged.observations_written == 14 and merged.clone_hits == 2

@@ -146,7 +146,9 @@ class MmeSim(LoggedProcess):
     """freeDiameterd running mme_sim (no -d: a load run must not log every message)."""
 
     def __init__(self, directory: Path, extension: Path, eir_port: int, dictionaries=DICTIONARIES,
-                 **settings):
+                 peer: str = "eir.localdomain", **settings):
+        """`peer`: the identity of the Diameter peer at 127.0.0.1:`eir_port` (an EIR, or a
+        DRA in front of EIRs)."""
         self.output = directory / "answers.log"
         sim_config = directory / "mme_sim.conf"
         sim_config.write_text(f"output = {self.output.name}\n" + "".join(
@@ -159,7 +161,7 @@ class MmeSim(LoggedProcess):
             + "".join(f'LoadExtension = "/usr/lib/freeDiameter/{name}.fdx";\n'
                       for name in dictionaries)
             + f'LoadExtension = "{extension}" : "{sim_config}";\n'
-            f'ConnectPeer = "eir.localdomain" {{ ConnectTo = "127.0.0.1"; Port = {eir_port}; '
+            f'ConnectPeer = "{peer}" {{ ConnectTo = "127.0.0.1"; Port = {eir_port}; '
             "No_TLS; No_SCTP; };\n")
         process = subprocess.Popen(
             ["freeDiameterd", "-c", str(config)], stdout=subprocess.PIPE,

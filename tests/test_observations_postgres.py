@@ -223,7 +223,7 @@ def test_flushes_of_the_same_keys_in_opposite_orders_do_not_deadlock(database_ur
     """Each node's set iterates in its own order; rows are inserted in key order, so two
     transactions never wait on each other's keys in a cycle (PostgreSQL would abort one
     with "deadlock detected")."""
-    rows = [(DAY, f"3512340{n:07d}", IMSI_1, "") for n in range(20000)]
+    rows = [(DAY, f"3512340{n:07d}", IMSI_1, "", 1) for n in range(20000)]
     store = backend(database_url)
     connections = [store.connect(), store.connect()]
     try:
@@ -244,7 +244,7 @@ def test_flushes_of_the_same_keys_in_opposite_orders_do_not_deadlock(database_ur
             for thread in threads:
                 thread.join(30)
             assert errors == []
-            rows = [(day + 1, imei, imsi, msisdn) for day, imei, imsi, msisdn in rows]
+            rows = [(day + 1, *rest) for day, *rest in rows]
     finally:
         for connection in connections:
             connection.close()
@@ -258,7 +258,7 @@ def test_dump_from_postgres_matches_the_dump_from_sqlite(tmp_path, database_url,
     sqlite_config, postgres_config = same_records_in_both(tmp_path, database_url)
     from_postgres = run_eir("dump", "--date", str(day), "--config", str(postgres_config))
     assert from_postgres == run_eir("dump", "--date", str(day), "--config", str(sqlite_config))
-    assert from_postgres.startswith("date,imei,imsi,msisdn\n")
+    assert from_postgres.startswith("date,imei,imsi,msisdn,rat\n")
 
 
 def test_pseudonymised_dump_from_postgres_matches_sqlite(tmp_path, database_url):

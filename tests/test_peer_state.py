@@ -232,6 +232,7 @@ def test_peer_dpr_gets_dpa_and_closes():
     dpa.validate()
     assert peer.closed
     assert "DPR" in peer.closed_reason
+    assert "Disconnect-Cause DO_NOT_WANT_TO_TALK_TO_YOU (2)" in peer.closed_reason
 
 
 def test_closed_connection_ignores_further_input():

@@ -81,3 +81,19 @@ def test_sigterm_without_peers_exits_0(eir_server):
         assert code == 0, f"attempt {attempt}: exit code {code}; log:\n{server.log()}"
         server.wait_for_log(r"shutting down: 0 connection")
         server.wait_for_log(r"eir\.server: stopped$")
+
+
+def test_sigterm_is_named_and_the_supervisor_counts_its_workers_connections(eir_server,
+                                                                             tmp_path):
+    """With workers, the connections are the workers': the supervisor's shutdown line
+    reports them (not its own 0), and says which signal it got."""
+    config = tmp_path / "eir.yaml"
+    config.write_text(f"diameter:\n  disconnect_timeout_seconds: {DISCONNECT_TIMEOUT}\n")
+    server = eir_server("--config", str(config), "--workers", "2")
+    with open_peer(server.address) as first, open_peer(server.address) as second:
+        server.process.send_signal(signal.SIGTERM)
+        for sock in (first, second):
+            sock.sendall(dpa(receive_dpr(sock)))
+    assert wait_exit(server, DISCONNECT_TIMEOUT + EXIT_MARGIN) == 0
+    server.wait_for_log(r"eir\.server: SIGTERM received: stopping$")
+    server.wait_for_log(r"eir\.server: shutting down: 2 connection\(s\) held by the workers$")

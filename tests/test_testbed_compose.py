@@ -18,9 +18,12 @@ import shlex
 import shutil
 import socket
 import subprocess
+import sys
+import tempfile
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path, PurePosixPath
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
@@ -44,6 +47,22 @@ DIAMETER_PORT = 3868  # freeDiameter's default Port, and a ConnectPeer's
 # IMEI blacklisted; its prepared variant beside it has it whitelisted.
 WHITELISTED_VARIANT = "lab-whitelisted.csv"
 SCENARIO = ((None, "BLACKLISTED"), (WHITELISTED_VARIANT, "WHITELISTED"))
+SCENARIO_ATTACH = {"BLACKLISTED": "reject", "WHITELISTED": "allow"}
+
+# The MME with S13 (open5gs/open5gs pull request 4802), as the code published beside it reads
+# its `mme.eir` section: LetMeConnect001/open5gs-s13 at MME_S13_COMMIT, the commit the lab's
+# build steps pin. src/mme/mme-context.c knows these keys (any other: "unknown key"), each
+# *_action `allow` or `reject` and `allow` by default; src/mme/mme-s13-handler.c applies the
+# action of the answer's Equipment-Status, rejects 5422 whatever the keys say, and every
+# reject is an Attach Reject with EMM cause #6 (illegal ME).
+MME_S13_REPOSITORY = "LetMeConnect001/open5gs-s13"
+MME_S13_COMMIT = "9f4a3016bf60a727877ee28716512387a814eefb"
+MME_EIR_KEYS = {"enabled", "host", "realm", "max_age", "failure_action", "missing_pei_action",
+                "whitelist_action", "greylist_action", "blacklist_action"}
+MME_EIR_ACTIONS = ("allow", "reject")
+MME_EIR_STATUS_ACTION = {"WHITELISTED": "whitelist_action", "GREYLISTED": "greylist_action",
+                         "BLACKLISTED": "blacklist_action"}
+MME_REJECT_CAUSE = "#6"
 
 # open EIR's Prometheus metrics (`eir serve --metrics`, eir.interfaces.metrics) and their labels.
 METRIC_LABELS = {
@@ -53,9 +72,28 @@ METRIC_LABELS = {
     "eir_list_entries": {"kind"},
     "eir_list_age_seconds": set(),
     "eir_sync_total": {"outcome"},
+    "eir_sync_last_success_timestamp_seconds": set(),
+    "eir_list_reloads_total": {"outcome"},
     "eir_observations_written_total": set(),
     "eir_observations_dropped_total": set(),
+    "eir_clone_hits_total": set(),
+    "eir_sbi_requests_total": {"status_code"},
+    "eir_sbi_verdicts_total": {"equipment_status"},
+    "eir_sbi_connections": set(),
+    "eir_nrf_registered": set(),
+    "eir_build_info": {"version"},
 }
+# Labels Prometheus adds to every series it scrapes (its target's), beside the EIR's own.
+TARGET_LABELS = {"instance", "job"}
+# What the dashboard must show (issue 16): a metric each, and the instance variable.
+DASHBOARD_METRICS = {
+    "sync age": "eir_sync_last_success_timestamp_seconds",
+    "refused reloads": "eir_list_reloads_total",
+    "clone hits": "eir_clone_hits_total",
+    "5G verdicts": "eir_sbi_verdicts_total",
+}
+INSTANCE_VARIABLE = "instance"
+ECR_COMMAND = "ME-Identity-Check"
 HISTOGRAMS = {"eir_request_duration_seconds": set()}
 for _histogram, _labels in HISTOGRAMS.items():
     METRIC_LABELS[f"{_histogram}_bucket"] = _labels | {"le"}
@@ -381,6 +419,37 @@ def check_host_ports(lab: Lab) -> list[str]:
     return problems
 
 
+def _published_on_loopback(service: dict, port: int) -> bool:
+    return any(str(entry).split("/")[0] in (f"127.0.0.1:{port}:{port}", f"127.0.0.1:{port}")
+               for entry in service.get("ports") or [])
+
+
+def check_api(lab: Lab) -> list[str]:
+    """The lab serves the admin API and console: api.listen set, the port exposed and
+    published on the host's loopback, and a token long enough given to the service."""
+    problems = []
+    settings = load_settings(lab.eir_config_path())
+    if not settings.api.listen:
+        return ["eir.yaml: api.listen is not set: the lab serves no API or console"]
+    port = parse_host_port(settings.api.listen)[1]
+    service = lab.service("eir")
+    exposed = {int(str(entry).split("/")[0]) for entry in service.get("expose") or []}
+    if port not in exposed:
+        problems.append(f"eir service: does not expose the API port {port}")
+    if not _published_on_loopback(service, port):
+        problems.append(f"eir service: the API port {port} is not published on 127.0.0.1")
+    environment = service.get("environment") or {}
+    if isinstance(environment, list):
+        environment = dict(entry.split("=", 1) for entry in environment)
+    token = compose_default(str(environment.get("EIR_API_TOKEN", "")))
+    if not token and settings.api.token is None:
+        problems.append("eir service: no API token (EIR_API_TOKEN or api.token): "
+                        "`eir serve` refuses api.listen without one")
+    elif token and len(token) < 16:
+        problems.append(f"eir service: EIR_API_TOKEN default {token!r} is under 16 characters")
+    return problems
+
+
 def check_addresses(lab: Lab) -> list[str]:
     problems = []
     subnets = [ipaddress.ip_network(entry["subnet"])
@@ -476,6 +545,229 @@ def check_diameter(lab: Lab) -> list[str]:
     return problems
 
 
+# --- the DRA profile (testbed/dra): freeDiameter as a relay in front of two EIR nodes -------
+
+DRA_PROFILE = "dra"
+DRA_SERVICE = "dra"
+DRA_ROUTING = ("acl_wl", "rt_default", "rt_load_balance", "rt_busypeers")
+FREEDIAMETER_MIN_TW = 6  # seconds: freeDiameter refuses a smaller TwTimer
+FD_EXTENSION = re.compile(r'LoadExtension\s*=\s*"([^"]+)"\s*(?::\s*"([^"]*)"\s*)?;')
+RT_DEFAULT_RULE = re.compile(r'(?P<criteria>\*|\w+=(?:"[^"]*"|\["[^"]*"\]))\s*:\s*'
+                             r'(?P<target>(?:rlm=)?(?:"[^"]*"|\["[^"]*"\]))\s*\+=\s*'
+                             r'(?P<score>-?\w+)\s*;')
+
+
+def freediameter_extensions(path: Path) -> dict[str, str | None]:
+    """LoadExtension of a freeDiameter config: extension name (dict_nasreq, rt_default, ...)
+    → its configuration file as written (None: none), in load order."""
+    text = _without_comments(path.read_text(encoding="utf-8"))
+    return {PurePosixPath(library).stem: conf or None
+            for library, conf in FD_EXTENSION.findall(text)}
+
+
+def rt_default_rules(path: Path) -> list[re.Match]:
+    """The `CRITERIA : TARGET += SCORE ;` rules of an rt_default configuration."""
+    return list(RT_DEFAULT_RULE.finditer(_without_comments(path.read_text(encoding="utf-8"))))
+
+
+def rt_default_matches(target: str, identity: str) -> bool:
+    """Whether an rt_default TARGET (a quoted name, or a bracketed POSIX ERE) is `identity`."""
+    pattern = target.removeprefix("rlm=")
+    if pattern.startswith("["):
+        return re.search(pattern[2:-2], identity) is not None
+    return pattern.strip('"').lower() == identity.lower()
+
+
+def dra_eir_nodes(lab: Lab) -> list[str]:
+    """The services of the DRA profile that run `eir serve`."""
+    return [name for name, service in lab.services.items()
+            if DRA_PROFILE in (service.get("profiles") or []) and lab.command(name)[:2] ==
+            ["eir", "serve"]]
+
+
+def check_dra(lab: Lab) -> list[str]:
+    """The DRA relays to every EIR node of its profile, at its address, port and identity,
+    with the routing extensions and their configs; the nodes share one PostgreSQL for
+    observations and one registry source, each with its own store."""
+    problems: list[str] = []
+    dra = lab.service(DRA_SERVICE)
+    if DRA_PROFILE not in (dra.get("profiles") or []):
+        return [f"{DRA_SERVICE}: not a service of profile {DRA_PROFILE!r}"]
+    command = lab.command(DRA_SERVICE)
+    if command[:1] != ["freeDiameterd"] or lab.option(DRA_SERVICE, "-c") is None:
+        return [f"{DRA_SERVICE}: command {command} is not `freeDiameterd -c FILE`"]
+    try:
+        config_path = lab.config_file(DRA_SERVICE, lab.option(DRA_SERVICE, "-c"))
+    except LabError as exc:
+        return [str(exc)]
+    config = parse_freediameter(config_path)
+    if config.problems:
+        return config.problems
+    where = config_path.name
+
+    # The EIR nodes: identities, settings, and what they share.
+    nodes: dict[str, tuple[str, object]] = {}  # origin host → (service, settings)
+    for name in dra_eir_nodes(lab):
+        unknown = [word for word in lab.command(name)[2:]
+                   if word.startswith("--") and word.split("=")[0] not in eir_serve_options()]
+        if unknown:
+            problems.append(f"{name}: {', '.join(unknown)}: not an option of `eir serve`")
+            continue
+        try:
+            settings = load_settings(lab.config_file(name, lab.option(name, "--config") or ""))
+        except (LabError, ConfigError, OSError) as exc:
+            problems.append(f"{name}: {exc}")
+            continue
+        identity = lab.option(name, "--origin-host") or settings.diameter.origin_host
+        if identity in nodes:
+            problems.append(f"{name} and {nodes[identity][0]} both have Diameter identity "
+                            f"{identity}")
+        nodes[identity] = (name, settings)
+    if len(nodes) < 2:
+        problems.append(f"profile {DRA_PROFILE}: {len(nodes)} EIR node(s), the DRA needs two "
+                        "or more")
+
+    # The DRA itself.
+    identity, realm = config.value("Identity"), config.value("Realm")
+    mme_identity = lab.freediameter("mme").value("Identity")
+    if identity in nodes or identity == mme_identity:
+        problems.append(f"{where}: Identity {identity} is another peer's")
+    if config.value("ListenOn") != lab.address(DRA_SERVICE):
+        problems.append(f"{where}: ListenOn {config.value('ListenOn')} is not the {DRA_SERVICE} "
+                        f"service's address {lab.address(DRA_SERVICE)}")
+    exposed = {int(str(port).split("/")[0]) for port in dra.get("expose") or []}
+    if config.listen_port not in exposed:
+        problems.append(f"{DRA_SERVICE} service: exposes {sorted(exposed)}, not its Port "
+                        f"{config.listen_port}")
+    tw = int(config.value("TwTimer") or 30)
+    if tw < FREEDIAMETER_MIN_TW:
+        problems.append(f"{where}: TwTimer {tw} is below freeDiameter's minimum "
+                        f"{FREEDIAMETER_MIN_TW}")
+    if config.value("TcTimer") is None:
+        problems.append(f"{where}: no TcTimer (a lost EIR node is retried every 30 s)")
+    if "NoRelay" in config.flags:
+        problems.append(f"{where}: NoRelay: a DRA must relay")
+
+    # Every node is a ConnectPeer at its address and port; every ConnectPeer is a node.
+    for peer in config.peers.values():
+        at = f"{where}: ConnectPeer {peer.name!r}"
+        if peer.name not in nodes:
+            problems.append(f"{at}: no EIR node of profile {DRA_PROFILE} has that identity")
+            continue
+        name, settings = nodes[peer.name]
+        ports = {port for _, port in map(parse_host_port, settings.diameter.listen)}
+        if peer.options.get("ConnectTo") != lab.address(name):
+            problems.append(f"{at}: ConnectTo {peer.options.get('ConnectTo')} is not {name}'s "
+                            f"address {lab.address(name)}")
+        if int(peer.options.get("Port", DIAMETER_PORT)) not in ports:
+            problems.append(f"{at}: Port {peer.options.get('Port')} is not {name}'s listen "
+                            f"port {sorted(ports)}")
+        node_exposed = {int(str(p).split("/")[0]) for p in lab.service(name).get("expose") or []}
+        if not ports <= node_exposed:
+            problems.append(f"{name} service: exposes {sorted(node_exposed)}, not its listen "
+                            f"port {sorted(ports)}")
+        if (settings.diameter.transport == "tcp") != ("No_SCTP" in peer.flags):
+            problems.append(f"{at}: No_SCTP does not match {name}'s transport "
+                            f"{settings.diameter.transport}")
+        if settings.diameter.origin_realm != realm:
+            problems.append(f"{at}: {name}'s realm {settings.diameter.origin_realm} is not the "
+                            f"DRA's Realm {realm}")
+        allowed = {entry.host for entry in settings.diameter.peers}
+        if allowed and identity not in allowed:
+            problems.append(f"{name}: diameter.peers {sorted(allowed)} leaves out the DRA "
+                            f"({identity})")
+    for node in nodes.keys() - config.peers.keys():
+        problems.append(f"{where}: no ConnectPeer for EIR node {node} ({nodes[node][0]})")
+
+    # The routing extensions, and their configs.
+    extensions = freediameter_extensions(config_path)
+    order = list(extensions)
+    if "dict_dcca" in extensions and ("dict_nasreq" not in extensions
+                                      or order.index("dict_nasreq") > order.index("dict_dcca")):
+        problems.append(f"{where}: dict_dcca is loaded before dict_nasreq")
+    configs: dict[str, Path] = {}
+    for extension in DRA_ROUTING:
+        if extension not in extensions:
+            problems.append(f"{where}: {extension} is not loaded")
+        elif extensions[extension] is not None:
+            try:
+                configs[extension] = lab.config_file(DRA_SERVICE, extensions[extension])
+            except LabError as exc:
+                problems.append(str(exc))
+    if "rt_busypeers" in configs:
+        text = _without_comments(configs["rt_busypeers"].read_text(encoding="utf-8"))
+        timeout = re.search(r"RelayTimeout\s*=\s*(\d+)\s*;", text)
+        if timeout and int(timeout.group(1)) != 0:
+            problems.append(f"rt_busypeers: RelayTimeout {timeout.group(1)}: with it set, "
+                            "freeDiameter 1.2.1 drops a request answered 3004 instead of "
+                            "re-sending it (testbed/dra/README.md)")
+        if re.search(r"\bSkipTooBusyErrors\s*;", text):
+            problems.append("rt_busypeers: SkipTooBusyErrors: 3004 would reach the MME")
+    if "rt_default" in configs:
+        targets = [rule.group("target") for rule in rt_default_rules(configs["rt_default"])
+                   if rule.group("score") != "NO_DELIVERY"]
+        for node in nodes:
+            if not any(rt_default_matches(target, node) for target in targets):
+                problems.append(f"rt_default: no rule routes to EIR node {node}")
+        if any(rt_default_matches(target, mme_identity) for target in targets):
+            problems.append(f"rt_default: a rule routes requests to the MME {mme_identity}")
+    if "acl_wl" in configs:
+        allowed_lines = _without_comments(configs["acl_wl"].read_text(encoding="utf-8"))
+        if not any(mme_identity in line.split() and "ALLOW_IPSEC" in line.split()
+                   for line in allowed_lines.splitlines()):
+            problems.append(f"acl_wl: the MME {mme_identity} may not connect without TLS "
+                            "(ALLOW_IPSEC), and the DRA has no TLS credentials")
+
+    # What the nodes share: one observations database, one registry source; own stores.
+    urls = {settings.observations.url for _, settings in nodes.values()}
+    if len(urls) != 1 or None in urls:
+        problems.append(f"EIR nodes: observations.url {sorted(map(str, urls))} is not one "
+                        "shared PostgreSQL database")
+    else:
+        url = urlsplit(urls.pop())
+        database = lab.service(url.hostname or "")
+        environment = database.get("environment") or {}
+        if not database:
+            problems.append(f"observations.url: host {url.hostname!r} is no service")
+        elif (environment.get("POSTGRES_USER"), environment.get("POSTGRES_DB")) != (
+                url.username, url.path.lstrip("/")):
+            problems.append(f"observations.url: user/database {url.username}/"
+                            f"{url.path.lstrip('/')} are not {url.hostname}'s POSTGRES_USER/"
+                            f"POSTGRES_DB")
+    sources = {settings.sync.source for _, settings in nodes.values()}
+    if len(sources) != 1 or None in sources:
+        problems.append(f"EIR nodes: sync.source {sorted(map(str, sources))} is not one "
+                        "registry source")
+    stores: dict[str, str] = {}
+    synced: set[Path] = set()
+    for name, settings in nodes.values():
+        source = settings.sync.source or ""
+        if not source.startswith(("http://", "https://")):
+            host_source = lab.host_path(name, source)
+            if host_source is None or not host_source.is_dir():
+                problems.append(f"{name}: sync.source {source} is no mounted directory")
+            elif host_source not in synced:  # what each node does first: sync it, for real
+                synced.add(host_source)
+                with tempfile.TemporaryDirectory() as store:
+                    result = run_eir("sync", "--source", str(host_source), "--store", store)
+                if result.returncode != 0:
+                    problems.append(f"{name}: `eir sync` of {source} fails: "
+                                    f"{(result.stderr or result.stdout).strip()}")
+        store = settings.store.directory
+        volume = next((src for src, target in map(_volume_source_target,
+                                                  lab.service(name).get("volumes") or [])
+                       if store is not None and (PurePosixPath(target) == PurePosixPath(store)
+                                                 or PurePosixPath(target) in
+                                                 PurePosixPath(store).parents)), None)
+        if volume is None or volume.startswith((".", "/")):
+            problems.append(f"{name}: store.directory {store} is on no named volume")
+        elif volume in stores:
+            problems.append(f"{name} and {stores[volume]} share the store volume {volume}")
+        else:
+            stores[volume] = name
+    return problems
+
+
 def check_eir_config(lab: Lab) -> list[str]:
     """The EIR's command is one `eir serve` accepts, and its config and lists load as
     `eir serve` loads them."""
@@ -527,6 +819,45 @@ def check_scenario(lab: Lab) -> list[str]:
                             f"needs {expected} ({verdict['reason']}; {verdict['source']})")
     if imei not in readme:
         problems.append(f"testbed/README.md does not name the UE's IMEI {imei}")
+    return problems
+
+
+def mme_attach_outcome(eir_section: dict, status: str) -> str:
+    """`allow` or `reject`: what the pull request's MME does with an answer of this
+    Equipment-Status (UNKNOWN: 5422)."""
+    if status == "UNKNOWN":
+        return "reject"
+    return str(eir_section.get(MME_EIR_STATUS_ACTION[status], "allow"))
+
+
+def check_mme_eir_policy(lab: Lab) -> list[str]:
+    """The MME's `eir:` section holds only keys the S13 MME code reads, and with it the MME
+    refuses the scenario's blacklisted UE and lets the whitelisted one in; the build steps pin
+    the code read, and the READMEs give the reject cause that code sends."""
+    problems = []
+    eir_section = (lab.open5gs_config("mme")[1].get("mme") or {}).get("eir") or {}
+    for key, value in eir_section.items():
+        if key not in MME_EIR_KEYS:
+            problems.append(f"mme.yaml: eir: unknown key `{key}` for the S13 MME (it reads "
+                            f"{sorted(MME_EIR_KEYS)})")
+        elif key.endswith("_action") and value not in MME_EIR_ACTIONS:
+            problems.append(f"mme.yaml: eir.{key}: {value!r} is not allow or reject")
+    for _variant, status in SCENARIO:
+        outcome, needed = mme_attach_outcome(eir_section, status), SCENARIO_ATTACH[status]
+        if outcome != needed:
+            problems.append(f"mme.yaml: an answer {status} would {outcome} the attach "
+                            f"({MME_EIR_STATUS_ACTION[status]}); the scenario needs {needed}")
+    lab_readme = (lab.root / "testbed" / "README.md").read_text(encoding="utf-8")
+    if f"{MME_S13_REPOSITORY}" not in lab_readme or MME_S13_COMMIT not in lab_readme:
+        problems.append(f"testbed/README.md: the MME build does not pin {MME_S13_REPOSITORY} "
+                        f"at {MME_S13_COMMIT}")
+    for name, text in (("testbed/README.md", lab_readme),
+                       ("README.md", (lab.root / "README.md").read_text(encoding="utf-8")
+                        if (lab.root / "README.md").is_file() else "")):
+        causes = set(re.findall(r"(?:EMM cause|reject) \(?(#\d+)", text))
+        for cause in sorted(causes - {MME_REJECT_CAUSE}):
+            problems.append(f"{name}: EMM cause {cause}: the S13 MME rejects with "
+                            f"{MME_REJECT_CAUSE} only")
     return problems
 
 
@@ -697,19 +1028,77 @@ def check_grafana(lab: Lab) -> list[str]:
                 for metric in metrics - METRIC_LABELS.keys():
                     problems.append(f"{path.name}: panel {panel.get('title')!r} queries "
                                     f"{metric}, which open EIR does not export")
-                known = set().union(*(METRIC_LABELS.get(m, set()) for m in metrics))
+                known = set().union(TARGET_LABELS,
+                                    *(METRIC_LABELS.get(m, set()) for m in metrics))
                 for label in labels - known:
                     problems.append(f"{path.name}: panel {panel.get('title')!r} uses label "
                                     f"{label!r}, which {sorted(metrics)} do not have")
                 queried |= metrics
         if not queried:
             problems.append(f"{path.name}: queries no metric at all")
+        for variable in (dashboard.get("templating") or {}).get("list") or []:
+            uid = (variable.get("datasource") or {}).get("uid")
+            if variable.get("type") == "query" and uid not in uids:
+                problems.append(f"{path.name}: variable {variable.get('name')!r} uses "
+                                f"datasource {uid!r}, not a provisioned one {sorted(uids)}")
+        problems += _dashboard_coverage(path.name, dashboard, queried)
     return problems
 
 
-CHECKS = [check_services, check_mounts, check_config_paths, check_host_ports, check_addresses,
-          check_diameter, check_eir_config, check_scenario, check_radio, check_subscriber,
-          check_core_links, check_prometheus, check_grafana]
+def _dashboard_coverage(name: str, dashboard: dict, queried: set[str]) -> list[str]:
+    """The panels an operator needs, per instance, each titled for what it plots."""
+    problems = [f"{name}: no panel for {what} ({metric})"
+                for what, metric in DASHBOARD_METRICS.items() if metric not in queried]
+    variables = {variable.get("name") for variable in
+                 (dashboard.get("templating") or {}).get("list") or []}
+    if INSTANCE_VARIABLE not in variables:
+        problems.append(f"{name}: no ${INSTANCE_VARIABLE} variable to pick an EIR")
+    for panel in dashboard.get("panels") or []:
+        title = panel.get("title") or ""
+        for target in panel.get("targets") or []:
+            expression = target.get("expr", "")
+            if f"${INSTANCE_VARIABLE}" not in expression:
+                problems.append(f"{name}: panel {title!r} ignores ${INSTANCE_VARIABLE}: "
+                                f"{expression}")
+            if (ECR_COMMAND in title or "ECR" in title.split()) \
+                    and f'command="{ECR_COMMAND}"' not in expression:
+                problems.append(f"{name}: panel {title!r} plots every command, not only "
+                                f"{ECR_COMMAND}: {expression}")
+    return problems
+
+
+def _alert_rules(lab: Lab) -> tuple[Path, list[Path]]:
+    """prometheus.yml and the rule files it loads (relative to it, as Prometheus reads them)."""
+    config = lab.config_file("prometheus", lab.option("prometheus", "--config.file") or "")
+    loaded = (yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get("rule_files") or []
+    return config, [config.parent / name for name in loaded]
+
+
+def check_alerts(lab: Lab) -> list[str]:
+    """Prometheus loads alert rules, and they hold the alerts docs/PRODUCTION.md lists."""
+    _config, rule_files = _alert_rules(lab)
+    if not rule_files:
+        return ["prometheus.yml: loads no rule_files: no alert rules"]
+    alerts = {rule["alert"] for path in rule_files if path.is_file()
+              for group in (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get(
+                  "groups") or []
+              for rule in group.get("rules") or [] if "alert" in rule}
+    production = (ROOT / "docs" / "PRODUCTION.md").read_text(encoding="utf-8")
+    documented = set(re.findall(r"^\| `(Eir[A-Za-z]+)` \|", production, flags=re.M))
+    problems = [f"prometheus.yml: rule file {path.name} does not exist"
+                for path in rule_files if not path.is_file()]
+    problems += [f"alert {name} is in docs/PRODUCTION.md but in no rule file"
+                 for name in sorted(documented - alerts)]
+    problems += [f"alert {name} is in the rules but not in docs/PRODUCTION.md"
+                 for name in sorted(alerts - documented)]
+    return problems
+
+
+CHECKS = [check_services, check_mounts, check_config_paths, check_host_ports, check_api,
+          check_addresses,
+          check_diameter, check_dra, check_eir_config, check_scenario, check_mme_eir_policy,
+          check_radio,
+          check_subscriber, check_core_links, check_prometheus, check_alerts, check_grafana]
 
 
 # --- the repository's lab passes every check ---------------------------------------------------
@@ -761,6 +1150,26 @@ def test_promtool_accepts_prometheus_config_and_dashboard_queries(lab, tmp_path)
     assert f"SUCCESS: {len(queries)} rules found" in result.stdout, result.stdout
 
 
+@pytest.mark.skipif(shutil.which("promtool") is None,
+                    reason="promtool is not installed (Debian package prometheus)")
+def test_promtool_checks_and_unit_tests_the_alert_rules(lab):
+    config, rule_files = _alert_rules(lab)
+    tests = sorted(config.parent.glob("*.test.yml"))
+    assert rule_files and tests
+    for command in (["promtool", "check", "rules", *map(str, rule_files)],
+                    ["promtool", "test", "rules", *map(str, tests)]):
+        result = subprocess.run(command, capture_output=True, text=True, timeout=60,
+                                cwd=config.parent)
+        assert result.returncode == 0, result.stdout + result.stderr
+    unit_tested = {test["alertname"] for path in tests
+                   for group in yaml.safe_load(path.read_text(encoding="utf-8"))["tests"]
+                   for test in group.get("alert_rule_test") or [] if test.get("exp_alerts")}
+    rules = {rule["alert"] for path in rule_files
+             for group in yaml.safe_load(path.read_text(encoding="utf-8"))["groups"]
+             for rule in group["rules"]}
+    assert rules - unit_tested == set(), "alerts no unit test sees firing"
+
+
 # --- each check notices a lab broken on purpose ------------------------------------------------
 
 BREAKS = [
@@ -784,6 +1193,12 @@ BREAKS = [
      '"--config", "/etc/eir/lab.yaml"', "/etc/eir/lab.yaml"),
     (check_host_ports, "docker-compose.yml", '"127.0.0.1:3000:3000"', '"127.0.0.1:9090:3000"',
      "host port 9090/tcp is published by both prometheus and grafana"),
+    (check_api, "testbed/eir/eir.yaml", '  listen: "0.0.0.0:8080"', "  listen: null",
+     "api.listen is not set"),
+    (check_api, "docker-compose.yml", '      - "127.0.0.1:8080:8080"\n', "",
+     "the API port 8080 is not published on 127.0.0.1"),
+    (check_api, "docker-compose.yml", "EIR_API_TOKEN: ${EIR_API_TOKEN:-open-eir-lab-api-token}",
+     "EIR_API_TOKEN_UNUSED: x", "no API token"),
     (check_addresses, "docker-compose.yml", "ipv4_address: 172.22.0.41",
      "ipv4_address: 172.22.0.40", "both have address 172.22.0.40"),
     (check_diameter, "testbed/open5gs/freeDiameter/mme.conf", "Port = 3868;", "Port = 3869;",
@@ -803,6 +1218,29 @@ BREAKS = [
      'ConnectTo = "172.22.0.7"', "is not mme's address"),
     (check_diameter, "testbed/open5gs/freeDiameter/mme.conf", 'Realm = "localdomain";',
      'Realm = "localdomain"', "not a freeDiameter statement"),
+    (check_dra, "testbed/dra/freediameter.conf", 'ConnectTo = "172.22.0.22"',
+     'ConnectTo = "172.22.0.24"', "ConnectTo 172.22.0.24 is not eir-b's address"),
+    (check_dra, "docker-compose.yml", '"--origin-host", "eir-b.localdomain"',
+     '"--origin-host", "eir-c.localdomain"', "no ConnectPeer for EIR node eir-c.localdomain"),
+    (check_dra, "testbed/dra/freediameter.conf", "TwTimer = 6;", "TwTimer = 3;",
+     "below freeDiameter's minimum"),
+    (check_dra, "testbed/dra/freediameter.conf",
+     'LoadExtension = "/usr/lib/freeDiameter/rt_load_balance.fdx";', "",
+     "rt_load_balance is not loaded"),
+    (check_dra, "testbed/dra/rt_busypeers.conf", "RelayTimeout = 0;", "RelayTimeout = 2000;",
+     "RelayTimeout 2000"),
+    (check_dra, "testbed/dra/rt_default.conf", r'["^eir-[a-z0-9]+\.localdomain$"]',
+     r'["^eir-a\.localdomain$"]', "no rule routes to EIR node eir-b.localdomain"),
+    (check_dra, "testbed/dra/acl_wl.conf", "ALLOW_IPSEC mme.localdomain", "mme.localdomain",
+     "may not connect without TLS"),
+    (check_dra, "testbed/dra/eir-node.yaml", "url: postgresql://eir:eir@postgres/eir",
+     "url: postgresql://eir:eir@postgres/observations", "are not postgres's POSTGRES_USER"),
+    (check_dra, "docker-compose.yml", "      - eir-b-data:/var/lib/eir",
+     "      - eir-a-data:/var/lib/eir", "share the store volume eir-a-data"),
+    (check_dra, "testbed/dra/eir-node.yaml", "  source: /etc/eir/registry",
+     "  source: /etc/eir/registry-gone", "is no mounted directory"),
+    (check_dra, "testbed/dra/registry/20261201_blacklist.csv", "35349006987331,20200101,",
+     "35349006987331,someday,", "`eir sync` of /etc/eir/registry fails"),
     (check_eir_config, "testbed/eir/eir.yaml", "  transport: tcp",
      "  transport: tcp\n  watchdog_seconds: 0", "watchdog_seconds"),
     (check_eir_config, "testbed/eir/lists/lab.csv", "86000000,blacklist,",
@@ -813,6 +1251,18 @@ BREAKS = [
      "353490069873319,greylist,", "is GREYLISTED, the scenario needs WHITELISTED"),
     (check_scenario, "testbed/srsran/ue.conf", "imei = 353490069873319",
      "imei = 353490069873327", "is UNKNOWN, the scenario needs BLACKLISTED"),
+    (check_mme_eir_policy, "testbed/open5gs/mme.yaml", "    blacklist_action: reject\n", "",
+     "an answer BLACKLISTED would allow the attach"),
+    (check_mme_eir_policy, "testbed/open5gs/mme.yaml", "    max_age: 5\n",
+     "    max_age: 5\n    timeout: 3\n", "unknown key `timeout`"),
+    (check_mme_eir_policy, "testbed/open5gs/mme.yaml", "    greylist_action: allow",
+     "    greylist_action: deny", "eir.greylist_action: 'deny' is not allow or reject"),
+    (check_mme_eir_policy, "testbed/open5gs/mme.yaml", "    whitelist_action: allow",
+     "    whitelist_action: reject", "an answer WHITELISTED would reject the attach"),
+    (check_mme_eir_policy, "testbed/README.md", MME_S13_COMMIT, "main",
+     "does not pin LetMeConnect001/open5gs-s13"),
+    (check_mme_eir_policy, "testbed/README.md", "rejected with EMM cause #6",
+     "rejected with EMM cause #17", "EMM cause #17"),
     (check_radio, "testbed/srsran/rr.conf", "tac = 0x0007;", "tac = 0x0008;",
      "TAC 0x0008 is not among the MME's [7]"),
     (check_radio, "testbed/srsran/enb.conf", "mnc = 01", "mnc = 02", "is not the eNB's"),
@@ -837,11 +1287,27 @@ BREAKS = [
      "--prometheus: not an option of `eir serve`"),
     (check_prometheus, "testbed/prometheus/prometheus.yml", "  - job_name: eir",
      "  - job_name: [eir", "prometheus.yml: not YAML"),
-    (check_grafana, "testbed/grafana/dashboards/eir.json", "sum by (state) (eir_peers)",
-     "sum by (state) (eir_peer_count)", "queries eir_peer_count, which open EIR does not"),
+    (check_alerts, "testbed/prometheus/prometheus.yml", "rule_files:\n  - alerts.yml\n", "",
+     "loads no rule_files"),
+    (check_alerts, "testbed/prometheus/alerts.yml", "alert: EirSyncRefused",
+     "alert: EirSyncsRefused", "alert EirSyncRefused is in docs/PRODUCTION.md but in no"),
+    (check_grafana, "testbed/grafana/dashboards/eir.json", "sum by (state) (eir_peers{",
+     "sum by (state) (eir_peer_count{", "queries eir_peer_count, which open EIR does not"),
     (check_grafana, "testbed/grafana/dashboards/eir.json",
-     "sum by (equipment_status) (rate(eir_answers_total[1m]))",
-     "sum by (imei) (rate(eir_answers_total[1m]))", "uses label 'imei'"),
+     "sum by (equipment_status) (rate(eir_answers_total{",
+     "sum by (imei) (rate(eir_answers_total{", "uses label 'imei'"),
+    (check_grafana, "testbed/grafana/dashboards/eir.json", '"title": "Diameter requests by '
+     'command"', '"title": "ME-Identity-Check requests by command"',
+     "plots every command, not only ME-Identity-Check"),
+    (check_grafana, "testbed/grafana/dashboards/eir.json",
+     'sum(increase(eir_clone_hits_total{instance=~\\"$instance\\"}[1d]))',
+     'sum(increase(eir_observations_queued{instance=~\\"$instance\\"}[1d]))',
+     "no panel for clone hits"),
+    (check_grafana, "testbed/grafana/dashboards/eir.json", '"name": "instance"',
+     '"name": "node"', "no $instance variable"),
+    (check_grafana, "testbed/grafana/dashboards/eir.json",
+     'max(eir_list_age_seconds{instance=~\\"$instance\\"})', "max(eir_list_age_seconds)",
+     "panel 'List age' ignores $instance"),
     (check_grafana, "testbed/grafana/dashboards/eir.json", '"uid": "lab-prometheus"',
      '"uid": "prometheus"', "not a provisioned one"),
     (check_grafana, "testbed/grafana/dashboards/eir.json", '"panels": [', '"panels": [,',
@@ -855,7 +1321,7 @@ def _broken_copy(tmp_path: Path, file: str, text: str, replacement: str) -> Lab:
     root.mkdir()
     for name in ("docker-compose.yml", "Dockerfile"):
         shutil.copy(ROOT / name, root / name)
-    for part in ("README.md", "eir", "open5gs", "srsran", "prometheus", "grafana"):
+    for part in ("README.md", "eir", "open5gs", "srsran", "prometheus", "grafana", "dra"):
         source = ROOT / "testbed" / part
         if source.is_dir():
             shutil.copytree(source, root / "testbed" / part)
@@ -877,6 +1343,39 @@ def test_check_notices_break(tmp_path, check, file, text, replacement, problem):
     broken = _broken_copy(tmp_path, file, text, replacement)
     problems = check(broken)
     assert any(problem in found for found in problems), problems
+
+
+# --- the EIR's healthcheck, run as Docker would run it ------------------------------------------
+
+def healthcheck_command(lab: Lab, port: int) -> list[str]:
+    """The eir service's healthcheck (CMD form), asking about `port` instead of 3868."""
+    test = lab.service("eir")["healthcheck"]["test"]
+    assert test[0] == "CMD" and f":{DIAMETER_PORT:04X}" in test[-1], test
+    return [sys.executable, *test[2:-1],
+            test[-1].replace(f":{DIAMETER_PORT:04X}", f":{port:04X}")]
+
+
+@pytest.mark.skipif(not socket.has_ipv6, reason="no IPv6 in this Python")
+def test_healthcheck_sees_an_ipv6_only_listener(lab):
+    with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as listener:
+        listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        try:
+            listener.bind(("::1", 0))
+        except OSError as exc:
+            pytest.skip(f"no IPv6 loopback here: {exc}")
+        port = listener.getsockname()[1]
+        command = healthcheck_command(lab, port)
+        assert subprocess.run(command, timeout=30).returncode == 1  # bound, not listening
+        listener.listen()
+        assert subprocess.run(command, timeout=30).returncode == 0
+
+
+def test_healthcheck_sees_an_ipv4_listener(lab):
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        command = healthcheck_command(lab, listener.getsockname()[1])
+        assert subprocess.run(command, timeout=30).returncode == 0
 
 
 # --- the MME's freeDiameter config against the lab's EIR, for real --------------------------
@@ -914,10 +1413,11 @@ def loopback_mme_conf(lab: Lab, eir_port: int) -> str:
 @pytest.mark.peer
 @pytest.mark.skipif(shutil.which("freeDiameterd") is None,
                     reason="freeDiameterd is not installed (Debian package freediameterd)")
-def test_mme_freediameter_conf_opens_to_lab_eir(lab, eir_server, tmp_path):
+def test_mme_freediameter_conf_opens_to_lab_eir(lab, eir_server, tmp_path, monkeypatch):
     config = lab.eir_config_path()
     lists = load_settings(config).lists.files
-    server = eir_server("--config", str(config), lists=lists)
+    monkeypatch.setenv("EIR_API_TOKEN", "t" * 16)  # the compose file's environment
+    server = eir_server("--config", str(config), "--api", "127.0.0.1:0", lists=lists)
     settings = load_settings(config).diameter
     conf = tmp_path / "mme.conf"
     conf.write_text(loopback_mme_conf(lab, server.port))

@@ -71,14 +71,23 @@ CREATE TABLE IF NOT EXISTS observations (
     imei {text} NOT NULL,      -- 14 digits
     imsi {text} NOT NULL,      -- '' when the request carried no (valid) IMSI
     msisdn {text} NOT NULL,    -- '' when the msisdn file does not know the IMSI
+    rats INTEGER NOT NULL DEFAULT 0,  -- where it was seen: RAT_BITS or-ed; 0 before v2 dumps
     PRIMARY KEY (date, imei, imsi)
 ){extra}
 """
+# Added to a table made before the column existed (its rows keep 0: RAT unknown).
+ADD_RATS = "ALTER TABLE observations ADD COLUMN rats INTEGER NOT NULL DEFAULT 0"
 # The statements both backends run; {p} is the driver's placeholder, {rows} where a flush's
 # rows come from (VALUES for SQLite's executemany, a COPY-filled table for PostgreSQL).
-INSERT = "INSERT INTO observations (date, imei, imsi, msisdn) {rows} ON CONFLICT DO NOTHING"
-SELECT_DAY = ("SELECT date, imei, imsi, msisdn FROM observations WHERE date = {p} "
+# A key seen again on another interface gains that RAT's bit; nothing else changes.
+INSERT = ("INSERT INTO observations (date, imei, imsi, msisdn, rats) {rows} "
+          "ON CONFLICT (date, imei, imsi) DO UPDATE SET rats = observations.rats | excluded.rats "
+          "WHERE observations.rats | excluded.rats <> observations.rats")
+SELECT_DAY = ("SELECT date, imei, imsi, msisdn, rats FROM observations WHERE date = {p} "
               "ORDER BY imei, imsi")
+# The IMSIs of the clone report's IMEIs (one seek per IMEI, as SELECT_IMEIS_OVER).
+SELECT_IMSIS_OF = ("SELECT DISTINCT imei, imsi FROM observations WHERE date >= {p} "
+                   "AND imei IN ({imeis}) AND imsi != '' ORDER BY imei, imsi")
 SELECT_CLONES = ("SELECT imei, COUNT(DISTINCT imsi), MIN(date), MAX(date) FROM observations "
                  "WHERE date >= {p} AND imsi != '' GROUP BY imei "
                  "HAVING COUNT(DISTINCT imsi) >= {p} ORDER BY 2 DESC, imei")
@@ -101,7 +110,28 @@ WITH RECURSIVE days(day) AS (
 SELECT MIN(o.date), MAX(o.date), COUNT(DISTINCT NULLIF(o.imsi, ''))
 FROM days JOIN observations o ON o.date = days.day AND o.imei = {p}
 """
+# One IMEI's sightings (the console's lookup), newest first: the same walk over the days.
+SELECT_SIGHTINGS = """
+WITH RECURSIVE days(day) AS (
+    SELECT MAX(date) FROM observations
+    UNION ALL
+    SELECT (SELECT MAX(date) FROM observations WHERE date < days.day) FROM days
+    WHERE days.day IS NOT NULL
+)
+SELECT o.date, o.imsi FROM days JOIN observations o ON o.date = days.day AND o.imei = {p}
+ORDER BY o.date DESC, o.imsi LIMIT {p}
+"""
 FETCH_ROWS = 100_000
+# Where a check came from, as one letter ending its pending key (cheap on the hot path), and
+# as a bit of the `rats` column: S13 serves the MME of an LTE network (E-UTRAN), N5g-eir the
+# AMF of a 5G core (NR).
+RAT_EUTRAN, RAT_NR = "e", "n"
+RAT_BITS = {RAT_EUTRAN: 1, RAT_NR: 2}
+# DIRBS-Core's RAT codes (its radio_access_technology_map; operator data schema v2 accepts
+# 001-007 and 101-105, pipe-separated). E-UTRAN is 006; DIRBS-Core has no code for NR, so a
+# key seen on N5g-eir alone gets an empty `rat` (the column is optional; the importer counts
+# empty ones against its null_rat_threshold).
+DIRBS_RAT_CODES = {RAT_BITS[RAT_EUTRAN]: "006"}
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 POSTGRES_CONNECT_TIMEOUT_SECONDS = 10
 # pg_advisory_xact_lock key serialising schema creation between nodes starting together
@@ -175,7 +205,7 @@ class Backend:
     placeholder = "?"
     text_type = "TEXT"
     table_extra = ""
-    insert_rows = "VALUES ({p}, {p}, {p}, {p})"
+    insert_rows = "VALUES ({p}, {p}, {p}, {p}, {p})"
     errors: tuple[type[Exception], ...] = ()
     location: Path | str
 
@@ -187,6 +217,18 @@ class Backend:
         self.select_clones = SELECT_CLONES.format(p=p)
         self.select_first_seen = SELECT_FIRST_SEEN.format(p=p)
         self.select_history = SELECT_HISTORY.format(p=p)
+        self.select_sightings = SELECT_SIGHTINGS.format(p=p)
+
+    def imsis_of(self, connection, since: int, imeis: list[str]) -> dict[str, list[str]]:
+        """The distinct IMSIs each of `imeis` was seen with from day `since` on."""
+        p = self.placeholder
+        found: dict[str, list[str]] = {}
+        for start in range(0, len(imeis), CLONE_QUERY_IMEIS):
+            chunk = imeis[start:start + CLONE_QUERY_IMEIS]
+            sql = SELECT_IMSIS_OF.format(p=p, imeis=", ".join([p] * len(chunk)))
+            for imei, imsi in self.rows(connection, sql, (since, *chunk)):
+                found.setdefault(imei, []).append(imsi)
+        return found
 
     def __str__(self) -> str:
         return str(self.location)
@@ -200,7 +242,8 @@ class Backend:
         raise NotImplementedError
 
     def insert(self, connection, rows: list[tuple]) -> None:
-        """The rows (date, imei, imsi, msisdn) in one transaction, existing keys ignored."""
+        """The rows (date, imei, imsi, msisdn, rats) in one transaction; a key already
+        stored gains the rows' RAT bits."""
         try:
             cursor = connection.cursor()
             try:
@@ -265,6 +308,9 @@ class SqliteBackend(Backend):
             connection.execute("PRAGMA journal_mode=WAL")
             connection.execute("PRAGMA synchronous=NORMAL")
             connection.execute(self.schema)
+            columns = {row[1] for row in connection.execute("PRAGMA table_info(observations)")}
+            if "rats" not in columns:
+                connection.execute(ADD_RATS)
             connection.commit()
         except BaseException:
             connection.close()
@@ -293,7 +339,7 @@ class PostgresBackend(Backend):
 
     placeholder = "%s"
     text_type = 'TEXT COLLATE "C"'
-    insert_rows = ("SELECT date, imei, imsi, msisdn FROM observations_batch "
+    insert_rows = ("SELECT date, imei, imsi, msisdn, rats FROM observations_batch "
                    "ORDER BY date, imei, imsi")  # the key order: see the docstring
 
     def __init__(self, url: str):
@@ -318,6 +364,7 @@ class PostgresBackend(Backend):
         try:
             connection.execute("SELECT pg_advisory_xact_lock(%s)", (POSTGRES_SCHEMA_LOCK,))
             connection.execute(self.schema)
+            connection.execute(ADD_RATS.replace("ADD COLUMN", "ADD COLUMN IF NOT EXISTS"))
             connection.execute("CREATE TEMPORARY TABLE IF NOT EXISTS observations_batch "
                                "(LIKE observations) ON COMMIT DELETE ROWS")
             connection.commit()
@@ -345,7 +392,7 @@ class PostgresBackend(Backend):
         return connection
 
     def _insert(self, cursor, rows: list[tuple]) -> None:
-        with cursor.copy("COPY observations_batch (date, imei, imsi, msisdn) FROM STDIN") \
+        with cursor.copy("COPY observations_batch (date, imei, imsi, msisdn, rats) FROM STDIN") \
                 as copy:
             for row in rows:
                 copy.write_row(row)
@@ -393,9 +440,9 @@ def _reading(location: Path | str | Backend):
 class ObservationLog:
     """Observations of the checks a server answers, written in batches by a thread.
 
-    Pending records are kept per day as a set of strings IMEI+IMSI (the IMEI is always 14
-    digits, so the split is unambiguous): strings are not tracked by the cyclic garbage
-    collector, tuples would be. Only the event-loop thread adds to the sets and the dict of
+    Pending records are kept per day as a set of strings IMEI+IMSI+RAT letter (the IMEI is
+    always 14 digits and the letter one character, so the split is unambiguous): strings are
+    not tracked by the cyclic garbage collector, tuples would be. Only the event-loop thread adds to the sets and the dict of
     days; the writer thread copies and trims them with single C calls (atomic under the GIL).
 
     Counters (plain attributes, read by whoever reports metrics): `written` records
@@ -412,7 +459,7 @@ class ObservationLog:
         self.flush_seconds = flush_seconds
         self.msisdns = msisdns or {}
         self.max_pending = max_pending
-        # Called by the writer thread with the (day, imei, imsi, msisdn) rows of each
+        # Called by the writer thread with the (day, imei, imsi, msisdn, rats) rows of each
         # committed flush (the grandfathering index learns new pairs from it).
         self.on_written = on_written
         # Clone detection (eir_clone_hits_total): after each flush, the IMEIs it wrote that
@@ -442,12 +489,13 @@ class ObservationLog:
     def queued(self) -> int:
         return self.written + self.pending
 
-    def record(self, day: int, imei: str, imsi: str | None) -> None:
+    def record(self, day: int, imei: str, imsi: str | None, rat: str = RAT_EUTRAN) -> None:
         """Hot path (event-loop thread only): `imei` (14 digits) was used with `imsi` on
-        `day` (YYYYMMDD)."""
+        `day` (YYYYMMDD), through the interface of `rat` (RAT_EUTRAN: S13, RAT_NR:
+        N5g-eir)."""
         if day != self._day:
             self._start_day(day)
-        key = imei + imsi if imsi else imei
+        key = f"{imei}{imsi}{rat}" if imsi else imei + rat  # one BUILD_STRING, no temporary
         pending = self._pending
         if len(pending) < self._room or key in pending:
             pending.add(key)
@@ -456,7 +504,7 @@ class ObservationLog:
 
     def record_keys(self, day: int, keys: list[str]) -> None:
         """Records another process collected (eir.serve.workers: a worker's flush), as keys
-        IMEI+IMSI (event-loop thread only, like `record`)."""
+        IMEI+IMSI+RAT letter (event-loop thread only, like `record`)."""
         if day != self._day:
             self._start_day(day)
         pending = self._pending
@@ -499,11 +547,13 @@ class ObservationLog:
         """
         batches = [(day, keys, keys.copy()) for day, keys in list(self._days.items())]
         msisdns = self.msisdns
-        rows = []
+        rats: dict[tuple[int, str, str], int] = {}  # one row per key, its RATs or-ed
         for day, _, batch in batches:
             for key in batch:
-                imsi = _valid_imsi(key[14:])
-                rows.append((day, key[:14], imsi, msisdns.get(imsi, "") if imsi else ""))
+                row = (day, key[:14], _valid_imsi(key[14:-1]))
+                rats[row] = rats.get(row, 0) | RAT_BITS.get(key[-1], 0)
+        rows = [(day, imei, imsi, msisdns.get(imsi, "") if imsi else "", bits)
+                for (day, imei, imsi), bits in rats.items()]
         if not rows:
             return 0
         try:
@@ -533,7 +583,7 @@ class ObservationLog:
     def _count_clones(self, rows: list[tuple]) -> None:
         """Count the IMEIs of just-written rows that crossed the clone threshold."""
         written: dict[int, set[str]] = {}
-        for day, imei, imsi, _ in rows:
+        for day, imei, imsi, _, _ in rows:
             if imsi:
                 written.setdefault(day, set()).add(imei)
         for day, imeis in written.items():
@@ -609,21 +659,49 @@ def pseudonym(key: str, value: str) -> str:
         :PSEUDONYM_HEX_DIGITS]
 
 
+DUMP_COLUMNS = ("date", "imei", "imsi", "msisdn", "rat")  # DIRBS operator data schema v2
+
+
 def write_dump(path: Path | str, day: int, out: IO[str], key: str | None = None) -> int:
     """The DIRBS operator data dump of `day` from the observations at `path` (see
-    `database_location`): header `date,imei,imsi,msisdn`, one row per distinct combination,
-    sorted by IMEI then IMSI. IMSIs and MSISDNs pseudonymised when `key` is given. Returns
-    the row count."""
+    `database_location`), as DIRBS-Core imports it by default (OperatorImportSchema_v2):
+    header `date,imei,imsi,msisdn,rat`, one row per distinct (imei, imsi), sorted by IMEI then
+    IMSI, `rat` the DIRBS codes of where it was seen (DIRBS_RAT_CODES). IMSIs and MSISDNs
+    pseudonymised when `key` is given. Returns the row count."""
     with _reading(path) as (store, connection):
         writer = csv.writer(out, lineterminator="\n")
-        writer.writerow(("date", "imei", "imsi", "msisdn"))
+        writer.writerow(DUMP_COLUMNS)
         count = 0
-        for row_day, imei, imsi, msisdn in store.rows(connection, store.select_day, (day,)):
+        for row_day, imei, imsi, msisdn, rats in store.rows(connection, store.select_day,
+                                                            (day,)):
             if key is not None:
                 imsi, msisdn = pseudonym(key, imsi), pseudonym(key, msisdn)
-            writer.writerow((row_day, imei, imsi, msisdn))
+            writer.writerow((row_day, imei, imsi, msisdn, dirbs_rat(rats)))
             count += 1
         return count
+
+
+def observation_keys(imei: str, imsi: str, rats: int) -> list[str]:
+    """The pending keys of a row (one per RAT it carries), as `ObservationLog.record` makes
+    them: how a worker hands its flushed rows to the supervisor."""
+    return [imei + imsi + letter for letter, bit in RAT_BITS.items() if rats & bit]
+
+
+def dirbs_rat(rats: int) -> str:
+    """The `rat` cell of a dump row: DIRBS codes joined with `|`, '' when none applies."""
+    return "|".join(code for bit, code in sorted(DIRBS_RAT_CODES.items()) if rats & bit)
+
+
+def dump_file_name(operator: str, start: int, end: int) -> str:
+    """The name DIRBS-Core's operator import checks: `<operator>_<YYYYMMDD>_<YYYYMMDD>.zip`
+    (importer_utils.perform_operator_filename_checks), its one member the same name in
+    `.csv` (extract_csv_from_zip)."""
+    return f"{operator}_{start:08d}_{end:08d}.zip"
+
+
+# The clone report's default (`eir report clones --min-imsis`), and what makes the console
+# mark an IMEI "clone suspected".
+CLONE_MIN_IMSIS = 2
 
 
 @dataclass(frozen=True)
@@ -632,14 +710,18 @@ class CloneSuspect:
     imsis: int
     first_day: int
     last_day: int
+    imsi_list: tuple[str, ...] = ()  # the distinct IMSIs, as stored
 
 
-def clone_suspects(path: Path | str, since: int, min_imsis: int = 2) -> list[CloneSuspect]:
+def clone_suspects(path: Path | str, since: int, min_imsis: int = CLONE_MIN_IMSIS) -> list[CloneSuspect]:
     """IMEIs seen with at least `min_imsis` distinct IMSIs from day `since` on, most IMSIs
     first (then by IMEI)."""
     with _reading(path) as (store, connection):
-        return [CloneSuspect(*row) for row in
-                store.rows(connection, store.select_clones, (since, min_imsis))]
+        suspects = [CloneSuspect(*row) for row in
+                    store.rows(connection, store.select_clones, (since, min_imsis))]
+        imsis = store.imsis_of(connection, since, [s.imei for s in suspects])
+    return [CloneSuspect(s.imei, s.imsis, s.first_day, s.last_day, tuple(imsis.get(s.imei, ())))
+            for s in suspects]
 
 
 @dataclass(frozen=True)
@@ -658,6 +740,13 @@ def equipment_history(path: Path | str, imei: str) -> EquipmentHistory:
         for first, last, imsis in store.rows(connection, store.select_history, (imei,)):
             return EquipmentHistory(first, last, imsis or 0)
     return EquipmentHistory(None, None, 0)
+
+
+def equipment_sightings(path: Path | str, imei: str, limit: int) -> list[tuple[int, str]]:
+    """(day YYYYMMDD, IMSI or '') of the 14-digit `imei`, newest first, at most `limit`."""
+    with _reading(path) as (store, connection):
+        return [(day, imsi) for day, imsi in
+                store.rows(connection, store.select_sightings, (imei, limit))]
 
 
 # -- grandfathering -------------------------------------------------------------------------

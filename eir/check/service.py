@@ -4,6 +4,7 @@ drift apart. Hot path: one call per request, on the event loop."""
 
 from __future__ import annotations
 
+from eir.check.observations import RAT_EUTRAN
 from eir.core.decision import RuleSet, Verdict, today
 
 
@@ -18,8 +19,9 @@ class EquipmentCheck:
         self.observations = observations
 
     def run(self, imei: str, imsi: str | None, client: bytes, verdict_counts=None, audit=None,
-            interface: str = "s13") -> Verdict:
-        """The verdict on a normalised IMEI (with the IMSI if known), observed, counted in
+            interface: str = "s13", rat: str = RAT_EUTRAN) -> Verdict:
+        """The verdict on a normalised IMEI (with the IMSI if known), observed as seen through
+        `rat` (eir.check.observations: RAT_EUTRAN for S13, RAT_NR for N5g-eir), counted in
         `verdict_counts` (a dict by status, or None) and handed to `audit` (None, or an
         eir.core.logs.AuditLog) as asked by `client` (Origin-Host, or User-Agent/address)."""
         rule_set = self.rule_set
@@ -27,7 +29,7 @@ class EquipmentCheck:
         verdict = rule_set.decide(imei, imsi, day)
         observations = self.observations
         if observations is not None:
-            observations.record(day, imei, imsi)
+            observations.record(day, imei, imsi, rat)
         if verdict_counts is not None:
             verdict_counts[verdict.status] += 1
         if audit is not None:

@@ -7,8 +7,10 @@ the file (see eir.cli). Defaults here are the ones config/eir.yaml documents.
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import os
+import typing
 import uuid
 from datetime import date
 from pathlib import Path
@@ -35,6 +37,19 @@ CONFIG_ENVIRONMENT_VARIABLE = "EIR_CONFIG"
 
 class ConfigError(Exception):
     """The configuration cannot be used; the message says where and why."""
+
+
+ANY_ADDRESSES = ("0.0.0.0", "[::]")  # a bare Diameter listen PORT binds both
+
+
+def expand_listen(text: str) -> list[str]:
+    """A Diameter listen address: `HOST:PORT`, `[IPV6]:PORT`, or a bare `PORT` meaning every
+    IPv4 and IPv6 address (as the default `0.0.0.0:3868`, `[::]:3868`)."""
+    text = text.strip()
+    addresses = [f"{host}:{text}" for host in ANY_ADDRESSES] if text.isdigit() else [text]
+    for address in addresses:
+        parse_host_port(address)  # raises ValueError, saying what is wrong
+    return addresses
 
 
 def parse_host_port(text: str) -> tuple[str, int]:
@@ -162,9 +177,7 @@ class DiameterSettings(_Strict):
         if not value and not (tls is not None and tls.listen):
             raise ValueError("List should have at least 1 item (or, for TLS only, "
                              "addresses in diameter.tls.listen)")
-        for item in value:
-            parse_host_port(item)
-        return value
+        return [address for item in value for address in expand_listen(item)]
 
     @field_validator("peers")
     @classmethod
@@ -322,15 +335,31 @@ class MetricsSettings(_HttpListenSettings):
 
 
 API_TOKEN_ENVIRONMENT_VARIABLE = "EIR_API_TOKEN"
+API_READ_TOKEN_ENVIRONMENT_VARIABLE = "EIR_API_READ_TOKEN"
 API_TOKEN_MIN_LENGTH = 16
+
+
+def _token_from(variable: str, setting: SecretStr | None) -> str | None:
+    """$`variable` if set, else `setting`; ConfigError if the variable is too short."""
+    token = os.environ.get(variable)
+    if token is not None:
+        if len(token) < API_TOKEN_MIN_LENGTH:
+            raise ConfigError(f"${variable}: must be at least {API_TOKEN_MIN_LENGTH} "
+                              "characters")
+        return token
+    return setting.get_secret_value() if setting is not None else None
 
 
 class ApiSettings(_HttpListenSettings):
     # Bearer token of the admin and lookup API; $EIR_API_TOKEN overrides it. Required when
     # `listen` is set. Kept as a SecretStr: printing the settings shows '**********'.
     token: SecretStr | None = None
+    # The read-only role's token ($EIR_API_READ_TOKEN overrides it): it logs in to the web
+    # console (eir.interfaces.console) as a reader, who looks up and browses but changes
+    # nothing (a call centre). null: no read-only role.
+    read_only_token: SecretStr | None = None
 
-    @field_validator("token")
+    @field_validator("token", "read_only_token")
     @classmethod
     def _token(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None and len(value.get_secret_value()) < API_TOKEN_MIN_LENGTH:
@@ -339,13 +368,39 @@ class ApiSettings(_HttpListenSettings):
 
     def effective_token(self) -> str | None:
         """$EIR_API_TOKEN if set, else `token`; ConfigError if either is too short."""
-        token = os.environ.get(API_TOKEN_ENVIRONMENT_VARIABLE)
-        if token is not None:
-            if len(token) < API_TOKEN_MIN_LENGTH:
-                raise ConfigError(f"${API_TOKEN_ENVIRONMENT_VARIABLE}: must be at least "
-                                  f"{API_TOKEN_MIN_LENGTH} characters")
-            return token
-        return self.token.get_secret_value() if self.token is not None else None
+        return _token_from(API_TOKEN_ENVIRONMENT_VARIABLE, self.token)
+
+    def effective_read_only_token(self) -> str | None:
+        """$EIR_API_READ_TOKEN if set, else `read_only_token`."""
+        return _token_from(API_READ_TOKEN_ENVIRONMENT_VARIABLE, self.read_only_token)
+
+
+class ConsoleSettings(_Strict):
+    """The web console (eir.interfaces.console) at /console on the admin API's endpoint."""
+
+    enabled: bool = True
+    # A login lasts this long (the signed session cookie's age), then asks for the token again.
+    session_seconds: float = Field(8 * 3600.0, gt=0)
+    # The session cookie's Secure flag (sent back over HTTPS only): null, when the request
+    # came over TLS; true, always (the console behind a TLS-terminating reverse proxy).
+    secure_cookie: bool | None = None
+    # Failed logins from one address within login_window_seconds; beyond, every login from
+    # it is refused (429) until the window has passed: a token cannot be guessed by trying.
+    max_login_failures: int = Field(5, ge=1)
+    login_window_seconds: float = Field(300.0, gt=0)
+    # Addresses whose failures are tracked at once; beyond, the new ones share one count.
+    max_tracked_addresses: int = Field(4096, ge=1)
+    # The native CSV list the console edits (local rules); it must be one of lists.files,
+    # so that a reload applies it. null: local rules are read-only (shown, not edited).
+    local_list: Path | None = None
+    # Every change made in the console (rules, rollback, unpin, sync), and every login,
+    # one JSON line: time, act, role, address, before, after. null: console.jsonl in the
+    # store directory, else in the current directory.
+    journal: Path | None = None
+    # Observations shown per lookup (the newest days first).
+    max_sightings: int = Field(100, ge=1, le=10000)
+    # How often the traffic view asks for fresh numbers.
+    refresh_seconds: float = Field(5.0, ge=1)
 
 
 class AuditSettings(_Strict):
@@ -385,6 +440,12 @@ class NrfSettings(_Strict):
     advertise: str | None = None
     heartbeat_seconds: int = Field(10, ge=1)  # asked for; the NRF's answer decides
     ca: Path | None = None  # PEM: the CA of an https NRF's certificate (null: the system's)
+    # How AMFs choose among several 5G-EIR instances (TS 29.510 NFProfile, advertised when
+    # set): priority, lower preferred; capacity, a relative weight among instances of equal
+    # priority; locality, e.g. the site, for AMFs that prefer their own. null: not sent.
+    priority: int | None = Field(None, ge=0, le=65535)
+    capacity: int | None = Field(None, ge=0, le=65535)
+    locality: str | None = Field(None, min_length=1, max_length=255, pattern=r"^[ -~]+$")
 
     @field_validator("url")
     @classmethod
@@ -463,6 +524,7 @@ class Settings(_Strict):
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     api: ApiSettings = Field(default_factory=ApiSettings)
+    console: ConsoleSettings = Field(default_factory=ConsoleSettings)
     audit: AuditSettings = Field(default_factory=AuditSettings)
     sbi: SbiSettings = Field(default_factory=SbiSettings)
 
@@ -486,7 +548,7 @@ def load_settings(path: Path | None) -> Settings:
     try:
         document = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        raise ConfigError(_yaml_problem(path, exc)) from None
     if document is None:
         document = {}
     if not isinstance(document, dict):
@@ -501,6 +563,8 @@ def load_settings(path: Path | None) -> Settings:
             line = _line_of(text, location)
             where = f"{path}:{line}" if line else str(path)
             message = error["msg"].removeprefix("Value error, ")
+            if error["type"] == "extra_forbidden":
+                message += _suggestion(location)
             lines.append(f"{where}: {key}: {message}")
         raise ConfigError("\n".join(lines)) from None
     base = path.parent
@@ -525,7 +589,47 @@ def load_settings(path: Path | None) -> Settings:
         "audit": settings.audit.model_copy(update={
             "path": base / settings.audit.path if settings.audit.path else None}),
         "sbi": _sbi_paths_from(settings.sbi, base),
+        "console": settings.console.model_copy(update={
+            key: base / value for key in ("local_list", "journal")
+            if (value := getattr(settings.console, key)) is not None}),
     })
+
+
+def _yaml_problem(path: Path, exc: yaml.YAMLError) -> str:
+    """`FILE:LINE:COLUMN: not valid YAML: problem`, not PyYAML's `in "<unicode string>"`."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+    problem = getattr(exc, "problem", None) or str(exc)
+    context = getattr(exc, "context", None)
+    return f"{where}: not valid YAML: {problem}" + (f" ({context})" if context else "")
+
+
+def _suggestion(location: list) -> str:
+    """` (did you mean KEY?)` for a misspelt key, from the keys valid where it stands."""
+    model: type[BaseModel] | None = Settings
+    for part in location[:-1]:
+        if isinstance(part, int):  # an item of a list of sections
+            continue
+        field = model.model_fields.get(str(part)) if model is not None else None
+        model = _section_model(field.annotation) if field is not None else None
+    if model is None:
+        return ""
+    close = difflib.get_close_matches(str(location[-1]), list(model.model_fields), n=1)
+    if not close:
+        return ""
+    parent = [str(part) for part in location[:-1] if not isinstance(part, int)]
+    return f" (did you mean {'.'.join([*parent, close[0]])}?)"
+
+
+def _section_model(annotation: object) -> type[BaseModel] | None:
+    """The settings class a field holds, directly or in a list or an Optional."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for argument in typing.get_args(annotation):
+        found = _section_model(argument)
+        if found is not None:
+            return found
+    return None
 
 
 def _tls_paths_from(diameter: DiameterSettings, base: Path) -> DiameterSettings:

@@ -96,7 +96,8 @@ class TextFormatter(logging.Formatter):
         self.max_message_chars = max_message_chars
 
     def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
-        record.message = shown_message(record.message, self.max_message_chars)
+        record.message = worker_prefix(record) + shown_message(record.message,
+                                                               self.max_message_chars)
         return super().formatMessage(record)
 
     def format(self, record: logging.LogRecord) -> str:
@@ -104,11 +105,19 @@ class TextFormatter(logging.Formatter):
         return text if self.show_imsi else redact(text)
 
 
+def worker_prefix(record: logging.LogRecord) -> str:
+    """"worker N: " for a record a worker logged (eir.workers.WorkerLogPrefix), else ""."""
+    worker = getattr(record, "worker", None)
+    return f"worker {worker}: " if worker is not None else ""
+
+
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time (UTC, ISO 8601, ms), level, logger, message, and
-    exception (the formatted traceback) when there is one. The message is escaped and cut
-    as in the text format: JSON would escape C0 controls itself, but a reader that prints
-    the message would get them back, and C1 and bidirectional characters as well."""
+    """One JSON object per line: time (UTC, ISO 8601, ms), level, logger, message, the
+    `worker` that logged it (its index; absent in the supervisor or a single process), the
+    `peer` it is about (the address logged with `extra={"peer": ...}`), and exception (the
+    formatted traceback) when there is one. The message is escaped and cut as in the text
+    format: JSON would escape C0 controls itself, but a reader that prints the message would
+    get them back, and C1 and bidirectional characters as well."""
 
     def __init__(self, show_imsi: bool = False,
                  max_message_chars: int = LoggingSettings().max_message_chars):
@@ -120,6 +129,12 @@ class JsonFormatter(logging.Formatter):
         document = {"time": _iso_time(record.created), "level": record.levelname,
                     "logger": record.name,
                     "message": shown_message(record.getMessage(), self.max_message_chars)}
+        worker = getattr(record, "worker", None)
+        if worker is not None:
+            document["worker"] = worker
+        peer = getattr(record, "peer", None)
+        if peer is not None:
+            document["peer"] = untrusted(peer)
         exception = record.exc_text
         if record.exc_info:
             exception = self.formatException(record.exc_info)

@@ -608,8 +608,8 @@ class PeerConnection:
             return self._answer(header, ResultCode.SUCCESS, self.answers.origin_state)
         if header.code == COMMAND_DISCONNECT_PEER:
             answer = self._answer(header, ResultCode.SUCCESS)
-            cause = found["Disconnect-Cause"][0].data
-            self._close(f"peer sent DPR (Disconnect-Cause {int.from_bytes(cause, 'big')}); "
+            cause = int.from_bytes(found["Disconnect-Cause"][0].data, "big")
+            self._close(f"peer sent DPR (Disconnect-Cause {_disconnect_cause_name(cause)}); "
                         "DPA sent", logging.INFO)
             return answer
         return self._handle_cer(header, found)
@@ -816,3 +816,12 @@ def _leading_session_id(raw: bytes, max_avps: int) -> Avp | None:
         return _session_id(decode_avps(raw, 20, len(raw), max_avps))
     except (AvpLengthError, AvpCountError) as exc:
         return _session_id(exc.decoded)
+
+
+def _disconnect_cause_name(value: int) -> str:
+    """REBOOTING, BUSY, DO_NOT_WANT_TO_TALK_TO_YOU (RFC 6733 §5.4.3), or the number of a
+    value RFC 6733 does not define (the Enumerated may be extended)."""
+    try:
+        return f"{DisconnectCause(value).name} ({value})"
+    except ValueError:
+        return str(value)

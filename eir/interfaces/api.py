@@ -12,14 +12,18 @@ The endpoints share the event loop with Diameter, so they are kept cheap and bou
 keeps at most `max_connections` HTTP/1.1 connections (`max_connections_per_address` from one
 address), closes idle and slow ones (`idle_timeout_seconds`, `request_read_timeout_seconds`),
 and is bound to loopback by default; idle connections never keep the probes and /metrics
-from answering (eir.net.http1 says how and why). The access log shows no token and no unmasked
-IMSI, however the request encodes them (eir.net.http1.loggable_target).
+from answering (eir.net.http1 says how and why). The access log shows no token and no
+unmasked IMSI, however the request encodes them (eir.net.http1.loggable_target).
 
 Authentication: `Authorization: Bearer <token>` with the token of `api.token` or
 $EIR_API_TOKEN, compared in constant time; without it, 401. /healthz and /readyz are open
 (orchestrators probe them without secrets; they tell nothing but up/ready), and so is
 /openapi.json (the document holds no data). Errors are RFC 9457 problem details
 (application/problem+json): type, title, status, detail, and `field` when one input is wrong.
+
+The web console (eir.interfaces.console) is mounted at /console on the same app, unless
+console.enabled is false: its own pages, sessions and errors (HTML), on the functions below
+(`list_status`, `rollback_lists`, `connected_peers`) and the server's `reload_lists`.
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ from eir.core.config import ConfigError, parse_local_listen
 from eir.core.imei import normalise_imei
 from eir.core.untrusted import untrusted
 from eir.interfaces.ports import ServerView
-from eir.lists.store import Store, StoreError
+from eir.lists.store import Store, StoreError, operator
 from eir.net.http1 import GuardedH11Protocol, HttpConnectionPool, bounded_body, loggable_target
 
 log = logging.getLogger("eir.api")
@@ -59,6 +63,8 @@ IMSI_PATTERN = r"^[0-9]{5,15}$"
 VERSION_PATTERN = r"^[0-9A-Za-z._-]{1,64}$"
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 PROBE_PATHS = ("/healthz", "/readyz")
+# the web console (eir.interfaces.console), unless console.enabled is false
+CONSOLE_PATH = "/console"
 FIELD_MESSAGES = {
     "imei": "must be an IMEI or IMEISV: 14 to 16 digits",
     "imsi": "must be an IMSI: 5 to 15 digits",
@@ -142,6 +148,16 @@ class RollbackRequest(BaseModel):
 class RollbackResult(BaseModel):
     version: str = Field(description="the version now in force")
     pinned: str
+
+
+class UnpinResult(BaseModel):
+    was_pinned: str | None = Field(description="the version the store was pinned at (null: "
+                                               "it was not pinned)")
+
+
+class SyncResult(BaseModel):
+    outcome: str = Field(description="what the sync did, in a sentence")
+    version: str = Field(description="the version in force after it")
 
 
 class PeerInfo(BaseModel):
@@ -268,7 +284,7 @@ def create_app(server: ServerView, token: str) -> FastAPI:
     @app.get("/v1/lists", response_model=ListStatus, dependencies=secured,
              summary="The lists in force and the store's versions")
     async def lists():
-        return await asyncio.get_running_loop().run_in_executor(None, _list_status, server)
+        return await asyncio.get_running_loop().run_in_executor(None, list_status, server)
 
     @app.post("/v1/lists/reload", response_model=ReloadResult, dependencies=secured,
               responses=_problems(409), summary="Load the lists again (as SIGHUP does); on "
@@ -282,37 +298,27 @@ def create_app(server: ServerView, token: str) -> FastAPI:
     @app.post("/v1/lists/rollback", response_model=RollbackResult, dependencies=secured,
               responses=_problems(400, 404, 409), summary="Put an earlier store version back "
               "in force and pin the store (syncs wait for `eir lists unpin`)")
-    async def rollback(request: RollbackRequest | None = Body(None)):
-        directory = server.settings.store.directory
-        if directory is None:
-            raise ApiProblem(409, "No store", "the lists come from files, not from a store "
-                             "(store.directory): there is nothing to roll back to")
-        store = Store(directory, server.settings.store.keep)
-        wanted = request.version if request is not None else None
-        loop = asyncio.get_running_loop()
-        kept = [v.version for v in await loop.run_in_executor(None, store.versions)]
-        if wanted is not None and wanted not in kept:
-            raise ApiProblem(404, "Not found", f"version {wanted} is not kept (kept: "
-                             f"{', '.join(kept) or 'none'})", field="version")
-        try:
-            version = await loop.run_in_executor(None, store.rollback, wanted)
-        except StoreError as exc:
-            raise ApiProblem(409, "Rollback refused", str(exc)) from None
-        if not await server.reload_lists():
-            raise ApiProblem(409, "Reload refused", f"version {version} is in force in the "
-                             "store, but loading it failed: " + (server.last_reload_error
-                                                                 or "see the server's log"))
-        return RollbackResult(version=version, pinned=store.pinned() or version)
+    async def rollback(http: Request, request: RollbackRequest | None = Body(None)):
+        return await rollback_lists(server, request.version if request is not None else None,
+                                    by=_caller(http))
+
+    @app.post("/v1/lists/unpin", response_model=UnpinResult, dependencies=secured,
+              responses=_problems(409), summary="Let syncs publish again after a rollback "
+              "pinned the store (as `eir lists unpin`)")
+    async def unpin(http: Request):
+        return UnpinResult(was_pinned=await unpin_lists(server, by=_caller(http)))
+
+    @app.post("/v1/lists/sync", response_model=SyncResult, dependencies=secured,
+              responses=_problems(409), summary="Sync from the registry source now (as "
+              "`eir sync`), and put a new version in force; 409 when refused")
+    async def sync(http: Request):
+        log.info("sync asked by %s", _caller(http))
+        return await sync_lists(server)
 
     @app.get("/v1/peers", response_model=list[PeerInfo], dependencies=secured,
              summary="Diameter connections and their peers")
     async def peers():
-
-        found = server.peer_infos()
-        if server.supervisor is not None:  # several workers: each has its own connections
-            for infos in await server.supervisor.ask_all("peers"):
-                found += infos
-        return [PeerInfo(**info) for info in found]
+        return [PeerInfo(**info) for info in await connected_peers(server)]
 
     @app.get("/healthz", response_model=Health, summary="The process answers (no token "
              "needed)")
@@ -327,7 +333,83 @@ def create_app(server: ServerView, token: str) -> FastAPI:
         body = Readiness(ready=all(checks.values()), checks=checks)
         return JSONResponse(body.model_dump(), status_code=200 if body.ready else 503)
 
+    if server.settings.console.enabled:
+        from eir.interfaces.console import console_app
+
+        app.mount(CONSOLE_PATH, console_app(server, token))
     return app
+
+
+async def rollback_lists(server: ServerView, wanted: str | None,
+                         by: str | None = None) -> RollbackResult:
+    """Put store version `wanted` (None: the one before) back in force, pin the store and
+    reload (POST /v1/lists/rollback, the console); ApiProblem when refused. `by`: who, for
+    the store's journal (default: this process, eir.lists.store.operator)."""
+    directory = server.settings.store.directory
+    if directory is None:
+        raise ApiProblem(409, "No store", "the lists come from files, not from a store "
+                         "(store.directory): there is nothing to roll back to")
+    store = Store(directory, server.settings.store.keep)
+    loop = asyncio.get_running_loop()
+    kept = [v.version for v in await loop.run_in_executor(None, store.versions)]
+    if wanted is not None:
+        wanted = Store.version_named(wanted)
+    if wanted is not None and wanted not in kept:
+        raise ApiProblem(404, "Not found", f"version {wanted} is not kept (kept: "
+                         f"{', '.join(kept) or 'none'})", field="version")
+    try:
+        version = await loop.run_in_executor(None, store.rollback, wanted, by)
+    except StoreError as exc:
+        raise ApiProblem(409, "Rollback refused", str(exc)) from None
+    if not await server.reload_lists():
+        raise ApiProblem(409, "Reload refused", f"version {version} is in force in the "
+                         "store, but loading it failed: " + (server.last_reload_error
+                                                             or "see the server's log"))
+    return RollbackResult(version=version, pinned=store.pinned() or version)
+
+
+async def unpin_lists(server: ServerView, by: str | None = None) -> str | None:
+    """Let syncs publish again after a rollback (POST /v1/lists/unpin, the console): the
+    version that was pinned, or None; journaled by the store as the act of `by`."""
+    directory = server.settings.store.directory
+    if directory is None:
+        raise ApiProblem(409, "No store", "the lists come from files, not from a store "
+                         "(store.directory): there is nothing to unpin")
+    store = Store(directory, server.settings.store.keep)
+    try:
+        return await asyncio.get_running_loop().run_in_executor(None, store.unpin, by)
+    except StoreError as exc:
+        raise ApiProblem(409, "Unpin refused", str(exc)) from None
+
+
+async def sync_lists(server: ServerView) -> SyncResult:
+    """Sync from sync.source now (POST /v1/lists/sync, the console's "sync now"); a refused
+    or failed sync is a 409 whose detail says why (the snapshot in force keeps serving)."""
+    settings = server.settings
+    if not (settings.sync.source and settings.store.directory):
+        raise ApiProblem(409, "No registry source", "sync.source and store.directory must "
+                         "be set to sync")
+    outcome = await server.sync_now()
+    # sync_now says what happened in a sentence; these two starts are its refusals.
+    if outcome.startswith(("refused", "failed")):
+        raise ApiProblem(409, "Sync refused", outcome)
+    return SyncResult(outcome=outcome, version=server.rule_set.version)
+
+
+def _caller(request: Request) -> str:
+    """Who acted through the API, for the store's journal: the token's holder, from where,
+    through this process."""
+    address = request.client.host if request.client is not None else "?"
+    return f"admin API from {address}; {operator()}"
+
+
+async def connected_peers(server: ServerView) -> list[dict]:
+    """The Diameter connections of this process and of its workers (GET /v1/peers)."""
+    found = server.peer_infos()
+    if server.supervisor is not None:  # several workers: each has its own connections
+        for infos in await server.supervisor.ask_all("peers"):
+            found += infos
+    return found
 
 
 def readiness(server: ServerView) -> dict[str, bool]:
@@ -351,7 +433,7 @@ def _day(number: int | None) -> date | None:
                                             number % 100)
 
 
-def _list_status(server: ServerView) -> ListStatus:
+def list_status(server: ServerView) -> ListStatus:
     rule_set = server.rule_set
     info = rule_set.snapshot.info
     settings = server.settings
@@ -392,8 +474,8 @@ class _EmbeddedUvicorn(uvicorn.Server):
 class HttpEndpoint:
     """An ASGI app served by uvicorn in the running event loop, on a socket bound here (so
     that a bad address fails with its own error, and port 0 tells its port), with the
-    connection limits and timeouts of `settings` (eir.core.config._HttpListenSettings: the api or
-    metrics section) applied by eir.net.http1."""
+    connection limits and timeouts of `settings` (eir.core.config._HttpListenSettings: the api
+    or metrics section) applied by eir.net.http1."""
 
     def __init__(self, app, settings, name: str):
         self.app = bounded_body(app, settings.max_body_bytes)
@@ -484,6 +566,8 @@ class Operations:
         for endpoint in self.endpoints:
             await endpoint.start()
             where = "/metrics" if endpoint.name == "metrics" else "/ (OpenAPI at /openapi.json)"
+            if endpoint.name != "metrics" and self.server.settings.console.enabled:
+                where += f"; web console at {endpoint.url}{CONSOLE_PATH}/"
             log.info("%s served on %s%s", endpoint.name, endpoint.url, where)
 
     async def stop(self) -> None:

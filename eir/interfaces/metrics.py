@@ -50,6 +50,9 @@ OTHER_COMMAND_NAME = "other"
 SUCCESS = int(ResultCode.SUCCESS)
 EQUIPMENT_UNKNOWN = int(ExperimentalResultCode.ERROR_EQUIPMENT_UNKNOWN)
 NO_EQUIPMENT_STATUS = "none"  # equipment_status label of answers without Equipment-Status
+# equipment_status label of "equipment unknown": S13's 5422 and N5g-eir's 404
+# ERROR_EQUIPMENT_UNKNOWN alike, so that one query counts both interfaces' unknowns.
+UNKNOWN_EQUIPMENT_STATUS = "UNKNOWN"
 PEER_STATES = ("wait-cer", "open", "closing")
 SYNC_OUTCOMES = ("published", "up_to_date", "refused")
 RETRANSMISSION_OUTCOMES = ("answered_from_cache", "not_cached", "different_request")
@@ -267,7 +270,7 @@ def snapshot_of(server: ServerView) -> MetricsSnapshot:
     verdict_command = names.get(COMMAND_ME_IDENTITY_CHECK, OTHER_COMMAND_NAME)
     for status, count in counters.verdicts.items():
         if status is None:
-            key = _answer_key(verdict_command, EQUIPMENT_UNKNOWN, NO_EQUIPMENT_STATUS)
+            key = _answer_key(verdict_command, EQUIPMENT_UNKNOWN, UNKNOWN_EQUIPMENT_STATUS)
         else:
             key = _answer_key(verdict_command, SUCCESS, status.name)
         answers[key] = answers.get(key, 0) + count
@@ -362,7 +365,8 @@ def _diameter_families(s: MetricsSnapshot):
 
     family = CounterMetricFamily(
         "eir_answers", "Diameter answers sent, by command, Result-Code (or "
-        "Experimental-Result-Code) and Equipment-Status ('none' when absent)",
+        "Experimental-Result-Code) and Equipment-Status ('UNKNOWN' for 5422, 'none' when "
+        "absent)",
         labels=["command", "result_code", "equipment_status"])
     for key, count in sorted(s.answers.items()):
         family.add_metric(key.split("|"), count)

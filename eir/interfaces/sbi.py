@@ -64,6 +64,7 @@ from h2.utilities import HeaderValidationFlags, validate_headers
 from hpack.exceptions import HPACKError
 from hyperframe.frame import GoAwayFrame
 
+from eir.check.observations import RAT_NR
 from eir.check.service import EquipmentCheck
 from eir.core.config import SbiSettings, parse_host_port
 from eir.core.decision import EquipmentStatus
@@ -71,6 +72,7 @@ from eir.core.imei import IMEI_KEY_LENGTH, is_imsi
 from eir.core.logs import audit_log
 from eir.core.untrusted import untrusted
 from eir.diameter.overload import ConnectionLimits
+from eir.interfaces.metrics import UNKNOWN_EQUIPMENT_STATUS
 from eir.interfaces.ports import ServerView
 from eir.net.flow import ReadGate
 from eir.net.security import TlsAcceptor, format_address, server_tls_context
@@ -193,8 +195,9 @@ class SbiCounters:
     def fill(self, snapshot) -> None:
         """Copy into an eir.interfaces.metrics.MetricsSnapshot."""
         snapshot.sbi_requests = {str(code): count for code, count in self.requests.items()}
-        snapshot.sbi_verdicts = {status.name if status is not None else "UNKNOWN": count
-                                 for status, count in self.verdicts.items()}
+        snapshot.sbi_verdicts = {
+            status.name if status is not None else UNKNOWN_EQUIPMENT_STATUS: count
+            for status, count in self.verdicts.items()}
         snapshot.sbi_connections = self.connections
         snapshot.nrf_registered = int(self.nrf_registered)
 
@@ -225,7 +228,7 @@ class EquipmentIdentityCheck:
             return Answer.of(400, PROBLEM_JSON, problem(400, "Bad Request", str(exc),
                                                         exc.cause, (exc.param, exc.reason)))
         verdict = self.check.run(imei, imsi, client, self.counters.verdicts, self.audit,
-                                 INTERFACE)
+                                 INTERFACE, RAT_NR)
         return VERDICT_ANSWERS[verdict.status]
 
 
@@ -999,14 +1002,16 @@ def default_nf_instance_id(origin_host: str) -> str:
 
 
 def nf_profile(nf_instance_id: str, scheme: str, host: str, port: int,
-               heartbeat_seconds: int) -> dict:
-    """Our NFProfile: a 5G_EIR with the n5g-eir-eic service at scheme://host:port."""
+               heartbeat_seconds: int, selection: dict | None = None) -> dict:
+    """Our NFProfile: a 5G_EIR with the n5g-eir-eic service at scheme://host:port, and the
+    `selection` attributes AMFs choose instances by (priority, capacity, locality)."""
     service = {"serviceInstanceId": SERVICE_NAME, "serviceName": SERVICE_NAME,
                "versions": [{"apiVersionInUri": API_VERSION,
                              "apiFullVersion": API_FULL_VERSION}],
                "scheme": scheme, "nfServiceStatus": "REGISTERED"}
     profile = {"nfInstanceId": nf_instance_id, "nfType": NF_TYPE, "nfStatus": "REGISTERED",
-               "heartBeatTimer": heartbeat_seconds, "nfServices": [service]}
+               "heartBeatTimer": heartbeat_seconds, "nfServices": [service],
+               **(selection or {})}
     try:
         version = ipaddress.ip_address(host).version
     except ValueError:  # a name
@@ -1071,7 +1076,9 @@ class NrfRegistration:
     async def register(self) -> None:
         scheme, host, port = self.advertised()
         profile = nf_profile(self.nf_instance_id, scheme, host, port,
-                             self.settings.heartbeat_seconds)
+                             self.settings.heartbeat_seconds, self.settings.model_dump(
+                                 include={"priority", "capacity", "locality"},
+                                 exclude_none=True))
         response = await self._request("PUT", json.dumps(profile).encode())
         if response.status not in (200, 201):
             raise NrfError(f"NFRegister answered {response.status}: "

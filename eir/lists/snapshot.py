@@ -596,6 +596,32 @@ class Snapshot:
             member |= self._imei_set_hi[index] << SET_LOW_BITS
         return member
 
+    def sample_subjects(self, rng, count: int) -> list[tuple[str, str | None]]:
+        """About `count` (14-digit IMEI, IMSI or None) drawn from the entries (exact IMEIs,
+        pairs, range segments, TACs), for a load generator to send; their verdicts are the
+        caller's to find out."""
+        drawn: list[tuple[str, str | None]] = []
+        keys, tacs, starts = self._imei_key, self._tac, self._tac_start
+        for position in rng.sample(range(len(keys)), min(count, len(keys))):
+            tac = tacs[bisect.bisect_right(starts, position) - 1]
+            drawn.append((f"{tac * SNR_DIGITS + (keys[position] >> SET_LOW_BITS):014d}", None))
+        imeis, imsis = self._pair_imei, self._pair_imsi
+        for index in rng.sample(range(len(imeis)), min(count, len(imeis))):
+            drawn.append((f"{imeis[index]:014d}", f"{imsis[index]}"))
+        starts, first = self._range_start, self._range_first
+        segments = [s for s in range(len(starts)) if first[s] < first[s + 1]]
+        for segment in rng.sample(segments, min(count, len(segments))):
+            low = starts[segment]
+            high = starts[segment + 1] - 1 if segment + 1 < len(starts) else low
+            imsi = self._range_imsi[first[segment]]
+            drawn.append((f"{rng.randint(low, high):014d}", f"{imsi}" if imsi else None))
+        rules = range(len(self._tacrule_tac))
+        for index in rng.sample(rules, min(count, len(rules))):
+            imsi = self._tacrule_imsi[index]
+            imei = self._tacrule_tac[index] * SNR_DIGITS + rng.randrange(SNR_DIGITS)
+            drawn.append((f"{imei:014d}", f"{imsi}" if imsi else None))
+        return drawn
+
     def device_name(self, tac: int) -> str | None:
         index = bisect.bisect_left(self._tacname_tac, tac)
         if index < len(self._tacname_tac) and self._tacname_tac[index] == tac:

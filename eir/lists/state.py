@@ -68,7 +68,10 @@ class ListState:
             raise DeltaError(
                 f"{names}: delta applies on top of run {base}, but the "
                 f"{self.name} list in force is from " +
-                (f"run {self.run}" if self.run else "a file that names no run"))
+                (f"run {self.run}" if self.run else
+                 "a file that names no run (a DIRBS full list is from the run of the deltas "
+                 "published with it: the same date, `_delta_<base>_<run>_` in their names, "
+                 "in its zip or beside it; put them, or the whole zip, in the source)"))
         # Fold the run's deltas among themselves first (they are small): which keys go, and
         # what is added in the end; then one pass over the (possibly national-size) list.
         kind = self.key_kind

@@ -91,6 +91,13 @@ class Store:
             raise StoreError(f"{self.pointer}: unreadable: {exc}") from None
         return text or None
 
+    @staticmethod
+    def version_named(text: str) -> str:
+        """A version as an operator types it: `3` is version 000003 (versions are numbered
+        with six digits); anything else is taken as it is."""
+        return f"{int(text):06d}" if text.isascii() and text.isdigit() and len(text) <= 6 \
+            else text
+
     def path_of(self, version: str) -> Path:
         return self.snapshots / f"{version}{SUFFIX}"
 
@@ -197,6 +204,8 @@ class Store:
         with self.locked():
             versions = self.versions()
             current = self.current_version()
+            if version is not None:
+                version = self.version_named(version)
             if version is None:
                 older = [v for v in versions if current is None or v.version < current]
                 if not older:

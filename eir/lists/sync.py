@@ -69,7 +69,7 @@ import re
 import stat
 import time
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from eir.lists.entries import ListDelta, ListEntries
@@ -473,7 +473,25 @@ def _updates(parsed: list[tuple[Path, list]], digests: dict[str, str]) -> dict[s
     for (name, _, _run), group in sorted(by_run.items(),
                                         key=lambda item: _run_number(item[0][2])):
         updates.setdefault(name, _Update()).deltas.append(group)
+    for update in updates.values():
+        full = update.full
+        if full is not None and not full.run and full.entries is not None:
+            # dirbs-listgen writes a full list and the deltas of its run side by side, with
+            # the same date in their names, then zips them: unzipped into a drop directory,
+            # the full list is from their run all the same.
+            day = _date_of(full.files[0])
+            runs = [deltas[0].run for deltas, files in update.deltas
+                    if day and deltas[0].run and any(_date_of(f) == day for f in files)]
+            if runs:
+                update.full = replace(full, run=max(runs, key=_run_number))
     return updates
+
+
+def _date_of(file_id: str) -> str | None:
+    """The `YYYYMMDD[_HHMMSS]` a list file's name (a zip member's, for a member) starts with."""
+    name = Path(_label(file_id).rpartition("!")[2]).name
+    match = _DATE_PREFIX.match(name.rsplit(".", 1)[0])
+    return match.group(1) if match else None
 
 
 def _list_name(path: Path) -> str:

@@ -312,7 +312,13 @@ class Worker:
         counts = self.interval_counts
         counts[1] += 1
         if is_error(verdict):
-            counts[2] += 1
+            expected = self.plan.workload.expected_errors
+            if expected is not None and \
+                    expected[self.plan.workload.order[i % len(self.plan.workload.order)]] \
+                    == verdict[0]:
+                result.expected_errors += 1
+            else:
+                counts[2] += 1
         captured = self.plan.workload.captured
         if captured is not None:
             template = self.plan.workload.order[i % len(self.plan.workload.order)]

@@ -330,8 +330,8 @@ def read_capture(path: Path) -> Capture:
     try:
         from scapy.all import IP, SCTP, TCP, IPv6, PcapReader, Scapy_Exception
     except ImportError:
-        raise CaptureError("reading captures needs scapy: pip install 'open-eir[replay]'") \
-            from None
+        raise CaptureError("reading captures needs scapy: install open EIR again "
+                           "(pip install -e .)") from None
     tcp_streams: dict[tuple, _StreamDirection] = {}
     sctp_streams: dict[tuple, _SctpDirection] = {}
     messages: list[tuple[float, tuple, bytes]] = []  # (time, (src, sport, dst, dport), raw)

@@ -27,6 +27,7 @@ class Report:
     sent: int
     answered: int
     errors: int
+    expected_errors: int  # answers the workload meant to provoke (a mix's invalid IMEIs)
     timeouts: int
     late_answers: int
     lost: int
@@ -56,9 +57,11 @@ class Report:
         answered = sum(r.answered for r in results)
         lost = sum(r.lost for r in results)
         error_answers = sum(n for verdict, n in by_verdict.items() if is_error(verdict))
+        expected = sum(r.expected_errors for r in results)
         report = cls(
             sent=sum(r.sent for r in results), answered=answered,
-            errors=error_answers + lost, timeouts=sum(r.timeouts for r in results),
+            errors=error_answers - expected + lost, expected_errors=expected,
+            timeouts=sum(r.timeouts for r in results),
             late_answers=sum(r.late_answers for r in results), lost=lost,
             unsent=sum(r.unsent for r in results), elapsed_s=elapsed,
             rate_per_s=answered / elapsed if elapsed > 0 else 0.0,
@@ -102,6 +105,7 @@ class Report:
             "connections": self.connections, "processes": self.processes,
             "window": self.window, "target_rate_per_s": self.target_rate,
             "sent": self.sent, "answered": self.answered, "errors": self.errors,
+            "expected_errors": self.expected_errors,
             "timeouts": self.timeouts, "late_answers": self.late_answers, "lost": self.lost,
             "unsent": self.unsent, "elapsed_s": round(self.elapsed_s, 4),
             "rate_per_s": round(self.rate_per_s, 1),
@@ -121,8 +125,10 @@ class Report:
         lines = [f"eir replay → {self.target}: {self.description}",
                  f"  {self.connections} connection(s) in {self.processes} process(es), "
                  f"window {self.window}, {self.pace}"]
+        expected = (f" (and {self.expected_errors:,} expected error answers to the mix's "
+                    "invalid IMEIs)" if self.expected_errors else "")
         lines.append(f"  sent {self.sent:,}  answered {self.answered:,}  errors {self.errors:,}"
-                     f"  timeouts {self.timeouts:,}  in {self.elapsed_s:.2f} s: "
+                     f"{expected}  timeouts {self.timeouts:,}  in {self.elapsed_s:.2f} s: "
                      f"{self.rate_per_s:,.0f} answers/s"
                      + (f" (target {self.target_rate:,.0f}/s)" if self.target_rate else ""))
         if self.lost or self.unsent or self.late_answers:

@@ -78,6 +78,7 @@ class WorkerResult:
     lost: int = 0  # requests outstanding when their connection broke
     unsent: int = 0  # requests a broken connection never sent
     by_verdict: Counter = field(default_factory=Counter)  # Verdict → answers
+    expected_errors: int = 0  # error answers the workload meant to provoke (not errors)
     compared: int = 0  # pcap replay: answers compared with the captured one
     diffs: Counter = field(default_factory=Counter)  # (imei, imsi, before, after) → count
     connection_errors: list[str] = field(default_factory=list)

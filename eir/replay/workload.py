@@ -10,10 +10,12 @@ in capture order.
 from __future__ import annotations
 
 import random
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from eir.core.decision import EquipmentStatus, UnknownPolicy
+from eir.core.decision import EquipmentStatus, RuleSet, UnknownPolicy
 from eir.core.imei import is_imsi, luhn_check_digit
 from eir.lists.native import CsvRowError, ListError, csv_rows, load_rule_set, read_native_csv
 from eir.replay.messages import EcrTemplate, Identity, Verdict, ecr_template
@@ -22,6 +24,7 @@ MAX_REPORTED_PROBLEMS = 50
 GENERATED_SEQUENCE = 1000  # distinct requests of a generated mix; shares exact per 1000
 CLASSES = ("white", "black", "grey", "unknown", "invalid")
 DEFAULT_MIX = "white=60,black=20,grey=10,unknown=5,invalid=5"
+INVALID_AVP_VALUE = 5004  # what an EIR answers an IMEI of the invalid class
 _STATUS_OF_CLASS = {"white": EquipmentStatus.WHITELISTED, "black": EquipmentStatus.BLACKLISTED,
                     "grey": EquipmentStatus.GREYLISTED, "unknown": None}
 
@@ -46,6 +49,9 @@ class Workload:
     cyclic: bool = True  # False: each position once (a capture)
     captured: list[Verdict | None] | None = None
     offsets: list[float] | None = None
+    # The error Result-Code a template is meant to provoke (a generated mix's invalid IMEIs:
+    # 5004), None for the others; such answers are counted apart from real errors.
+    expected_errors: list[int | None] | None = None
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -156,7 +162,9 @@ def generate_mix(text: str, lists: list[Path], identity: Identity,
     described = ", ".join(f"{cls} {share:g}" for cls, share in shares.items())
     names = ", ".join(str(path) for path in lists)
     return Workload("generated", f"generated mix ({described}) from {names}", templates,
-                    subjects, list(range(len(templates))))
+                    subjects, list(range(len(templates))),
+                    expected_errors=[INVALID_AVP_VALUE if cls == "invalid" else None
+                                     for cls in sequence])
 
 
 def _interleave(shares: dict[str, float], length: int) -> list[str]:
@@ -184,17 +192,12 @@ def _pools(shares: dict[str, float], lists: list[Path],
     if needs_lists:
         if not lists:
             raise WorkloadError("--generate: give the lists the target serves with --list FILE")
-        try:
-            rules = [rule for path in lists for rule in read_native_csv(path)]
-            rule_set = load_rule_set(lists, UnknownPolicy.UNKNOWN)
-        except ListError as exc:
-            raise WorkloadError(f"--list:\n{exc}") from None
-        if len(rules) > MAX_RULES_SAMPLED:
-            rules = rng.sample(rules, MAX_RULES_SAMPLED)
+        rule_set, candidates = _candidates_of(lists, rng)
         wanted_status = {_STATUS_OF_CLASS[cls]: cls for cls in wanted if cls != "invalid"
                          and cls != "unknown"}
-        for rule in rules:
-            for imei14, imsi in _candidates(rule, rng):
+        for found in candidates:
+            for imei14, imsi in found:
+                imsi = imsi or _random_imsi(rng)
                 status = rule_set.decide(imei14, imsi).status
                 cls = wanted_status.get(status) if status is not None else None
                 if cls is not None and len(pools[cls]) < POOL_SIZE:
@@ -219,6 +222,48 @@ def _pools(shares: dict[str, float], lists: list[Path],
     for pool in pools.values():
         rng.shuffle(pool)
     return pools
+
+
+def _candidates_of(lists: list[Path], rng: random.Random):
+    """(rule set, candidate (IMEI, IMSI) groups) of the lists the target serves: native list
+    files, or one directory: a snapshot store (its version in force) or a registry drop
+    directory (DIRBS files, compiled as `eir sync` would, into a scratch store)."""
+    directories = [path for path in lists if path.is_dir()]
+    if not directories:
+        try:
+            rules = [rule for path in lists for rule in read_native_csv(path)]
+            rule_set = load_rule_set(lists, UnknownPolicy.UNKNOWN)
+        except ListError as exc:
+            raise WorkloadError(f"--list:\n{exc}") from None
+        if len(rules) > MAX_RULES_SAMPLED:
+            rules = rng.sample(rules, MAX_RULES_SAMPLED)
+        return rule_set, (_candidates(rule, rng) for rule in rules)
+    if len(lists) > 1:
+        raise WorkloadError(f"--list {directories[0]}: a store or drop directory is the whole "
+                            "list the target serves: give it alone")
+    snapshot = _snapshot_of(directories[0])
+    return RuleSet(snapshot, UnknownPolicy.UNKNOWN), [
+        snapshot.sample_subjects(rng, MAX_RULES_SAMPLED)]
+
+
+def _snapshot_of(directory: Path):
+    from eir.core.config import SyncSettings
+    from eir.lists.store import Store, StoreError
+    from eir.lists.sync import SyncError, sync_configured
+
+    try:
+        if Store(directory).current_version() is not None:
+            return Store(directory).open_current()
+        scratch = Path(tempfile.mkdtemp(prefix="eir-replay-"))
+        try:
+            store = Store(scratch / "store", keep=1)
+            sync_configured(SyncSettings(source=str(directory)), store)
+            return store.open_current()  # mapped: the files may go
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    except (StoreError, SyncError) as exc:
+        raise WorkloadError(f"--list {directory}: neither a store nor a drop directory that "
+                            f"syncs: {exc}") from None
 
 
 def _candidates(rule, rng: random.Random) -> list[tuple[str, str | None]]:

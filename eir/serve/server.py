@@ -11,6 +11,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from datetime import date, timedelta
 
 from eir import __version__
@@ -22,7 +23,7 @@ from eir.check.observations import (
     observation_log,
 )
 from eir.check.service import EquipmentCheck
-from eir.core.config import Settings, parse_host_port
+from eir.core.config import ConfigError, ListSettings, Settings, parse_host_port
 from eir.core.decision import RuleSet
 from eir.core.logs import AuditLog, audit_log
 from eir.diameter.dictionary import DEFAULT_DICTIONARY_DIR, Dictionary
@@ -369,6 +370,7 @@ class EirServer:
         self.worker_channel = None
         self._listening: list[tuple[socket.socket, str]] = []  # the supervisor's
         self._staged_rule_set: RuleSet | None = None  # a worker's, between prepare and commit
+        self._staged_lists: ListSettings | None = None  # and the list settings it came with
         self.applications = {self.s13.application_id: self.s13}
         self.connections: set[DiameterProtocol] = set()
         self.listeners: list[asyncio.AbstractServer] = []
@@ -377,6 +379,9 @@ class EirServer:
         self.connection_closed = asyncio.Event()
         self._stop = asyncio.Event()
         self._reload_lock = asyncio.Lock()
+        # Reads the configuration again (the file and the command line), for SIGHUP; None:
+        # SIGHUP reloads the lists only (eir.cli sets it).
+        self.settings_source: Callable[[], Settings] | None = None
         self.sync_counters = SyncCounters()
         self._background: set[asyncio.Task] = set()
         # /metrics and the admin API (eir.interfaces.api), when configured; built here so that a
@@ -533,7 +538,7 @@ class EirServer:
             self.spawn(self._prepare_lists(message))
         elif op == "commit":
             if self._staged_rule_set is not None:
-                self._swap(self._staged_rule_set)
+                self._swap(self._staged_rule_set, self._staged_lists)
                 self._staged_rule_set = None
         elif op == "abort":
             self._staged_rule_set = None
@@ -557,9 +562,10 @@ class EirServer:
             self.connection_limits.release(address)
 
     async def _prepare_lists(self, message: dict) -> None:
-        rule_set = await self._load_lists()
+        lists = message.get("lists")
+        rule_set = await self._load_lists(lists)
         if isinstance(rule_set, RuleSet):
-            self._staged_rule_set = rule_set
+            self._staged_rule_set, self._staged_lists = rule_set, lists
             self.worker_channel.reply(message, {"version": rule_set.version, "error": None})
         else:
             self.worker_channel.reply(message, {"version": None, "error": rule_set})
@@ -575,36 +581,70 @@ class EirServer:
                            limits.release, lambda address: DiameterProtocol(self, address),
                            self.spawn)
 
-    async def reload_lists(self) -> bool:
+    async def reload_lists(self, lists: ListSettings | None = None) -> bool:
         """Load the lists (list files, or the store's snapshot in force) and swap them in;
-        keep the old ones on error.
+        keep the old ones on error. `lists`: new list settings (files, unknown policy) to
+        load with, in force from the swap on (SIGHUP after a configuration edit).
 
         Loading runs in a thread so the event loop keeps answering meanwhile (a large list
         takes seconds to parse); the swap itself is one reference assignment, so a request
         sees the old snapshot or the new one, never a mix. Reloads run one at a time.
         """
         async with self._reload_lock:
-            rule_set = await self._load_lists()
+            rule_set = await self._load_lists(lists)
             if not isinstance(rule_set, RuleSet):
                 self._reload_refused(rule_set)
                 return False
             if self.supervisor is not None:
                 # Every worker loads the same lists first; all swap, or none does.
-                swapped, why = await self.supervisor.swap_lists()
+                swapped, why = await self.supervisor.swap_lists(lists)
                 if not swapped:
                     log.error("list reload refused, lists in force stay in force: %s", why)
                     self._reload_refused(why)
                     return False
-            self._swap(rule_set)
+            self._swap(rule_set, lists)
             self.reload_counts["ok"] += 1
             self.last_reload_error = None
             return True
 
-    async def _load_lists(self) -> RuleSet | str:
-        """The lists the settings name, loaded in a thread; or why not (logged)."""
+    async def reload_configuration(self) -> bool:
+        """SIGHUP: read the configuration again, apply what can change while serving (the
+        `lists` section: list files and the unknown policy), name every other changed
+        setting as waiting for a restart, and reload the lists. A configuration that does
+        not load is refused whole (logged), and the lists are reloaded as they were."""
+        if self.settings_source is None:
+            return await self.reload_lists()
+        try:
+            fresh = await self.loop.run_in_executor(None, self.settings_source)
+        except ConfigError as exc:
+            log.error("SIGHUP: configuration refused, the settings in force stay in force:"
+                      "\n%s", exc)
+            return await self.reload_lists()
+        changed = changed_settings(self.settings, fresh)
+        live = [key for key in changed if key.startswith(LIVE_SECTIONS)]
+        later = [key for key in changed if not key.startswith(LIVE_SECTIONS)]
+        if later:
+            log.warning("SIGHUP: configuration changed, not applied until a restart: %s",
+                        ", ".join(later))
+        if not live:
+            log.info("SIGHUP: no list setting changed; reloading the lists")
+            return await self.reload_lists()
+        applied = await self.reload_lists(fresh.lists)
+        if applied:
+            log.info("SIGHUP: configuration applied: %s", ", ".join(live))
+        else:
+            log.error("SIGHUP: configuration not applied (the lists it names were refused): "
+                      "%s", ", ".join(live))
+        return applied
+
+    async def _load_lists(self, lists: ListSettings | None = None) -> RuleSet | str:
+        """The lists the settings name (with `lists` instead of theirs, if given), loaded
+        in a thread; or why not (logged)."""
+        settings = self.settings if lists is None else \
+            self.settings.model_copy(update={"lists": lists})
         try:
             return await self.loop.run_in_executor(
-                None, functools.partial(load_rules, self.settings, self.grandfathering,
+                None, functools.partial(load_rules, settings, self.grandfathering,
                                         first_sync=self.worker_socket is None))
         except (ListError, StoreError) as exc:
             log.error("list reload refused, lists in force stay in force:\n%s", exc)
@@ -613,11 +653,21 @@ class EirServer:
             log.exception("list reload failed, lists in force stay in force")
             return f"{type(exc).__name__}: {exc}"
 
-    def _swap(self, rule_set: RuleSet) -> None:
+    def _swap(self, rule_set: RuleSet, lists: ListSettings | None = None) -> None:
         self.check.rule_set = rule_set
+        if lists is not None:
+            self.settings = self.settings.model_copy(update={"lists": lists})
         _freeze_long_lived_objects()
         log.info("lists reloaded: version %s, %d rules", rule_set.version,
                  rule_set.rule_count)
+        self._warn_if_empty()
+
+    def _warn_if_empty(self) -> None:
+        # Serving no rule is legal (an empty list file, an empty registry list) but rarely
+        # meant: every IMEI then gets the unknown policy.
+        if self.rule_set.rule_count == 0:
+            log.warning("the lists in force hold 0 rules: every IMEI gets the unknown "
+                        "policy (%s)", self.rule_set.unknown_policy.value)
 
     def _reload_refused(self, why: str) -> None:
         self.reload_counts["refused"] += 1
@@ -637,31 +687,40 @@ class EirServer:
                 await self.reload_lists()
 
     async def _sync_periodically(self) -> None:
+        while True:
+            await self.sync_now()
+            await asyncio.sleep(self.settings.sync.interval_seconds)
+
+    async def sync_now(self) -> str:
+        """Sync once from sync.source (in a daemon thread), counted and logged, and reload
+        when the version in force changed; what happened, in a sentence. Never raises: the
+        snapshot in force keeps serving whatever the source holds."""
         store = Store(self.settings.store.directory, self.settings.store.keep)
         source = self.settings.sync.source
-        while True:
-            try:
-                result = await _in_daemon_thread(self.loop, sync_configured,
-                                                 self.settings.sync, store)
-            except (SyncError, StoreError) as exc:
-                self.sync_counters.record(None, exc)
-                log.error("sync from %s refused; the snapshot in force keeps serving:\n%s",
-                          source, exc)
-            except Exception as exc:  # noqa: BLE001 - the next interval must still sync
-                self.sync_counters.record(None, exc)
-                log.exception("sync from %s failed; the snapshot in force keeps serving",
-                              source)
-            else:
-                self.sync_counters.record(result)
-                log.info("sync from %s: %s", source, f"published version {result.version}"
-                         if result.published else f"up to date (version {result.version})")
-                for note in result.ignored:
-                    log.info("sync: ignored %s", note)
-                for warning in result.warnings:
-                    log.warning("sync: %s", warning)
-                if result.version != self.rule_set.version:
-                    await self.reload_lists()
-            await asyncio.sleep(self.settings.sync.interval_seconds)
+        try:
+            result = await _in_daemon_thread(self.loop, sync_configured,
+                                             self.settings.sync, store)
+        except (SyncError, StoreError) as exc:
+            self.sync_counters.record(None, exc)
+            log.error("sync from %s refused; the snapshot in force keeps serving:\n%s",
+                      source, exc)
+            return f"refused; the snapshot in force keeps serving: {exc}"
+        except Exception as exc:  # noqa: BLE001 - the next interval must still sync
+            self.sync_counters.record(None, exc)
+            log.exception("sync from %s failed; the snapshot in force keeps serving",
+                          source)
+            return f"failed ({type(exc).__name__}); the snapshot in force keeps serving"
+        self.sync_counters.record(result)
+        outcome = (f"published version {result.version}" if result.published
+                   else f"up to date (version {result.version})")
+        log.info("sync from %s: %s", source, outcome)
+        for note in result.ignored:
+            log.info("sync: ignored %s", note)
+        for warning in result.warnings:
+            log.warning("sync: %s", warning)
+        if result.version != self.rule_set.version:
+            await self.reload_lists()
+        return outcome
 
     async def _keep_grandfathering(self) -> None:
         """Build the grandfathering index from the observations database (in a thread: at
@@ -688,8 +747,13 @@ class EirServer:
     def stop(self) -> None:
         self._stop.set()
 
+    def _stop_on_signal(self, signum: int) -> None:
+        log.info("%s received: stopping", signal.Signals(signum).name)
+        self.stop()
+
     def _reload_on_signal(self) -> None:
-        self.spawn(self.reload_lists())
+        log.info("SIGHUP received: reloading the configuration and the lists")
+        self.spawn(self.reload_configuration())
 
     def spawn(self, coroutine) -> None:
         """Run `coroutine` as a task of this server (kept until done; stop cancels it)."""
@@ -701,7 +765,7 @@ class EirServer:
         # Signal handlers first: whoever sees "listening on" may signal us at once.
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, self.stop)
+            loop.add_signal_handler(signum, self._stop_on_signal, signum)
         if self.worker_socket is None:
             loop.add_signal_handler(signal.SIGHUP, self._reload_on_signal)
         else:  # the supervisor's SIGHUP reloads every worker together
@@ -733,6 +797,7 @@ class EirServer:
         log.info("open EIR %s serving as %s (realm %s), lists version %s, %d rules",
                  __version__, self.local.origin_host, self.local.origin_realm,
                  self.rule_set.version, self.rule_set.rule_count)
+        self._warn_if_empty()
         if not self.allowlist:
             log.warning("no peer allowlist (diameter.peers is empty): any peer that "
                         "completes a CER is served")
@@ -741,7 +806,13 @@ class EirServer:
 
     async def shutdown(self) -> None:
         """Stop listening, send DPR to every open peer, wait for DPA (bounded), exit."""
-        log.info("shutting down: %d connection(s)", len(self.connections))
+        if self.supervisor is not None:
+            # The supervisor holds no Diameter connection: it hands each to a worker, and
+            # counts it out when the worker reports its end.
+            log.info("shutting down: %d connection(s) held by the workers",
+                     self.connection_limits.open)
+        else:
+            log.info("shutting down: %d connection(s)", len(self.connections))
         if self.sbi is not None:  # NFDeregister first (bounded): AMFs stop choosing us
             await self.sbi.stop()
         for listener in self.listeners:
@@ -886,6 +957,26 @@ def load_rules(settings: Settings, grandfathering: GrandfatherIndex | None = Non
         for warning in result.warnings:
             log.warning("sync: %s", warning)
     return RuleSet(store.open_current(), policy, grandfathering)
+
+
+# Settings a SIGHUP applies while serving; every other one is read at start-up only.
+LIVE_SECTIONS = ("lists.",)
+
+
+def changed_settings(before: Settings, after: Settings) -> list[str]:
+    """The dotted names of the settings that differ (`lists.unknown_policy`, `metrics.listen`);
+    a list or a mapping that changed is named as a whole."""
+    changed: list[str] = []
+
+    def walk(old, new, prefix: str) -> None:
+        if isinstance(old, dict) and isinstance(new, dict):
+            for key in sorted(old.keys() | new.keys()):
+                walk(old.get(key), new.get(key), f"{prefix}{key}.")
+        elif old != new:
+            changed.append(prefix.rstrip("."))
+
+    walk(before.model_dump(), after.model_dump(), "")
+    return changed
 
 
 def grandfather_index(settings: Settings) -> GrandfatherIndex | None:

@@ -42,7 +42,7 @@ import sys
 from collections import deque
 from typing import Callable
 
-from eir.check.observations import Backend
+from eir.check.observations import Backend, observation_keys
 
 log = logging.getLogger("eir.workers")
 
@@ -410,12 +410,13 @@ class Supervisor:
                 found.append(reply)
         return found
 
-    async def swap_lists(self) -> tuple[bool, str | None]:
-        """Every worker loads the lists in force now; if all could, all swap; else none
-        does. (ok, why not)."""
+    async def swap_lists(self, lists=None) -> tuple[bool, str | None]:
+        """Every worker loads the lists in force now (with the list settings `lists`, when
+        the configuration changed them); if all could, all swap; else none does. (ok, why
+        not)."""
         ready = [worker for worker in self.workers if worker.ready]
-        replies = await asyncio.gather(*(worker.channel.request("prepare") for worker in ready),
-                                       return_exceptions=True)
+        replies = await asyncio.gather(*(worker.channel.request("prepare", lists=lists)
+                                         for worker in ready), return_exceptions=True)
         failures = []
         versions = set()
         for worker, reply in zip(ready, replies):
@@ -473,17 +474,16 @@ def worker_channel() -> tuple[int, socket.socket, socket.socket] | None:
 
 
 class WorkerLogPrefix(logging.Filter):
-    """Starts every log message of worker N with "worker N: " (all processes share the
-    supervisor's standard error)."""
+    """Marks every log record of worker N with `worker = N` (all processes share the
+    supervisor's standard error): the text format starts its message with "worker N: ",
+    the JSON format has a "worker" field (eir.logs)."""
 
     def __init__(self, index: int):
         super().__init__()
-        self.prefix = f"worker {index}: "
+        self.index = index
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if not getattr(record, "worker_prefixed", False):
-            record.msg = self.prefix + str(record.msg)
-            record.worker_prefixed = True
+        record.worker = self.index
         return True
 
 
@@ -522,8 +522,8 @@ class ForwardingBackend(Backend):
 
     def insert(self, connection, rows: list[tuple]) -> None:
         by_day: dict[int, list[str]] = {}
-        for day, imei, imsi, _ in rows:
-            by_day.setdefault(day, []).append(imei + imsi if imsi else imei)
+        for day, imei, imsi, _, rats in rows:
+            by_day.setdefault(day, []).extend(observation_keys(imei, imsi, rats))
         batch = []
         size = 0
         for day, keys in by_day.items():
