@@ -23,6 +23,8 @@ def test_roles_and_sessions(monkeypatch):
     assert session.role == READ and not session.may_change
     assert csrf_ok(session, session.csrf) and not csrf_ok(session, None)
     assert not csrf_ok(session, session.csrf[:-1] + "x")
+    # A multipart form may carry the field as a file part: refused, not a crash (500).
+    assert not csrf_ok(session, object())
     assert sessions.issue(READ) != cookie  # a fresh CSRF token per session
     # Another key (a token changed) or an altered cookie: no session.
     assert Sessions(TOKEN, "another-read-token-0123", 3600).read(cookie) is None

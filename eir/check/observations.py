@@ -442,8 +442,9 @@ class ObservationLog:
 
     Pending records are kept per day as a set of strings IMEI+IMSI+RAT letter (the IMEI is
     always 14 digits and the letter one character, so the split is unambiguous): strings are
-    not tracked by the cyclic garbage collector, tuples would be. Only the event-loop thread adds to the sets and the dict of
-    days; the writer thread copies and trims them with single C calls (atomic under the GIL).
+    not tracked by the cyclic garbage collector, tuples would be. Only the event-loop thread
+    adds to the sets and the dict of days; the writer thread copies and trims them with single
+    C calls (atomic under the GIL).
 
     Counters (plain attributes, read by whoever reports metrics): `written` records
     committed, `dropped` records refused because `max_pending` distinct records were
@@ -713,7 +714,8 @@ class CloneSuspect:
     imsi_list: tuple[str, ...] = ()  # the distinct IMSIs, as stored
 
 
-def clone_suspects(path: Path | str, since: int, min_imsis: int = CLONE_MIN_IMSIS) -> list[CloneSuspect]:
+def clone_suspects(path: Path | str, since: int,
+                   min_imsis: int = CLONE_MIN_IMSIS) -> list[CloneSuspect]:
     """IMEIs seen with at least `min_imsis` distinct IMSIs from day `since` on, most IMSIs
     first (then by IMEI)."""
     with _reading(path) as (store, connection):

@@ -541,11 +541,18 @@ def metrics_app(server: ServerView):
         # Several workers (eir.serve.workers): their counters are asked for at each scrape, so
         # that a scrape sees every process at (nearly) one instant.
         if scope["type"] == "http" and server.supervisor is not None:
-            workers[:] = [MetricsSnapshot.from_dict(data)
-                          for data in await server.supervisor.ask_all("snapshot")]
+            workers[:] = await worker_snapshots(server)
         await app(scope, receive, send)
 
     return gathering
+
+
+async def worker_snapshots(server: ServerView) -> list[MetricsSnapshot]:
+    """The metrics of this process's workers, asked for now (none without workers)."""
+    if server.supervisor is None:
+        return []
+    return [MetricsSnapshot.from_dict(data)
+            for data in await server.supervisor.ask_all("snapshot")]
 
 
 def merged_snapshot(server: ServerView, workers: list[MetricsSnapshot]) -> MetricsSnapshot:

@@ -480,10 +480,11 @@ def _updates(parsed: list[tuple[Path, list]], digests: dict[str, str]) -> dict[s
             # the same date in their names, then zips them: unzipped into a drop directory,
             # the full list is from their run all the same.
             day = _date_of(full.files[0])
-            runs = [deltas[0].run for deltas, files in update.deltas
-                    if day and deltas[0].run and any(_date_of(f) == day for f in files)]
-            if runs:
-                update.full = replace(full, run=max(runs, key=_run_number))
+            same_day_runs = [deltas[0].run for deltas, files in update.deltas
+                             if day and deltas[0].run
+                             and any(_date_of(f) == day for f in files)]
+            if same_day_runs:
+                update.full = replace(full, run=max(same_day_runs, key=_run_number))
     return updates
 
 

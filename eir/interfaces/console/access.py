@@ -71,7 +71,9 @@ class Sessions:
         if not cookie:
             return None
         try:
-            data = self._serializer.loads(cookie, max_age=self.max_age)
+            # itsdangerous annotates max_age as int, but only compares the age with it (`>`):
+            # a fractional console.session_seconds holds as set.
+            data = self._serializer.loads(cookie, max_age=self.max_age)  # type: ignore[arg-type]
         except BadSignature:  # SignatureExpired is one too
             return None
         if not isinstance(data, dict) or data.get("role") not in ROLES \
@@ -80,9 +82,11 @@ class Sessions:
         return Session(data["role"], data["csrf"])
 
 
-def csrf_ok(session: Session, offered: str | None) -> bool:
-    return offered is not None and hmac.compare_digest(offered.encode(),
-                                                       session.csrf.encode())
+def csrf_ok(session: Session, offered: object) -> bool:
+    """Whether a form's `csrf` field is the session's token. The field is whatever the client
+    sent: missing (None), or a file part of a multipart form, is refused like a wrong one."""
+    return isinstance(offered, str) and hmac.compare_digest(offered.encode(),
+                                                            session.csrf.encode())
 
 
 class LoginLimiter:
@@ -106,7 +110,8 @@ class LoginLimiter:
         return address if len(self._failures) < self.max_addresses else self.OTHERS
 
     def _forget_before(self, moment: float) -> None:
-        for address in [a for a, times in self._failures.items() if not times or times[-1] <= moment]:
+        for address in [a for a, times in self._failures.items()
+                        if not times or times[-1] <= moment]:
             del self._failures[address]
 
     def retry_after(self, address: str, now: float) -> float:

@@ -36,7 +36,12 @@ from eir.interfaces.api import (
 )
 from eir.interfaces.console.access import LoginLimiter, Session, Sessions, csrf_ok, role_of
 from eir.interfaces.console.rules import LocalList, RuleEditError, StaleRuleError
-from eir.interfaces.metrics import LATENCY_BUCKETS, NO_EQUIPMENT_STATUS, merged_snapshot
+from eir.interfaces.metrics import (
+    LATENCY_BUCKETS,
+    NO_EQUIPMENT_STATUS,
+    merged_snapshot,
+    worker_snapshots,
+)
 from eir.interfaces.ports import ServerView
 from eir.lists.native import parse_imsi
 from eir.lists.store import operator
@@ -431,7 +436,7 @@ def console_app(server: ServerView, token: str) -> FastAPI:
 
     async def live_numbers() -> dict:
         return {"peers": await connected_peers(server),
-                "traffic": traffic(merged_snapshot(server)),
+                "traffic": traffic(merged_snapshot(server, await worker_snapshots(server))),
                 "taken": time.strftime("%H:%M:%S")}
 
     return app
