@@ -64,7 +64,9 @@ def test_local_list_must_be_a_list_file(tmp_path, monkeypatch):
                                        "session_seconds: 0\n")
     result = run_eir("serve", "--config", str(tmp_path / "eir.yaml"), "--api", "0")
     assert result.returncode == 2 and "console.session_seconds" in result.stderr
-    (tmp_path / "eir.yaml").write_text("console:\n  local_list: local.csv\n")
+    (tmp_path / "other.csv").write_text("imei,status\n")
+    (tmp_path / "eir.yaml").write_text("lists:\n  files: [other.csv]\n"
+                                       "console:\n  local_list: local.csv\n")
     result = run_eir("serve", "--config", str(tmp_path / "eir.yaml"), "--api", "0",
                      "--listen", "127.0.0.1:0")
     assert result.returncode == 2, result.stderr
