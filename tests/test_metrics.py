@@ -260,7 +260,7 @@ def test_sync_outcomes_are_counted(eir_server, tmp_path):
 def exported_families() -> set[str]:
     """The metric names eir/interfaces/metrics.py exports, as a scrape shows them (counters with
     `_total`, info metrics with `_info`)."""
-    source = (ROOT / "eir" / "metrics.py").read_text(encoding="utf-8")
+    source = (ROOT / "eir" / "interfaces" / "metrics.py").read_text(encoding="utf-8")
     suffix = {"Counter": "_total", "Gauge": "", "Info": "_info", "Histogram": ""}
     return {name + suffix[kind] for kind, name in
             re.findall(r'(Counter|Gauge|Info|Histogram)MetricFamily\(\s*"(eir_\w+)"', source)}
