@@ -276,7 +276,9 @@ def test_clones_report_from_postgres_matches_sqlite(tmp_path, database_url):
         from_postgres = json.loads(run_eir(*arguments, str(postgres_config)))
         assert from_postgres == json.loads(run_eir(*arguments, str(sqlite_config)))
         assert from_postgres[0] == {"imei": PHONE_A, "imsis": 3, "first_seen": "2024-05-01",
-                                    "last_seen": "2024-05-02"}
+                                    "last_seen": "2024-05-02",
+                                    "imsi_list": ["51010******0001", "51010******0002",
+                                                  "51010******0003"]}
 
 
 def test_grandfathering_index_builds_from_postgres(tmp_path, database_url):

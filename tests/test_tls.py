@@ -286,12 +286,15 @@ def test_plain_tcp_on_the_tls_port_is_refused_and_logged(tls_server):
 
 def test_unusable_tls_files_stop_the_start_with_the_file_named(tmp_path, pki):
     path = tmp_path / "eir.yaml"
-    path.write_text("diameter:\n  listen: ['127.0.0.1:0']\n  tls:\n    certificate: nowhere.pem\n"
+    (tmp_path / "lists.csv").write_text("imei,status\n")  # without lists it would not start
+    lists = "lists:\n  files: [lists.csv]\n"
+    path.write_text(lists + "diameter:\n  listen: ['127.0.0.1:0']\n  tls:\n"
+                    "    certificate: nowhere.pem\n"
                     f"    key: {pki.eir.key}\n    ca: {pki.ca.path}\n")
     result = run_eir("serve", "--config", str(path), cwd=tmp_path)
     assert result.returncode == 2
     assert f"{tmp_path / 'nowhere.pem'}: no such file" in result.stderr
-    path.write_text("diameter:\n  listen: ['127.0.0.1:0']\n  tls:\n"
+    path.write_text(lists + "diameter:\n  listen: ['127.0.0.1:0']\n  tls:\n"
                     f"    certificate: {pki.eir.certificate}\n    key: {pki.mme.key}\n"
                     f"    ca: {pki.ca.path}\n")  # a key that is not the certificate's
     result = run_eir("serve", "--config", str(path), cwd=tmp_path)
