@@ -33,7 +33,7 @@ import hotpath  # first: it puts the checkout and tests/ on sys.path
 from e2e import cpu_seconds
 from helpers_process import LoggedProcess, start_eir
 from hotpath import build_workload
-from load_table import DICTIONARIES, _free_port, build_mme_sim, percentile, write_inputs
+from load_table import _free_port, build_mme_sim, mme_sim_config, percentile, write_inputs
 from test_dra import NODE_A, NODE_B, loopback_dra_conf
 
 DRA_IDENTITY = "dra.localdomain"
@@ -49,20 +49,8 @@ def run_mme(extension: Path, work: Path, port: int, peer: str, mix: Path, count:
     """One mme_sim run to `peer` at 127.0.0.1:`port`, no Destination-Host (a DRA chooses)."""
     work.mkdir(parents=True, exist_ok=True)
     answers = work / "answers.log"
-    settings = work / "mme_sim.conf"
-    settings.write_text(f"csv = {mix}\noutput = {answers}\ndestination_realm = localdomain\n"
-                        f"rate = {rate:.0f}\nwindow = 128\ncount = {count}\n"
-                        "answer_timeout_ms = 5000\npeer_wait_s = 30\n")
-    config = work / "freediameter.conf"
-    config.write_text(
-        'Identity = "mme.localdomain";\nRealm = "localdomain";\n'
-        f"Port = {_free_port()};\nSecPort = 0;\nNo_SCTP;\nNo_IPv6;\n"
-        'ListenOn = "127.0.0.1";\nTcTimer = 30;\nTwTimer = 30;\nAppServThreads = 2;\n'
-        + "".join(f'LoadExtension = "/usr/lib/freeDiameter/{name}.fdx";\n'
-                  for name in DICTIONARIES)
-        + f'LoadExtension = "{extension}" : "{settings}";\n'
-        f'ConnectPeer = "{peer}" {{ ConnectTo = "127.0.0.1"; Port = {port}; No_TLS; '
-        "No_SCTP; };\n")
+    config = mme_sim_config(extension, work, port, peer, mix, count, rate, answers,
+                            destination_host=None)
     before = children_cpu()
     process = subprocess.Popen(["freeDiameterd", "-c", str(config)], stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,

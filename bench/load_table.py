@@ -78,15 +78,15 @@ def build_mme_sim(directory: Path) -> Path:
     return directory / "mme_sim.fdx"
 
 
-def mme_sim(extension: Path, work: Path, port: int, peer: str, mix: Path, count: int,
-            rate: float, core_prefix) -> dict:
-    """One freeDiameterd + mme_sim run: `count` ECRs at `rate` (0: flat out, window 128)."""
-    work.mkdir(parents=True, exist_ok=True)
-    answers = work / "answers.log"
+def mme_sim_config(extension: Path, work: Path, port: int, peer: str, mix: Path, count: int,
+                   rate: float, answers: Path, destination_host: str | None) -> Path:
+    """freeDiameterd's configuration for one mme_sim run towards `peer` at
+    127.0.0.1:`port` (with `destination_host`, or none: a DRA chooses); its path."""
     settings = work / "mme_sim.conf"
+    host = f"destination_host = {destination_host}\n" if destination_host else ""
     settings.write_text(f"csv = {mix}\noutput = {answers}\ndestination_realm = localdomain\n"
-                        f"destination_host = {peer}\nrate = {rate:.0f}\nwindow = 128\n"
-                        f"count = {count}\nanswer_timeout_ms = 5000\npeer_wait_s = 30\n")
+                        f"{host}rate = {rate:.0f}\nwindow = 128\ncount = {count}\n"
+                        "answer_timeout_ms = 5000\npeer_wait_s = 30\n")
     config = work / "freediameter.conf"
     config.write_text(
         'Identity = "mme.localdomain";\nRealm = "localdomain";\n'
@@ -97,6 +97,16 @@ def mme_sim(extension: Path, work: Path, port: int, peer: str, mix: Path, count:
         + f'LoadExtension = "{extension}" : "{settings}";\n'
         f'ConnectPeer = "{peer}" {{ ConnectTo = "127.0.0.1"; Port = {port}; No_TLS; '
         "No_SCTP; };\n")
+    return config
+
+
+def mme_sim(extension: Path, work: Path, port: int, peer: str, mix: Path, count: int,
+            rate: float, core_prefix) -> dict:
+    """One freeDiameterd + mme_sim run: `count` ECRs at `rate` (0: flat out, window 128)."""
+    work.mkdir(parents=True, exist_ok=True)
+    answers = work / "answers.log"
+    config = mme_sim_config(extension, work, port, peer, mix, count, rate, answers,
+                            destination_host=peer)
     process = subprocess.Popen(core_prefix + ["freeDiameterd", "-c", str(config)],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                stdin=subprocess.DEVNULL, text=True, errors="replace")
