@@ -25,7 +25,7 @@ import logging
 import random
 import struct
 import sys
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -79,6 +79,11 @@ TOO_BUSY = AvpError(ResultCode.TOO_BUSY, None, "too busy: try another server")
 # Messages read while a CER's Origin-Host is being claimed (a peer should send nothing
 # before the CEA): beyond this, the connection is closed.
 MAX_HELD_MESSAGES = 64
+# Keys of PeerConnection.answered besides the verdicts' names (WHITELISTED, BLACKLISTED,
+# GREYLISTED, UNKNOWN): an application request answered with an error Result-Code (a bad
+# AVP, 3004 too busy, 5012...), or answered again from the duplicate cache (T flag).
+ANSWERED_ERROR = "ERROR"
+ANSWERED_DUPLICATE = "DUPLICATE"
 
 
 @dataclass(frozen=True)
@@ -100,9 +105,11 @@ class Application(Protocol):
     application_id: int
     vendor_id: int
 
-    def handle_request(self, header: Header, command: CommandDef, avps: AvpIndex) -> bytes:
-        """The answer to a validated request; raises AvpError when a value the
-        application checks itself is wrong (the peer then logs and calls error_answer)."""
+    def handle_request(self, header: Header, command: CommandDef,
+                       avps: AvpIndex) -> tuple[bytes, str]:
+        """The answer to a validated request and its outcome (the verdict's name, counted
+        in PeerConnection.answered); raises AvpError when a value the application checks
+        itself is wrong (the peer then logs and calls error_answer)."""
         ...
 
     def error_answer(self, header: Header, session_id: Avp | None, error: AvpError) -> bytes: ...
@@ -222,6 +229,11 @@ class PeerConnection:
         # (a few large requests) gets one turn per turn of the event loop, not two.
         self._full_turn = False
         self.refused_busy = 0  # requests answered 3004 on this connection
+        # Application requests answered on this connection, by outcome: the verdict's name
+        # (WHITELISTED, BLACKLISTED, GREYLISTED, UNKNOWN = 5422), ANSWERED_ERROR (3004
+        # included) or ANSWERED_DUPLICATE. For GET /v1/peers and the console's peers page;
+        # whatever answers a request (this class, a fast path) bumps it, one key per answer.
+        self.answered: Counter[str] = Counter()
         self._busy_templates: dict[bytes, tuple[bytes, bytes]] = {}
         self._application_ids = {a.to_bytes(4, "big") for a in self.applications}
         # False while the queue is full, until it is half empty: the caller should not read
@@ -470,6 +482,7 @@ class PeerConnection:
         (a flood is refused at ~1 µs a request, answered at ~18)."""
         self._last_request = now
         self.refused_busy += 1
+        self.answered[ANSWERED_ERROR] += 1
         self.admission.refused_total += 1
         if self.counters is not None:  # a request received, though never handled
             self.counters.request(int.from_bytes(raw[5:8], "big"))
@@ -581,6 +594,7 @@ class PeerConnection:
                     mismatches = duplicates.mismatches
                     answer = duplicates.answer_for(identity, digest, raw, now)
                     if answer is not None:
+                        self.answered[ANSWERED_DUPLICATE] += 1
                         self.events.append((logging.INFO, f"{untrusted(self.peer_host)}: "
                                             "duplicate request (T flag, end-to-end id "
                                             f"{header.end_to_end:#010x}): answered as before"))
@@ -593,14 +607,16 @@ class PeerConnection:
                                             "request answered under that id: answered anew"))
             session_id = found["Session-Id"][0] if "Session-Id" in found else None
             try:
-                answer = handler.handle_request(header, command, found)
+                answer, outcome = handler.handle_request(header, command, found)
             except AvpError as error:  # the application's own checks of AVP values
                 return self._avp_error(header, handler, session_id, error)
             except Exception as exc:  # noqa: BLE001 - one request must not cost the link
                 self.events.append((logging.ERROR, f"{untrusted(self.peer_host)}: answering 5012 "
                                     f"UNABLE_TO_COMPLY: {type(exc).__name__}: {untrusted(exc)}"))
+                self.answered[ANSWERED_ERROR] += 1
                 return handler.error_answer(header, session_id, AvpError(
                     ResultCode.UNABLE_TO_COMPLY, None, "internal error"))
+            self.answered[outcome] += 1
             if duplicates is not None:
                 duplicates.store(identity, digest, answer, now)
             return answer
@@ -633,6 +649,8 @@ class PeerConnection:
     def _protocol_error(self, header: Header, raw: bytes, code: ResultCode,
                         text: str) -> bytes:
         session_id = _leading_session_id(raw, self.max_avps_per_message)
+        if header.application in self.applications:
+            self.answered[ANSWERED_ERROR] += 1
         self.events.append((logging.INFO, f"{untrusted(self.peer_host)}: answering "
                             f"{code.value} "
                             f"{code.name}: {text}"))
@@ -644,6 +662,7 @@ class PeerConnection:
                             f"{error.result_code.value} {error.result_code.name}: "
                             f"{untrusted(error.text)}"))
         if handler is not None:
+            self.answered[ANSWERED_ERROR] += 1
             return handler.error_answer(header, session_id, error)
         if header.code == COMMAND_CAPABILITIES_EXCHANGE:
             answer = self._capabilities_answer(header, error.result_code, error.failed_avp,

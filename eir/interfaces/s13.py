@@ -57,7 +57,8 @@ class S13Application:
             encode("Experimental-Result-Code",
                    int(ExperimentalResultCode.ERROR_EQUIPMENT_UNKNOWN))]) + self.answers.origin
 
-    def handle_request(self, header: Header, command: CommandDef, avps: AvpIndex) -> bytes:
+    def handle_request(self, header: Header, command: CommandDef,
+                       avps: AvpIndex) -> tuple[bytes, str]:
         session_id = avps["Session-Id"][0]
         terminal = avps.groups["Terminal-Information"][0]
         imei_avp = terminal.get("IMEI")
@@ -87,7 +88,7 @@ class S13Application:
         if proxy_info:
             body += b"".join(avp.encode() for avp in proxy_info)
         return encode_message(header.flags & FLAG_PROXIABLE, header.code, header.application,
-                              header.hop_by_hop, header.end_to_end, body)
+                              header.hop_by_hop, header.end_to_end, body), verdict.status_name
 
     def error_answer(self, header: Header, session_id: Avp | None, error: AvpError) -> bytes:
         return self.answers.error(header, session_id, error.result_code, error.failed_avp,

@@ -417,7 +417,8 @@ class EirServer:
                 continue
             found.append({"remote": connection.remote, "state": peer.state.value,
                           "origin_host": peer.peer_host, "origin_realm": peer.peer_realm,
-                          "connected_seconds": round(now - connection.connected_at, 3)})
+                          "connected_seconds": round(now - connection.connected_at, 3),
+                          "answered": dict(peer.answered)})
         return found
 
     @property

@@ -27,6 +27,7 @@ from eir.core.decision import format_day
 from eir.core.imei import normalise_imei
 from eir.core.logs import mask_imsi, redact
 from eir.core.untrusted import untrusted
+from eir.diameter.peer import ANSWERED_DUPLICATE, ANSWERED_ERROR
 from eir.interfaces.api import (
     ApiProblem,
     connected_peers,
@@ -65,6 +66,11 @@ SECURITY_HEADERS = {
                                "frame-ancestors 'none'; base-uri 'none'",
     "x-frame-options": "DENY", "x-content-type-options": "nosniff",
     "referrer-policy": "no-referrer", "cache-control": "no-store"}
+# The per-connection answer counts the peers table shows (eir.diameter.peer's
+# PeerConnection.answered keys), with their column titles.
+PEER_OUTCOMES = {"WHITELISTED": "Whitelisted", "BLACKLISTED": "Blacklisted",
+                 "GREYLISTED": "Greylisted", "UNKNOWN": "Unknown (5422)",
+                 ANSWERED_ERROR: "Errors", ANSWERED_DUPLICATE: "Repeated"}
 STATIC = {"console.css": "text/css; charset=utf-8",
           "console.js": "text/javascript; charset=utf-8"}
 
@@ -98,7 +104,9 @@ def console_app(server: ServerView, token: str) -> FastAPI:
     read_token = settings.api.effective_read_only_token()
     if read_token is not None and read_token == token:
         raise ConfigError("api.read_only_token must differ from the API token")
-    local = _local_list(settings)
+    local, no_local = _local_list(settings)
+    if local is None and settings.console.local_list is not None:
+        log.warning("console: local rules off: %s", no_local)
     sessions = Sessions(token, read_token, console.session_seconds)
     limiter = LoginLimiter(console.max_login_failures, console.login_window_seconds,
                            console.max_tracked_addresses)
@@ -285,7 +293,7 @@ def console_app(server: ServerView, token: str) -> FastAPI:
             return to_login(request)
         rows = local.rules(q.strip()) if local is not None else []
         return page(request, "rules.html", viewer=viewer, rows=rows, q=q[:200],
-                    path=str(local.path) if local is not None else None)
+                    path=str(local.path) if local is not None else None, no_local=no_local)
 
     @app.get("/rules/new")
     async def new_rule(request: Request):
@@ -293,7 +301,7 @@ def console_app(server: ServerView, token: str) -> FastAPI:
         if viewer is None:
             return to_login(request)
         refuse_reader(viewer, "the rule form")
-        _need_local(local)
+        _need_local(local, no_local)
         return page(request, "rule_form.html", viewer=viewer, row=None, cells={
             "imei": "", "status": "blacklist", "imsi": "", "reason": ""})
 
@@ -303,7 +311,7 @@ def console_app(server: ServerView, token: str) -> FastAPI:
         if viewer is None:
             return to_login(request)
         refuse_reader(viewer, "the rule form")
-        _need_local(local)
+        _need_local(local, no_local)
         try:
             row = local.find(index, tag)
         except StaleRuleError as exc:
@@ -312,7 +320,7 @@ def console_app(server: ServerView, token: str) -> FastAPI:
 
     async def change(request: Request, index: int | None, delete: bool = False):
         viewer, form = await changer(request)
-        _need_local(local)
+        _need_local(local, no_local)
         cells = None if delete else {column: form.get(column, "") for column in
                                      ("imei", "status", "imsi", "reason")}
         async with edit_lock:
@@ -435,7 +443,8 @@ def console_app(server: ServerView, token: str) -> FastAPI:
         return page(request, "live.html", viewer=viewer, **await live_numbers())
 
     async def live_numbers() -> dict:
-        return {"peers": await connected_peers(server),
+        return {"peers": await connected_peers(server), "outcomes": list(PEER_OUTCOMES),
+                "outcome_names": PEER_OUTCOMES,
                 "traffic": traffic(merged_snapshot(server, await worker_snapshots(server))),
                 "taken": time.strftime("%H:%M:%S")}
 
@@ -451,25 +460,30 @@ def _append(path: Path, line: str) -> None:
                   exc.strerror or exc, untrusted(line))
 
 
-def _local_list(settings) -> LocalList | None:
+def _local_list(settings) -> tuple[LocalList | None, str | None]:
     """console.local_list, which must be one of lists.files (else a reload would not read
-    it): ConfigError otherwise."""
+    it): ConfigError otherwise; or None and why there are no local rules: none set, or the
+    lists come from a snapshot store, which local rules do not reach (yet: README)."""
     path = settings.console.local_list
     if path is None:
-        return None
+        return None, "set console.local_list (one of lists.files) to edit local rules"
     if settings.store.directory is not None:
-        raise ConfigError("console.local_list: the lists come from the store "
-                          "(store.directory), which reads no list files")
+        # Not an error: the shipped config names a local list, and `eir serve --store DIR`
+        # must still start. The lists in force are the store's snapshot alone.
+        return None, (f"the lists in force come from the snapshot store "
+                      f"{settings.store.directory} (store.directory or --store), which "
+                      f"does not read console.local_list ({path}): local rules are not "
+                      "supported with a store yet; put them in the registry's source, or "
+                      "serve lists.files without a store")
     if Path(path).resolve() not in {Path(f).resolve() for f in settings.lists.files}:
         raise ConfigError(f"console.local_list: {path} must be one of lists.files (or a "
                           "--list), so that a reload applies it")
-    return LocalList(path)
+    return LocalList(path), None
 
 
-def _need_local(local: LocalList | None) -> None:
+def _need_local(local: LocalList | None, no_local: str | None) -> None:
     if local is None:
-        raise ConsoleProblem(409, "No local list", "set console.local_list (one of "
-                             "lists.files) to edit local rules")
+        raise ConsoleProblem(409, "No local rules", no_local or "no local list")
 
 
 def _local_target(request: Request, target: str) -> str:
