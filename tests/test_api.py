@@ -190,6 +190,10 @@ def test_peers(api_server):
             "open", "mme.test", "test")
         assert peer["remote"] == "{}:{}".format(*sock.getsockname())
         assert 0 <= peer["connected_seconds"] < 60
+        assert peer["answered"] == {}  # CER and DWR are no application answers
+        sock.sendall(ecr("352099001761480", None))
+        assert parse_answer(read_message(sock)).equipment_status == 1
+        assert get(url, "/v1/peers").json()[0]["answered"] == {"BLACKLISTED": 1}
     finally:
         sock.close()
 

@@ -68,9 +68,8 @@ SECURITY_HEADERS = {
     "referrer-policy": "no-referrer", "cache-control": "no-store"}
 # The per-connection answer counts the peers table shows (eir.diameter.peer's
 # PeerConnection.answered keys), with their column titles.
-PEER_OUTCOMES = {"WHITELISTED": "Whitelisted", "BLACKLISTED": "Blacklisted",
-                 "GREYLISTED": "Greylisted", "UNKNOWN": "Unknown (5422)",
-                 ANSWERED_ERROR: "Errors", ANSWERED_DUPLICATE: "Repeated"}
+PEER_OUTCOMES = {"WHITELISTED": "White", "BLACKLISTED": "Black", "GREYLISTED": "Grey",
+                 "UNKNOWN": "Unknown", ANSWERED_ERROR: "Errors", ANSWERED_DUPLICATE: "Repeated"}
 STATIC = {"console.css": "text/css; charset=utf-8",
           "console.js": "text/javascript; charset=utf-8"}
 
