@@ -44,8 +44,9 @@ from eir.interfaces.metrics import (
     worker_snapshots,
 )
 from eir.interfaces.ports import ServerView
-from eir.lists.native import parse_imsi
-from eir.lists.store import operator
+from eir.lists.native import ListError, parse_imsi
+from eir.lists.store import Store, StoreError, operator
+from eir.lists.sync import SyncError
 
 log = logging.getLogger("eir.console")
 
@@ -55,6 +56,7 @@ JOURNAL_NAME = "console.jsonl"
 # Fixed texts a redirect may ask a page to show (?done=...): never text from the URL.
 DONE = {"added": "Rule added and the lists reloaded.",
         "edited": "Rule changed and the lists reloaded.",
+        "published": "The local rules file is in force as it is.",
         "deleted": "Rule deleted and the lists reloaded.",
         "rollback": "Rolled back; the store is pinned until unpinned.",
         "unpin": "Store unpinned: syncs publish again.",
@@ -103,9 +105,7 @@ def console_app(server: ServerView, token: str) -> FastAPI:
     read_token = settings.api.effective_read_only_token()
     if read_token is not None and read_token == token:
         raise ConfigError("api.read_only_token must differ from the API token")
-    local, no_local = _local_list(settings)
-    if local is None and settings.console.local_list is not None:
-        log.warning("console: local rules off: %s", no_local)
+    local = _local_list(settings)
     sessions = Sessions(token, read_token, console.session_seconds)
     limiter = LoginLimiter(console.max_login_failures, console.login_window_seconds,
                            console.max_tracked_addresses)
@@ -292,7 +292,11 @@ def console_app(server: ServerView, token: str) -> FastAPI:
             return to_login(request)
         rows = local.rules(q.strip()) if local is not None else []
         return page(request, "rules.html", viewer=viewer, rows=rows, q=q[:200],
-                    path=str(local.path) if local is not None else None, no_local=no_local)
+                    path=str(local.path) if local is not None else None,
+                    store=str(local.store.root) if local and local.store else None,
+                    differs=local is not None and local.differs_from(
+                        server.rule_set.snapshot.info.sources),
+                    version=server.rule_set.version)
 
     @app.get("/rules/new")
     async def new_rule(request: Request):
@@ -300,7 +304,7 @@ def console_app(server: ServerView, token: str) -> FastAPI:
         if viewer is None:
             return to_login(request)
         refuse_reader(viewer, "the rule form")
-        _need_local(local, no_local)
+        _need_local(local)
         return page(request, "rule_form.html", viewer=viewer, row=None, cells={
             "imei": "", "status": "blacklist", "imsi": "", "reason": ""})
 
@@ -310,7 +314,7 @@ def console_app(server: ServerView, token: str) -> FastAPI:
         if viewer is None:
             return to_login(request)
         refuse_reader(viewer, "the rule form")
-        _need_local(local, no_local)
+        _need_local(local)
         try:
             row = local.find(index, tag)
         except StaleRuleError as exc:
@@ -319,7 +323,7 @@ def console_app(server: ServerView, token: str) -> FastAPI:
 
     async def change(request: Request, index: int | None, delete: bool = False):
         viewer, form = await changer(request)
-        _need_local(local, no_local)
+        _need_local(local)
         cells = None if delete else {column: form.get(column, "") for column in
                                      ("imei", "status", "imsi", "reason")}
         async with edit_lock:
@@ -333,12 +337,7 @@ def console_app(server: ServerView, token: str) -> FastAPI:
                 row = None if index is None else local.find(index, form.get("tag", ""))
                 return page(request, "rule_form.html", 400, viewer=viewer, row=row,
                             cells=cells, problems=exc.problems)
-            if not await server.reload_lists():
-                local.restore(previous)
-                await server.reload_lists()
-                raise ConsoleProblem(409, "Reload refused", [
-                    "the change was undone; the lists in force stay in force:",
-                    server.last_reload_error or "see the server's log"])
+            await put_in_force(viewer, previous)
         act = "rule-delete" if delete else "rule-add" if index is None else "rule-edit"
         # IMSIs masked as in the audit log (unless logging.show_imsi); the list file has them.
         shown_before, shown_after = (None if row is None else dict(
@@ -349,6 +348,45 @@ def console_app(server: ServerView, token: str) -> FastAPI:
                     untrusted(viewer.who), untrusted(shown_before), untrusted(shown_after))
         done = "deleted" if delete else "added" if index is None else "edited"
         return RedirectResponse(f"{request.scope.get('root_path', '')}/rules?done={done}",
+                                303)
+
+    async def put_in_force(viewer: Viewer, previous: bytes | None) -> None:
+        """The local list's file, just changed, in force: published into the store (if the
+        lists come from one), then reloaded; else the file put back as it was (`previous`)
+        and ConsoleProblem."""
+        assert local is not None
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(None, local.publish, f"{viewer.who}; {operator()}")
+        except (ListError, SyncError, StoreError) as exc:
+            local.restore(previous)
+            raise ConsoleProblem(409, "Not published", [
+                f"the change was undone; the store {local.store.root if local.store else ''} "
+                "keeps the version in force:", str(exc)]) from None
+        if await server.reload_lists():
+            return
+        if local.store is not None:  # published: the store's version in force holds it
+            raise ConsoleProblem(409, "Reload refused", [
+                f"the change is in force in the store ({local.store.root}), but this "
+                "server could not load it; it tries again when it polls the store:",
+                server.last_reload_error or "see the server's log"])
+        local.restore(previous)
+        await server.reload_lists()
+        raise ConsoleProblem(409, "Reload refused", [
+            "the change was undone; the lists in force stay in force:",
+            server.last_reload_error or "see the server's log"])
+
+    @app.post("/rules/publish")
+    async def publish_rules(request: Request):
+        """With a store: put the file in force as it is (after a rollback or a hand edit)."""
+        viewer, _ = await changer(request)
+        _need_local(local)
+        async with edit_lock:
+            before = server.rule_set.version
+            await put_in_force(viewer, local.snapshot())
+        await record("rules-publish", viewer.session.role, viewer.address,
+                     list=str(local.path), before=before, after=server.rule_set.version)
+        return RedirectResponse(f"{request.scope.get('root_path', '')}/rules?done=published",
                                 303)
 
     @app.post("/rules/add")
@@ -459,30 +497,25 @@ def _append(path: Path, line: str) -> None:
                   exc.strerror or exc, untrusted(line))
 
 
-def _local_list(settings) -> tuple[LocalList | None, str | None]:
-    """console.local_list, which must be one of lists.files (else a reload would not read
-    it): ConfigError otherwise; or None and why there are no local rules: none set, or the
-    lists come from a snapshot store, which local rules do not reach (yet: README)."""
+def _local_list(settings) -> LocalList | None:
+    """console.local_list: with a store, published into it at each change; else it must be
+    one of lists.files (else a reload would not read it): ConfigError otherwise. Or None
+    (no local rules)."""
     path = settings.console.local_list
     if path is None:
-        return None, "set console.local_list (one of lists.files) to edit local rules"
+        return None
     if settings.store.directory is not None:
-        # Not an error: the shipped config names a local list, and `eir serve --store DIR`
-        # must still start. The lists in force are the store's snapshot alone.
-        return None, (f"the lists in force come from the snapshot store "
-                      f"{settings.store.directory} (store.directory or --store), which "
-                      f"does not read console.local_list ({path}): local rules are not "
-                      "supported with a store yet; put them in the registry's source, or "
-                      "serve lists.files without a store")
+        return LocalList(path, Store(settings.store.directory, settings.store.keep))
     if Path(path).resolve() not in {Path(f).resolve() for f in settings.lists.files}:
         raise ConfigError(f"console.local_list: {path} must be one of lists.files (or a "
                           "--list), so that a reload applies it")
-    return LocalList(path), None
+    return LocalList(path)
 
 
-def _need_local(local: LocalList | None, no_local: str | None) -> None:
+def _need_local(local: LocalList | None) -> None:
     if local is None:
-        raise ConsoleProblem(409, "No local rules", no_local or "no local list")
+        raise ConsoleProblem(409, "No local list", "set console.local_list (one of "
+                             "lists.files, or any file with a store) to edit local rules")
 
 
 def _local_target(request: Request, target: str) -> str:
