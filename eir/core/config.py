@@ -391,7 +391,8 @@ class ConsoleSettings(_Strict):
     # Addresses whose failures are tracked at once; beyond, the new ones share one count.
     max_tracked_addresses: int = Field(4096, ge=1)
     # The native CSV list the console edits (local rules); it must be one of lists.files,
-    # so that a reload applies it. null: local rules are read-only (shown, not edited).
+    # so that a reload applies it; with a store, any file, published into the store at each
+    # change (eir.lists.sync.publish_local). null: no local rules.
     local_list: Path | None = None
     # Every change made in the console (rules, rollback, unpin, sync), and every login,
     # one JSON line: time, act, role, address, before, after. null: console.jsonl in the
