@@ -25,7 +25,7 @@ import logging
 import random
 import struct
 import sys
-from collections import Counter, deque
+from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -84,6 +84,8 @@ MAX_HELD_MESSAGES = 64
 # AVP, 3004 too busy, 5012...), or answered again from the duplicate cache (T flag).
 ANSWERED_ERROR = "ERROR"
 ANSWERED_DUPLICATE = "DUPLICATE"
+ANSWERED_OUTCOMES = ("WHITELISTED", "BLACKLISTED", "GREYLISTED", "UNKNOWN", ANSWERED_ERROR,
+                     ANSWERED_DUPLICATE)
 
 
 @dataclass(frozen=True)
@@ -233,7 +235,9 @@ class PeerConnection:
         # (WHITELISTED, BLACKLISTED, GREYLISTED, UNKNOWN = 5422), ANSWERED_ERROR (3004
         # included) or ANSWERED_DUPLICATE. For GET /v1/peers and the console's peers page;
         # whatever answers a request (this class, a fast path) bumps it, one key per answer.
-        self.answered: Counter[str] = Counter()
+        # A plain dict with every key present: a bump is a specialised dict store (a
+        # Counter, a dict subclass, is not specialised: ~1.5x the cost).
+        self.answered: dict[str, int] = dict.fromkeys(ANSWERED_OUTCOMES, 0)
         self._busy_templates: dict[bytes, tuple[bytes, bytes]] = {}
         self._application_ids = {a.to_bytes(4, "big") for a in self.applications}
         # False while the queue is full, until it is half empty: the caller should not read

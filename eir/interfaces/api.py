@@ -169,7 +169,7 @@ class PeerInfo(BaseModel):
     answered: dict[str, int] = Field(description=(
         "requests answered on this connection since it opened, by outcome: WHITELISTED, "
         "BLACKLISTED, GREYLISTED, UNKNOWN (5422), ERROR (any error Result-Code, 3004 "
-        "included), DUPLICATE (answered again from the duplicate cache); absent keys are 0"))
+        "included), DUPLICATE (answered again from the duplicate cache)"))
 
 
 class Health(BaseModel):
