@@ -391,17 +391,18 @@ def _apply(store: Store, updates: dict[str, "_Update"], ignored: list[str],
         if current is not None and not changed:
             return SyncResult(current, False, _sources(states),
                               store.open_current().info.counts, ignored)
-        version = _publish(store, states, in_force, scratch, publication.provenance)
+        version = _compile(store, states, in_force, current, scratch, publication.provenance)
     return SyncResult(version, True, _sources(states),
                       store.open_current().info.counts, ignored)
 
 
-def _publish(store: Store, states: dict[str, ListState], in_force: dict[str, ListState],
-             scratch: Path, manifest: dict | None, by: str | None = None) -> str:
-    """Compile `states` into the next version and put it in force (under the lock); the
-    version. `in_force`: the states of the version in force, whose files are kept."""
+def _compile(store: Store, states: dict[str, ListState], in_force: dict[str, ListState],
+             current: str | None, scratch: Path, manifest: dict | None,
+             by: str | None = None) -> str:
+    """Save the states that changed, compile them into a snapshot that records `manifest`
+    (a registry manifest's provenance) and publish it, journaled `by` whom (None: a sync),
+    under the lock; its version. `in_force`: the states of version `current`."""
     version = store.next_version()
-    current = store.current_version()
     # States are saved before compiling, each written block by block from its mapped
     # or spilled entries; unchanged ones keep their file. If the compile is refused, the
     # unreferenced state files are removed by the next publish.
@@ -452,7 +453,7 @@ def publish_local(store: Store, path: Path, by: str | None = None) -> str:
         # same sequence changes nothing, a newer one publishes (keeping these rules).
         manifest = None if current is None else store.open_current().info.manifest
         try:
-            return _publish(store, states, in_force, scratch, manifest, by=by)
+            return _compile(store, states, in_force, current, scratch, manifest, by=by)
         except OSError as exc:
             raise SyncError(f"cannot publish {path.name} into {store.root}: {exc}") from None
 
