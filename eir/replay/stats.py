@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+import numpy as np
 from hdrh.histogram import HdrHistogram
 
 INTERVAL_S = 0.25
@@ -26,8 +27,17 @@ def new_histogram() -> HdrHistogram:
     return HdrHistogram(LOWEST_US, HIGHEST_US, SIGNIFICANT_DIGITS)
 
 
-def record(histogram: HdrHistogram, latency_us: int) -> None:
-    histogram.record_value(min(max(latency_us, LOWEST_US), HIGHEST_US))
+def record_latencies(histogram: HdrHistogram, latencies_s: list[float]) -> None:
+    """Record latencies given in seconds, each truncated to whole µs and clamped to the
+    histogram's range: one record_value per distinct value (the HdrHistogram package records
+    in Python, ~1.5 µs a call; a busy interval has tens of thousands of answers but a few
+    thousand distinct µs values)."""
+    if not latencies_s:
+        return
+    values = np.clip((np.array(latencies_s) * 1_000_000).astype(np.int64), LOWEST_US, HIGHEST_US)
+    distinct, counts = np.unique(values, return_counts=True)
+    for value, count in zip(distinct.tolist(), counts.tolist()):
+        histogram.record_value(value, count)
 
 
 def latency_ms(histogram: HdrHistogram) -> dict[str, float | None]:
