@@ -269,9 +269,8 @@ class AnswerReader:
             after = pos + HEADER_LENGTH
             if avp_code == SESSION_ID and not avp_word & _AVP_VENDOR_BIT and length >= 28:
                 avp_length = avp_word & 0xFFFFFF
-                padded_end = after + ((avp_length + 3) & ~3)
-                if avp_length >= 8 and padded_end <= stop:
-                    after = padded_end
+                if avp_length >= 8:  # shorter, a full decode fails where a cut one might not
+                    after += (avp_length + 3) & ~3  # past the end: b"", no verdict, as decoded
             key = buffer[after:stop]
             number = memo.get(key)
             add_entry(entry)

@@ -44,9 +44,28 @@ def latency_ms(histogram: HdrHistogram) -> dict[str, float | None]:
     """p50, p90, p99, p999 and max in milliseconds (None for all when nothing was recorded)."""
     if histogram.get_total_count() == 0:
         return dict.fromkeys([*(name for name, _ in PERCENTILES), "max"])
-    figures = {name: histogram.get_value_at_percentile(q) / 1000 for name, q in PERCENTILES}
+    values = values_at_percentiles(histogram, [q for _, q in PERCENTILES])
+    figures = {name: value / 1000 for (name, _), value in zip(PERCENTILES, values)}
     figures["max"] = histogram.get_max_value() / 1000
     return figures
+
+
+def values_at_percentiles(histogram: HdrHistogram, percentiles: list[float]) -> list[int]:
+    """histogram.get_value_at_percentile(q) for each q, from one cumulative sum of the counts:
+    the package's own walks its 23,552 counters in Python, ~20 ms a call, which made the
+    per-interval figures cost more CPU than the requests of a 5k/s run."""
+    cumulative = np.cumsum(np.ctypeslib.as_array(histogram.counts))
+    values = []
+    for q in percentiles:
+        # The first counter at which the cumulative count reaches the target, as the walk does.
+        index = int(np.searchsorted(cumulative, histogram.get_target_count_at_percentile(q)))
+        if index == len(cumulative):
+            values.append(0)
+            continue
+        value = histogram.get_value_from_index(index)
+        values.append(histogram.get_highest_equivalent_value(value) if q
+                      else histogram.get_lowest_equivalent_value(value))
+    return values
 
 
 @dataclass
