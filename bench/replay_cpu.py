@@ -9,6 +9,14 @@ are in it too). Against it, pinned to core 1 and one after the other:
    no verdict read, no histogram, no report), window 128, chunks of 16;
 2. `eir replay --connections 1 --window 128 --duration S --progress --json`.
 
+On a busy machine the server answers a few thousand ECRs a second and both clients then spend
+most of their CPU waking up for each read (the kernel's and the event loop's work, not
+theirs). So a third figure isolates the harness's own work per request, as it would be at any
+rate: its real Worker and Connection in this process, their writes going to the real
+S13 application (hotpath.open_peer: the list, counters and duplicate cache of `eir serve`)
+instead of a socket, and its answers handed back IN_PROCESS_READ to a read; only the
+harness's calls are timed (time.process_time).
+
 CPU time is the client process's user + system time from /proc/PID/stat. For eir replay it
 is sampled at each progress line (once a second) and divided by the answers between the
 second and the last line, so start-up (imports, building the mix) and the end are left out;
@@ -19,7 +27,8 @@ request during the eir replay run is shown too.
 
 The last line is one JSON object: replay_cpu_us_per_request, replay_requests_per_s,
 replay_errors, baseline_cpu_us_per_request, baseline_requests_per_s, server_cpu_us_per_request,
-seconds, pinned (with --json only that line is printed on standard output).
+replay_in_process_us_per_request, seconds, pinned (with --json only that line is printed on
+standard output).
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import re
 import subprocess
 import sys
@@ -37,6 +47,9 @@ import hotpath  # noqa: F401  (first: it puts the checkout and tests/ on sys.pat
 from e2e import Phase, PipelineClient, cpu_seconds, pinning
 from helpers_process import start_eir  # from tests/
 
+from eir.core.decision import UnknownPolicy
+from eir.lists.native import load_rule_set
+from eir.replay.client import Connection, Plan, Worker
 from eir.replay.messages import Identity, encode_cer
 from eir.replay.workload import DEFAULT_MIX, generate_mix
 
@@ -45,6 +58,7 @@ EXAMPLE_LIST = ROOT / "config" / "lists" / "example.csv"
 WINDOW, CHUNK = 128, 16
 BASELINE_ROUND = 100_000  # requests encoded before each measured round of the baseline
 ANSWERED = re.compile(r"answered ([\d,]+)")
+IN_PROCESS_REQUESTS, IN_PROCESS_READ = 200_000, 32
 
 
 # -- the baseline client (run as a subprocess of this script, pinned like eir replay) ---------
@@ -127,6 +141,80 @@ def run_replay(port: int, seconds: float, prefix: list[str], server_pid: int) ->
             "expected_errors": report["expected_errors"], "timeouts": report["timeouts"]}
 
 
+# -- the harness's own work, in process ----------------------------------------------------
+
+class CollectingTransport:
+    """Where the Connection's writes go instead of a socket: kept for the in-process server."""
+
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def get_extra_info(self, name: str):
+        return None
+
+    def abort(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+async def in_process(count: int, per_read: int) -> dict:
+    """The harness's CPU per request (its calls only) against the S13 application in process."""
+    identity = Identity()
+    workload = generate_mix(DEFAULT_MIX, [EXAMPLE_LIST], identity)
+    server = hotpath.open_peer(load_rule_set([EXAMPLE_LIST], UnknownPolicy.UNKNOWN))
+    plan = Plan(worker=0, host="127.0.0.1", port=0, connections=[0], total_connections=1,
+                workload=workload, identity=identity, count=count, duration_s=None, rate=None,
+                speed=None, window=WINDOW, timeout_s=60.0)
+    loop = asyncio.get_running_loop()
+    worker = Worker(plan, lambda report: None)
+    worker.all_finished = loop.create_future()
+    worker.start = loop.time()
+    connection = Connection(worker, 0)
+    transport = connection.transport = CollectingTransport()
+    worker.connections.append(connection)
+    connection.sending = True
+    clock = time.process_time
+    spent = 0.0
+    started = clock()
+    connection.pump()
+    spent += clock() - started
+    while not connection.finished:
+        answers = server.receive(b"".join(transport.written), time.monotonic())
+        transport.written.clear()
+        if not answers:
+            raise SystemExit("the in-process server answered nothing")
+        for read in reads_of(answers, per_read):
+            started = clock()
+            connection.data_received(read)
+            spent += clock() - started
+    started = clock()
+    worker._flush_intervals(final=True)
+    spent += clock() - started
+    result = worker.result
+    if result.answered != count or result.expected_errors == 0:
+        raise SystemExit(f"in process: {result.answered} of {count} answered")
+    return {"cpu_us": spent * 1e6 / count}
+
+
+def reads_of(stream: bytes, per_read: int) -> list[bytes]:
+    """The answers in `stream`, `per_read` to a read."""
+    reads, start, position, count = [], 0, 0, 0
+    while position < len(stream):
+        position += int.from_bytes(stream[position + 1:position + 4], "big")
+        count += 1
+        if count == per_read:
+            reads.append(stream[start:position])
+            start, count = position, 0
+    if start < len(stream):
+        reads.append(stream[start:])
+    return reads
+
+
 def main(argv: list[str] | None = None) -> dict | None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=5.0, help="per run (default 5)")
@@ -150,6 +238,9 @@ def main(argv: list[str] | None = None) -> dict | None:
         replay = run_replay(server.port, args.seconds, client_prefix, server.process.pid)
     finally:
         server.stop()
+    if client_core is not None:
+        os.sched_setaffinity(0, {client_core})
+    own = asyncio.run(in_process(IN_PROCESS_REQUESTS, IN_PROCESS_READ))
     say(f"  baseline (bench/e2e.py's minimal client): {baseline['cpu_us']:6.2f} µs CPU/request"
         f"  {baseline['rate']:>9,.0f} requests/s")
     say(f"  eir replay:                                {replay['cpu_us']:6.2f} µs CPU/request"
@@ -157,12 +248,15 @@ def main(argv: list[str] | None = None) -> dict | None:
         f"errors {replay['errors']}, expected errors {replay['expected_errors']}, timeouts "
         f"{replay['timeouts']})")
     say(f"  eir replay / baseline CPU: {replay['cpu_us'] / baseline['cpu_us']:.2f}x")
+    say(f"  eir replay's own work, in process ({IN_PROCESS_READ} answers a read, no sockets): "
+        f"{own['cpu_us']:.2f} µs CPU/request")
     figures = {"replay_cpu_us_per_request": round(replay["cpu_us"], 3),
                "replay_requests_per_s": round(replay["rate"], 1),
                "replay_errors": replay["errors"],
                "baseline_cpu_us_per_request": round(baseline["cpu_us"], 3),
                "baseline_requests_per_s": round(baseline["rate"], 1),
                "server_cpu_us_per_request": round(replay["server_cpu_us"], 3),
+               "replay_in_process_us_per_request": round(own["cpu_us"], 3),
                "seconds": args.seconds, "pinned": pinned}
     print(json.dumps(figures), flush=True)
     return figures
