@@ -58,7 +58,7 @@ EXAMPLE_LIST = ROOT / "config" / "lists" / "example.csv"
 WINDOW, CHUNK = 128, 16
 BASELINE_ROUND = 100_000  # requests encoded before each measured round of the baseline
 ANSWERED = re.compile(r"answered ([\d,]+)")
-IN_PROCESS_REQUESTS, IN_PROCESS_READ = 200_000, 32
+IN_PROCESS_REQUESTS, IN_PROCESS_READ = 50_000, 32
 
 
 # -- the baseline client (run as a subprocess of this script, pinned like eir replay) ---------
@@ -112,11 +112,15 @@ def run_baseline(port: int, seconds: float, prefix: list[str]) -> dict:
 
 # -- eir replay -----------------------------------------------------------------------------
 
-def run_replay(port: int, seconds: float, prefix: list[str], server_pid: int) -> dict:
-    """eir replay flat out; its CPU (and the server's) sampled at each progress line."""
+def run_replay(port: int, seconds: float, prefix: list[str], server_pid: int,
+               rate: float | None = None) -> dict:
+    """eir replay (flat out unless a rate is given); its CPU (and the server's) sampled at each
+    progress line."""
     command = prefix + [sys.executable, "-m", "eir", "replay", "--target", f"127.0.0.1:{port}",
                         "--connections", "1", "--window", str(WINDOW), "--duration",
                         str(seconds), "--progress", "--json"]
+    if rate is not None:
+        command += ["--rate", f"{rate:.0f}"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, cwd=ROOT)
     samples: list[tuple[int, float, float]] = []  # answered, replay CPU, server CPU

@@ -9,7 +9,7 @@ as latency instead of being hidden (coordinated omission). Flat out, latency run
 write. Answers are matched by hop-by-hop id. DWR and DPR from the server are answered; at the
 end each connection sends DPR and waits (bounded) for DPA.
 
-Per request the harness spends about what a minimal pipelining client does (bench/replay_cpu.py
+Per request the harness does little more than a minimal pipelining client (bench/replay_cpu.py
 measures both): a request is one bytes `%` of its template; a read is framed and its answers
 classified in one pass (messages.AnswerReader, a memo of the answers' shapes); the verdicts
 are counted and the latencies recorded into the histogram in bulk once per interval.
@@ -54,8 +54,8 @@ from eir.replay.workload import Workload
 _IDS = struct.Struct("!II")
 _WORD = struct.Struct("!I")
 # Requests per write. Flat out, a connection also waits for room for a whole chunk (or for all
-# it has left) before it writes: fewer, fuller writes (each a loopback TCP send that costs
-# about what 10 requests do) and the server still always has the next ones queued.
+# it has left) before it writes: fewer, fuller writes (each one a TCP send, a system call),
+# and with a window of several chunks the server still always has the next ones queued.
 CHUNK = 32
 LAST_HOP_BY_HOP = 0xFFFFFFFE  # then 1 again (0 and 0xFFFFFFFF are the CER's and the DPR's)
 CONNECT_TIMEOUT_S = 5.0
