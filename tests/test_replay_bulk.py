@@ -31,6 +31,7 @@ from eir.replay.messages import (
 from eir.replay.stats import (
     HIGHEST_US,
     LOWEST_US,
+    clear_histogram,
     new_histogram,
     record_latencies,
     values_at_percentiles,
@@ -243,3 +244,17 @@ def test_percentiles_from_the_cumulative_sum_equal_the_packages_walk():
         record_latencies(histogram, random_latencies(random.Random(seed)))
         assert values_at_percentiles(histogram, quantiles) == [
             histogram.get_value_at_percentile(q) for q in quantiles], seed
+
+
+def test_clearing_leaves_what_reset_leaves():
+    cleared, reset = new_histogram(), new_histogram()
+    for histogram in (cleared, reset):
+        record_latencies(histogram, random_latencies(random.Random(7)))
+        histogram.set_start_time_stamp(1000)
+        histogram.set_end_time_stamp(2000)
+    clear_histogram(cleared)
+    reset.reset()
+    assert list(cleared.counts) == list(reset.counts)
+    assert {k: v for k, v in vars(cleared).items() if k not in ("counts", "encoder")} == {
+        k: v for k, v in vars(reset).items() if k not in ("counts", "encoder")}
+    assert cleared.encode() == reset.encode()
