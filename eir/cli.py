@@ -85,10 +85,28 @@ def build_parser() -> argparse.ArgumentParser:
     _add_lists(commands)
     _add_observation_commands(commands)
     _add_replay(commands)
-    conformance_arguments(commands.add_parser(
+    conformance = commands.add_parser(
         "conformance", help="S13 and RFC 6733 checks against any EIR, each citing its "
-                            "clause (docs/REPLAY.md)"))
+                            "clause (docs/REPLAY.md)")
+    conformance_arguments(conformance)
+    _client_options(conformance, "conformance.localdomain", 2.0, "wait this long for each "
+                    "answer")
     return parser
+
+
+def _client_options(sub: argparse.ArgumentParser, origin_host: str, timeout: float,
+                    timeout_help: str) -> None:
+    """The options of a command that talks to an EIR as an MME does (replay, conformance):
+    its Diameter identity and how long it waits for an answer."""
+    sub.add_argument("--timeout", type=float, default=timeout, metavar="S",
+                     help=f"{timeout_help} (default {timeout:g})")
+    sub.add_argument("--origin-host", default=origin_host, metavar="HOST",
+                     help=f"our Origin-Host (an FQDN) in CER and requests (default "
+                          f"{origin_host})")
+    sub.add_argument("--origin-realm", default="localdomain", metavar="REALM",
+                     help="our Origin-Realm in CER and requests (default localdomain)")
+    sub.add_argument("--destination-realm", default="localdomain", metavar="REALM",
+                     help="Destination-Realm of the requests (default localdomain)")
 
 
 def _common_options(sub: argparse.ArgumentParser, store_help: str) -> None:
@@ -285,19 +303,12 @@ def _add_replay(commands) -> None:
                         help="plot throughput and latency over time and the latency histogram")
     replay.add_argument("--progress", action="store_true",
                         help="print progress lines even when stderr is not a terminal")
-    replay.add_argument("--timeout", type=float, default=5.0, metavar="S",
-                        help="count a request unanswered after S seconds as timed out "
-                             "(default 5)")
     replay.add_argument("--allow-remote", action="store_true",
                         help="allow a target that is not a loopback address")
-    replay.add_argument("--origin-host", default="replay.localdomain",
-                        help="our Origin-Host in CER and ECRs (default replay.localdomain)")
-    replay.add_argument("--origin-realm", default="localdomain",
-                        help="our Origin-Realm in CER and ECRs (default localdomain)")
-    replay.add_argument("--destination-realm", default="localdomain",
-                        help="Destination-Realm of the ECRs (default localdomain)")
     replay.add_argument("--seed", type=int, default=1,
                         help="with --generate: the random seed of the IMEIs drawn (default 1)")
+    _client_options(replay, "replay.localdomain", 5.0, "count a request unanswered after S "
+                    "seconds as timed out")
 
 
 def _day(text: str) -> int:
@@ -619,9 +630,12 @@ def _age(seconds: float) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        status = _run(argv)
-        sys.stdout.flush()  # here, where a reader gone away is caught, not at exit
-        return status
+        try:
+            return _run(argv)
+        finally:
+            # Here, where a reader gone away is caught, not at exit: also after argparse's
+            # --help and --version, which end by SystemExit with the text still buffered.
+            sys.stdout.flush()
     except BrokenPipeError:
         # The reader went away (`eir lists status | head -2`): stop quietly, as `cat` does,
         # with stdout on /dev/null so that the exit's flush does not fail again.
