@@ -565,9 +565,13 @@ def _dump(args: argparse.Namespace) -> int:
             with open(partial, "w", encoding="utf-8", newline="") as out:
                 count = write_dump(path, args.date, out, key)
         else:
-            # One member, named as the zip with .csv: DIRBS-Core refuses anything else.
-            with zipfile.ZipFile(partial, "w", zipfile.ZIP_DEFLATED) as archive, \
-                    archive.open(Path(output.name).with_suffix(".csv").name, "w") as member, \
+            # One member, named as the zip with .csv: DIRBS-Core refuses anything else;
+            # dated now (a name alone would be dated 1980-01-01).
+            member_info = zipfile.ZipInfo(Path(output.name).with_suffix(".csv").name,
+                                          date_time=time.localtime()[:6])
+            member_info.compress_type = zipfile.ZIP_DEFLATED
+            with zipfile.ZipFile(partial, "w") as archive, \
+                    archive.open(member_info, "w") as member, \
                     io.TextIOWrapper(member, encoding="utf-8", newline="") as out:
                 count = write_dump(path, args.date, out, key)
         partial.replace(output)
