@@ -16,6 +16,7 @@ import time
 import zipfile
 from datetime import date
 from pathlib import Path
+from typing import Callable
 
 from eir import __version__
 from eir.check.observations import (
@@ -50,28 +51,21 @@ EXIT_USAGE = 2
 EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE  # what a shell reports for a process SIGPIPE ended
 
 
-def _host_port(text: str) -> str:
-    try:
-        parse_host_port(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
+def _accepted_by(parse: Callable[[str], object]) -> Callable[[str], str]:
+    """An argparse type: the option's text as given, once `parse` accepts it (its ValueError
+    becomes the usage error, after the option's name)."""
+    def check(text: str) -> str:
+        try:
+            parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return text
+    return check
 
 
-def _diameter_listen(text: str) -> str:
-    try:
-        expand_listen(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
-
-
-def _local_listen(text: str) -> str:
-    try:
-        parse_local_listen(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
+_host_port = _accepted_by(parse_host_port)
+_diameter_listen = _accepted_by(expand_listen)
+_local_listen = _accepted_by(parse_local_listen)
 
 
 def build_parser() -> argparse.ArgumentParser:

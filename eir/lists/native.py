@@ -142,6 +142,25 @@ def csv_rows(text: str, name: str) -> Iterator[tuple[str, list[str]]]:
         raise CsvRowError(f"{name}:{reader.line_num}: row: {exc}") from None
 
 
+def read_text(path: Path, name: str, digest=None) -> str:
+    """A CSV file's text (UTF-8; a leading BOM, as spreadsheets export, skipped), or ListError
+    saying why not, named `name`. `digest` (a hashlib object), when given, is updated with
+    the file's bytes."""
+    try:
+        content = path.read_bytes()
+    except OSError as exc:
+        raise ListError([f"{name}: cannot open: {exc.strerror or exc}"]) from None
+    try:
+        text = content.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = content.count(b"\n", 0, exc.start) + 1
+        raise ListError([f"{name}:{line}: encoding: not UTF-8 ({exc.reason} at byte "
+                         f"{exc.start})"]) from None
+    if digest is not None:
+        digest.update(content)
+    return text
+
+
 def read_imei_table(path: Path, columns: str) -> tuple[list[str], list[tuple[str,
                                                                            dict[str, str]]]]:
     """A CSV of rows keyed by IMEI, other than a list (`eir replay`'s request mixes, `eir
@@ -150,15 +169,7 @@ def read_imei_table(path: Path, columns: str) -> tuple[list[str], list[tuple[str
     the header expected, for messages. ListError when the file cannot be read, is not UTF-8,
     has no header, or rows with more cells than the header (each named)."""
     name = str(path)
-    try:
-        content = path.read_bytes()
-    except OSError as exc:
-        raise ListError([f"{name}: cannot open: {exc.strerror or exc}"]) from None
-    try:
-        text = content.decode("utf-8-sig")  # a leading BOM (spreadsheet exports) is skipped
-    except UnicodeDecodeError as exc:
-        line = content.count(b"\n", 0, exc.start) + 1
-        raise ListError([f"{name}:{line}: encoding: not UTF-8 ({exc.reason})"]) from None
+    text = read_text(path, name)
     try:
         rows = list(csv_rows(text, name))
     except CsvRowError as exc:
@@ -192,18 +203,7 @@ def read_native_csv(path: Path | str, display_name: str | None = None,
     object), when given, is updated with the file's bytes."""
     path = Path(path)
     name = display_name or str(path)
-    try:
-        content = path.read_bytes()
-    except OSError as exc:
-        raise ListError([f"{name}: cannot open: {exc.strerror or exc}"]) from None
-    try:
-        text = content.decode("utf-8-sig")  # a leading BOM (spreadsheet exports) is skipped
-    except UnicodeDecodeError as exc:
-        line = content.count(b"\n", 0, exc.start) + 1
-        raise ListError([f"{name}:{line}: encoding: not UTF-8 ({exc.reason} at byte "
-                         f"{exc.start})"]) from None
-    if digest is not None:
-        digest.update(content)
+    text = read_text(path, name, digest)
     problems: list[str] = []
     rules: list[Rule] = []
     # The first row of each subject (IMEI, range or TAC, with its IMSI): a later row of the
