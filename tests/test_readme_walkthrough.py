@@ -30,6 +30,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 from helpers_ops import scrape, wait_until
 from helpers_process import ROOT
 from test_dirbs_round_trip import dirbs_would_import
@@ -46,13 +47,14 @@ BLOCK_TIMEOUT_SECONDS = 120.0
 ECR = "ME-Identity-Check"
 
 
-def walkthrough_blocks() -> list[str]:
-    """The section's ```sh blocks that the test runs, in order."""
+def walkthrough_blocks(run: bool = True) -> list[str]:
+    """The section's ```sh blocks that the test runs (or, `run` false, those it does not), in
+    order."""
     section = README.read_text(encoding="utf-8").split(SECTION, 1)[1].split("\n## ", 1)[0]
     blocks = []
     for match in re.finditer(r"(<!--[^\n]*-->\n)?```sh\n(.*?)```", section, flags=re.S):
         marker, block = match.groups()
-        if not (marker and marker.startswith(NOT_RUN)):
+        if run != bool(marker and marker.startswith(NOT_RUN)):
             blocks.append(block)
     return blocks
 
@@ -166,3 +168,19 @@ def check_the_dashboard(ports: dict[str, int]) -> None:
     assert float(ecrs[0]["value"][1]) > 0
     rules = httpx.get(f"{prometheus}/api/v1/rules", timeout=10).json()["data"]["groups"]
     assert any(rule.get("name") == "EirDown" for group in rules for rule in group["rules"])
+
+
+def test_the_grafana_container_gets_the_labs_dashboard_and_the_walk_throughs_prometheus():
+    """The block not run (Docker): what it mounts exists, and the lab's data source, which it
+    provisions, names a host that its --add-host maps to this machine, at the port the
+    walk-through's Prometheus listens on."""
+    [grafana] = walkthrough_blocks(run=False)
+    mounted = re.findall(r'-v "\$REPO/([^:"]+):', grafana)
+    assert mounted and all((ROOT / path).is_dir() for path in mounted), mounted
+    provisioning = ROOT / "testbed" / "grafana" / "provisioning" / "datasources"
+    [source] = [entry for path in provisioning.glob("*.yml")
+                for entry in yaml.safe_load(path.read_text())["datasources"]]
+    host, port = re.fullmatch(r"http://([^:/]+):(\d+)", source["url"]).groups()
+    assert f"--add-host {host}:127.0.0.1" in grafana and "--network host" in grafana
+    assert any(f"--web.listen-address=127.0.0.1:{port}" in block
+               for block in walkthrough_blocks())
