@@ -322,8 +322,9 @@ def test_every_dashboard_query_resolves_against_a_live_scrape(eir_server, tmp_pa
     config = tmp_path / "eir.yaml"
     config.write_text(f"sync:\n  source: {source}\n  interval_seconds: 3600\n"
                       f"store:\n  directory: {store}\n")
+    # Two workers, whatever the machine's cores: the process panels group by `worker`.
     server, url = metrics_server(eir_server, "--config", str(config), "--sbi", "127.0.0.1:0",
-                                 lists=[])
+                                 "--workers", "2", lists=[])
     scrape_until(url, lambda s: value(s, "eir_sync_total", outcome="up_to_date") == 1,
                  "the start-up sync")
     with httpx.Client(http1=False, http2=True, timeout=10) as client:
@@ -343,8 +344,11 @@ def test_every_dashboard_query_resolves_against_a_live_scrape(eir_server, tmp_pa
         assert metrics, expression
         for metric in metrics:
             assert metric in labels_of, f"{expression}: {metric} is not served"
-            missing = labels - labels_of[metric] - TARGET_LABELS  # those Prometheus adds
-            assert not missing, f"{expression}: {metric} has no label {missing}"
+        # Each label on some metric of the expression (a join's `by` groups what it kept),
+        # or one that Prometheus adds.
+        missing = labels - set().union(*(labels_of[metric] for metric in metrics)) \
+            - TARGET_LABELS
+        assert not missing, f"{expression}: {sorted(metrics)} have no label {missing}"
 
 
 def _snapshot(**changes) -> MetricsSnapshot:
