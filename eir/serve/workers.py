@@ -410,6 +410,11 @@ class Supervisor:
                 found.append(reply)
         return found
 
+    def worker_pids(self) -> dict[int, int]:
+        """{index: pid} of the ready workers (their process_* metrics, eir.interfaces.metrics)."""
+        return {worker.index: worker.process.pid for worker in self.workers
+                if worker.ready and worker.process is not None}
+
     async def swap_lists(self, lists=None) -> tuple[bool, str | None]:
         """Every worker loads the lists in force now (with the list settings `lists`, when
         the configuration changed them); if all could, all swap; else none does. (ok, why
