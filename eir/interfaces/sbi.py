@@ -27,9 +27,12 @@ and its own serving loop and signal handling beside ours, for one fixed GET.) Th
 module holds a small h2 client (`H2Client`), for the NRF (NFRegister, heartbeat,
 NFDeregister, TS 29.510) and bench/sbi.py.
 
-Processes: the N5g-eir listener runs in the process that is not a worker (eir.serve.workers): the
-only process, or the supervisor, which keeps the lists, the observations writer and its own
-audit writer for these verdicts.
+Processes: with workers (eir.serve.workers), the supervisor binds the N5g-eir listeners,
+accepts, counts each connection against the `sbi` connection limits and hands the accepted
+socket to a worker, as it does S13's; the worker serves it (`N5gEir.adopt`: over TLS the
+worker does the handshake). The NRF registration stays in the supervisor (`N5gEir.start`
+with the supervisor's bound sockets); the counters are summed over the workers by /metrics.
+Alone (`--workers 1`), the process listens itself.
 """
 
 from __future__ import annotations
@@ -38,10 +41,12 @@ import asyncio
 import ipaddress
 import json
 import logging
+import socket
 import ssl
 import traceback
 import uuid
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlsplit
 
@@ -69,7 +74,6 @@ from eir.check.service import EquipmentCheck
 from eir.core.config import SbiSettings, parse_host_port
 from eir.core.decision import EquipmentStatus
 from eir.core.imei import IMEI_KEY_LENGTH, is_imsi
-from eir.core.logs import audit_log
 from eir.core.untrusted import untrusted
 from eir.diameter.overload import ConnectionLimits
 from eir.interfaces.metrics import UNKNOWN_EQUIPMENT_STATUS
@@ -626,6 +630,8 @@ class SbiConnection(ReadGate, asyncio.BufferedProtocol):
                 transport.abort()
                 return
             self._address = address
+        # Which process holds which AMF's connection (a worker's lines start "worker N: ").
+        log.info("N5g-eir connection from %s", self.remote, extra={"peer": self._address})
         service.counters.connections += 1
         self.transport = transport  # type: ignore[assignment]
         service.connections.add(self)
@@ -738,7 +744,6 @@ class N5gEir:
         self.read_buffer = memoryview(bytearray(settings.read_bytes))
         self.h2_config = self.h2_configuration()
         self.check = EquipmentIdentityCheck(server.check, self.counters, server.audit)
-        self._own_audit = None
         self.tls_context = None
         if settings.tls is not None:
             tls = settings.tls
@@ -758,36 +763,53 @@ class N5gEir:
                                normalize_outbound_headers=False,
                                validate_inbound_headers=False)  # SbiSession checks them
 
-    async def start(self) -> None:
-        loop = self.loop = asyncio.get_running_loop()
-        if self.check.audit is None and self.server.supervisor is not None:
-            # A supervisor (eir.serve.workers) has no audit writer (its workers have theirs): it
-            # gets one for these verdicts.
-            self.check.audit = self._own_audit = audit_log(self.server.settings)
+    def wanted(self) -> list[tuple[str, bool]]:
+        """(HOST:PORT, TLS) of each listener the settings ask for."""
         wanted = []
         if self.settings.listen:
-            wanted.append((self.settings.listen, None, "http", "h2c"))
+            wanted.append((self.settings.listen, False))
         if self.settings.tls is not None:
-            wanted.append((self.settings.tls.listen, self.tls_context, "https", "TLS, ALPN h2"))
-        for listen, context, scheme, how in wanted:
-            host, port = parse_host_port(listen)
-            try:
-                listener = await loop.create_server(
-                    self._tls_acceptor if context is not None else lambda: SbiConnection(self),
-                    host, port, reuse_address=True)
-            except OSError as exc:
-                raise OSError(f"sbi {listen}: {exc.strerror or exc}") from None
-            self.listeners.append(listener)
-            for sock in listener.sockets:
-                bound = sock.getsockname()
-                url = _url(scheme, bound[0], bound[1])
-                self.urls.append(url)
-                log.info("N5g-eir served on %s/%s/%s/ (%s)", url, SERVICE_NAME, API_VERSION,
-                         how)
-        if self._own_audit is not None:
-            self._own_audit.start()
+            wanted.append((self.settings.tls.listen, True))
+        return wanted
+
+    async def start(self, bound: list[tuple[socket.socket, bool]] | None = None) -> None:
+        """Listen on the `sbi` addresses, or, in a supervisor, name the listening sockets
+        it `bound` (it accepts on them and hands each connection to a worker); then register
+        with the NRF."""
+        loop = self.loop = asyncio.get_running_loop()
+        if bound is None:
+            bound = []
+            for listen, tls in self.wanted():
+                host, port = parse_host_port(listen)
+                try:
+                    listener = await loop.create_server(
+                        self._tls_acceptor if tls else lambda: SbiConnection(self),
+                        host, port, reuse_address=True)
+                except OSError as exc:
+                    raise OSError(f"sbi {listen}: {exc.strerror or exc}") from None
+                self.listeners.append(listener)
+                bound += [(sock, tls) for sock in listener.sockets]
+        for sock, tls in bound:
+            host, port = sock.getsockname()[:2]
+            url = _url("https" if tls else "http", host, port)
+            self.urls.append(url)
+            log.info("N5g-eir served on %s/%s/%s/ (%s)", url, SERVICE_NAME, API_VERSION,
+                     "TLS, ALPN h2" if tls else "h2c")
         if self.nrf is not None:
             self.nrf.start()
+
+    def serve_handed_over(self, limits) -> None:
+        """A worker: connections come from the supervisor (`adopt`), admitted there;
+        `limits` (eir.serve.workers.ForwardedLimits) reports each one's end back."""
+        self.loop = asyncio.get_running_loop()
+        self.limits = limits
+
+    def adopt(self, address: str, tls: bool) -> Callable[[], asyncio.Protocol]:
+        """The protocol factory for a connection the supervisor accepted from `address`
+        (and counted): over TLS the handshake is done here, then an SbiConnection."""
+        if tls:
+            return self._tls_acceptor
+        return lambda: SbiConnection(self, admitted=address)
 
     def _tls_acceptor(self) -> TlsAcceptor:
         """A TLS connection, counted against the limits from accept (its handshake within
@@ -808,8 +830,6 @@ class N5gEir:
             connection.close()
         for listener in self.listeners:
             await listener.wait_closed()
-        if self._own_audit is not None:
-            await asyncio.get_running_loop().run_in_executor(None, self._own_audit.close)
 
 
 # -- a small HTTP/2 client (the NRF, bench/sbi.py) ----------------------------------------
