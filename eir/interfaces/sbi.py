@@ -76,6 +76,24 @@ from eir.core.decision import EquipmentStatus
 from eir.core.imei import IMEI_KEY_LENGTH, is_imsi
 from eir.core.untrusted import untrusted
 from eir.diameter.overload import ConnectionLimits
+from eir.interfaces.h2wire import (
+    CONTINUATION,
+    DATA,
+    END_HEADERS,
+    END_STREAM,
+    FRAME_HEADER_BYTES,
+    HEADERS,
+    PADDED,
+    PING,
+    PRIORITY,
+    PRIORITY_FLAG,
+    RST_STREAM,
+    SETTINGS,
+    WINDOW_UPDATE,
+    decode_request,
+    encode_block,
+    frame_header,
+)
 from eir.interfaces.metrics import UNKNOWN_EQUIPMENT_STATUS
 from eir.interfaces.ports import ServerView
 from eir.net.flow import ReadGate
@@ -94,6 +112,9 @@ PROBLEM_JSON = b"application/problem+json"
 NRF_TIMEOUT_SECONDS = 5.0
 DEREGISTER_TIMEOUT_SECONDS = 2.0
 UNKNOWN_CLIENT = b"?"
+# No answer body is longer (a 400's detail quotes at most 40 characters of the parameter):
+# the fast path answers while both flow control windows hold at least this much.
+MAX_BODY_BYTES = 1024
 
 
 # -- the request: query parameters --------------------------------------------------------
@@ -137,7 +158,12 @@ def parse_supi(supi: str | None) -> str | None:
 def query_parameters(query: bytes) -> dict[str, str]:
     """The query's parameters, percent-decoded; the first of a repeated name counts."""
     found: dict[str, str] = {}
-    for name, value in parse_qsl(query.decode("latin-1"), keep_blank_values=True):
+    text = query.decode("latin-1")
+    if b"%" in query or b"+" in query:
+        pairs = parse_qsl(text, keep_blank_values=True)
+    else:  # nothing to decode (the usual query): parse_qsl's split, without its decoding
+        pairs = [field.partition("=")[::2] for field in text.split("&") if field]
+    for name, value in pairs:
         found.setdefault(name, value)
     return found
 
@@ -164,12 +190,29 @@ def _headers(status: int, content_type: bytes, body: bytes,
 @dataclass(frozen=True, slots=True)
 class Answer:
     status: int
-    headers: list
+    headers: list  # for h2
     body: bytes
+    # For the fast path (eir.interfaces.h2wire): the HEADERS frame's first 5 bytes; its
+    # block (pre-encoded, literals without indexing) and the DATA frame's first 5 bytes;
+    # each frame's stream id goes after its first 5 bytes.
+    headers_frame: bytes
+    block_and_data_frame: bytes
 
     @classmethod
     def of(cls, status: int, content_type: bytes, body: bytes, extra: tuple = ()) -> "Answer":
-        return cls(status, _headers(status, content_type, body, extra), body)
+        if len(body) > MAX_BODY_BYTES:
+            raise ValueError(f"an answer body of {len(body)} bytes (at most {MAX_BODY_BYTES})")
+        headers = _headers(status, content_type, body, extra)
+        block = encode_block(headers)
+        return cls(status, headers, body,
+                   frame_header(len(block), HEADERS, END_HEADERS),
+                   block + frame_header(len(body), DATA, END_STREAM))
+
+    def frames(self, stream_id: bytes) -> bytes:
+        """The answer on stream `stream_id` (4 bytes): a HEADERS frame and a DATA frame
+        that ends the stream."""
+        return b"".join((self.headers_frame, stream_id, self.block_and_data_frame, stream_id,
+                         self.body))
 
 
 # The answers that do not depend on the request, built once.
@@ -239,13 +282,13 @@ class EquipmentIdentityCheck:
 # -- the HTTP/2 server side: the sans-IO session ------------------------------------------
 
 CLIENT_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-FRAME_HEADER_BYTES = 9
 # Ours is never raised above the initial value (RFC 9113 §6.5.2): no frame the client may
 # send is longer.
 MAX_FRAME_BYTES = 16384
-(DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE,
- CONTINUATION) = range(10)
-FLAG_END_STREAM, FLAG_END_HEADERS = 0x1, 0x4
+# The frame flags of a request the fast path may take (one HEADERS frame, no padding, no
+# priority: a GET): eir.interfaces.h2wire.
+FAST_FLAGS = END_STREAM | END_HEADERS
+FAST_FLAGS_MASK = END_STREAM | END_HEADERS | PADDED | PRIORITY_FLAG
 # Frames that carry no request, counted against sbi.max_control_frames_per_second (with
 # empty DATA frames that do not end their stream, and unknown frame types).
 CONTROL_FRAMES = frozenset((PRIORITY, SETTINGS, PING, WINDOW_UPDATE))
@@ -353,6 +396,7 @@ class SbiSession:
         self._started = now
         self._last_request = now
         self._last_stream = 0  # the highest stream answered or refused
+        self.fast_path = settings.fast_path  # eir.interfaces.h2wire
 
     @property
     def closed(self) -> bool:
@@ -413,35 +457,89 @@ class SbiSession:
     # -- one turn --------------------------------------------------------------------------
 
     def _turn(self, now: float) -> bytes:
-        end, error = self._cut(now)
-        data = bytes(self._buffer[:end])
-        del self._buffer[:end]
+        """The frames of this turn, in order: h2 receives them, except the requests the fast
+        path answers (`_answer_fast`); h2 first receives what came before each of those, so
+        that both see the connection as it is at that frame."""
+        end, fast, error = self._cut(now)
+        buffer = self._buffer
+        h2 = self.h2
+        out = bytearray()  # what earlier parts of the turn answered
+        start = 0
         try:
-            if data:
-                self._handle(self.h2.receive_data(data), now)
-            if error is not None:
-                raise error
+            for position, length in fast:
+                if start < position:
+                    self._handle(h2.receive_data(bytes(buffer[start:position])), now)
+                    out += h2.data_to_send()
+                    if self.closed:
+                        break
+                    start = position
+                answer = self._answer_fast(buffer, position, length, now)
+                if answer is not None:
+                    out += answer
+                    start = position + FRAME_HEADER_BYTES + length
+            else:
+                if start < end:
+                    self._handle(h2.receive_data(bytes(buffer[start:end])), now)
+                    out += h2.data_to_send()
+                if error is not None:
+                    raise error
         except SbiConnectionError as exc:
-            return self._close(exc.code, str(exc), logging.WARNING)
+            out += self._close(exc.code, str(exc), logging.WARNING)
         except H2Error as exc:
-            return self._close(goaway_code(exc), f"HTTP/2 protocol error: "
+            out += self._close(goaway_code(exc), f"HTTP/2 protocol error: "
                                f"{exc or type(exc).__name__}", logging.INFO)
         except Exception as exc:  # noqa: BLE001 - a defect: this connection only, logged
             where = traceback.extract_tb(exc.__traceback__)[-1]
-            return self._close(ErrorCodes.INTERNAL_ERROR, f"internal error: {exc!r} at "
+            out += self._close(ErrorCodes.INTERNAL_ERROR, f"internal error: {exc!r} at "
                                f"{where.filename}:{where.lineno}", logging.ERROR)
-        return self.h2.data_to_send()
+        else:
+            del buffer[:end]
+        return bytes(out)
 
-    def _cut(self, now: float) -> tuple[int, SbiConnectionError | None]:
-        """How many buffered bytes this turn hands h2 (whole frames, within the turn's
-        budget), and the connection error found in the frame after them, if any."""
+    def _answer_fast(self, buffer: bytearray, position: int, length: int,
+                     now: float) -> bytes | None:
+        """The answer to the HEADERS frame at `position` (END_STREAM, END_HEADERS) if it is
+        a new stream's plain request (eir.interfaces.h2wire) and its answer fits the flow
+        control windows; else None, and h2 receives the frame."""
+        h2 = self.h2
+        stream_id = int.from_bytes(buffer[position + 5:position + 9], "big") & 0x7FFFFFFF
+        if (not self._settled or not stream_id & 1 or stream_id <= h2.highest_inbound_stream_id
+                or len(self._pending) + len(self._blocked)
+                >= self.settings.max_concurrent_streams
+                or h2.encoder.header_table.resized  # h2 signals a table size change
+                or min(h2.outbound_flow_control_window,
+                       h2.remote_settings.initial_window_size) < MAX_BODY_BYTES):
+            return None
+        start = position + FRAME_HEADER_BYTES
+        request = decode_request(bytes(buffer[start:start + length]),
+                                 h2.decoder.header_table, self.settings.max_header_list_bytes)
+        if request is None:
+            return None
+        method, path, agent = request
+        check = self.check
+        answer = check.answer(method, path, agent or self.remote)
+        # The stream was opened and closed: h2 takes a later frame on it as on a closed
+        # stream; the DATA frame took its bytes from the connection's send window.
+        h2.highest_inbound_stream_id = stream_id
+        h2.outbound_flow_control_window -= len(answer.body)
+        requests = check.counters.requests
+        requests[answer.status] = requests.get(answer.status, 0) + 1
+        self._last_request = now
+        self._last_stream = stream_id
+        return answer.frames(stream_id.to_bytes(4, "big"))
+
+    def _cut(self, now: float) -> tuple[int, list[tuple[int, int]], SbiConnectionError | None]:
+        """How many buffered bytes this turn takes (whole frames, within the turn's
+        budget), the (position, length) of the frames among them the fast path may answer,
+        and the connection error found in the frame after them, if any."""
         buffer = self._buffer
         size = len(buffer)
         settings = self.settings
+        fast: list[tuple[int, int]] = []
         position = min(self._preface_left, size)  # h2 checks the preface itself
         self._preface_left -= position
         if self._preface_left:
-            return position, None
+            return position, fast, None
         byte_budget = position + settings.bytes_per_turn
         frames = 0
         self.waiting = False
@@ -452,13 +550,13 @@ class SbiSession:
             length = int.from_bytes(buffer[position:position + 3], "big")
             kind, flags = buffer[position + 3], buffer[position + 4]
             if length > MAX_FRAME_BYTES:
-                return position, SbiConnectionError(
+                return position, fast, SbiConnectionError(
                     ErrorCodes.FRAME_SIZE_ERROR,
                     f"a frame of {length} bytes, above SETTINGS_MAX_FRAME_SIZE")
             if kind == HEADERS or kind == CONTINUATION:
                 self._header_block += length
                 if self._header_block > settings.max_header_list_bytes:
-                    return position, SbiConnectionError(
+                    return position, fast, SbiConnectionError(
                         ErrorCodes.ENHANCE_YOUR_CALM,
                         f"a header block of more than {settings.max_header_list_bytes} "
                         "bytes (sbi.max_header_list_bytes)")
@@ -467,19 +565,22 @@ class SbiSession:
                     self._header_block -= length  # counted again when whole
                 break
             if kind == HEADERS or kind == CONTINUATION:
-                if flags & FLAG_END_HEADERS:
+                if flags & END_HEADERS:
+                    if (kind == HEADERS and self._header_block == length and self.fast_path
+                            and flags & FAST_FLAGS_MASK == FAST_FLAGS):
+                        fast.append((position, length))  # a whole block in one frame
                     self._header_block = 0
             elif kind == RST_STREAM:
                 if not self._resets.spend(now):
-                    return position, self._flood("streams reset", "max_resets_per_second")
+                    return position, fast, self._flood("streams reset", "max_resets_per_second")
             elif (kind in CONTROL_FRAMES or kind > CONTINUATION
-                  or kind == DATA and not length and not flags & FLAG_END_STREAM):
+                  or kind == DATA and not length and not flags & END_STREAM):
                 if not self._control.spend(now):
-                    return position, self._flood("frames without a request",
+                    return position, fast, self._flood("frames without a request",
                                                  "max_control_frames_per_second")
             position += FRAME_HEADER_BYTES + length
             frames += 1
-        return position, None
+        return position, fast, None
 
     def _flood(self, what: str, setting: str) -> SbiConnectionError:
         settings = self.settings
