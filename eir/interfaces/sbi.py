@@ -51,7 +51,7 @@ from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlsplit
 
 from h2.config import H2Configuration
-from h2.connection import H2Connection
+from h2.connection import ConnectionState, H2Connection
 from h2.errors import ErrorCodes
 from h2.events import (
     ConnectionTerminated,
@@ -473,6 +473,10 @@ class SbiSession:
                     if self.closed:
                         break
                     start = position
+                if buffer[position + 3] == RST_STREAM:
+                    if self._closed_unknown_to_h2(buffer, position):
+                        start = position + FRAME_HEADER_BYTES + length
+                    continue
                 answer = self._answer_fast(buffer, position, length, now)
                 if answer is not None:
                     out += answer
@@ -496,6 +500,17 @@ class SbiSession:
             del buffer[:end]
         return bytes(out)
 
+    def _closed_unknown_to_h2(self, buffer: bytearray, position: int) -> bool:
+        """Whether the frame at `position` is on a stream h2 holds no state of and has seen
+        opened: one the fast path answered. A RST_STREAM on it is dropped (RFC 9113 §5.1:
+        it may come shortly after our END_STREAM), where h2 would take it for a frame on a
+        stream it forgot, a connection error. (Counted against max_resets_per_second all
+        the same, in `_cut`.)"""
+        h2 = self.h2
+        stream_id = int.from_bytes(buffer[position + 5:position + 9], "big") & 0x7FFFFFFF
+        return (stream_id not in h2.streams and stream_id & 1 == 1
+                and 0 < stream_id <= h2.highest_inbound_stream_id)
+
     def _answer_fast(self, buffer: bytearray, position: int, length: int,
                      now: float) -> bytes | None:
         """The answer to the HEADERS frame at `position` (END_STREAM, END_HEADERS) if it is
@@ -503,10 +518,13 @@ class SbiSession:
         control windows; else None, and h2 receives the frame."""
         h2 = self.h2
         stream_id = int.from_bytes(buffer[position + 5:position + 9], "big") & 0x7FFFFFFF
-        if (not self._settled or not stream_id & 1 or stream_id <= h2.highest_inbound_stream_id
+        # h2 answers the first request (its connection state opens with it) and any after
+        # it stopped serving (GOAWAY).
+        if (h2.state_machine.state is not ConnectionState.SERVER_OPEN
+                or not stream_id & 1 or stream_id <= h2.highest_inbound_stream_id
                 or len(self._pending) + len(self._blocked)
                 >= self.settings.max_concurrent_streams
-                or h2.encoder.header_table.resized  # h2 signals a table size change
+                or h2.encoder.table_size_changes  # for h2's next block to signal
                 or min(h2.outbound_flow_control_window,
                        h2.remote_settings.initial_window_size) < MAX_BODY_BYTES):
             return None
@@ -530,8 +548,9 @@ class SbiSession:
 
     def _cut(self, now: float) -> tuple[int, list[tuple[int, int]], SbiConnectionError | None]:
         """How many buffered bytes this turn takes (whole frames, within the turn's
-        budget), the (position, length) of the frames among them the fast path may answer,
-        and the connection error found in the frame after them, if any."""
+        budget), the (position, length) of the frames among them the fast path may take
+        (requests, and resets of streams it answered), and the connection error found in the
+        frame after them, if any."""
         buffer = self._buffer
         size = len(buffer)
         settings = self.settings
@@ -573,6 +592,8 @@ class SbiSession:
             elif kind == RST_STREAM:
                 if not self._resets.spend(now):
                     return position, fast, self._flood("streams reset", "max_resets_per_second")
+                if self.fast_path and length == 4:
+                    fast.append((position, length))  # on a stream answered fast?
             elif (kind in CONTROL_FRAMES or kind > CONTINUATION
                   or kind == DATA and not length and not flags & END_STREAM):
                 if not self._control.spend(now):
