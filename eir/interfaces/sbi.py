@@ -21,7 +21,10 @@ Library: the `h2` package (python-hyper), sans-IO, inside our own sans-IO `SbiSe
 errors; docs/5G.md "Limits") under an asyncio.BufferedProtocol: bytes in, events out, bytes
 back, in the same callback, as the Diameter peer state machine works. One request
 costs one HEADERS frame decoded and one encoded, no task, no ASGI scope, no framework
-routing: it shares the event loop with Diameter, so it has to stay that cheap. (hypercorn,
+routing: it shares the event loop with Diameter, so it has to stay that cheap. The common
+request (a plain GET in one HEADERS frame) does not even go through h2: it is decoded and
+answered with the verdict's pre-encoded frames beside it (eir.interfaces.h2wire,
+`sbi.fast_path`; ~5x less CPU, docs/5G.md "The fast path, and what h2 costs"). (hypercorn,
 an ASGI server on top of the same h2, would add a task and an ASGI round trip per request,
 and its own serving loop and signal handling beside ours, for one fixed GET.) The same
 module holds a small h2 client (`H2Client`), for the NRF (NFRegister, heartbeat,
@@ -366,6 +369,8 @@ class SbiSession:
       header block longer than `max_header_list_bytes` is refused before it is decoded
       (CONTINUATION floods, HPACK bombs), a frame longer than 16 KiB before it is buffered;
       each with GOAWAY ENHANCE_YOUR_CALM or FRAME_SIZE_ERROR.
+    With `fast_path`, the common request is answered here without h2 (`_answer_fast`,
+    eir.interfaces.h2wire), in frame order with what h2 receives.
     Stream errors stay stream errors: a stream beyond `max_concurrent_streams` gets
     RST_STREAM REFUSED_STREAM, a malformed request RST_STREAM PROTOCOL_ERROR (both counted
     as resets), one the client reset is not answered. Every h2 exception ends here, as a
