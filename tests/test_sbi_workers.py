@@ -1,22 +1,19 @@
 """N5g-eir with several workers (eir.serve.workers, eir.interfaces.sbi): the supervisor accepts
 and hands each HTTP/2 connection to a worker, as it does S13's; the workers answer (over TLS
-too: the worker does the handshake), their counters are summed by /metrics, and a worker
-that dies takes its connections with it and gives their places in the `sbi` connection
-limits back."""
+too: test_sbi.py's test_tls_with_alpn_h2), their counters are summed by /metrics, and a
+worker that dies takes its connections with it and gives their places in the `sbi`
+connection limits back."""
 
 from __future__ import annotations
 
 import os
-import re
 import signal
-import socket
-import ssl
 
 import httpx
 import pytest
 import yaml
 from helpers_ops import METRICS_LINE, endpoint, scrape_until, value
-from test_sbi import H2C_LINE, STATUS_PATH, TLS_LINE, h2c_client, imei, status_of
+from test_sbi import H2C_LINE, STATUS_PATH, h2c_client, imei, status_of
 from test_workers import worker_pids
 
 BLACKLISTED_PEI = imei("35209900176148")  # config/lists/example.csv
@@ -67,32 +64,4 @@ def test_connections_are_answered_by_the_workers_and_counted_as_one_server(eir_s
         with h2c_client() as fourth:
             assert status_of(fourth, url, pei=BLACKLISTED_PEI)[0] == 200
     assert server.stop() == 0
-
-
-def test_tls_connections_are_handed_over_before_the_handshake(eir_server, tmp_path):
-    from test_tls import Authority
-
-    ca = Authority(tmp_path, "Test Operator CA")
-    ca.issue("eir.test", "eir")
-    config = tmp_path / "eir.yaml"
-    config.write_text("sbi:\n  tls:\n    listen: 127.0.0.1:0\n    certificate: eir.pem\n"
-                      "    key: eir.key\n")
-    server = eir_server("--config", str(config), "--workers", "2")
-    url = endpoint(server, TLS_LINE)
-    trusting = ssl.create_default_context(cafile=str(ca.path))
-    mark = len(server.lines)
-    with httpx.Client(http2=True, verify=trusting, timeout=10) as client:
-        response = client.get(url + STATUS_PATH, params={"pei": BLACKLISTED_PEI})
-    assert response.http_version == "HTTP/2"  # ALPN, negotiated by the worker
-    assert (response.status_code, response.json()) == (200, {"status": "BLACKLISTED"})
-    worker_of_next_connection(server, mark)
-    # A handshake that fails, fails in a worker.
-    host, port = url.removeprefix("https://").rsplit(":", 1)
-    mark = len(server.lines)
-    with socket.create_connection((host, int(port)), timeout=10) as sock:
-        sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")  # h2c on the TLS port
-        server.wait_for_log(r"worker \d+: .*TLS handshake refused", start=mark)
-    assert server.stop() == 0
-    assert not re.search(r"^(?!.*worker \d+: ).*N5g-eir connection from", server.log(),
-                         re.MULTILINE), "the supervisor served a connection itself"
 
