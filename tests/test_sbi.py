@@ -177,16 +177,19 @@ def test_curl_http2_prior_knowledge(eir_server_module):
     assert (json.loads(body), status) == ({"status": "GREYLISTED"}, "2 200"), result.stderr
 
 
-def test_reload_is_seen_at_once(eir_server, tmp_path):
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_reload_is_seen_at_once(eir_server, tmp_path, workers):
     lists = tmp_path / "lists.csv"
     lists.write_text("imei,status,imsi,reason\n35209900176148,whitelist,,\n")
-    server, url = start_sbi(eir_server, lists=[lists])
+    server, url = start_sbi(eir_server, lists=[lists], workers=workers)
     pei = imei("35209900176148")
     with h2c_client() as client:
         assert status_of(client, url, pei=pei) == (200, {"status": "WHITELISTED"})
         lists.write_text("imei,status,imsi,reason\n35209900176148,blacklist,,stolen\n")
         mark = len(server.lines)
         server.process.send_signal(signal.SIGHUP)
+        for worker in range(int(workers)) if workers != "1" else ():
+            server.wait_for_log(rf"worker {worker}: lists reloaded", start=mark)
         server.wait_for_log(r"lists reloaded", start=mark)
         assert status_of(client, url, pei=pei) == (200, {"status": "BLACKLISTED"})
     assert server.stop() == 0
