@@ -26,7 +26,6 @@ from __future__ import annotations
 import re
 
 from h2.utilities import CONNECTION_HEADERS
-from hpack.exceptions import InvalidTableIndex
 from hpack.huffman_table import (
     HUFFMAN_COMPLETE,
     HUFFMAN_EMIT_SYMBOL,
@@ -110,6 +109,11 @@ def decode_huffman(data: bytes) -> bytes | None:
 
 # -- HPACK: a request's header block ---------------------------------------------------------
 
+# The static table by HPACK index (1-61); index 0 is no entry.
+_STATIC: tuple = (None, *HeaderTable.STATIC_TABLE)
+_STATIC_LENGTH = len(HeaderTable.STATIC_TABLE)
+
+
 class _Undecodable(Exception):
     """Not decoded here (invalid, or a representation left to hpack)."""
 
@@ -160,21 +164,26 @@ def decode_request(block: bytes, table: HeaderTable, max_list_bytes: int
     size = 0
     position = 0
     end = len(block)
+    dynamic = table.dynamic_entries
     try:
         while position < end:
             first = block[position]
             if first & 0x80:  # indexed field
-                index, position = _integer(block, position, 7)
-                if not index:
-                    raise _Undecodable
-                header = table.get_by_index(index)
+                if first == 0xFF:
+                    index, position = _integer(block, position, 7)
+                else:
+                    index = first & 0x7F
+                    position += 1
+                header = _STATIC[index] if index <= _STATIC_LENGTH else dynamic[
+                    index - _STATIC_LENGTH - 1]
             elif first & 0xE0 == 0x20:  # dynamic table size update: h2's
                 raise _Undecodable
             else:  # literal: with incremental indexing (01), without (0000), never (0001)
                 indexing = first & 0x40
                 index, position = _integer(block, position, 6 if indexing else 4)
                 if index:
-                    name = table.get_by_index(index)[0]
+                    name = (_STATIC[index] if index <= _STATIC_LENGTH else dynamic[
+                        index - _STATIC_LENGTH - 1])[0]
                 else:
                     name, position = _string(block, position)
                 value, position = _string(block, position)
@@ -190,7 +199,7 @@ def decode_request(block: bytes, table: HeaderTable, max_list_bytes: int
         request = plain_request(headers)
         if request is None:
             raise _Undecodable
-    except (_Undecodable, InvalidTableIndex):
+    except (_Undecodable, IndexError, TypeError):  # TypeError: index 0, _STATIC's None
         if saved is not None:
             table.dynamic_entries, table._current_size = saved
         return None
@@ -204,6 +213,20 @@ _NAME = re.compile(rb"[a-z0-9!#$%&'*+.^_`|~-]+\Z")
 _VALUE = re.compile(rb"(?:[^\x00\r\n\t ](?:[^\x00\r\n]*[^\x00\r\n\t ])?)?\Z")
 _PSEUDO = frozenset((b":method", b":scheme", b":authority", b":path"))
 _LEFT_TO_H2 = CONNECTION_HEADERS | {b"te", b"host"}
+# Names and values found well-formed, remembered (most come from the HPACK tables, the same
+# on every request); emptied when full (a client varying them costs only itself).
+CHECKED_FIELDS = 512
+_checked_names: dict[bytes, bool] = {}
+_checked_values: dict[bytes, bool] = {}
+
+
+def _matches(text: bytes, pattern: re.Pattern, checked: dict[bytes, bool]) -> bool:
+    known = checked.get(text)
+    if known is None:
+        if len(checked) >= CHECKED_FIELDS:
+            checked.clear()
+        known = checked[text] = pattern.match(text) is not None
+    return known
 
 
 def plain_request(headers: list[tuple[bytes, bytes]]) -> tuple[bytes, bytes, bytes | None] | None:
@@ -216,7 +239,7 @@ def plain_request(headers: list[tuple[bytes, bytes]]) -> tuple[bytes, bytes, byt
     seen = set()
     regular = False
     for name, value in headers:
-        if not _VALUE.match(value):
+        if not _matches(value, _VALUE, _checked_values):
             return None
         if name in _PSEUDO:
             if regular or name in seen:
@@ -226,7 +249,7 @@ def plain_request(headers: list[tuple[bytes, bytes]]) -> tuple[bytes, bytes, byt
                 method = value
             elif name == b":path":
                 path = value
-        elif name in _LEFT_TO_H2 or not _NAME.match(name):
+        elif name in _LEFT_TO_H2 or not _matches(name, _NAME, _checked_names):
             return None
         else:
             regular = True
