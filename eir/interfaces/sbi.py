@@ -506,11 +506,11 @@ class SbiSession:
         return bytes(out)
 
     def _closed_unknown_to_h2(self, buffer: bytearray, position: int) -> bool:
-        """Whether the frame at `position` is on a stream h2 holds no state of and has seen
-        opened: one the fast path answered. A RST_STREAM on it is dropped (RFC 9113 §5.1:
-        it may come shortly after our END_STREAM), where h2 would take it for a frame on a
-        stream it forgot, a connection error. (Counted against max_resets_per_second all
-        the same, in `_cut`.)"""
+        """Whether the frame at `position` is on a stream h2 has seen opened and holds no
+        state of: one the fast path answered (or one h2 closed and has since forgotten). A
+        RST_STREAM on it is dropped (RFC 9113 §5.1: it may come shortly after our
+        END_STREAM), where h2 would take it for a frame on a stream it forgot, a connection
+        error. (Counted against max_resets_per_second all the same, in `_cut`.)"""
         h2 = self.h2
         stream_id = int.from_bytes(buffer[position + 5:position + 9], "big") & 0x7FFFFFFF
         return (stream_id not in h2.streams and stream_id & 1 == 1
