@@ -198,8 +198,10 @@ requests = st.one_of(
 # SETTINGS in a turn of their own: within a turn, h2 applies every frame's settings before
 # the generic path answers the requests that came before them, where the fast path answers
 # in frame order (both are right; an INITIAL_WINDOW_SIZE of 10 then blocks one and not the
-# other).
-settings_turns = st.sampled_from([{0x1: 0}, {0x1: 100}, {0x4: 10}, {0x4: 65535}]).map(
+# other). One header table size only: hpack signals a series of different sizes as it was
+# set, larger ones included, which a client refuses once it acknowledged a smaller one (an
+# answer h2 encodes then fails either way).
+settings_turns = st.sampled_from([{0x1: 0}, {0x4: 10}, {0x4: 65535}]).map(
     lambda values: [("settings", values)])
 
 
@@ -232,3 +234,15 @@ def test_the_fast_path_answers_the_common_request():
     bodies = [event.data for event in client.receive_data(back) if type(event) is DataReceived]
     assert bodies == [b'{"status": "BLACKLISTED"}'] * 3
     assert session.check.counters.requests == {200: requests_before.get(200, 0) + 3}
+
+
+def test_a_header_table_size_sent_twice_is_still_signalled():
+    """hpack forgets a pending table size change when the same size comes again
+    (SbiSession._handle sets it back): the next answer starts with the update."""
+    turns = [[("settings", {0x1: 0})], [("settings", {0x1: 0})],
+             [_get(PATH + b"?pei=imei-352099001761481")],
+             [_get(PATH + b"?pei=imei-352099001761481")]]
+    for fast in (True, False):
+        closed, streams = _answers(fast, turns)[-1]
+        assert closed is None and [answer[-1] for _, answer in streams] == [
+            "StreamEnded", "StreamEnded"]

@@ -658,6 +658,13 @@ class SbiSession:
                 self._blocked.pop(event.stream_id, None)
             elif kind is RemoteSettingsChanged:
                 self._settled = True
+                encoder = h2.encoder
+                if encoder.table_size_changes:
+                    # hpack forgets a pending SETTINGS_HEADER_TABLE_SIZE change when the
+                    # same size comes again before our next block (its `resized` flag is
+                    # set anew, to False): that block would lack the update the client
+                    # waits for, a COMPRESSION_ERROR there (tests/test_sbi_fast.py found it).
+                    encoder.header_table.resized = True
 
     def _closed_by_client(self, events: list) -> None:
         for event in events:
