@@ -7,7 +7,7 @@ both in turn and prints the ratio. The client is h2load (nghttp2, C: Debian's
 nghttp2-client) when installed, else eir.interfaces.sbi's H2Client (Python, one
 connection, which is then often the bound); `--client` chooses. h2load: `--connections C`
 (default 1 per worker) with `--concurrency N` streams in flight on each (default 64; the
-server allows 128), the request mix's URLs in turn. The Python client: one connection, N
+server allows 128), the request mix's URLs in turn, p50/p99 from its per-request log. The Python client: one connection, N
 requests in flight, 5 rounds after a warm-up (req/s the median round), every verdict of
 the mix checked against the list. Shown: requests/s, the server's CPU time per request
 (the supervisor and its workers, from /proc), and the CPU the rest of the machine used.
@@ -111,12 +111,14 @@ def server_cpu_seconds(pid: int) -> float:
 
 def run_h2load(urls: list[str], count: int, connections: int, concurrency: int,
                scratch: Path, core: int | None) -> dict:
-    """h2load over `connections` connections, `concurrency` streams each: req/s and the
-    count of requests that got no answer."""
+    """h2load over `connections` connections, `concurrency` streams each: req/s, the
+    count of requests that got no answer, and p50/p99 (from a request's start to its whole
+    answer)."""
     listing = scratch / "urls.txt"
     listing.write_text("\n".join(urls) + "\n")
+    timings = scratch / "h2load.log"  # per request: start, status, µs to the whole answer
     command = ["h2load", "-n", str(count), "-c", str(connections), "-m", str(concurrency),
-               "-t", str(min(connections, 2)), "-i", str(listing)]
+               "-t", str(min(connections, 2)), "-i", str(listing), f"--log-file={timings}"]
     if core is not None:
         command = ["taskset", "-c", str(core), *command]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
@@ -126,8 +128,11 @@ def run_h2load(urls: list[str], count: int, connections: int, concurrency: int,
     errored = re.search(r"requests: .* (\d+) errored, (\d+) timeout", done.stdout)
     if rate is None or errored is None:
         raise SystemExit(f"h2load: {done.stdout}\n{done.stderr}")
+    latencies = sorted(int(line.split("\t")[2]) for line in
+                       timings.read_text().splitlines() if line.count("\t") == 2)
     return {"per_s": float(rate.group(1)),
-            "failed": int(errored.group(1)) + int(errored.group(2))}
+            "failed": int(errored.group(1)) + int(errored.group(2)),
+            "p50_us": percentile(latencies, 0.5), "p99_us": percentile(latencies, 0.99)}
 
 
 def measure_server(args, workload, lists: Path, paths: list[str], expected: list[str],
@@ -163,7 +168,7 @@ def measure_server(args, workload, lists: Path, paths: list[str], expected: list
     finally:
         server.stop()
     return {"per_s": figures["per_s"], "server_us": server_cpu / total * 1e6,
-            "p50_us": figures.get("p50_us"), "p99_us": figures.get("p99_us"),
+            "p50_us": figures["p50_us"], "p99_us": figures["p99_us"],
             "checked": figures.get("checked", 0), "busy": busy, "pinned": pinned,
             "connections": connections, "count": total}
 
@@ -210,9 +215,11 @@ def main(argv: list[str] | None = None) -> dict:
         "sbi_server_us_per_request": round(first["server_us"], 1),
         "other_cpus": round(first["busy"], 2),
     }
-    if first["p50_us"] is not None:  # the Python client's own timings
-        result["sbi_p50_ms"] = round(first["p50_us"] / 1e3, 3)
-        result["sbi_p99_ms"] = round(first["p99_us"] / 1e3, 3)
+    result["sbi_p50_ms"] = round(first["p50_us"] / 1e3, 3)
+    result["sbi_p99_ms"] = round(first["p99_us"] / 1e3, 3)
+    if first["connections"] == 1:  # the key bench/run.py has read so far
+        result["sbi_req_per_s_one_conn"] = result["sbi_req_per_s"]
+    if args.client == "python":
         result["sbi_verdicts_checked"] = first["checked"]
     if len(runs) == 2:
         generic = measured[False]
@@ -225,9 +232,9 @@ def main(argv: list[str] | None = None) -> dict:
               f"{args.concurrency} streams, {figures['count']:,} requests "
               f"({figures['pinned']}):")
         print(f"  {figures['per_s']:,.0f} req/s, server CPU {figures['server_us']:.1f} "
-              "µs/request" + (f", p50 {figures['p50_us'] / 1e3:.3f} ms, p99 "
-                              f"{figures['p99_us'] / 1e3:.3f} ms, {figures['checked']} "
-                              "verdicts checked" if figures["p50_us"] is not None else ""))
+              f"µs/request, p50 {figures['p50_us'] / 1e3:.3f} ms, p99 "
+              f"{figures['p99_us'] / 1e3:.3f} ms" + (
+                  f", {figures['checked']} verdicts checked" if figures["checked"] else ""))
         note = load_note(figures["busy"])
         if note:
             print("  " + note)
