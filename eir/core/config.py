@@ -502,6 +502,10 @@ class SbiSettings(_Strict):
     # most this long before the close (a close with unread data would send a TCP reset,
     # which can overtake the GOAWAY); 0: closed at once.
     close_linger_seconds: float = Field(2.0, ge=0)
+    # The common request (one HEADERS frame, a plain GET) decoded and answered with
+    # pre-encoded frames beside h2 (eir.interfaces.h2wire); false: h2 does every frame (the
+    # bench baseline, bench/sbi.py --generic).
+    fast_path: bool = True
     nrf: NrfSettings | None = None
 
     @field_validator("listen")
