@@ -72,6 +72,7 @@ class S13Application:
                                                                               None))
         # None: every request takes the generic path (diameter.fast_path off, or no C).
         self.answer_run = self._answer_run if fast_path and answer_ecrs is not None else None
+        self.fast_answers = 0  # requests the fast path answered
 
     def _answer_run(self, messages: list[bytes], start: int, end: int, max_avps: int,
                     answers: bool) -> tuple[bytes, int, list]:
@@ -87,6 +88,7 @@ class S13Application:
             getattr(getattr(rule_set, "snapshot", None), "hot_lookup", None), rule_set.decide,
             day, answers)
         if records:
+            self.fast_answers += len(records)
             check.record_all(day, records, rule_set, self.verdict_counts, self.audit, INTERFACE)
         return out, stop, records
 
