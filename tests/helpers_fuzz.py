@@ -43,6 +43,7 @@ from eir.interfaces.s13 import S13Application
 from eir.interfaces.sbi import (CLIENT_PREFACE, FRAME_HEADER_BYTES, MAX_FRAME_BYTES,
                      EquipmentIdentityCheck, N5gEir, SbiCounters, SbiSession)
 
+import helpers_fast_path
 import test_peer_state as sans_io
 
 D = sans_io.D
@@ -379,7 +380,9 @@ def fuzz_h2(data: bytes) -> H2Run | None:
     return run
 
 
-TARGETS = {"codec": fuzz_codec, "peer": fuzz_peer, "h2": fuzz_h2}
+# fast_path: the S13 fast path against the generic path (layout: tests/helpers_fast_path.py).
+TARGETS = {"codec": fuzz_codec, "peer": fuzz_peer, "h2": fuzz_h2,
+           "fast_path": helpers_fast_path.differential}
 
 
 # -- seeds: real messages, most encoded by scapy (an encoder nobody on this project wrote) ----
@@ -405,6 +408,8 @@ def seed_inputs(target: str) -> dict[str, bytes]:
     }
     if target == "h2":
         return h2_seed_inputs()
+    if target == "fast_path":
+        return helpers_fast_path.seed_inputs()
     if target == "codec":
         seeds = {name: bytes([0, 0]) + raw for name, raw in messages.items()}
         seeds["pipelined-chunks-of-7"] = bytes([0, 7]) + b"".join(messages.values())

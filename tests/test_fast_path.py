@@ -74,7 +74,7 @@ SHAPES = {
 def test_the_fast_path_answers_every_plain_shape_as_the_generic_path(control):
     requests = [fast.ecr(avps, hop_by_hop=i, end_to_end=i) for i, avps in
                 enumerate(SHAPES.values())]
-    taken = fast.differential(bytes([control, 0]) + b"".join(requests))
+    taken = fast.differential(bytes([control, 0]) + b"".join(requests), fresh=True)
     if control & 4:  # small turns and queues: some answered 3004, the others by the fast path
         assert taken >= 3
     elif control & 16:  # at most 32 AVPs: every shape fits
@@ -88,8 +88,8 @@ def test_each_plain_shape_is_taken_alone():
     answer with a generic one), split anywhere across reads too."""
     for name, avps in SHAPES.items():
         request = fast.ecr(avps)
-        assert fast.differential(bytes([0, 0]) + request) == 1, name
-        assert fast.differential(bytes([8, 7]) + request * 3) == 3, name
+        assert fast.differential(bytes([0, 0]) + request, fresh=True) == 1, name
+        assert fast.differential(bytes([8, 7]) + request * 3, fresh=True) == 3, name
 
 
 # -- near misses: handed back, answered by the generic path --------------------------------
@@ -175,16 +175,18 @@ def test_a_near_miss_is_handed_back_and_answered_the_same(name):
     request = HANDED_BACK[name]
     control = 16 if name.startswith("33 AVPs") else 8
     # alone, then between two plain ECRs (both taken: the order of answers is kept)
-    assert fast.differential(bytes([control, 0]) + request) == 0, name
-    assert fast.differential(bytes([control, 0]) + PLAIN + request + PLAIN) == 2, name
+    assert fast.differential(bytes([control, 0]) + request, fresh=True) == 0, name
+    assert fast.differential(bytes([control, 0]) + PLAIN + request + PLAIN,
+                             fresh=True) == 2, name
 
 
 def test_the_budget_counts_avps_at_every_depth():
     """32 AVPs with those inside the groups (at the budget): taken; one more: handed back."""
     avps = fast.plain_ecr_avps()  # 8 at the top, 4 inside: 12
     at_budget = fast.ecr(avps + [E("Route-Record", "r")] * 20)
-    assert fast.differential(bytes([16, 0]) + at_budget) == 1
-    assert fast.differential(bytes([16, 0]) + fast.ecr(avps + [E("Route-Record", "r")] * 21)) == 0
+    assert fast.differential(bytes([16, 0]) + at_budget, fresh=True) == 1
+    beyond = fast.ecr(avps + [E("Route-Record", "r")] * 21)
+    assert fast.differential(bytes([16, 0]) + beyond, fresh=True) == 0
 
 
 def test_a_failing_rule_set_is_answered_by_the_generic_path():
@@ -296,4 +298,4 @@ streams = st.lists(st.one_of(ecrs(), ecrs(), ecrs(), st.just(sans_io.dwr()),
 @given(control=st.integers(0, 255), chunk=st.sampled_from([0, 0, 0, 1, 7, 64, 200]),
        stream=streams)
 def test_hypothesis_fast_and_generic_paths_agree(control, chunk, stream):
-    fast.differential(bytes([control, chunk]) + stream)
+    fast.differential(bytes([control, chunk]) + stream, fresh=True)
