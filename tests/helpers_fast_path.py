@@ -167,6 +167,7 @@ REUSE_INPUTS = 200
 
 
 def _open_pair(control: int) -> tuple[Side, Side]:
+    _OPEN.pop(control, None)  # its applications are the new pair's now
     generic, fast = Side(control, False), Side(control, True)
     assert generic.feed(CER, 0.0) == fast.feed(CER, 0.0)
     return generic, fast

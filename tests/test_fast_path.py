@@ -149,6 +149,7 @@ HANDED_BACK = {
                                            if a[:4] != u32(283)]),
     "Origin-Host with a trailing dot": fast.ecr(_replaced(264, E("Origin-Host", "mme.test."))),
     "Origin-Host label ending with -": fast.ecr(_replaced(264, E("Origin-Host", "mme-.test"))),
+    "Origin-Host ending with -": fast.ecr(_replaced(264, E("Origin-Host", "mme.test-"))),
     "Origin-Host label starting with -": fast.ecr(_replaced(264, E("Origin-Host", "-mme"))),
     "Origin-Host empty label": fast.ecr(_replaced(264, E("Origin-Host", "mme..test"))),
     "Origin-Host of 64-byte label": fast.ecr(_replaced(264, E("Origin-Host", "a" * 64))),
@@ -187,6 +188,22 @@ def test_the_budget_counts_avps_at_every_depth():
     assert fast.differential(bytes([16, 0]) + at_budget, fresh=True) == 1
     beyond = fast.ecr(avps + [E("Route-Record", "r")] * 21)
     assert fast.differential(bytes([16, 0]) + beyond, fresh=True) == 0
+
+
+def test_a_retransmission_of_a_fast_answer_is_answered_from_the_duplicate_cache():
+    """The fast path stores its answers as the generic path does: the T-flag copy (generic
+    path) finds the fast path's answer, byte for byte the one sent, with its new Hop-by-Hop
+    id; a copy with other contents is answered anew."""
+    original = fast.ecr(fast.plain_ecr_avps(), hop_by_hop=1, end_to_end=77)
+    retransmitted = fast.ecr(fast.plain_ecr_avps(), flags=0xD0, hop_by_hop=2, end_to_end=77)
+    other = fast.ecr(fast.plain_ecr_avps(imei=fast.IMEIS[1]), flags=0xD0, end_to_end=77)
+    generic, side = fast._open_pair(8)
+    before = side.application.fast_answers
+    for chunk in (original, retransmitted, other):
+        assert side.feed(chunk, 1.0) == generic.feed(chunk, 1.0)
+    assert side.state() == generic.state()
+    assert side.application.fast_answers - before == 1
+    assert (side.duplicates.hits, side.duplicates.mismatches) == (1, 1)
 
 
 def test_a_failing_rule_set_is_answered_by_the_generic_path():

@@ -10,17 +10,17 @@ event loop until the backlog is empty.
 Policy comes in as data: the peer allowlist and the names of a verified TLS certificate
 (checked on CER: 3010 DIAMETER_UNKNOWN_PEER), the duplicate-answer cache (T flag), and the
 admission limits (3004 DIAMETER_TOO_BUSY beyond them); see eir.net.security,
-eir.diameter.overload and eir.diameter.duplicates.
+eir.diameter.overload and eir.diameter.duplicates. With `claims_identity`, a CER that passes
+opens only once the caller
+has checked that its Origin-Host may have one more connection (eir.diameter.identities): the
+peer sets `claiming`, the caller calls `claim_decided`.
 
 An application may also answer runs of requests itself, in C (`answer_run`: the S13 fast
 path, eir.interfaces.s13 and eir/lists/_ecr.c). It is asked wherever a request would be
 handled, inside the same turns (so admission, queueing and 3004 are the generic path's), for
 the messages from there on; it answers those it takes up to the first it does not, which is
 handled here as any other, in order. What the peer does per handled request (counters, idle
-time, the duplicate cache) is done for its answers in `_fast_answered`. With `claims_identity`, a CER that passes
-opens only once the caller
-has checked that its Origin-Host may have one more connection (eir.diameter.identities): the
-peer sets `claiming`, the caller calls `claim_decided`.
+time, the duplicate cache) is done for its answers in `_fast_answered`.
 
 States: WAIT_CER (connected, nothing else allowed) → OPEN → CLOSING (our DPR sent) → CLOSED.
 """
@@ -559,15 +559,14 @@ class PeerConnection:
         if stop == start:
             return out, stop
         self._last_request = now
-        counters = self.counters
-        if counters is not None:
-            for raw in messages[start:stop]:
-                counters.request(int.from_bytes(raw[5:8], "big"))
-        if duplicates is not None:
-            peer_key = self._peer_key
-            for raw, record in zip(messages[start:stop], records):
-                identity, digest = request_keys(peer_key, record[3], raw)
-                duplicates.store(identity, digest, record[4], now)
+        counted = self.counters.request if self.counters is not None else None
+        store = duplicates.store if duplicates is not None else None
+        peer_key = self._peer_key
+        for raw, record in zip(messages[start:stop], records):
+            if counted is not None:
+                counted(int.from_bytes(raw[5:8], "big"))
+            if store is not None:
+                store(*request_keys(peer_key, record[3], raw), record[4], now)
         return out, stop
 
     def _handle(self, raw: bytes, now: float) -> bytes:
