@@ -10,8 +10,13 @@ with --audit, an audit log. Twice, once with `diameter.fast_path` off (the gener
 baseline) and once on, alternating rounds; best and median of the rounds. The answers of the
 two are compared byte for byte.
 
-    python3 bench/fast_path.py [--quick] [--count N] [--batch N] [--profile]
+    python3 bench/fast_path.py [--quick] [--count N] [--batch N] [--profile] [--breakdown]
     # last line of output: JSON figures
+
+--breakdown: what is left, by difference: the fast path with each of the defaults off in
+turn (duplicate cache, admission turns, observations, counters), all of them off, and the C
+call alone (on exact-IMEI and pair hits, and on the whole mix: ranges and TAC rules go
+through RuleSet.decide in Python).
 """
 
 from __future__ import annotations
@@ -32,7 +37,8 @@ import hotpath  # noqa: E402  (puts the checkout's eir/ and tests/ on the path)
 from eir.check.observations import ObservationLog  # noqa: E402
 from eir.check.service import EquipmentCheck  # noqa: E402
 from eir.core.config import DuplicateSettings, OverloadSettings  # noqa: E402
-from eir.core.decision import UnknownPolicy  # noqa: E402
+from eir.core.decision import UnknownPolicy, today  # noqa: E402
+from eir.diameter.codec import Framer  # noqa: E402
 from eir.core.logs import AuditLog  # noqa: E402
 from eir.diameter.dictionary import Dictionary  # noqa: E402
 from eir.diameter.duplicates import DuplicateCache  # noqa: E402
@@ -88,6 +94,51 @@ def per_ecr_us(peer: PeerConnection, reads: list[bytes], ecrs: int) -> float:
     return (time.process_time() - start) * 1e6 / ecrs
 
 
+def without(peer: PeerConnection, *parts: str) -> PeerConnection:
+    """`peer` with some of what `eir serve` keeps by default turned off."""
+    application = peer.applications[S13Application.application_id]
+    if "admission" in parts:
+        peer.admission = None
+        peer._per_turn = peer._bytes_per_turn = sys.maxsize
+    if "duplicates" in parts:
+        peer.duplicates = None
+    if "observations" in parts:
+        application.check.observations = None
+    if "counters" in parts:
+        peer.counters = peer.answers.counters = application.answers.counters = None
+        application.verdict_counts = None
+    return peer
+
+
+def breakdown(rule_set, scratch: Path, reads: list[bytes], ecrs: list[bytes]) -> None:
+    count = len(ecrs)
+    for parts in [(), ("duplicates",), ("admission",), ("observations",), ("counters",),
+                  ("duplicates", "admission", "observations", "counters")]:
+        peer = without(open_peer(rule_set, True, scratch, False), *parts)
+        serve(peer, reads)
+        best = min(per_ecr_us(peer, reads, count) for _ in range(5))
+        print(f"  fast path, {'without ' + ', '.join(parts) if parts else 'as served':54s}"
+              f" {best:6.2f} µs CPU per ECR", flush=True)
+    messages = Framer().feed(b"".join(ecrs))
+    application = open_peer(rule_set, True, scratch, False).applications[
+        S13Application.application_id]
+    args = (application._fast_templates, rule_set.snapshot.hot_lookup, rule_set.decide,
+            today(), True)
+    _, _, records = answer_ecrs(messages, 0, len(messages), 128, *args)
+    exact = [m for m, r in zip(messages, records) if r[2].match.value in ("imei", "imei+imsi")]
+    for name, batch in (("the whole mix", messages), ("exact-IMEI and pair hits", exact)):
+        best = float("inf")
+        for _ in range(5):
+            start = time.process_time()
+            answer_ecrs(batch, 0, len(batch), 128, *args)
+            best = min(best, (time.process_time() - start) * 1e6 / len(batch))
+        print(f"  answer_ecrs alone (C), {name:42s} {best:6.2f} µs CPU per ECR")
+    start = time.process_time()
+    Framer().feed(b"".join(ecrs))
+    print(f"  {'Framer.feed (Python)':64s} "
+          f"{(time.process_time() - start) * 1e6 / count:6.2f} µs CPU per ECR")
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small counts (CI)")
@@ -97,6 +148,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--core", type=int, default=1, help="CPU core to pin to (-1: none)")
     parser.add_argument("--audit", action="store_true", help="with an audit log")
     parser.add_argument("--profile", action="store_true", help="profile the fast path")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="what is left, by difference (see above)")
     args = parser.parse_args(argv)
     if answer_ecrs is None:
         raise SystemExit("eir.lists._lookup is not built: no fast path to measure")
@@ -125,6 +178,8 @@ def main(argv: list[str] | None = None) -> dict:
         for fast, peer in peers.items():
             if peer.events:
                 raise SystemExit(f"the peer logged events during the run: {peer.events[:3]}")
+        if args.breakdown:
+            breakdown(rule_set, scratch, reads, ecrs)
         if args.profile:
             profile = cProfile.Profile()
             profile.runcall(serve, peers[True], reads)
