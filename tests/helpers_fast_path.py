@@ -134,6 +134,7 @@ class Side:
         state = {
             "events": peer.events, "state": peer.state, "closed": peer.closed_reason,
             "backlog": peer.backlog, "reading": peer.reading, "busy": peer.refused_busy,
+            "last request": peer._last_request,  # the idle timeout's clock
             "requests": counters.requests, "received": counters.received,
             "answers": counters.answers, "verdicts": counters.verdicts,
             "observations": self.observations._days, "dropped": self.observations.dropped,

@@ -1,5 +1,6 @@
-"""Fuzz targets on the codec, on the whole Diameter connection handler and on the N5g-eir
-HTTP/2 connection (eir.interfaces.sbi.SbiSession), and the properties they check. One input is plain
+"""Fuzz targets on the codec, on the whole Diameter connection handler, on the S13 fast path
+(against the generic path: tests/helpers_fast_path.py) and on the N5g-eir HTTP/2 connection
+(eir.interfaces.sbi.SbiSession), and the properties they check. One input is plain
 bytes, so the same target runs under atheris (tests/fuzz/run.py, coverage-guided), under
 hypothesis (tests/test_fuzz.py) and on the corpus (tests/fuzz/corpus/).
 
@@ -17,6 +18,8 @@ Input layout (every target): two control bytes, then the stream as the peer woul
           (magic, SETTINGS, WINDOW_UPDATE) comes first; bits 2-3 → clock step between
           chunks (0, 0.5 s, 11 s: past the preface timeout, 301 s: past the idle timeout).
   byte 1: the stream is fed in chunks of this many bytes (0: whole).
+  fast_path: the S13 fast path against the generic path, same layout, bits of its own:
+          tests/helpers_fast_path.py.
 
 A property that does not hold raises AssertionError; any other exception is a crash. Neither
 target catches anything: whatever escapes is a finding.
