@@ -163,6 +163,10 @@ class DiameterSettings(_Strict):
     # decode and validate); beyond: 5009 DIAMETER_AVP_OCCURS_TOO_MANY_TIMES
     # (eir.diameter.overload).
     max_avps_per_message: int = Field(128, ge=32)
+    # Plain ECRs answered by the C fast path (eir/lists/_ecr.c, when built), the rest by the
+    # generic path; false: every request by the generic path (the benchmarks' baseline).
+    # Same answers either way (tests/test_fast_path.py).
+    fast_path: bool = True
     peers: list[AllowedPeerSettings] = Field(default_factory=list)  # []: any peer
     duplicates: DuplicateSettings = Field(default_factory=DuplicateSettings)
     # A CER from an Origin-Host that has an open connection already (eir.diameter.identities):

@@ -15,6 +15,13 @@ opens only once the caller
 has checked that its Origin-Host may have one more connection (eir.diameter.identities): the
 peer sets `claiming`, the caller calls `claim_decided`.
 
+An application may also answer runs of requests itself, in C (`answer_run`: the S13 fast
+path, eir.interfaces.s13 and eir/lists/_ecr.c). It is asked wherever a request would be
+handled, inside the same turns (so admission, queueing and 3004 are the generic path's), for
+the messages from there on; it answers those it takes up to the first it does not, which is
+handled here as any other, in order. What the peer does per handled request (counters, idle
+time, the duplicate cache) is done for its answers in `_fast_answered`.
+
 States: WAIT_CER (connected, nothing else allowed) → OPEN → CLOSING (our DPR sent) → CLOSED.
 """
 
@@ -115,6 +122,18 @@ class Application(Protocol):
         ...
 
     def error_answer(self, header: Header, session_id: Avp | None, error: AvpError) -> bytes: ...
+
+
+class AnswerRun(Protocol):
+    """An application's fast path (optional `answer_run` attribute, None when off): answers
+    messages[start:stop] (`stop` the first it does not take, or `end`), as `handle_request`
+    would have, but for the header checks and AVP decoding and validation that it does
+    itself; returns (answers, stop, records), a record per answer whose fourth item is the
+    request's Origin-Host payload and fifth the answer (when `answers`, else None). Only
+    requests without the T flag; at most `max_avps` AVPs each."""
+
+    def __call__(self, messages: list[bytes], start: int, end: int, max_avps: int,
+                 answers: bool) -> tuple[bytes, int, list]: ...
 
 
 class PeerState(enum.Enum):
@@ -251,6 +270,10 @@ class PeerConnection:
         self._claimed_cer: Header | None = None
         self._held: list[bytes] | None = None
         self._peer_key = b""  # the CER's Origin-Host, lower-cased, once open (duplicates)
+        # An application's fast path (see the module docstring), or None.
+        self._answer_run: AnswerRun | None = next(
+            (run for run in (getattr(a, "answer_run", None) for a in self.applications.values())
+             if run is not None), None)
 
     # -- inputs --------------------------------------------------------------------------
 
@@ -275,16 +298,12 @@ class PeerConnection:
             return self._receive_queued(messages, now, serve=True)
         # Answered now, as this connection's turn.
         self._full_turn = count >= self._per_turn or size >= self._bytes_per_turn
-        if count == 1 and framer.error is None:
+        if count == 1 and framer.error is None and self._answer_run is None:
             return self._handle(messages[0], now)
-        out = []
-        for message in messages:
-            out.append(self._handle(message, now))
-            if self.closed:
-                break
+        out = self._handle_all(messages, now)
         if framer.error is not None and not self.closed:
-            out.append(self._close_unframeable())
-        return b"".join(out)
+            out += self._close_unframeable()
+        return out
 
     @property
     def backlog(self) -> int:
@@ -430,7 +449,7 @@ class PeerConnection:
         bytes of them are answered (whichever comes first; one at least)."""
         queue = self._queue
         admission = self.admission
-        out = []
+        turn = []
         served = served_bytes = 0
         while queue and served < self._per_turn and served_bytes < self._bytes_per_turn:
             message = queue.popleft()
@@ -440,9 +459,10 @@ class PeerConnection:
             admission.queued_bytes_total -= size
             served += 1
             served_bytes += size
-            out.append(self._handle(message, now))
-            if self.closed:
-                break
+            turn.append(message)
+        # Taken off the queue first, then handled: should one close the connection, the rest
+        # of the turn is dropped with the queue (_close), as if it had stayed queued.
+        out = self._handle_all(turn, now)
         self._full_turn = served >= self._per_turn or served_bytes >= self._bytes_per_turn
         if not self.reading and (
                 len(queue) <= admission.max_queued_per_connection // 2
@@ -453,7 +473,7 @@ class PeerConnection:
                                 f"overloaded; {self._refused_in_episode} request(s) were "
                                 "answered 3004 DIAMETER_TOO_BUSY"))
             self._refused_in_episode = 0
-        return b"".join(out)
+        return out
 
     def _serve_all_then_close(self, now: float) -> bytes:
         """The stream cannot be framed any further: answer what came before, then close."""
@@ -525,6 +545,48 @@ class PeerConnection:
         self._next_end_to_end = (self._next_end_to_end + 1) & 0xFFFFF
         return encode_message(FLAG_REQUEST, code, APPLICATION_COMMON, hop_by_hop, end_to_end,
                               self.answers.origin + extra)
+
+    def _handle_all(self, messages: list[bytes], now: float) -> bytes:
+        """Handle messages in order until the connection closes: runs of them by the fast
+        path while the connection is open, the others one by one (`_handle`)."""
+        answer_run = self._answer_run
+        out = []
+        index, count = 0, len(messages)
+        while index < count:
+            if answer_run is not None and self.state is PeerState.OPEN and self._held is None:
+                answers, index = self._fast_answered(answer_run, messages, index, count, now)
+                out.append(answers)
+                if index == count:
+                    break
+            out.append(self._handle(messages[index], now))
+            index += 1
+            if self.closed:
+                break
+        return b"".join(out)
+
+    def _fast_answered(self, answer_run: AnswerRun, messages: list[bytes], start: int,
+                       end: int, now: float) -> tuple[bytes, int]:
+        """The fast path's answers from messages[start], and where it stopped; and what
+        `_handle` does per request it answers with the application (the request counted,
+        the idle time restarted, the answer counted by outcome on this connection, the answer
+        kept for retransmissions): in one place, for the whole run."""
+        duplicates = self.duplicates
+        out, stop, records = answer_run(messages, start, end, self.max_avps_per_message,
+                                        duplicates is not None)
+        if stop == start:
+            return out, stop
+        self._last_request = now
+        counted = self.counters.request if self.counters is not None else None
+        store = duplicates.store if duplicates is not None else None
+        peer_key = self._peer_key
+        answered = self.answered
+        for raw, record in zip(messages[start:stop], records):
+            answered[record[2].status_name] += 1  # the verdict, as handle_request's outcome
+            if counted is not None:
+                counted(int.from_bytes(raw[5:8], "big"))
+            if store is not None:
+                store(*request_keys(peer_key, record[3], raw), record[4], now)
+        return out, stop
 
     def _handle(self, raw: bytes, now: float) -> bytes:
         held = self._held
@@ -750,12 +812,7 @@ class PeerConnection:
             self._close(f"CER refused with 5012 DIAMETER_UNABLE_TO_COMPLY: {refusal}",
                         logging.WARNING)
             return answer
-        out = [self._open(header)]
-        for raw in held:
-            out.append(self._handle(raw, now))
-            if self.closed:
-                break
-        return b"".join(out)
+        return self._open(header) + self._handle_all(held, now)
 
     def _open(self, header: Header) -> bytes:
         self.state = PeerState.OPEN

@@ -364,7 +364,7 @@ class EirServer:
         # The check both interfaces run (decide, observe, count, audit): one rule set in force.
         self.check = EquipmentCheck(rule_set, observations)
         self.s13 = S13Application(dictionary, self.local, self.check, counters=self.counters,
-                                  audit=audit)
+                                  audit=audit, fast_path=settings.diameter.fast_path)
         # Several workers (eir.serve.workers): the supervisor has `supervisor` and no Diameter
         # connections of its own; a worker has `worker_channel` and no listeners.
         self.supervisor = None
