@@ -39,6 +39,7 @@ import datetime
 import gc
 import json
 import os
+import queue
 import random
 import shutil
 import socket
@@ -47,6 +48,7 @@ import sys
 import tempfile
 import threading
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,6 +76,8 @@ WORLD_TACS = 200_000  # order of magnitude of TACs ever allocated: the TAC direc
 TARGETS = {"bytes_per_imei": 5.0, "build_rows_per_s": 1_000_000, "start_to_serving_s": 2.0,
            "lookup_p99_us": 2.0}
 CHUNK_ROWS = 2_000_000
+MAX_PLAIN_ENTRIES = 200_000_000  # above: the lists must be zipped to fit the disk
+MIN_FREE_DISK = 4 << 30  # bytes left free on the disk while eir sync runs, or it is killed
 REASONS = (  # DIRBS condition names, `|`-joined when several apply
     ("gsma_not_found", 0.30), ("local_stolen", 0.25), ("duplicate_mk1", 0.15),
     ("not_on_registration_list", 0.15), ("malformed_imei", 0.03),
@@ -131,13 +135,14 @@ class Dataset:
     exceptions: Path | None = None
     pairs: int = 0  # rows of the exceptions list
     pair_sample: np.ndarray | None = None  # random (imei, imsi) rows of it, shape (k, 2)
-    csv_bytes: int = 0  # both files
+    csv_bytes: int = 0  # both files, as written (zipped or not)
+    text_bytes: int = 0  # both files' CSV, uncompressed
     seconds: float = 0.0
 
 
 def generate(directory: Path, n: int, tac_count: int, zipf: float, fill: float,
              spare_fraction: float, seed: int, sample_size: int,
-             exceptions_fraction: float = 0.0) -> Dataset:
+             exceptions_fraction: float = 0.0, zip_level: int = 0) -> Dataset:
     started = time.perf_counter()
     rng = np.random.default_rng(seed)
     counts = tac_counts(n, tac_count, zipf, int(fill * SNR_DIGITS))
@@ -169,8 +174,8 @@ def generate(directory: Path, n: int, tac_count: int, zipf: float, fill: float,
     for i, tail in enumerate(tails):
         tail_table[i, :len(tail)] = np.frombuffer(tail, np.uint8)
 
-    path = directory / f"{datetime.date.today():%Y%m%d}_blacklist.csv"
-    with open(path, "wb") as out:
+    path = directory / f"{datetime.date.today():%Y%m%d}_blacklist{'.zip' if zip_level else '.csv'}"
+    with ListFile(path, zip_level) as out:
         out.write(b"imei,block_date,reasons\n")
         for start in range(0, n, CHUNK_ROWS):
             chunk = keys[start:start + CHUNK_ROWS]
@@ -192,12 +197,15 @@ def generate(directory: Path, n: int, tac_count: int, zipf: float, fill: float,
             flat = row.reshape(-1)
             out.write(flat[flat != 0].tobytes())
     data = Dataset(path, n, tacs, counts, sample)
+    data.text_bytes = out.text_bytes
     pairs = round(exceptions_fraction * n)
     if pairs:
-        data.exceptions = directory / \
-            f"{datetime.date.today():%Y%m%d}_exceptions_{EXCEPTIONS_OPERATOR}.csv"
-        data.pairs, data.pair_sample = generate_exceptions(
-            data.exceptions, rng, pairs, keys[sample_size:], tacs, counts, sample_size)
+        data.exceptions = directory / (f"{datetime.date.today():%Y%m%d}_exceptions_"
+                                       f"{EXCEPTIONS_OPERATOR}{'.zip' if zip_level else '.csv'}")
+        data.pairs, data.pair_sample, pair_text = generate_exceptions(
+            data.exceptions, rng, pairs, keys[sample_size:], tacs, counts, sample_size,
+            zip_level)
+        data.text_bytes += pair_text
     del keys
     data.csv_bytes = sum(p.stat().st_size for p in (path, data.exceptions) if p is not None)
     data.seconds = time.perf_counter() - started
@@ -205,7 +213,8 @@ def generate(directory: Path, n: int, tac_count: int, zipf: float, fill: float,
 
 
 def generate_exceptions(path: Path, rng, pairs: int, blacklisted: np.ndarray,
-                        tacs: np.ndarray, counts: np.ndarray, sample_size: int):
+                        tacs: np.ndarray, counts: np.ndarray, sample_size: int,
+                        zip_level: int = 0):
     """Write a DIRBS exceptions list of `pairs` rows (imei,imsi,msisdn; IMEIs normalised to
     14 digits as DIRBS writes them); returns (rows, a random sample of (imei, imsi) rows).
 
@@ -227,15 +236,76 @@ def generate_exceptions(path: Path, rng, pairs: int, blacklisted: np.ndarray,
     msisdn = 628_000_000_000 + rng.integers(0, 10**9, pairs)
     order = rng.permutation(pairs)
     imei, imsi, msisdn = imei[order], imsi[order], msisdn[order]
-    with open(path, "w") as out:
-        out.write("imei,imsi,msisdn\n")
+    with ListFile(path, zip_level) as out:
+        out.write(b"imei,imsi,msisdn\n")
         for start in range(0, pairs, CHUNK_ROWS):
             end = start + CHUNK_ROWS
             out.write("".join(f"{i:014d},{s},{m}\n" for i, s, m in zip(
                 imei[start:end].tolist(), imsi[start:end].tolist(),
-                msisdn[start:end].tolist())))
+                msisdn[start:end].tolist())).encode())
     picked = rng.choice(pairs, min(sample_size, pairs), replace=False)
-    return pairs, np.stack([imei[picked], imsi[picked]], axis=1)
+    return pairs, np.stack([imei[picked], imsi[picked]], axis=1), out.text_bytes
+
+
+class ListFile:
+    """Where a generated list goes: a plain CSV, or (zip_level > 0) a zip archive holding
+    it as one deflated member named like the archive (`x.zip` holds `x.csv`), as DIRBS
+    publishes its lists. Deflating runs in a thread (zlib releases the GIL) so that it
+    overlaps the generation of the next chunk; zip64 lets the member exceed 4 GiB."""
+
+    def __init__(self, path: Path, zip_level: int = 0):
+        self.path = path
+        self.zip_level = zip_level
+        self.text_bytes = 0  # of CSV, before compression
+
+    def __enter__(self) -> "ListFile":
+        if not self.zip_level:
+            self._file = open(self.path, "wb")
+            self._write = self._file.write
+            return self
+        self._archive = zipfile.ZipFile(self.path, "w", zipfile.ZIP_DEFLATED,
+                                        compresslevel=self.zip_level)
+        self._file = self._archive.open(self.path.with_suffix(".csv").name, "w",
+                                        force_zip64=True)
+        self._queue: queue.Queue = queue.Queue(maxsize=3)
+        self._failure: BaseException | None = None
+        self._thread = threading.Thread(target=self._drain, daemon=True)
+        self._thread.start()
+        self._write = self._queue.put
+        return self
+
+    def _drain(self) -> None:
+        while (chunk := self._queue.get()) is not None:
+            try:
+                self._file.write(chunk)
+            except BaseException as exc:  # reported by close
+                self._failure = exc
+
+    def write(self, chunk: bytes) -> None:
+        self.text_bytes += len(chunk)
+        self._write(chunk)
+
+    def __exit__(self, *exc) -> None:
+        if self.zip_level:
+            self._queue.put(None)
+            self._thread.join()
+            self._file.close()
+            self._archive.close()
+            if self._failure is not None:
+                raise self._failure
+        else:
+            self._file.close()
+
+
+def first_row(path: Path) -> str:
+    """The first data row of a generated list (CSV or zipped)."""
+    if path.suffix == ".zip":
+        with zipfile.ZipFile(path) as archive, archive.open(archive.namelist()[0]) as member:
+            member.readline()
+            return member.readline().decode().strip()
+    with path.open() as handle:
+        handle.readline()
+        return handle.readline().strip()
 
 
 def luhn_ok(imei15: str) -> bool:
@@ -261,6 +331,8 @@ class Build:
     peak_rss: int  # bytes (VmHWM: includes mapped list files, which are page cache)
     output: str
     peak_anon: int = 0  # bytes: the peak of RssAnon, the memory the build really needs
+    peak_store: int = 0  # bytes: the store directory's peak allocated size (PeakDisk)
+    peak_filesystem: int = 0  # bytes: the peak growth of the filesystem's used space
 
 
 def run_sync(source: Path, store: Path, cwd: Path) -> Build:
@@ -270,15 +342,69 @@ def run_sync(source: Path, store: Path, cwd: Path) -> Build:
         started = time.perf_counter()
         process = subprocess.Popen(command, cwd=cwd, env=subprocess_env(), stdout=output,
                                    stderr=subprocess.STDOUT)
+        disk = PeakDisk(store, process)
         peak = PeakRss(process.pid)
         process.wait()
         seconds = time.perf_counter() - started
         peak.stop()
+        disk.stop()
         output.seek(0)
         text = output.read()
     if process.returncode != 0:
         raise SystemExit(f"eir sync failed (exit {process.returncode}):\n{text}")
-    return Build(seconds, peak.bytes, text.strip(), peak.anon)
+    return Build(seconds, peak.bytes, text.strip(), peak.anon, disk.store, disk.filesystem)
+
+
+class PeakDisk:
+    """The peak disk space a sync takes, polled every half second: the store directory's
+    allocated blocks (sort runs, tables, states, the snapshot; holes punched in a file do
+    not count), and the growth of the filesystem's used space since the start (also counts
+    unlinked files still open, such as spilled sections, and whatever else runs on the
+    machine). On a shared machine the sync is killed if the filesystem's free space falls
+    below MIN_FREE_DISK, so that a benchmark does not fill the disk under other work."""
+
+    def __init__(self, store: Path, process: subprocess.Popen):
+        self.root = store
+        self.process = process
+        self.killed = False
+        self.store = 0
+        self.filesystem = 0
+        self._start = self._used()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+
+    def _used(self) -> int:
+        usage = shutil.disk_usage(self.root.parent)
+        if usage.free < MIN_FREE_DISK and self.process.poll() is None:
+            self.killed = True
+            self.process.kill()
+            log(f"eir sync KILLED: {mb(usage.free):,.0f} MB left on the filesystem of "
+                f"{self.root}")
+        return usage.total - usage.free
+
+    def _poll(self) -> None:
+        while True:
+            self.store = max(self.store, _allocated(self.root))
+            self.filesystem = max(self.filesystem, self._used() - self._start)
+            if self._done.wait(0.5):
+                return
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join(5)
+
+
+def _allocated(root: Path) -> int:
+    """Bytes allocated on disk to the files under root (st_blocks: sparse holes excluded)."""
+    total = 0
+    for directory, _, files in os.walk(root):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(directory, name)).st_blocks * 512
+            except OSError:
+                pass  # removed meanwhile
+    return total
 
 
 class PeakRss:
@@ -462,12 +588,12 @@ def _timed(function, queries, day) -> list[int]:
     out = [0] * len(queries)
     for i, (imei, imsi) in enumerate(queries):
         started = clock()
-        function(imei, imsi, None, day)
+        function(imei, imsi, day)
         out[i] = clock() - started
     return out
 
 
-def _empty(imei, imsi=None, software_version=None, day=None):
+def _empty(imei, imsi=None, day=None):
     return None
 
 
@@ -522,18 +648,18 @@ def measure_lookups(snapshot_path: Path, data: Dataset, count: int, seed: int
     paired = [f"{imei:014d}" for imei, _ in pairs]
     paired_imsis = [str(imsi) for _, imsi in pairs[:own]] + random_imsis[own:paired_count]
     for imei in present[:1000]:
-        verdict = rule_set.decide(imei, None, None, day)
+        verdict = rule_set.decide(imei, None, day)
         if verdict.status is not EquipmentStatus.BLACKLISTED or verdict.match is not Match.IMEI:
             raise SystemExit(f"{imei}: expected BLACKLISTED by IMEI, got {verdict}")
     for i, (imei, imsi) in enumerate(zip(paired[:2000], paired_imsis[:2000])):
-        verdict = rule_set.decide(imei, imsi, None, day)
+        verdict = rule_set.decide(imei, imsi, day)
         if i < own:
             if verdict.status is not EquipmentStatus.WHITELISTED or \
                     verdict.match is not Match.IMEI_IMSI:
                 raise SystemExit(f"{imei} with its IMSI {imsi}: expected WHITELISTED by the "
                                  f"IMEI+IMSI pair, got {verdict}")
         else:  # another IMSI: the pair does not apply, the IMEI alone decides
-            alone = rule_set.decide(imei, None, None, day)
+            alone = rule_set.decide(imei, None, day)
             if verdict != alone or verdict.match is Match.IMEI_IMSI:
                 raise SystemExit(f"{imei} with another IMSI {imsi}: expected {alone}, got "
                                  f"{verdict}")
@@ -567,20 +693,22 @@ def build_and_measure(work: Path, name: str, n: int, args):
     source, store = directory / "source", directory / "store"
     source.mkdir(parents=True)
     data = generate(source, n, args.tacs, args.zipf, args.tac_fill, args.spare_fraction,
-                    args.seed, max(args.lookups, 1000), args.exceptions)
+                    args.seed, max(args.lookups, 1000), args.exceptions, args.zip_level)
     log(f"[{name}] generated {data.csv.name}: {n:,} IMEIs in {len(data.tacs):,} TACs "
         f"(largest {data.counts.max():,}, median {int(np.median(data.counts)):,})"
         + (f", and {data.exceptions.name}: {data.pairs:,} IMEI+IMSI pairs"
            if data.exceptions else "") +
-        f", {mb(data.csv_bytes):,.0f} MB, in {data.seconds:.1f} s")
-    with data.csv.open() as handle:
-        handle.readline()
-        first = handle.readline().strip()
+        f", {mb(data.csv_bytes):,.0f} MB"
+        + (f" (deflate level {args.zip_level}; {mb(data.text_bytes):,.0f} MB of CSV)"
+           if args.zip_level else "") + f", in {data.seconds:.1f} s")
+    first = first_row(data.csv)
     log(f"[{name}] first row: {first}  (Luhn {'ok' if luhn_ok(first[:15]) else 'spare 0'})")
     build = run_sync(source, store, directory)
     log(f"[{name}] eir sync: {build.seconds:.1f} s, {(n + data.pairs) / build.seconds:,.0f} "
         "rows/s, "
-        f"peak RSS {mb(build.peak_rss):,.0f} MB -- {build.output.splitlines()[-1]}")
+        f"peak RSS {mb(build.peak_rss):,.0f} MB (anonymous {mb(build.peak_anon):,.0f} MB), "
+        f"peak disk: store {mb(build.peak_store):,.0f} MB, filesystem +"
+        f"{mb(build.peak_filesystem):,.0f} MB -- {build.output.splitlines()[-1]}")
     snapshot = sorted((store / "snapshots").glob("*.eirsnap"))[-1]
     probe = f"{int(data.sample[0]):014d}"
     runs = []
@@ -614,8 +742,22 @@ def main() -> int:
     parser.add_argument("--split", choices=("auto", "yes", "no"), default="auto",
                         help="time sync's steps in-process too (auto: when memory allows)")
     parser.add_argument("--seed", type=int, default=20_200_915)
+    parser.add_argument("--zip-level", type=int, default=0, choices=range(10),
+                        help="write the lists zipped, as DIRBS publishes them, with this "
+                        "deflate level (0: plain CSV)")
+    parser.add_argument("--target", action="store_true",
+                        help=f"Indonesia's {TARGET_ENTRIES:,} IMEIs: --entries "
+                        f"{TARGET_ENTRIES} --zip-level 1 --split no (about an hour and "
+                        "~45 GB of disk here; see bench/RESULTS.md)")
     args = parser.parse_args()
+    if args.target:
+        args.entries, args.split = TARGET_ENTRIES, "no"
+        args.zip_level = args.zip_level or 1
     n = QUICK_ENTRIES if args.quick else args.entries
+    if n > MAX_PLAIN_ENTRIES and not args.zip_level:
+        raise SystemExit(f"{n:,} IMEIs as plain CSV (~43 B a row) would take "
+                         f"{n * 43 * 2 / 1e9:,.0f} GB of disk with the sync's copy: give "
+                         "--zip-level (or --target)")
     if args.workdir:
         args.workdir.mkdir(parents=True, exist_ok=False)
         work = args.workdir
