@@ -76,6 +76,8 @@ WORLD_TACS = 200_000  # order of magnitude of TACs ever allocated: the TAC direc
 TARGETS = {"bytes_per_imei": 5.0, "build_rows_per_s": 1_000_000, "start_to_serving_s": 2.0,
            "lookup_p99_us": 2.0}
 CHUNK_ROWS = 2_000_000
+SERIAL_BITS = 20  # a generated IMEI's code: TAC index << SERIAL_BITS | serial (< 2**20)
+SERIAL_MASK = (1 << SERIAL_BITS) - 1
 MAX_PLAIN_ENTRIES = 200_000_000  # above: the lists must be zipped to fit the disk
 MIN_FREE_DISK = 4 << 30  # bytes left free on the disk while eir sync runs, or it is killed
 REASONS = (  # DIRBS condition names, `|`-joined when several apply
@@ -151,15 +153,22 @@ def generate(directory: Path, n: int, tac_count: int, zipf: float, fill: float,
     candidates = (rng.choice(TAC_PREFIXES, 3 * len(counts), p=(.40, .30, .10, .05, .05, .05, .05))
                   .astype(np.int64) * 1_000_000 + rng.integers(0, 1_000_000, 3 * len(counts)))
     tacs = rng.permutation(np.unique(candidates))[:len(counts)]
-    keys = np.empty(n, np.uint64)
+    # Each IMEI as (index of its TAC in `tacs`) << SERIAL_BITS | serial: its digits and
+    # Luhn sum then come from small tables (digit_table), not from 14 divisions a row.
+    codes = np.empty(n, np.uint64)
     position = 0
-    for tac, count in zip(tacs.tolist(), counts.tolist()):
+    for index, count in enumerate(counts.tolist()):
         serials = rng.choice(SNR_DIGITS, size=count, replace=False)
-        keys[position:position + count] = serials
-        keys[position:position + count] += np.uint64(tac * SNR_DIGITS)
+        codes[position:position + count] = serials
+        codes[position:position + count] |= np.uint64(index << SERIAL_BITS)
         position += count
-    rng.shuffle(keys)  # a registry export is in no useful order: the build must sort
-    sample = keys[:sample_size].copy()
+    rng.shuffle(codes)  # a registry export is in no useful order: the build must sort
+
+    def keys_of(some_codes: np.ndarray) -> np.ndarray:  # 14-digit keys
+        return (tacs[(some_codes >> np.uint64(SERIAL_BITS)).astype(np.intp)].astype(np.uint64)
+                * np.uint64(SNR_DIGITS) + (some_codes & np.uint64(SERIAL_MASK)))
+
+    sample = keys_of(codes[:sample_size])
 
     dates = [(datetime.date(2021, 1, 15) + datetime.timedelta(days=30 * i)).strftime("%Y%m%d")
              for i in range(36)]
@@ -167,35 +176,44 @@ def generate(directory: Path, n: int, tac_count: int, zipf: float, fill: float,
     date_p /= date_p.sum()
     reason_p = np.array([p for _, p in REASONS])
     reason_p /= reason_p.sum()
-    tails = [f",{d},{r}\n".encode() for d in dates for r, _ in REASONS]
-    combo_p = np.outer(date_p, reason_p).ravel()
-    width = max(len(t) for t in tails)
-    tail_table = np.zeros((len(tails), width), np.uint8)
-    for i, tail in enumerate(tails):
-        tail_table[i, :len(tail)] = np.frombuffer(tail, np.uint8)
+    tails = [np.frombuffer(f",{d},{r}\n".encode(), np.uint8) for d in dates for r, _ in REASONS]
+    tail_cdf = np.cumsum(np.outer(date_p, reason_p).ravel())
+    tac_digits, tac_luhn = digit_table(tacs, 8)
+    serial_digits, serial_luhn = digit_table(np.arange(SNR_DIGITS), 6)
 
     path = directory / f"{datetime.date.today():%Y%m%d}_blacklist{'.zip' if zip_level else '.csv'}"
     with ListFile(path, zip_level) as out:
         out.write(b"imei,block_date,reasons\n")
         for start in range(0, n, CHUNK_ROWS):
-            chunk = keys[start:start + CHUNK_ROWS]
-            m = len(chunk)
-            row = np.zeros((m, 15 + width), np.uint8)  # 0 bytes: padding, dropped below
-            digits = row[:, :14]
-            rest = chunk.copy()
-            for j in range(13, -1, -1):
-                digits[:, j] = rest % 10
-                rest //= 10
-            doubled = digits[:, 1::2] * 2
-            total = digits[:, 0::2].sum(1, dtype=np.int64) + \
-                (doubled // 10 + doubled % 10).sum(1, dtype=np.int64)
+            m = min(CHUNK_ROWS, n - start)
+            # The rows of a chunk are written grouped by their block_date and reasons
+            # (fixed-width blocks, no per-byte packing); the IMEIs stay in random order.
+            tail = np.minimum(np.searchsorted(tail_cdf, rng.random(m)), len(tails) - 1)
+            order = np.argsort(tail.astype(np.uint8), kind="stable")
+            chunk = codes[start:start + m][order]
+            tac_index = (chunk >> np.uint64(SERIAL_BITS)).astype(np.intp)
+            serial = (chunk & np.uint64(SERIAL_MASK)).astype(np.intp)
+            imei = np.empty((m, 15), np.uint8)
+            imei[:, :8] = tac_digits[tac_index]
+            imei[:, 8:14] = serial_digits[serial]
+            total = tac_luhn[tac_index] + serial_luhn[serial]
             check = ((10 - total % 10) % 10).astype(np.uint8)
             check[rng.random(m) < spare_fraction] = 0  # "spare digit" 0 instead of Luhn
-            row[:, 14] = check
-            row[:, :15] += 48
-            row[:, 15:] = tail_table[rng.choice(len(tails), m, p=combo_p)]
-            flat = row.reshape(-1)
-            out.write(flat[flat != 0].tobytes())
+            imei[:, 14] = check + 48
+            counts_per_tail = np.bincount(tail, minlength=len(tails))
+            text = np.empty(int(counts_per_tail @ np.array([15 + len(t) for t in tails])),
+                            np.uint8)
+            row = at = 0
+            for tail_bytes, count in zip(tails, counts_per_tail.tolist()):
+                if not count:
+                    continue
+                width = 15 + len(tail_bytes)
+                block = text[at:at + count * width].reshape(count, width)
+                block[:, :15] = imei[row:row + count]
+                block[:, 15:] = tail_bytes
+                row += count
+                at += count * width
+            out.write(text)
     data = Dataset(path, n, tacs, counts, sample)
     data.text_bytes = out.text_bytes
     pairs = round(exceptions_fraction * n)
@@ -203,13 +221,27 @@ def generate(directory: Path, n: int, tac_count: int, zipf: float, fill: float,
         data.exceptions = directory / (f"{datetime.date.today():%Y%m%d}_exceptions_"
                                        f"{EXCEPTIONS_OPERATOR}{'.zip' if zip_level else '.csv'}")
         data.pairs, data.pair_sample, pair_text = generate_exceptions(
-            data.exceptions, rng, pairs, keys[sample_size:], tacs, counts, sample_size,
-            zip_level)
+            data.exceptions, rng, pairs, keys_of(codes[sample_size:sample_size + pairs]),
+            tacs, counts, sample_size, zip_level)
         data.text_bytes += pair_text
-    del keys
+    del codes
     data.csv_bytes = sum(p.stat().st_size for p in (path, data.exceptions) if p is not None)
     data.seconds = time.perf_counter() - started
     return data
+
+
+def digit_table(values: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ASCII digits of each value, zero-padded to `width`; each value's Luhn sum, its
+    odd positions doubled): an IMEI's TAC is 8 digits and its serial 6, both even, so the
+    IMEI's Luhn sum is its TAC's plus its serial's."""
+    digits = np.empty((len(values), width), np.uint8)
+    rest = values.astype(np.uint64)
+    for j in range(width - 1, -1, -1):
+        digits[:, j] = rest % 10
+        rest //= 10
+    doubled = digits[:, 1::2] * 2
+    luhn = digits[:, 0::2].sum(1, dtype=np.int64) + (doubled // 10 + doubled % 10).sum(1)
+    return digits + 48, luhn.astype(np.uint16)
 
 
 def generate_exceptions(path: Path, rng, pairs: int, blacklisted: np.ndarray,
