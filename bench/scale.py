@@ -608,6 +608,66 @@ def _mapping_rss(pid: int, path: Path) -> int:
     return total
 
 
+def format_served(served: dict) -> str:
+    return (f"{served['rate']:,.0f} ECR/s, p50 {served['p50_ms']:.2f} / p99 "
+            f"{served['p99_ms']:.2f} ms, server CPU {served['server_cpu_us_per_ecr']:.1f} "
+            f"µs/ECR, errors {served['errors']}")
+
+
+# -- 8. ECRs served from the snapshot --------------------------------------------------------
+
+
+def serve_rate(store: Path, cwd: Path, seconds: float, seed: int, count: int = 20_000
+               ) -> dict:
+    """`eir serve --store STORE --workers 1` loaded by `eir replay` flat out on one
+    connection (window 128) for `seconds`: ECR/s, latency and the server's CPU per ECR (its
+    process tree, from /proc). The mix: `count` listed IMEIs drawn from the snapshot with a
+    random IMSI, its IMEI+IMSI pairs with their own IMSI, and as many IMEIs absent from
+    the list (random serials in its TACs), shuffled."""
+    from load_table import replay  # bench/: eir replay's JSON report, trimmed
+    from helpers_process import start_eir
+
+    rng = random.Random(seed)
+    snapshot = Snapshot.open(sorted((store / "snapshots").glob("*.eirsnap"))[-1])
+    subjects = [(imei, imsi or str(IMSI_PREFIX * 10**10 + rng.randrange(10**10)))
+                for imei, imsi in snapshot.sample_subjects(rng, count // 2)]
+    tacs = snapshot._tac
+    subjects += [(f"{tacs[rng.randrange(len(tacs))] * SNR_DIGITS + rng.randrange(SNR_DIGITS):014d}",
+                  str(IMSI_PREFIX * 10**10 + rng.randrange(10**10))) for _ in range(count // 2)]
+    rng.shuffle(subjects)
+    del snapshot, tacs
+    mix = cwd / "serve-mix.csv"
+    mix.write_text("imei,imsi\n" + "".join(f"{imei},{imsi}\n" for imei, imsi in subjects))
+    server = start_eir("--store", str(store), "--workers", "1", lists=[], cwd=cwd,
+                       timeout=120)
+    try:
+        before = _tree_cpu(server.process.pid)
+        report = replay(server.port, mix, seconds, None, [])
+        cpu = _tree_cpu(server.process.pid) - before
+    finally:
+        server.stop()
+    report["server_cpu_us_per_ecr"] = cpu * 1e6 / max(1, report["sent"])
+    report["mix"] = len(subjects)
+    return report
+
+
+def _tree_cpu(pid: int) -> float:
+    """CPU seconds (user + system) of a process and its descendants, from /proc."""
+    total = 0.0
+    ticks = os.sysconf("SC_CLK_TCK")
+    pending = [pid]
+    while pending:
+        current = pending.pop()
+        try:
+            fields = Path(f"/proc/{current}/stat").read_text().rpartition(")")[2].split()
+            total += (int(fields[11]) + int(fields[12])) / ticks
+            for task in Path(f"/proc/{current}/task").iterdir():
+                pending += [int(c) for c in (task / "children").read_text().split()]
+        except (OSError, ValueError):
+            continue  # exited meanwhile
+    return total
+
+
 # -- 5. lookup -----------------------------------------------------------------------------
 
 
@@ -777,6 +837,11 @@ def main() -> int:
     parser.add_argument("--zip-level", type=int, default=0, choices=range(10),
                         help="write the lists zipped, as DIRBS publishes them, with this "
                         "deflate level (0: plain CSV)")
+    parser.add_argument("--serve-seconds", type=float, default=10,
+                        help="seconds of eir replay against eir serve --store (0: none)")
+    parser.add_argument("--serve-rate-of", type=Path, metavar="DIR",
+                        help="only that: the ECRs served from DIR/store, the main/ directory "
+                        "of a --keep run")
     parser.add_argument("--target", action="store_true",
                         help=f"Indonesia's {TARGET_ENTRIES:,} IMEIs: --entries "
                         f"{TARGET_ENTRIES} --zip-level 1 --split no (about an hour and "
@@ -785,6 +850,14 @@ def main() -> int:
     if args.target:
         args.entries, args.split = TARGET_ENTRIES, "no"
         args.zip_level = args.zip_level or 1
+    if args.serve_rate_of:
+        work = args.serve_rate_of
+        log(f"eir replay flat out on one connection for {args.serve_seconds:g} s against "
+            f"eir serve --store {work / 'store'} --workers 1 ...")
+        served = serve_rate(work / "store", work, args.serve_seconds, args.seed)
+        log(format_served(served))
+        log(json.dumps(served))
+        return 0
     n = QUICK_ENTRIES if args.quick else args.entries
     if n > MAX_PLAIN_ENTRIES and not args.zip_level:
         raise SystemExit(f"{n:,} IMEIs as plain CSV (~43 B a row) would take "
@@ -850,6 +923,13 @@ def run(work: Path, n: int, args) -> int:
     lookups, overhead, open_seconds, tac_count = measure_lookups(snapshot, data, args.lookups,
                                                                  args.seed)
     with_imsi = max(lookups, key=lambda item: item.p99)
+    served = None
+    if args.serve_seconds:
+        log(f"[main] eir replay flat out on one connection for {args.serve_seconds:g} s "
+            "against eir serve --store --workers 1 ...")
+        served = serve_rate(work / "main" / "store", work / "main", args.serve_seconds,
+                            args.seed)
+        log(f"[main]   {format_served(served)}")
 
     # -- 7. extrapolation
     tac_directory = sum(sections[s][1] for s in ("tac", "tac_start"))
@@ -919,6 +999,8 @@ def run(work: Path, n: int, args) -> int:
                      "p99 <= 2 µs" if item is with_imsi else "",
                      mark("lookup_p99_us") if item is with_imsi else ""))
     rows += [
+        ("ECRs served (eir replay, 1 connection)",
+         format_served(served) if served else "not measured", "", ""),
         ("VmRSS of eir serve after 1st answer (warm)",
          f"{mb(warm.vm_rss):,.1f} MB (anon {mb(warm.rss_anon):,.1f}, file {mb(warm.rss_file):,.1f})",
          f"snapshot {mb(snapshot_bytes):,.1f} MB", f"{rss_ratio:.3f}x"),
@@ -989,6 +1071,8 @@ def run(work: Path, n: int, args) -> int:
         "extrapolated_1_2e9_build_minutes": round(extrapolated_build_s / 60, 1),
         "extrapolated_1_2e9_build_peak_gb": round(extrapolated_peak / 1e9, 1),
         "extrapolated_1_2e9_pairs_gb": round(extrapolated_pair_bytes / 1e9, 2),
+        "ecr_per_s": round(served["rate"]) if served else None,
+        "ecr_server_cpu_us": round(served["server_cpu_us_per_ecr"], 1) if served else None,
         "targets_met": met,
     }))
     return 0
