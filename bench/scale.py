@@ -4,19 +4,27 @@ in-process lookup, with the figures extrapolated to 1.2 billion IMEIs.
     python3 bench/scale.py                      # 100,000,000 IMEIs (about 10 minutes here)
     python3 bench/scale.py --quick              # 1,000,000 IMEIs, about 30 s (CI)
     python3 bench/scale.py --entries 10000000 --keep --workdir /tmp/scale10m
+    python3 bench/scale.py --target --keep --workdir /tmp/scale-1200m
+                                                # 1,200,000,000 IMEIs, zipped; ~30 GB of
+                                                # disk and hours on a shared 2-core VM
+                                                # (bench/RESULTS.md, "1.2 billion IMEIs")
 
 Steps (a work directory under /tmp, removed at the end unless --keep):
 
 1. Generate `<date>_blacklist.csv` (imei,block_date,reasons): N distinct IMEIs over about
    20,000 TACs with Zipf popularity (a TAC holds at most --tac-fill of its 1,000,000 serial
    numbers, the excess goes to the next TACs), in random order; 15 digits, Luhn check digit
-   or a spare 0; 36 block dates and 7 reason combinations. numpy, chunked writes. And the
+   or a spare 0; 36 block dates and 7 reason combinations (the rows of each 2,000,000-row
+   chunk grouped by them). numpy, chunked writes; with --zip-level (--target: 1) the lists
+   are `<date>_blacklist.zip` etc., one deflated CSV each, as DIRBS publishes them. And the
    exceptions (pairing) list `<date>_exceptions_<op>.csv` (imei,imsi,msisdn) beside it:
    --exceptions x N pairs (5%), IMEIs from the same TAC popularity, a fifth of them taken
    from the blacklist (a blocked IMEI its owner's SIM may still use), 3% with a second IMSI;
    IMSIs of one MCC/MNC. `eir sync` compiles both into one snapshot.
 2. `python -m eir sync --source DIR --store STORE` as a subprocess (import time counts):
-   rows/s and its peak RSS (VmHWM polled). Then the same steps called in-process, each timed, for
+   rows/s, its peak RSS (VmHWM and RssAnon polled) and peak disk (the store directory's
+   allocated blocks, and the filesystem's growth; the sync is killed if less than 4 GiB stay
+   free). Then the same steps called in-process, each timed, for
    the split (checksum, parse, compile, publish) with the peak RSS of each step.
 3. Bytes per IMEI: snapshot file size / N.
 4. Start-up: wall time from Popen of `python -m eir serve --store STORE --listen
@@ -27,7 +35,10 @@ Steps (a work directory under /tmp, removed at the end unless --keep):
    an IMSI: 40% listed IMEIs, 40% absent ones, 20% IMEIs of exception pairs (with the IMSI:
    half of those carry their paired IMSI, half another one).
 6. The serving process's resident memory after its first answer, against the snapshot size.
-7. The figures extrapolated to 1.2 billion IMEIs, with the reasoning.
+7. ECRs served from the snapshot: `eir serve --store --workers 1` and `eir replay` flat out
+   on one connection for --serve-seconds (listed IMEIs, IMEI+IMSI pairs and absent IMEIs),
+   with the server's CPU per ECR (`--serve-rate-of DIR`: only this, on a kept run).
+8. The figures extrapolated to 1.2 billion IMEIs, with the reasoning.
 
 The last line printed is one JSON object with the headline figures.
 """
