@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from eir.core.decision import EquipmentStatus
-from eir.lists import table
+from eir.lists import sections, table
 from eir.lists.entries import Attribute, Kind, ListDelta, ListEntries
 from eir.lists.state import ListState
 from eir.lists.table import Block, EntrySorter, merge, open_table, write_table
@@ -166,11 +166,11 @@ def test_sorter_gives_the_runs_disk_space_back_as_it_merges_them(tmp_path, monke
     # punched out while the merge goes on, and the result is the same as one sort.
     punched = []
 
-    def punch(descriptor, offset, length, real=table._punch_hole):
+    def punch(descriptor, offset, length, real=table.punch_hole):
         punched.append((os.fstat(descriptor).st_ino, offset, length))
         return real(descriptor, offset, length)
 
-    monkeypatch.setattr(table, "_punch_hole", punch)
+    monkeypatch.setattr(table, "punch_hole", punch)
     monkeypatch.setattr(table, "BLOCK_ROWS", 2000)
     entries = random_entries(200_000)
     sorter = EntrySorter(tmp_path, run_rows=25_000)
@@ -229,3 +229,27 @@ def test_sync_compiles_from_the_saved_states_with_the_scratch_tables_dropped(tmp
     assert any(name.startswith("blacklist-") for name in seen["lists from"])
     verdict = store.open_current().lookup(f"{imeis[0]}", None, 20300101)
     assert verdict is not None and verdict.status is EquipmentStatus.BLACKLISTED
+
+
+def test_spilled_sections_give_their_disk_space_back_as_they_are_copied(tmp_path,
+                                                                         monkeypatch):
+    # Spilled sections are copied into the file in 16 MB pieces, each punched out of the
+    # spill after it is copied: the spill and the file do not both hold the section.
+    punched = []
+
+    def punch(descriptor, offset, length, real=sections.punch_hole):
+        punched.append((offset, length))
+        return real(descriptor, offset, length)
+
+    entries = random_entries(3_000_000, attributes=5).sorted()
+    whole = tmp_path / "whole.table"
+    write_table(whole, [entries], {})
+    monkeypatch.setattr(sections, "punch_hole", punch)
+    monkeypatch.setattr(sections, "SPILL_BYTES", 1 << 20)
+    spilled = tmp_path / "spilled.table"
+    write_table(spilled, [entries.slice(i, i + 500_000) for i in range(0, 3_000_000, 500_000)],
+                {})
+    assert spilled.read_bytes() == whole.read_bytes()
+    # imei: 24,000,000 bytes in two pieces, attribute: 12,000,000 in one
+    assert sorted(punched) == [(0, 12_000_000), (0, 16 << 20),
+                               (16 << 20, 24_000_000 - (16 << 20))]

@@ -23,13 +23,10 @@ memory.
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import itertools
 import json
 import mmap
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -37,7 +34,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from eir.lists.entries import ListEntries
-from eir.lists.sections import SectionFileError, SectionWriter, read_sections
+from eir.lists.sections import SectionFileError, SectionWriter, punch_hole, read_sections
 
 TABLE_MAGIC = b"EIRLIST1"
 COLUMN_TYPES = {"imei": "<u8", "imsi": "<u8", "subscriber": "<u8", "attribute": "<u4"}
@@ -362,7 +359,7 @@ class _Release:
                 offset, size, punched = column
                 end = (offset + self.consumed[index] * size) // _PAGE * _PAGE
                 start = -(-punched // _PAGE) * _PAGE
-                if end > start and not _punch_hole(descriptor, start, end - start):
+                if end > start and not punch_hole(descriptor, start, end - start):
                     self.close()  # not supported here: keep the runs whole
                     return
                 column[2] = max(punched, end)
@@ -385,29 +382,3 @@ def _column_offsets(path: Path) -> list[tuple[int, int]]:
     body = (16 + length + 7) & ~7
     return [(body + offset, np.dtype(COLUMN_TYPES[name]).itemsize)
             for name, (offset, _) in header["sections"].items()]
-
-
-_FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
-
-
-def _punch_hole(descriptor: int, offset: int, length: int) -> bool:
-    """Deallocate [offset, offset + length) of a file (reads give zeros); False where the
-    OS or filesystem does not support it."""
-    fallocate = _libc_fallocate()
-    if fallocate is None:
-        return False
-    return fallocate(descriptor, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE,
-                     offset, length) == 0
-
-
-@functools.cache
-def _libc_fallocate():
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        function = ctypes.CDLL(None, use_errno=True).fallocate
-    except (OSError, AttributeError):
-        return None
-    function.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    function.restype = ctypes.c_int
-    return function
