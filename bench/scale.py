@@ -954,8 +954,15 @@ def run(work: Path, n: int, args) -> int:
     # both lists grow with the blacklist: 1.2e9 IMEIs and the same share of pairs
     extrapolated_build_s = TARGET_ENTRIES * (n + data.pairs) / n / rows_per_s
     # The build sorts in spilled runs and merges block by block (eir/lists/table.py): its
-    # anonymous memory is bounded by the run size, so the slope is ~0, not a cost per row.
-    extrapolated_peak = build.peak_anon + max(0.0, peak_per_row) * (TARGET_ENTRIES - n)
+    # anonymous memory is bounded by the run size, so the slope is ~0, not a cost per row,
+    # once the list fills a few runs; below that the slope measures the runs filling up
+    # and says nothing of larger lists (measured: 2.3 GB at 1.2e9, bench/RESULTS.md).
+    from eir.lists.table import RUN_ROWS
+    extrapolated_peak = build.peak_anon + max(0.0, peak_per_row) * (TARGET_ENTRIES - n) \
+        if n >= 2 * RUN_ROWS else None
+    peak_text = (f"{mb(build.peak_anon):,.0f} MB + {peak_per_row:.1f} B per extra row = "
+                 f"{extrapolated_peak / 1e9:.1f} GB at 1.2e9" if extrapolated_peak else
+                 f"not extrapolated from fewer than two runs of {RUN_ROWS:,} rows")
     largest_tac = int(data.counts.max())
     probes = int(np.ceil(np.log2(largest_tac + 1)))
 
@@ -1041,9 +1048,9 @@ def run(work: Path, n: int, args) -> int:
     log(f"  build: 1.2e9 x {(n + data.pairs) / n:.2f} rows / {rows_per_s:,.0f} rows/s = "
         f"{extrapolated_build_s / 60:.1f} min "
         f"(linear: parse and checksum are; the two sorts are n log n, a few % more). Peak "
-        f"anonymous memory is bounded by the sort runs: {mb(build.peak_anon):,.0f} MB + "
-        f"{peak_per_row:.1f} B per extra row = {extrapolated_peak / 1e9:.1f} GB at 1.2e9; "
-        f"the spilled runs and tables need ~12-28 B per row of scratch disk in the store.")
+        f"anonymous memory is bounded by the sort runs: {peak_text} "
+        f"(measured at 1.2e9: 2.3 GB); the sync's scratch disk is ~24 B per row at its peak "
+        f"(sync measured +{mb(build.peak_filesystem):,.0f} MB on the filesystem here).")
     log(f"  start-up: independent of the IMEI count. Opening maps the file and parses only "
         f"the header JSON (attributes: {len(header['attributes'])}, O(meanings)) and checks "
         f"the TAC directory (O(TACs): {tac_count:,} here, ~{WORLD_TACS:,} at most worldwide); "
@@ -1080,7 +1087,8 @@ def run(work: Path, n: int, args) -> int:
         "snapshot_mb": round(mb(snapshot_bytes), 1),
         "extrapolated_1_2e9_snapshot_gb": round(extrapolated_bytes / 1e9, 2),
         "extrapolated_1_2e9_build_minutes": round(extrapolated_build_s / 60, 1),
-        "extrapolated_1_2e9_build_peak_gb": round(extrapolated_peak / 1e9, 1),
+        "extrapolated_1_2e9_build_peak_gb": round(extrapolated_peak / 1e9, 1)
+        if extrapolated_peak else None,
         "extrapolated_1_2e9_pairs_gb": round(extrapolated_pair_bytes / 1e9, 2),
         "ecr_per_s": round(served["rate"]) if served else None,
         "ecr_server_cpu_us": round(served["server_cpu_us_per_ecr"], 1) if served else None,
