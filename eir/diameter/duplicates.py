@@ -35,9 +35,9 @@ Session-Id) fill the byte budget with fewer entries. Entries older than the wind
 in batches (every `EXPIRY_BATCH` stores, and before each look-up). An answer larger than the
 whole budget is not stored.
 
-The cost on the hot path: a BLAKE2b digest of the request's AVPs (~0.7 µs for an ECR here,
-the most of it), a dict insert and two deque appends per answered request; only requests with
-the T flag look answers up.
+The cost on the hot path: a BLAKE2b digest of the request's AVPs (~0.6 µs for an ECR here,
+the most of it), a dict insert and two deque appends per answered request (`store_all` for
+the fast path's runs: ~1 µs an answer in all); only requests with the T flag look answers up.
 """
 
 from __future__ import annotations
@@ -110,6 +110,34 @@ class DuplicateCache:
         if not self._until_expiry:
             self._until_expiry = EXPIRY_BATCH
             self._expire(now)
+
+    def store_all(self, peer: bytes, requests: list[bytes], origin_hosts: list[bytes],
+                  answers: list[bytes], now: float) -> None:
+        """`store(*request_keys(peer, origin_host, raw), answer, now)` for each request in
+        order (the fast path's runs, eir.diameter.peer): the same entries, in one loop with
+        request_keys inline and the state in locals; a store that evicts or is due to expire
+        goes through `store` itself. tests/test_duplicates.py compares the two."""
+        entries = self._entries
+        identities, times = self._identities, self._times
+        max_bytes, max_entries = self.max_bytes, self.max_entries
+        total, until_expiry = self.bytes, self._until_expiry
+        for raw, origin_host, answer in zip(requests, origin_hosts, answers):
+            identity = raw[5:12] + raw[16:20] + peer + origin_host  # as request_keys
+            if identity in entries:
+                continue  # the first answer stands (store does the same)
+            digest = blake2b(memoryview(raw)[20:], digest_size=DIGEST_BYTES).digest()
+            cost = ENTRY_OVERHEAD_BYTES + len(identity) + DIGEST_BYTES + len(answer)
+            if until_expiry == 1 or total + cost > max_bytes or len(entries) >= max_entries:
+                self.bytes, self._until_expiry = total, until_expiry
+                self.store(identity, digest, answer, now)
+                total, until_expiry = self.bytes, self._until_expiry
+                continue
+            entries[identity] = digest + answer
+            identities.append(identity)
+            times.append(now)
+            total += cost
+            until_expiry -= 1
+        self.bytes, self._until_expiry = total, until_expiry
 
     def answer_for(self, identity: bytes, digest: bytes, raw: bytes,
                    now: float) -> bytes | None:
