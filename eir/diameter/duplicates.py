@@ -114,28 +114,32 @@ class DuplicateCache:
     def store_all(self, peer: bytes, requests: list[bytes], origin_hosts: list[bytes],
                   answers: list[bytes], now: float) -> None:
         """`store(*request_keys(peer, origin_host, raw), answer, now)` for each request in
-        order (the fast path's runs, eir.diameter.peer): the same entries, in one loop with
-        request_keys inline and the state in locals; a store that evicts or is due to expire
-        goes through `store` itself. tests/test_duplicates.py compares the two."""
+        order (the fast path's runs, eir.diameter.peer): the same entries, evictions and byte
+        count, in one loop with request_keys inline and the state in locals; a store that is
+        due to expire entries, or too large to keep, goes through `store` itself.
+        tests/test_duplicates.py compares the two."""
         entries = self._entries
         identities, times = self._identities, self._times
         max_bytes, max_entries = self.max_bytes, self.max_entries
+        drop_oldest = self._drop_oldest  # (its own update of self.bytes is overwritten below)
         total, until_expiry = self.bytes, self._until_expiry
         for raw, origin_host, answer in zip(requests, origin_hosts, answers):
             identity = raw[5:12] + raw[16:20] + peer + origin_host  # as request_keys
             if identity in entries:
                 continue  # the first answer stands (store does the same)
-            digest = blake2b(memoryview(raw)[20:], digest_size=DIGEST_BYTES).digest()
-            cost = ENTRY_OVERHEAD_BYTES + len(identity) + DIGEST_BYTES + len(answer)
-            if until_expiry == 1 or total + cost > max_bytes or len(entries) >= max_entries:
+            entry = blake2b(memoryview(raw)[20:], digest_size=DIGEST_BYTES).digest() + answer
+            cost = ENTRY_OVERHEAD_BYTES + len(identity) + len(entry)
+            if until_expiry == 1 or cost > max_bytes:
                 self.bytes, self._until_expiry = total, until_expiry
-                self.store(identity, digest, answer, now)
+                self.store(identity, entry[:DIGEST_BYTES], answer, now)
                 total, until_expiry = self.bytes, self._until_expiry
                 continue
-            entries[identity] = digest + answer
+            total += cost
+            while entries and (total > max_bytes or len(entries) >= max_entries):
+                total -= drop_oldest()
+            entries[identity] = entry
             identities.append(identity)
             times.append(now)
-            total += cost
             until_expiry -= 1
         self.bytes, self._until_expiry = total, until_expiry
 
