@@ -4,6 +4,8 @@ drift apart. Hot path: one call per request, on the event loop."""
 
 from __future__ import annotations
 
+from collections import Counter
+
 from eir.check.observations import RAT_EUTRAN
 from eir.core.decision import RuleSet, Verdict, today
 
@@ -43,11 +45,14 @@ class EquipmentCheck:
         they were decided on `day` by `rule_set`. Kept in step with run(): the fast path's
         differential tests compare observations, counters and audit."""
         observations = self.observations
-        version = rule_set.version if audit is not None else None
-        for imei, imsi, verdict, client, _ in records:
-            if observations is not None:
-                observations.record(day, imei, imsi, rat)
-            if verdict_counts is not None:
-                verdict_counts[verdict.status] += 1
-            if audit is not None:
+        if observations is not None:
+            observations.record_checks(day, records, rat)
+        if verdict_counts is not None:
+            # Tallied by collections.Counter (C), then added once per status.
+            for status, count in Counter(verdict.status for _, _, verdict, _, _ in
+                                         records).items():
+                verdict_counts[status] += count
+        if audit is not None:
+            version = rule_set.version
+            for imei, imsi, verdict, client, _ in records:
                 audit.record(client, imei, imsi, verdict, version, interface)
