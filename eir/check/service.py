@@ -4,10 +4,8 @@ drift apart. Hot path: one call per request, on the event loop."""
 
 from __future__ import annotations
 
-from collections import Counter
-
 from eir.check.observations import RAT_EUTRAN
-from eir.core.decision import RuleSet, Verdict, today
+from eir.core.decision import VERDICT_STATUSES, RuleSet, Verdict, today
 
 
 class EquipmentCheck:
@@ -48,10 +46,12 @@ class EquipmentCheck:
         if observations is not None:
             observations.record_checks(day, records, rat)
         if verdict_counts is not None:
-            # Tallied by collections.Counter (C), then added once per status.
-            for status, count in Counter(verdict.status for _, _, verdict, _, _ in
-                                         records).items():
-                verdict_counts[status] += count
+            # Counted per status by list.count (C), then added once (see VERDICT_STATUSES).
+            statuses = [record[2].status for record in records]
+            for status in VERDICT_STATUSES:
+                count = statuses.count(status)
+                if count:
+                    verdict_counts[status] += count
         if audit is not None:
             version = rule_set.version
             for imei, imsi, verdict, client, _ in records:

@@ -74,6 +74,12 @@ class Match(enum.Enum):
     UNKNOWN_POLICY = "unknown-policy"
 
 
+# Every status a verdict may have (None: equipment unknown), for counting a run of verdicts
+# status by status with list.count (C, comparing by identity first) rather than by hashing
+# each (an Enum's __hash__ is Python code).
+VERDICT_STATUSES: tuple[EquipmentStatus | None, ...] = (*EquipmentStatus, None)
+
+
 def status_name(status: EquipmentStatus | None) -> str:
     """A verdict's status as answers are counted by outcome: its name, UNKNOWN for None."""
     return status.name if status is not None else "UNKNOWN"
