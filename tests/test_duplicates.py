@@ -11,6 +11,9 @@ from __future__ import annotations
 import signal
 import struct
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from eir.check.service import EquipmentCheck
 from eir.core.decision import UnknownPolicy
 from eir.diameter.codec import encode_message
@@ -278,3 +281,37 @@ def test_retransmission_after_reconnect_and_reload_gets_the_answer_given_before(
     assert (again.result_code, again.equipment_status) == (2001, BLACKLISTED)
     assert again.avps == original.avps
     server.wait_for_log(r"mme\.test: duplicate request \(T flag, end-to-end id 0x00005000\)")
+
+
+PEER_KEY = b"mme.test\0"  # a CER Origin-Host, as PeerConnection keeps it
+
+
+@given(st.integers(0, 3 * EXPIRY_BATCH), st.randoms(use_true_random=False),
+       st.integers(1, 50), st.integers(300, 40_000), st.lists(st.integers(1, 40), min_size=1))
+@settings(max_examples=60, deadline=None)
+def test_store_all_keeps_what_store_would(count, rng, max_entries, max_bytes, run_sizes):
+    """The fast path's batch store (store_all, inlined request_keys) against one store per
+    request: the same entries in the same order, times, byte count and expiry countdown,
+    through evictions by count and by bytes, expiry passes, repeated identities and answers
+    larger than the budget."""
+    one_by_one = cache(window=2.0, entries=max_entries, max_bytes=max_bytes)
+    batched = cache(window=2.0, entries=max_entries, max_bytes=max_bytes)
+    messages = []
+    for _ in range(count):
+        end_to_end, host = rng.randrange(4 * count + 1), rng.randrange(4)  # some repeats
+        messages.append((ecr(7, end_to_end, origin_host=f"mme{host}.test",
+                             imei=f"3520990017{rng.randrange(10_000):04d}"),
+                         f"mme{host}.test".encode(), bytes(rng.randrange(5000))))
+    now, position, sizes = 0.0, 0, iter(run_sizes * (len(messages) + 1))
+    while position < len(messages):
+        run = messages[position:position + next(sizes)]
+        position += len(run)
+        now += 0.25
+        for raw, origin_host, answer in run:
+            one_by_one.store(*request_keys(PEER_KEY, origin_host, raw), answer, now)
+        batched.store_all(PEER_KEY, [m[0] for m in run], [m[1] for m in run],
+                          [m[2] for m in run], now)
+        assert list(batched._entries.items()) == list(one_by_one._entries.items())
+        assert (batched._identities, batched._times, batched.bytes, batched._until_expiry) == (
+            one_by_one._identities, one_by_one._times, one_by_one.bytes,
+            one_by_one._until_expiry)

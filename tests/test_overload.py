@@ -96,6 +96,27 @@ def test_a_read_beyond_the_queue_bound_gets_3004_for_the_excess_and_the_rest_in_
     assert sum(peer.answered.values()) == 20 and peer.answered["ERROR"] == 8  # per peer
 
 
+def test_a_read_ending_at_a_queue_bound_is_queued_whole_and_one_more_is_refused():
+    """Each bound, met exactly by the last message of one read, then passed by one and two:
+    a read within every bound is queued whole at once (PeerConnection._receive_queued), so
+    this checks that shortcut refuses exactly what one message at a time would."""
+    size = len(sans_io.ecr())
+    bounds = [  # (admission, requests it lets a fresh connection's read queue)
+        (dict(requests_per_turn=3, max_queued_per_connection=5), 8),
+        (dict(requests_per_turn=3, max_queued_bytes_per_connection=6 * size), 6),
+        (dict(requests_per_turn=3, max_queued_total=7), 7),
+        (dict(requests_per_turn=3, max_queued_bytes_total=5 * size), 5),
+        (dict(requests_per_turn=3, max_queued_bytes_per_connection=6 * size - 1), 6),
+    ]
+    for settings, admitted in bounds:
+        for count in (admitted - 1, admitted, admitted + 1, admitted + 2):
+            admission = Admission(**settings)
+            answers = answers_of(open_admitted(admission).receive(ecrs(1, count), 1.0))
+            refused = {hbh for hbh, m in answers.items() if m.value("Result-Code") == TOO_BUSY}
+            assert refused == set(range(admitted + 1, count + 1)), (settings, count)
+            assert admission.queued_total == min(count, admitted) - 3, (settings, count)
+
+
 def test_3004_answer_is_a_valid_error_eca_echoing_the_session_id():
     peer = open_admitted(Admission(requests_per_turn=1, max_queued_per_connection=1))
     answers = answers_of(peer.receive(ecrs(1, 5), 1.0))  # 1 answered, 1 queued, 3 refused

@@ -503,6 +503,13 @@ class ObservationLog:
         else:
             self.dropped += 1
 
+    def record_checks(self, day: int, checks: list, rat: str = RAT_EUTRAN) -> None:
+        """`record(day, imei, imsi, rat)` for each check (imei, imsi, ...) of a run decided
+        on `day` (the S13 fast path's records, eir.check.service.record_all): the keys
+        built as `record` builds them, added by one `record_keys`."""
+        self.record_keys(day, [f"{check[0]}{check[1]}{rat}" if check[1] else check[0] + rat
+                               for check in checks])
+
     def record_keys(self, day: int, keys: list[str]) -> None:
         """Records another process collected (eir.serve.workers: a worker's flush), as keys
         IMEI+IMSI+RAT letter (event-loop thread only, like `record`)."""

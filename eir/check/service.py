@@ -5,7 +5,7 @@ drift apart. Hot path: one call per request, on the event loop."""
 from __future__ import annotations
 
 from eir.check.observations import RAT_EUTRAN
-from eir.core.decision import RuleSet, Verdict, today
+from eir.core.decision import VERDICT_STATUSES, RuleSet, Verdict, today
 
 
 class EquipmentCheck:
@@ -43,11 +43,16 @@ class EquipmentCheck:
         they were decided on `day` by `rule_set`. Kept in step with run(): the fast path's
         differential tests compare observations, counters and audit."""
         observations = self.observations
-        version = rule_set.version if audit is not None else None
-        for imei, imsi, verdict, client, _ in records:
-            if observations is not None:
-                observations.record(day, imei, imsi, rat)
-            if verdict_counts is not None:
-                verdict_counts[verdict.status] += 1
-            if audit is not None:
+        if observations is not None:
+            observations.record_checks(day, records, rat)
+        if verdict_counts is not None:
+            # Counted per status by list.count (C), then added once (see VERDICT_STATUSES).
+            statuses = [record[2].status for record in records]
+            for status in VERDICT_STATUSES:
+                count = statuses.count(status)
+                if count:
+                    verdict_counts[status] += count
+        if audit is not None:
+            version = rule_set.version
+            for imei, imsi, verdict, client, _ in records:
                 audit.record(client, imei, imsi, verdict, version, interface)

@@ -74,6 +74,17 @@ class Match(enum.Enum):
     UNKNOWN_POLICY = "unknown-policy"
 
 
+# Every status a verdict may have (None: equipment unknown), for counting a run of verdicts
+# status by status with list.count (C, comparing by identity first) rather than by hashing
+# each (an Enum's __hash__ is Python code).
+VERDICT_STATUSES: tuple[EquipmentStatus | None, ...] = (*EquipmentStatus, None)
+
+
+def status_name(status: EquipmentStatus | None) -> str:
+    """A verdict's status as answers are counted by outcome: its name, UNKNOWN for None."""
+    return status.name if status is not None else "UNKNOWN"
+
+
 @dataclass(frozen=True, slots=True)
 class Verdict:
     status: EquipmentStatus | None  # None: equipment unknown
@@ -83,7 +94,7 @@ class Verdict:
 
     @property
     def status_name(self) -> str:
-        return self.status.name if self.status is not None else "UNKNOWN"
+        return status_name(self.status)
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,8 +34,11 @@ import struct
 import sys
 from collections import deque
 from dataclasses import dataclass, field
+from itertools import islice
+from operator import attrgetter, itemgetter
 from typing import TYPE_CHECKING, Protocol
 
+from eir.core.decision import VERDICT_STATUSES, status_name
 from eir.core.untrusted import untrusted
 from eir.diameter.codec import (
     Avp,
@@ -89,6 +92,11 @@ MAX_HELD_MESSAGES = 64
 # Keys of PeerConnection.answered besides the verdicts' names (WHITELISTED, BLACKLISTED,
 # GREYLISTED, UNKNOWN): an application request answered with an error Result-Code (a bad
 # AVP, 3004 too busy, 5012...), or answered again from the duplicate cache (T flag).
+# The parts of a fast-path run that _fast_answered adds up: a record's verdict status,
+# Origin-Host and answer (see AnswerRun), a request's command code (header bytes 5 to 8).
+_STATUS = attrgetter("status")
+_VERDICT, _ORIGIN_HOST, _ANSWER = itemgetter(2), itemgetter(3), itemgetter(4)
+_COMMAND_CODE = itemgetter(slice(5, 8))
 ANSWERED_ERROR = "ERROR"
 ANSWERED_DUPLICATE = "DUPLICATE"
 ANSWERED_OUTCOMES = ("WHITELISTED", "BLACKLISTED", "GREYLISTED", "UNKNOWN", ANSWERED_ERROR,
@@ -411,17 +419,26 @@ class PeerConnection:
         loop however often it is read, so that a flooding peer cannot take two."""
         admission = self.admission
         queue = self._queue
-        per_turn, bytes_per_turn = self._per_turn, self._bytes_per_turn
         # What this turn answers is never refused; beyond it, up to the bounds wait.
-        limit = per_turn + admission.max_queued_per_connection
+        limit = self._per_turn + admission.max_queued_per_connection
         # Bytes are bounded whole (this turn's included): a turn ends at either bound.
         byte_limit = admission.max_queued_bytes_per_connection
         out = []
+        size = sum(map(len, messages))
+        if messages and not self._beyond_bounds(
+                len(queue) + len(messages) - 1, self._queued_bytes + size - len(messages[-1]),
+                admission.queued_total + len(messages) - 1,
+                admission.queued_bytes_total + size - len(messages[-1])):
+            # The bounds only grow as messages are queued: if the last of the read is within
+            # them, all are, and the read is queued whole (the loop below would queue each).
+            queue.extend(messages)
+            self._queued_bytes += size
+            admission.queued_total += len(messages)
+            admission.queued_bytes_total += size
+            messages = []
         for message in messages:
-            if (len(queue) >= per_turn or self._queued_bytes >= bytes_per_turn) and (
-                    len(queue) >= limit or self._queued_bytes >= byte_limit
-                    or admission.queued_total >= admission.max_queued_total
-                    or admission.queued_bytes_total >= admission.max_queued_bytes_total):
+            if self._beyond_bounds(len(queue), self._queued_bytes, admission.queued_total,
+                                   admission.queued_bytes_total):
                 if self._refusable(message):
                     out.append(self._too_busy(message, now))
                     continue
@@ -444,22 +461,39 @@ class PeerConnection:
             out.append(self._serve_turn(now))
         return b"".join(out)
 
+    def _beyond_bounds(self, queued: int, queued_bytes: int, queued_total: int,
+                       queued_bytes_total: int) -> bool:
+        """Whether a message read when this connection has `queued` messages of
+        `queued_bytes` bytes waiting (and all connections `queued_total`, of
+        `queued_bytes_total`) is beyond this turn and beyond the queue bounds: one to refuse
+        (3004) if it may be."""
+        admission = self.admission
+        per_turn = self._per_turn
+        return (queued >= per_turn or queued_bytes >= self._bytes_per_turn) and (
+            queued >= per_turn + admission.max_queued_per_connection
+            or queued_bytes >= admission.max_queued_bytes_per_connection
+            or queued_total >= admission.max_queued_total
+            or queued_bytes_total >= admission.max_queued_bytes_total)
+
     def _serve_turn(self, now: float) -> bytes:
         """Answer queued requests until `requests_per_turn` of them or `bytes_per_turn`
         bytes of them are answered (whichever comes first; one at least)."""
         queue = self._queue
         admission = self.admission
         turn = []
-        served = served_bytes = 0
-        while queue and served < self._per_turn and served_bytes < self._bytes_per_turn:
-            message = queue.popleft()
-            size = len(message)
-            self._queued_bytes -= size
-            admission.queued_total -= 1
-            admission.queued_bytes_total -= size
-            served += 1
-            served_bytes += size
+        served_bytes, bytes_per_turn = 0, self._bytes_per_turn
+        for message in islice(queue, self._per_turn):
+            if served_bytes >= bytes_per_turn:
+                break
             turn.append(message)
+            served_bytes += len(message)
+        served = len(turn)
+        if served:  # (nothing queued: no admission, maybe)
+            for _ in turn:
+                queue.popleft()
+            self._queued_bytes -= served_bytes
+            admission.queued_total -= served
+            admission.queued_bytes_total -= served_bytes
         # Taken off the queue first, then handled: should one close the connection, the rest
         # of the turn is dropped with the queue (_close), as if it had stayed queued.
         out = self._handle_all(turn, now)
@@ -576,16 +610,23 @@ class PeerConnection:
         if stop == start:
             return out, stop
         self._last_request = now
-        counted = self.counters.request if self.counters is not None else None
-        store = duplicates.store if duplicates is not None else None
-        peer_key = self._peer_key
+        run = messages[start:stop]
+        # Counted per distinct value by list.count (C), then added once: not a dict bump
+        # through Python per request.
         answered = self.answered
-        for raw, record in zip(messages[start:stop], records):
-            answered[record[2].status_name] += 1  # the verdict, as handle_request's outcome
-            if counted is not None:
-                counted(int.from_bytes(raw[5:8], "big"))
-            if store is not None:
-                store(*request_keys(peer_key, record[3], raw), record[4], now)
+        statuses = list(map(_STATUS, map(_VERDICT, records)))
+        for status in VERDICT_STATUSES:
+            count = statuses.count(status)
+            if count:
+                answered[status_name(status)] += count
+        counters = self.counters
+        if counters is not None:
+            codes = list(map(_COMMAND_CODE, run))
+            for code in set(codes):
+                counters.request(int.from_bytes(code, "big"), codes.count(code))
+        if duplicates is not None:
+            duplicates.store_all(self._peer_key, run, list(map(_ORIGIN_HOST, records)),
+                                 list(map(_ANSWER, records)), now)
         return out, stop
 
     def _handle(self, raw: bytes, now: float) -> bytes:

@@ -84,13 +84,14 @@ class DiameterCounters:
         """Counters labelled with the command names of an eir.diameter Dictionary."""
         return cls({command.code: command.name for command in dictionary.commands.values()})
 
-    def request(self, command_code: int) -> None:
-        """Hot path: a request arrived (any command)."""
-        self.received += 1
+    def request(self, command_code: int, count: int = 1) -> None:
+        """Hot path: a request arrived (any command); or `count` of them (the fast path's
+        runs)."""
+        self.received += count
         try:
-            self.requests[command_code] += 1
+            self.requests[command_code] += count
         except KeyError:  # a code the dictionary does not define: bounded to one key
-            self.requests[OTHER_COMMAND] += 1
+            self.requests[OTHER_COMMAND] += count
 
     def answer(self, command_code: int, result_code: int) -> None:
         """An answer other than an ME-Identity-Check verdict: CEA, DWA, DPA, any error."""
