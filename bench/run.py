@@ -251,7 +251,7 @@ class Sampler:
         if last - first > 2 * self.TRIM + 3:
             first, last = first + self.TRIM, last - self.TRIM
         start, end = samples[first], samples[last]
-        wall = end.at - start.at
+        wall = max(end.at - start.at, 1e-9)
         cpus = {name: self._used(start, end, name) / wall for name in self.named}
         cores = {core: (end.busy[core] - start.busy.get(core, 0.0)) / wall for core in end.busy}
         return CpuWindow(wall, cpus, cores, max(0.0, cores["cpu"] - sum(cpus.values())))
@@ -677,7 +677,8 @@ def main() -> int:
         python_diameter_ecr_per_s=round(theirs["rate"]),
         python_diameter_server_cpu_us_per_ecr=round(
             theirs["runs"]["replay"]["server_us"], 2),
-        ratio_vs_python_diameter=round(ours["best"]["rate"] / theirs["rate"], 2),
+        ratio_vs_python_diameter=round(ours["best"]["rate"] / theirs["rate"], 2)
+        if theirs["rate"] else None,
         other_cpu_load_one_conn=round(ours["best"]["other_cpus"], 2),
         machine_workers=args.workers,
         hotpath_ecr_per_s=hot["hotpath_ecr_per_s"],
@@ -711,7 +712,7 @@ def main() -> int:
         if driver in ours["best"]["runs"]:
             print(f"  python-diameter, {driver}: {row['rate']:,.0f} ECR/s, server "
                   f"{row['server_us']:.1f} µs/ECR; {paths[default][0]} / python-diameter "
-                  f"{ours['best']['runs'][driver]['rate'] / row['rate']:.1f}×")
+                  f"{ours['best']['runs'][driver]['rate'] / max(row['rate'], 1e-9):.1f}×")
     for key, (label, _) in paths.items():
         print(f"  whole machine, {label}: {machine[key]['split']}")
     sbi_machine = ("" if "sbi_req_per_s_machine" in figures else
