@@ -32,14 +32,17 @@ Parts, in order (the list and request mix are hotpath.py's: 105,000 rules, 4,096
 6. N5g-eir: bench/sbi.py, its JSON read (server CPU per request; req/s on one connection and,
    when sbi.py measures it, on the whole machine).
 
-CPU figures come from /proc while each flat-out run goes on: every 0.1 s run.py reads the CPU
-time of the server (with its workers), of the load generator (eir replay with its processes,
-or freeDiameterd), of each core and of the machine. The measured interval is the one during
-which the server was busy, less 0.2 s at each end; CPU per request = the CPUs a process used
-over it / the run's rate. So "server CPU per ECR" is the server's own, and "eir replay CPU per
-request" the load generator's, from the same run; each run says which side saturated its
-core (the load generator may be the bound), and how much CPU other processes used meanwhile
-(the machine is shared).
+CPU figures come from /proc. Before each flat-out run the server is left to go idle (its
+start-up or the previous run must not count), and after it until it is idle again (1.2 s
+without CPU: its last flush of observations counts); meanwhile, every 0.1 s, run.py reads
+the CPU time of the server (with its workers), of the load generator (eir replay with its
+processes, or freeDiameterd), of each core and of the machine. Server CPU per ECR = all the
+CPU the server used over that time (it serves nothing else) / the requests answered. The
+load's interval is the longest stretch in which the server worked at half its median rate or
+more, less 0.2 s at each end: over it, the load generator's CPU per request = the CPUs it
+used / the run's rate (its start-up and report left out), and each run says which side
+saturated its core (the load generator may be the bound) and how much CPU other processes
+used meanwhile (the machine is shared).
 
 The summary is a table (figure | fast path | baseline(s) | gain | target | met?), and the last
 line printed is one JSON object with every figure (`server_cpu_us_per_ecr`,
@@ -191,26 +194,62 @@ class Sample:
 @dataclass
 class CpuWindow:
     """What each named process, each core and the machine used over the measured interval,
-    in CPUs (CPU seconds per second)."""
+    in CPUs (CPU seconds per second); and each named process's CPU seconds over the whole
+    sampling (`total`)."""
 
     seconds: float
     cpus: dict[str, float]
     cores: dict[str, float]  # "cpu" (the machine: up to the number of cores), "cpu0", ...
     other: float  # the machine's CPUs not used by the named processes
+    total: dict[str, float]
 
     def per_request_us(self, name: str, rate: float) -> float:
+        """CPU per request over the load's interval, at the run's average rate."""
         return self.cpus[name] / rate * 1e6 if rate > 0 else float("nan")
+
+    def all_per_request_us(self, name: str, requests: int) -> float:
+        """CPU per request over the whole sampling (a server idle before and after: all it
+        did for the run, its last flush of observations included)."""
+        return self.total[name] / requests * 1e6 if requests > 0 else float("nan")
+
+
+def tree_cpu(pid: int) -> float:
+    return sum(seconds for p in [pid, *descendants(pid)]
+               if (seconds := cpu_seconds(p)) == seconds)  # nan: a process that has ended
+
+
+QUIET = 1.2  # seconds: longer than the server's flush of observations (1 s by default)
+
+
+def wait_until_idle(pid: int, timeout: float) -> None:
+    """Until `pid` (with its descendants) used no CPU for QUIET seconds, at most `timeout`:
+    before a run, so that a server's start-up or the previous run do not count as serving
+    it; after, so that its last flush of observations does."""
+    deadline = time.monotonic() + timeout
+    last, quiet_since = tree_cpu(pid), time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        now = tree_cpu(pid)
+        if now != last:
+            last, quiet_since = now, time.monotonic()
+        elif time.monotonic() - quiet_since >= QUIET:
+            return
 
 
 class Sampler:
     """Reads the CPU time of named processes (found by a function giving their pids), of each
-    core and of the machine every PERIOD seconds, on a thread, while a load runs. stop() gives
-    the interval during which the `busy` process worked (at least ACTIVE CPU), less TRIM
-    samples at each end (start-up and the last answers), when it is long enough."""
+    core and of the machine every PERIOD seconds, on a thread, while a load runs.
+
+    stop() gives the load's interval: the longest stretch of samples in which the `busy`
+    process (the server) worked at least half its median working rate, gaps of up to GAP
+    samples allowed (a shared core stalls it), less TRIM samples at each end (the first and
+    last answers) when it is long enough. What came before (the load generator's start-up)
+    and after (its report; the server's last flush of observations) is left out."""
 
     PERIOD = 0.1
     REFRESH = 10  # samples between two searches of each name's processes
-    ACTIVE = 0.1
+    ACTIVE = 0.05  # CPUs: below, the busy process is idle
+    GAP = 3
     TRIM = 2
 
     def __init__(self, named: dict[str, Callable[[], list[int]]], busy: str):
@@ -239,22 +278,41 @@ class Sampler:
         before = first.cpu[name]
         return sum(seconds - before.get(pid, 0.0) for pid, seconds in last.cpu[name].items())
 
+    def _load(self) -> tuple[int, int]:
+        """(first, last) sample of the load's interval."""
+        samples = self.samples
+        rates = [self._used(samples[i - 1], samples[i], self.busy)
+                 / max(samples[i].at - samples[i - 1].at, 1e-9) for i in range(1, len(samples))]
+        working = sorted(rate for rate in rates if rate >= self.ACTIVE)
+        if not working:
+            return 0, len(samples) - 1
+        floor = max(self.ACTIVE, working[len(working) // 2] / 2)
+        best, start, last_working = (0, 0), 0, -self.GAP - 2
+        for index, rate in enumerate(rates, 1):  # interval `index`: samples index-1 → index
+            if rate < floor:
+                continue
+            if index - last_working > self.GAP + 1:
+                start = index
+            last_working = index
+            if last_working - start > best[1] - best[0] or best == (0, 0):
+                best = (start, last_working)
+        first, last = best[0] - 1, best[1]
+        if last - first > 2 * self.TRIM + 3:
+            first, last = first + self.TRIM, last - self.TRIM
+        return first, last
+
     def stop(self) -> CpuWindow:
         self._stopped.set()
         self._thread.join()
         self._sample()
-        samples = self.samples
-        active = [i for i in range(1, len(samples))
-                  if self._used(samples[i - 1], samples[i], self.busy)
-                  >= self.ACTIVE * (samples[i].at - samples[i - 1].at)]
-        first, last = (active[0] - 1, active[-1]) if active else (0, len(samples) - 1)
-        if last - first > 2 * self.TRIM + 3:
-            first, last = first + self.TRIM, last - self.TRIM
-        start, end = samples[first], samples[last]
+        first, last = self._load()
+        start, end = self.samples[first], self.samples[last]
         wall = max(end.at - start.at, 1e-9)
         cpus = {name: self._used(start, end, name) / wall for name in self.named}
         cores = {core: (end.busy[core] - start.busy.get(core, 0.0)) / wall for core in end.busy}
-        return CpuWindow(wall, cpus, cores, max(0.0, cores["cpu"] - sum(cpus.values())))
+        total = {name: self._used(self.samples[0], self.samples[-1], name)
+                 for name in self.named}
+        return CpuWindow(wall, cpus, cores, max(0.0, cores["cpu"] - sum(cpus.values())), total)
 
 
 def saturation(window: CpuWindow, client: str, cores: tuple[int, int] | None) -> tuple[str, str]:
@@ -294,17 +352,20 @@ def replay_result(process: subprocess.Popen, seconds: float) -> dict:
     report = json.loads(out.strip().splitlines()[-1])
     return {"rate": report["rate_per_s"], "p50_ms": report["latency_ms"]["p50"],
             "p99_ms": report["latency_ms"]["p99"], "errors": report["errors"],
-            "sent": report["sent"]}
+            "sent": report["sent"], "answered": report["answered"]}
 
 
 def measured_replay(server_pid: int, port: int, mix: Path, seconds: float, prefix: list[str],
                     connections: int = 1, processes: int = 1) -> tuple[dict, CpuWindow]:
-    """`eir replay` flat out, the server's and its CPU sampled meanwhile."""
+    """`eir replay` flat out, the server's and its CPU sampled meanwhile (and until the
+    server is idle again)."""
+    wait_until_idle(server_pid, timeout=5.0)
     load = replay_process(port, mix, seconds, prefix, connections, processes)
     sampler = Sampler({"server": process_tree(server_pid), "client": process_tree(load.pid)},
                       busy="server")
     try:
         result = replay_result(load, seconds)
+        wait_until_idle(server_pid, timeout=3.0)
     finally:
         window = sampler.stop()
     return result, window
@@ -322,21 +383,24 @@ def flat_out(name: str, server, peer: str, mix: Path, extension: Path | None, wo
     runs["replay"] = dict(result, window=window, client="eir replay")
     if extension is not None:
         count = max(2_000, int(result["rate"] * seconds * 1.2))
+        wait_until_idle(server.process.pid, timeout=5.0)
         sampler = Sampler({"server": process_tree(server.process.pid),
                            "client": our_children_named("freeDiameterd")}, busy="server")
         try:
             sim = mme_sim(extension, work / f"{name.replace(' ', '-')}-sim", server.port, peer,
                           mix, count, 0, client_prefix)
+            wait_until_idle(server.process.pid, timeout=3.0)
         finally:
             window = sampler.stop()
         if sim["sent"] and sim["rate"] > 0:
-            runs["mme-sim"] = dict(sim, window=window, client="freeDiameterd")
+            runs["mme-sim"] = dict(sim, answered=sim["sent"], window=window,
+                                   client="freeDiameterd")
         else:  # seen on a loaded machine: freeDiameterd did not get the peer up in time
             print(f"  {name:<22} mme-sim flat out: no answer ({sim['sent']} sent), left out",
                   flush=True)
     for driver, run in runs.items():
         window = run["window"]
-        run["server_us"] = window.per_request_us("server", run["rate"])
+        run["server_us"] = window.all_per_request_us("server", run["answered"])
         run["client_us"] = window.per_request_us("client", run["rate"])
         run["saturated"], how = saturation(window, run["client"], cores)
         print(f"  {name:<22} {driver:<10} flat out: {run['rate']:>9,.0f} ECR/s, p99 "
@@ -423,7 +487,7 @@ def whole_machine(label: str, extra: list[str], csv_path: Path, mix: Path, work:
            f"{window.cpus['client']:.2f} CPU, other processes {window.other:.2f} CPU: the "
            f"machine {machine:.2f} of {cores} CPUs busy"
            + (" (full)" if machine >= FULL * cores else " (not full)"))
-    server_us = window.per_request_us("server", result["rate"])
+    server_us = window.all_per_request_us("server", result["answered"])
     client_us = window.per_request_us("client", result["rate"])
     print(f"  {label:<22} whole machine: {result['rate']:,.0f} ECR/s, p50 "
           f"{result['p50_ms']:.2f} ms, p99 {result['p99_ms']:.2f} ms, errors "
