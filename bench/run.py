@@ -31,6 +31,8 @@ Parts, in order (the list and request mix are hotpath.py's: 105,000 rules, 4,096
    and Pss (/proc/PID/smaps_rollup) and the snapshot mapping's resident share are read.
 6. N5g-eir: bench/sbi.py, its JSON read (server CPU per request; req/s on one connection and,
    when sbi.py measures it, on the whole machine).
+7. In the full run, when it is there, bench/replay_cpu.py: `eir replay`'s CPU per request
+   beside e2e.py's minimal pipelining client (a baseline for the load generator's own cost).
 
 CPU figures come from /proc. Before each flat-out run the server is left to go idle (its
 start-up or the previous run must not count), and after it until it is idle again (1.2 s
@@ -574,7 +576,8 @@ ROWS = [
     ("p99 at 80% of the one-connection maximum", "p99_ms_at_80pct", "ms", True,
      [("generic", "generic_p99_ms_at_80pct")]),
     ("eir replay CPU per request", "replay_cpu_us_per_request", "µs", False,
-     [("mme-sim", "mme_sim_cpu_us_per_request")]),
+     [("mme-sim", "mme_sim_cpu_us_per_request"),
+      ("e2e.py's minimal client", "minimal_client_cpu_us_per_request")]),
     ("N5g-eir server CPU per request", "sbi_server_us_per_request", "µs", False, []),
     ("N5g-eir whole machine", "sbi_req_per_s_machine", "req/s", False, []),
 ]
@@ -721,6 +724,9 @@ def main() -> int:
         memory = resident_memory(args.cache, entries, args.workers, min(seconds, 3.0))
     # N5g-eir beside S13: the same lists over HTTP/2 (bench/sbi.py).
     sbi = run_part("sbi.py", ["--quick"] if args.quick else [])
+    # The load generator beside a minimal pipelining client (bench/replay_cpu.py, full run).
+    replay_cpu = (run_part("replay_cpu.py", [])
+                  if not args.quick and (BENCH / "replay_cpu.py").is_file() else None)
 
     default = next(iter(paths))
     ours = one[default]
@@ -754,6 +760,10 @@ def main() -> int:
                        e2e_ratio_vs_python_diameter=e2e["ratio_vs_python_diameter_server"])
     figures.update({key if key.startswith("sbi_") else f"sbi_{key}": value
                     for key, value in sbi.items()})
+    if replay_cpu is not None:
+        figures.update(
+            minimal_client_cpu_us_per_request=replay_cpu.get("baseline_cpu_us_per_request"),
+            replay_cpu_py_us_per_request=replay_cpu.get("replay_cpu_us_per_request"))
     if memory is not None:
         figures.update(snapshot_entries=memory["entries"], snapshot_mb=memory["snapshot_mb"],
                        rss_mb_per_worker=memory["rss_mb_per_worker"],
