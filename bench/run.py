@@ -418,15 +418,20 @@ def flat_out(name: str, server, peer: str, mix: Path, extension: Path | None, wo
 def one_connection(label: str, extra: list[str], csv_path: Path, mix: Path,
                    extension: Path | None, work: Path, seconds: float, server_prefix: list[str],
                    client_prefix: list[str], cores: tuple[int, int] | None,
-                   profile: Path | None) -> dict:
+                   profile: Path | None, perf: Path | None) -> dict:
     # py-spy writes its profile on SIGINT; SIGTERM would lose it.
     profiler = (["py-spy", "record", "-r", "250", "--nonblocking", "-f", "raw", "-o",
                  str(profile), "--"] if profile else [])
     eir = start_eir("--unknown", "unknown", "--log-level", "info", "--workers", "1", *extra,
                     lists=[csv_path], prefix=server_prefix + profiler, timeout=60.0, cwd=work)
     try:
-        best = flat_out(label, eir, "eir.localdomain", mix, extension, work, seconds,
-                        client_prefix, cores)
+        recorder = PerfRecord(eir.process.pid, perf) if perf else None
+        try:
+            best = flat_out(label, eir, "eir.localdomain", mix, extension, work, seconds,
+                            client_prefix, cores)
+        finally:
+            if recorder is not None:
+                recorder.stop()
         paced = {}
         for share in (50, 80):
             paced[share] = replay(eir.port, mix, seconds, best["rate"] * share / 100,
@@ -438,6 +443,38 @@ def one_connection(label: str, extra: list[str], csv_path: Path, mix: Path,
     finally:
         eir.stop(signal.SIGINT if profile else signal.SIGTERM, timeout=30.0)
     return {"best": best, "paced": paced}
+
+
+class PerfRecord:
+    """`perf record` attached to a running server while its flat-out runs go on: where its
+    CPU goes, the C of the fast path and the kernel included (py-spy sees Python only)."""
+
+    def __init__(self, pid: int, output: Path):
+        self.process = subprocess.Popen(
+            ["perf", "record", "-F", "499", "-o", str(output), "-p", str(pid)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGINT)  # perf writes its data on SIGINT
+        _, err = self.process.communicate(timeout=60)
+        if self.process.returncode not in (0, -signal.SIGINT):
+            print(f"  perf record failed ({self.process.returncode}): {err[-500:]}")
+
+
+def perf_top(path: Path, sort: str, count: int) -> list[tuple[float, str]]:
+    """(share of the samples, what) of `perf report --sort SORT`, largest first."""
+    report = subprocess.run(["perf", "report", "-i", str(path), "--stdio", "--no-children",
+                             "--sort", sort, "--percent-limit", "0.5"],
+                            capture_output=True, text=True, timeout=120).stdout
+    rows = []
+    for line in report.splitlines():
+        share, percent, what = line.strip().partition("%")
+        if percent and not share.startswith("#"):
+            try:
+                rows.append((float(share), " ".join(what.split())))
+            except ValueError:
+                continue
+    return rows[:count]
 
 
 def profile_top(path: Path, count: int = 15) -> list[tuple[str, float]]:
@@ -666,6 +703,11 @@ def main() -> int:
     parser.add_argument("--profile", type=Path, metavar="FILE",
                         help="record the one-connection server (default path) with py-spy "
                         "(raw format) into FILE and print its top entries")
+    parser.add_argument("--perf", type=Path, metavar="PREFIX",
+                        help="record each path's one-connection server with `perf record` "
+                        "(499 Hz) during its flat-out runs into PREFIX.PATH.data and print "
+                        "where its CPU went: by library (kernel, libpython, the C extension) "
+                        "and by function")
     parser.add_argument("--require-target", action="store_true",
                         help="exit 1 when a target is missed (never the default)")
     args = parser.parse_args()
@@ -695,6 +737,8 @@ def main() -> int:
         paths = {"fast": ("fast path", [])} if fast else {"generic": ("generic path", [])}
         if fast and baseline:
             paths["generic"] = ("generic path", ["--config", str(generic_config)])
+        perf_files = ({key: Path(f"{args.perf}.{key}.data") for key in paths}
+                      if args.perf and shutil.which("perf") else {})
         extension = build_mme_sim(work / "mme-sim") if use_sim else None
         print(f"issue-18 benchmark ({'quick' if args.quick else 'full'}): {len(workload.rows):,} "
               f"list rows, {len(workload.probes):,}-request mix, {seconds:g} s per load run; "
@@ -708,7 +752,8 @@ def main() -> int:
         for index, (key, (label, extra)) in enumerate(paths.items()):
             one[key] = one_connection(label, extra, csv_path, mix, extension, work, seconds,
                                       server_prefix, client_prefix, cores,
-                                      args.profile if index == 0 else None)
+                                      args.profile if index == 0 else None,
+                                      perf_files.get(key))
         print(f"python-diameter S13 server, same harness ({pinned}):", flush=True)
         theirs = python_diameter(csv_path, mix, extension, work, seconds, server_prefix,
                                  client_prefix, cores)
@@ -807,6 +852,14 @@ def main() -> int:
               + (f", Pss {pss} MB" if pss is not None else ""))
     else:
         print("  memory: skipped (--entries 0)")
+    for key, path in perf_files.items():
+        if path.is_file():
+            print(f"  perf profile of the one-connection server, {paths[key][0]} ({path}):")
+            for share, what in perf_top(path, "dso", 6):
+                print(f"    {share:5.1f}%  {what}")
+            print("    top symbols:")
+            for share, what in perf_top(path, "dso,sym", 15):
+                print(f"    {share:5.1f}%  {what}")
     if args.profile:
         print(f"  profile {args.profile}, self time while serving:")
         for function, share in profile_top(args.profile):
