@@ -16,6 +16,7 @@ import time
 import zipfile
 from datetime import date
 from pathlib import Path
+from typing import Callable
 
 from eir import __version__
 from eir.check.observations import (
@@ -50,28 +51,21 @@ EXIT_USAGE = 2
 EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE  # what a shell reports for a process SIGPIPE ended
 
 
-def _host_port(text: str) -> str:
-    try:
-        parse_host_port(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
+def _accepted_by(parse: Callable[[str], object]) -> Callable[[str], str]:
+    """An argparse type: the option's text as given, once `parse` accepts it (its ValueError
+    becomes the usage error, after the option's name)."""
+    def check(text: str) -> str:
+        try:
+            parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return text
+    return check
 
 
-def _diameter_listen(text: str) -> str:
-    try:
-        expand_listen(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
-
-
-def _local_listen(text: str) -> str:
-    try:
-        parse_local_listen(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
+_host_port = _accepted_by(parse_host_port)
+_diameter_listen = _accepted_by(expand_listen)
+_local_listen = _accepted_by(parse_local_listen)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,10 +79,28 @@ def build_parser() -> argparse.ArgumentParser:
     _add_lists(commands)
     _add_observation_commands(commands)
     _add_replay(commands)
-    conformance_arguments(commands.add_parser(
+    conformance = commands.add_parser(
         "conformance", help="S13 and RFC 6733 checks against any EIR, each citing its "
-                            "clause (docs/REPLAY.md)"))
+                            "clause (docs/REPLAY.md)")
+    conformance_arguments(conformance)
+    _client_options(conformance, "conformance.localdomain", 2.0, "wait this long for each "
+                    "answer")
     return parser
+
+
+def _client_options(sub: argparse.ArgumentParser, origin_host: str, timeout: float,
+                    timeout_help: str) -> None:
+    """The options of a command that talks to an EIR as an MME does (replay, conformance):
+    its Diameter identity and how long it waits for an answer."""
+    sub.add_argument("--timeout", type=float, default=timeout, metavar="S",
+                     help=f"{timeout_help} (default {timeout:g})")
+    sub.add_argument("--origin-host", default=origin_host, metavar="HOST",
+                     help=f"our Origin-Host (an FQDN) in CER and requests (default "
+                          f"{origin_host})")
+    sub.add_argument("--origin-realm", default="localdomain", metavar="REALM",
+                     help="our Origin-Realm in CER and requests (default localdomain)")
+    sub.add_argument("--destination-realm", default="localdomain", metavar="REALM",
+                     help="Destination-Realm of the requests (default localdomain)")
 
 
 def _common_options(sub: argparse.ArgumentParser, store_help: str) -> None:
@@ -285,19 +297,12 @@ def _add_replay(commands) -> None:
                         help="plot throughput and latency over time and the latency histogram")
     replay.add_argument("--progress", action="store_true",
                         help="print progress lines even when stderr is not a terminal")
-    replay.add_argument("--timeout", type=float, default=5.0, metavar="S",
-                        help="count a request unanswered after S seconds as timed out "
-                             "(default 5)")
     replay.add_argument("--allow-remote", action="store_true",
                         help="allow a target that is not a loopback address")
-    replay.add_argument("--origin-host", default="replay.localdomain",
-                        help="our Origin-Host in CER and ECRs (default replay.localdomain)")
-    replay.add_argument("--origin-realm", default="localdomain",
-                        help="our Origin-Realm in CER and ECRs (default localdomain)")
-    replay.add_argument("--destination-realm", default="localdomain",
-                        help="Destination-Realm of the ECRs (default localdomain)")
     replay.add_argument("--seed", type=int, default=1,
                         help="with --generate: the random seed of the IMEIs drawn (default 1)")
+    _client_options(replay, "replay.localdomain", 5.0, "count a request unanswered after S "
+                    "seconds as timed out")
 
 
 def _day(text: str) -> int:
@@ -554,9 +559,13 @@ def _dump(args: argparse.Namespace) -> int:
             with open(partial, "w", encoding="utf-8", newline="") as out:
                 count = write_dump(path, args.date, out, key)
         else:
-            # One member, named as the zip with .csv: DIRBS-Core refuses anything else.
-            with zipfile.ZipFile(partial, "w", zipfile.ZIP_DEFLATED) as archive, \
-                    archive.open(Path(output.name).with_suffix(".csv").name, "w") as member, \
+            # One member, named as the zip with .csv: DIRBS-Core refuses anything else;
+            # dated now (a name alone would be dated 1980-01-01).
+            member_info = zipfile.ZipInfo(Path(output.name).with_suffix(".csv").name,
+                                          date_time=time.localtime()[:6])
+            member_info.compress_type = zipfile.ZIP_DEFLATED
+            with zipfile.ZipFile(partial, "w") as archive, \
+                    archive.open(member_info, "w") as member, \
                     io.TextIOWrapper(member, encoding="utf-8", newline="") as out:
                 count = write_dump(path, args.date, out, key)
         partial.replace(output)
@@ -619,9 +628,12 @@ def _age(seconds: float) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        status = _run(argv)
-        sys.stdout.flush()  # here, where a reader gone away is caught, not at exit
-        return status
+        try:
+            return _run(argv)
+        finally:
+            # Here, where a reader gone away is caught, not at exit: also after argparse's
+            # --help and --version, which end by SystemExit with the text still buffered.
+            sys.stdout.flush()
     except BrokenPipeError:
         # The reader went away (`eir lists status | head -2`): stop quietly, as `cat` does,
         # with stdout on /dev/null so that the exit's flush does not fail again.

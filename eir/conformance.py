@@ -62,7 +62,13 @@ from eir.diameter.constants import (
     DisconnectCause,
 )
 from eir.diameter.dictionary import Dictionary
-from eir.lists.native import CsvRowError, ListError, csv_rows, load_rule_set, read_native_csv
+from eir.lists.native import (
+    ListError,
+    imei_and_imsi,
+    load_rule_set,
+    read_imei_table,
+    read_native_csv,
+)
 
 EXIT_PASSED, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 PASS, FAIL, NOT_APPLICABLE = "pass", "fail", "n/a"
@@ -195,41 +201,27 @@ class Expectation:
 def read_expectations(path: Path) -> list[Expectation]:
     """`imei,imsi,expected` rows, or the exact IMEIs of a native list (`imei,status,...`),
     whose verdicts open EIR's decision engine computes from that list."""
-    name = str(path)
     try:
-        text = path.read_bytes().decode("utf-8")
-    except OSError as exc:
-        raise UsageError(f"{name}: cannot open: {exc.strerror or exc}") from None
-    except UnicodeDecodeError as exc:
-        raise UsageError(f"{name}:1: not UTF-8 ({exc.reason})") from None
-    try:
-        rows = list(csv_rows(text, name))
-    except CsvRowError as exc:
+        header, rows = read_imei_table(path, "imei,imsi,expected")
+    except ListError as exc:
         raise UsageError(str(exc)) from None
-    if not rows:
-        raise UsageError(f"{name}: empty (expected a header imei,imsi,expected)")
-    header = [cell.strip().lower() for cell in rows[0][1]]
     if "status" in header and "expected" not in header:
         return _list_expectations(path)
     if "imei" not in header or "expected" not in header:
-        raise UsageError(f"{rows[0][0]}: header: expected imei,imsi,expected (or a list "
-                         "file imei,status,imsi,reason)")
+        raise UsageError(f"{path}: header: expected imei,imsi,expected (or a list file "
+                         "imei,status,imsi,reason)")
     expectations, problems = [], []
-    for where, row in rows[1:]:
-        cells = dict(zip(header, (cell.strip() for cell in row)))
-        imei, imsi = cells.get("imei", ""), cells.get("imsi", "")
-        if not (imei.isascii() and imei.isdigit() and 14 <= len(imei) <= 16):
-            problems.append(f"{where}: imei: {imei!r} is not an IMEI (14 to 16 digits)")
-            continue
-        if imsi and not (imsi.isascii() and imsi.isdigit() and 5 <= len(imsi) <= 15):
-            problems.append(f"{where}: imsi: {imsi!r} is not an IMSI (5 to 15 digits)")
+    for where, cells in rows:
+        imei, imsi, row_problems = imei_and_imsi(where, cells)
+        if row_problems:
+            problems += row_problems
             continue
         try:
             expected = Expected.parse(cells.get("expected", ""))
         except ValueError as exc:
             problems.append(f"{where}: expected: {exc}")
             continue
-        expectations.append(Expectation(imei, imsi or None, expected, where,
+        expectations.append(Expectation(imei, imsi, expected, where,
                                         None if imsi else expected))
     if problems:
         raise UsageError("\n".join(problems))
@@ -1072,7 +1064,8 @@ def main(args) -> int:
 
 
 def add_arguments(parser) -> None:
-    """The options of `eir conformance` (registered by eir/cli.py)."""
+    """The options of `eir conformance` (registered by eir/cli.py, which adds the Diameter
+    identity and --timeout options it shares with `eir replay`)."""
     parser.add_argument("--target", required=True, metavar="HOST:PORT",
                         help="the EIR to check (a few hundred requests: no load)")
     parser.add_argument("--expect", action="append", type=Path, metavar="FILE.csv",
@@ -1085,16 +1078,8 @@ def add_arguments(parser) -> None:
                              "BLACKLISTED")
     parser.add_argument("--check", dest="checks", action="append", metavar="NAME",
                         help="run only this check; repeat for several (default: all)")
-    parser.add_argument("--timeout", type=float, default=2.0, metavar="S",
-                        help="wait this long for each answer (default 2)")
     parser.add_argument("--deadline", type=float, default=1.0, metavar="S",
                         help=f"the {PIPELINED} pipelined ECRs must all be answered within "
                              "this (default 1)")
     parser.add_argument("--json", action="store_true",
                         help="print the results as one JSON object (last line of stdout)")
-    parser.add_argument("--origin-host", default="conformance.localdomain",
-                        help="our Origin-Host (a valid FQDN) in CER and requests")
-    parser.add_argument("--origin-realm", default="localdomain",
-                        help="our Origin-Realm in CER and requests (default localdomain)")
-    parser.add_argument("--destination-realm", default="localdomain",
-                        help="Destination-Realm of the requests (default localdomain)")

@@ -5,7 +5,8 @@
 #     postgresql (a real server the observation tests start and stop themselves; its cluster
 #     is not used), prometheus (its promtool checks the lab's Prometheus config and dashboard
 #     queries), iptables (a half-open link: a peer whose packets are dropped), chromium and
-#     chromium-driver (the web console's tests drive a real browser, headless). Installed
+#     chromium-driver (the web console's tests drive a real browser, headless), nghttp2-client
+#     (h2load: bench/sbi.py's C HTTP/2 client, so the N5g-eir figures are the server's). Installed
 #     with apt-get when missing (root, or sudo).
 #   - a virtual environment in .venv with the project and its test extras.
 # Extra arguments go to pytest, e.g. `bash scripts/test.sh -k wire_errors`.
@@ -13,7 +14,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 apt_packages=(freediameterd freediameter-extensions libfreediameter-dev tshark postgresql gcc make iptables
-              prometheus chromium chromium-driver)
+              prometheus chromium chromium-driver nghttp2-client)
 missing=()
 for package in "${apt_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" \

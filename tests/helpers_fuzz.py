@@ -1,5 +1,6 @@
-"""Fuzz targets on the codec, on the whole Diameter connection handler and on the N5g-eir
-HTTP/2 connection (eir.interfaces.sbi.SbiSession), and the properties they check. One input is plain
+"""Fuzz targets on the codec, on the whole Diameter connection handler, on the S13 fast path
+(against the generic path: tests/helpers_fast_path.py) and on the N5g-eir HTTP/2 connection
+(eir.interfaces.sbi.SbiSession), and the properties they check. One input is plain
 bytes, so the same target runs under atheris (tests/fuzz/run.py, coverage-guided), under
 hypothesis (tests/test_fuzz.py) and on the corpus (tests/fuzz/corpus/).
 
@@ -17,6 +18,8 @@ Input layout (every target): two control bytes, then the stream as the peer woul
           (magic, SETTINGS, WINDOW_UPDATE) comes first; bits 2-3 → clock step between
           chunks (0, 0.5 s, 11 s: past the preface timeout, 301 s: past the idle timeout).
   byte 1: the stream is fed in chunks of this many bytes (0: whole).
+  fast_path: the S13 fast path against the generic path, same layout, bits of its own:
+          tests/helpers_fast_path.py.
 
 A property that does not hold raises AssertionError; any other exception is a crash. Neither
 target catches anything: whatever escapes is a finding.
@@ -43,6 +46,7 @@ from eir.interfaces.s13 import S13Application
 from eir.interfaces.sbi import (CLIENT_PREFACE, FRAME_HEADER_BYTES, MAX_FRAME_BYTES,
                      EquipmentIdentityCheck, N5gEir, SbiCounters, SbiSession)
 
+import helpers_fast_path
 import test_peer_state as sans_io
 
 D = sans_io.D
@@ -379,7 +383,9 @@ def fuzz_h2(data: bytes) -> H2Run | None:
     return run
 
 
-TARGETS = {"codec": fuzz_codec, "peer": fuzz_peer, "h2": fuzz_h2}
+# fast_path: the S13 fast path against the generic path (layout: tests/helpers_fast_path.py).
+TARGETS = {"codec": fuzz_codec, "peer": fuzz_peer, "h2": fuzz_h2,
+           "fast_path": helpers_fast_path.differential}
 
 
 # -- seeds: real messages, most encoded by scapy (an encoder nobody on this project wrote) ----
@@ -405,6 +411,8 @@ def seed_inputs(target: str) -> dict[str, bytes]:
     }
     if target == "h2":
         return h2_seed_inputs()
+    if target == "fast_path":
+        return helpers_fast_path.seed_inputs()
     if target == "codec":
         seeds = {name: bytes([0, 0]) + raw for name, raw in messages.items()}
         seeds["pipelined-chunks-of-7"] = bytes([0, 7]) + b"".join(messages.values())

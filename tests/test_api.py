@@ -190,6 +190,12 @@ def test_peers(api_server):
             "open", "mme.test", "test")
         assert peer["remote"] == "{}:{}".format(*sock.getsockname())
         assert 0 <= peer["connected_seconds"] < 60
+        assert not any(peer["answered"].values())  # a CER is no application answer
+        sock.sendall(ecr("352099001761480", None))
+        assert parse_answer(read_message(sock)).equipment_status == 1
+        answered = get(url, "/v1/peers").json()[0]["answered"]
+        assert answered == {"WHITELISTED": 0, "BLACKLISTED": 1, "GREYLISTED": 0, "UNKNOWN": 0,
+                            "ERROR": 0, "DUPLICATE": 0}
     finally:
         sock.close()
 

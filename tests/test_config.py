@@ -12,6 +12,7 @@ from pydantic import BaseModel
 
 from eir.core.config import ConfigError, Settings, load_settings, parse_host_port
 from eir.core.decision import UnknownPolicy
+from eir.lists.native import load_rule_set, read_native_csv
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_CONFIG = ROOT / "config" / "eir.yaml"
@@ -56,14 +57,30 @@ def test_example_config_equals_the_built_in_defaults_except_list_files():
     assert settings.logging == defaults.logging
     assert settings.dictionaries == defaults.dictionaries
     assert settings.lists.unknown_policy == defaults.lists.unknown_policy
-    assert settings.model_copy(update={"lists": defaults.lists}) == defaults
+    assert settings.console.local_list is not None  # the local rules, shipped empty
+    console = settings.console.model_copy(update={"local_list": None})
+    assert settings.model_copy(update={"lists": defaults.lists,
+                                       "console": console}) == defaults
 
 
-def test_example_config_lists_the_example_list_relative_to_itself():
+def test_example_config_lists_the_example_and_local_lists_relative_to_itself():
     settings = load_settings(EXAMPLE_CONFIG)
+    lists = ROOT / "config" / "lists"
     assert [path.resolve() for path in settings.lists.files] == [
-        (ROOT / "config" / "lists" / "example.csv").resolve()]
+        (lists / "example.csv").resolve(), (lists / "local.csv").resolve()]
     assert all(path.is_file() for path in settings.lists.files)
+    # The console edits the local list, shipped with its header and no rule.
+    assert settings.console.local_list.resolve() == (lists / "local.csv").resolve()
+    assert read_native_csv(settings.console.local_list) == []
+
+
+def test_the_lists_version_quoted_in_the_docs_is_the_shipped_lists_one():
+    settings = load_settings(EXAMPLE_CONFIG)
+    version = load_rule_set(settings.lists.files, settings.lists.unknown_policy).version
+    for document in ("README.md", "docs/PRODUCTION.md"):
+        quoted = set(re.findall(r"(?:lists version |\"list_version\":\")([0-9a-f]{12})\b",
+                                (ROOT / document).read_text(encoding="utf-8")))
+        assert quoted == {version}, document
 
 
 def test_example_config_documents_every_setting():

@@ -123,6 +123,9 @@ def test_log_in_look_up_block_and_the_next_ecr_is_blacklisted(browser, eir_serve
                          end_to_end=99))
         assert parse_answer(read_message(sock)).equipment_status == BLACKLISTED
         wait_for(browser, "#verdicts", f"BLACKLISTED {blacklisted + 1}")
+        # ...and in the MME's own row: its connection's answers (eir.diameter.peer).
+        assert wait_for(browser, "#peers .answered-blacklisted", "1").text == "1"
+        assert browser.find_element(By.CSS_SELECTOR, "#peers .answered-unknown").text == "0"
         assert browser.execute_script("return window.notReloaded") is True
         shot(browser, "peers")
     finally:

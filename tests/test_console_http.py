@@ -5,18 +5,99 @@ the journal of changes. The browser tests are in test_console_browser.py."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
+import shutil
+from pathlib import Path
 
 import httpx
 from helpers_console import READ_TOKEN, csrf_of, logged_in, start_console
 from helpers_ops import API_LINE, TOKEN, endpoint, wait_until
+from helpers_process import eir_ok
 from helpers_wire import check_all
 
 STOLEN = "35209900176148"  # blacklisted in config/lists/example.csv
 FRESH = "35123456789012"  # in no list
+OTHER, THIRD = "35876543210987", "35111111111111"  # in no list
 IMSI_A, IMSI_B = "001010123456789", "001019876543210"
+ROOT = Path(__file__).resolve().parent.parent
 
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_the_shipped_config_blocks_a_phone_out_of_the_box(eir_server, monkeypatch, tmp_path):
+    """README's console, as a new user runs it: `eir serve --api` in the repository (here a
+    copy of its config/, so that the repository's local list stays empty), log in, look up,
+    block a phone, and the next ECR is answered BLACKLISTED."""
+    shutil.copytree(ROOT / "config", tmp_path / "config")
+    monkeypatch.setenv("EIR_API_TOKEN", TOKEN)
+    server = eir_server("--api", "127.0.0.1:0", lists=[], cwd=tmp_path)  # ./config/eir.yaml
+    admin = logged_in(endpoint(server, API_LINE))
+    assert "UNKNOWN" in admin.get("/lookup", params={"imei": FRESH + "0"}).text
+    assert check_all(server.address, [(FRESH + "0", IMSI_A)])[0].experimental_result_code == 5422
+    response = admin.post("/rules/add", data={"imei": FRESH, "status": "blacklist",
+                                              "reason": "stolen", "csrf": csrf_of(admin)})
+    assert response.status_code == 303, response.text
+    assert check_all(server.address, [(FRESH + "0", IMSI_A)])[0].equipment_status == 1
+    assert f"{FRESH},blacklist,,stolen" in (
+        tmp_path / "config" / "lists" / "local.csv").read_text()
+    assert "BLACKLISTED" in admin.get("/lookup", params={"imei": FRESH + "0"}).text
+
+
+def test_with_a_store_local_rules_are_published_into_it(eir_server, monkeypatch, tmp_path):
+    """`eir serve --store DIR` with the shipped config: a change publishes the local list
+    into the store beside the registry's lists (a new version, journaled); the most
+    specific rule wins whichever list holds it; a sync keeps the local rules; after a
+    rollback the page says the file is not what is in force, and puts it back once
+    unpinned."""
+    shutil.copytree(ROOT / "config", tmp_path / "config")
+    local = tmp_path / "config" / "lists" / "local.csv"
+    drop, store = tmp_path / "drop", tmp_path / "store"
+    drop.mkdir()
+    registry = f"imei,status\n{STOLEN},blacklist\n35123456,blacklist\n"  # FRESH's TAC
+    (drop / "lists.csv").write_text(registry)
+    eir_ok("sync", "--source", str(drop), "--store", str(store))
+    monkeypatch.setenv("EIR_API_TOKEN", TOKEN)
+    server = eir_server("--api", "127.0.0.1:0", "--store", str(store), lists=[],
+                        cwd=tmp_path)
+    admin = logged_in(endpoint(server, API_LINE))
+    page = admin.get("/rules").text
+    assert "published into the snapshot store" in page and 'id="differs"' not in page
+    csrf = csrf_of(admin)
+    for imei, status in ((FRESH, "whitelist"), (STOLEN, "whitelist"), (OTHER, "blacklist")):
+        response = admin.post("/rules/add", data={"imei": imei, "status": status,
+                                                  "reason": "local", "csrf": csrf})
+        assert response.status_code == 303, response.text
+    fresh, stolen, other = check_all(server.address, [(FRESH + "0", None), (STOLEN + "0", None),
+                                                      (OTHER + "0", None)])
+    # The local exact IMEI beats the registry's TAC; at equal specificity (the registry's
+    # exact IMEI) blacklist beats whitelist, as between any two list files.
+    assert (fresh.equipment_status, stolen.equipment_status, other.equipment_status) == (
+        0, 1, 1)
+    assert "000004" in admin.get("/lists").text  # one version per change
+    journal = json.loads((store / "journal.jsonl").read_text().splitlines()[-1])
+    assert journal["act"] == "publish" and "web console, role admin" in journal["by"]
+    assert {"name": "local.csv", "sha256": sha256(local)} in journal["files"]
+    # The registry publishes again: its lists change, the local rules stay.
+    (drop / "lists.csv").write_text(registry + f"{THIRD},blacklist\n")
+    eir_ok("sync", "--source", str(drop), "--store", str(store))
+    server.wait_for_log(r"lists reloaded: version 000005")
+    fresh, third = check_all(server.address, [(FRESH + "0", None), (THIRD + "0", None)])
+    assert (fresh.equipment_status, third.equipment_status) == (0, 1)
+    # Rolled back to before the local rules: the page says so; pinned, nothing published.
+    assert admin.post("/lists/rollback", data={"version": "000001", "csrf": csrf}
+                      ).status_code == 303
+    assert check_all(server.address, [(FRESH + "0", None)])[0].equipment_status == 1
+    assert 'id="differs"' in admin.get("/rules").text
+    refused = admin.post("/rules/publish", data={"csrf": csrf})
+    assert refused.status_code == 409 and "pinned at version 000001" in refused.text
+    assert admin.post("/lists/unpin", data={"csrf": csrf}).status_code == 303
+    assert admin.post("/rules/publish", data={"csrf": csrf}).status_code == 303
+    assert check_all(server.address, [(FRESH + "0", None)])[0].equipment_status == 0
+    assert 'id="differs"' not in admin.get("/rules").text
 
 def test_login_gives_a_signed_httponly_strict_cookie(eir_server, monkeypatch, tmp_path):
     _, url = start_console(eir_server, monkeypatch, tmp_path)

@@ -91,6 +91,7 @@ def test_retransmission_gets_the_same_answer_without_asking_the_application_agai
     assert again == with_hop_by_hop(first, 2)
     assert "duplicate request (T flag, end-to-end id 0x00000064): answered as before" in \
         event_text(peer)
+    assert {k: n for k, n in peer.answered.items() if n} == {"BLACKLISTED": 1, "DUPLICATE": 1}
 
 
 def test_the_stored_answer_stands_after_the_lists_change():

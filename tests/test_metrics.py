@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import collections
 import json
+import os
 import re
 import shutil
 import signal
@@ -24,6 +25,7 @@ from scapy.all import raw
 from scapy.contrib.diameter import DiamG
 from test_sbi import H2C_LINE, STATUS_PATH
 from test_testbed_compose import TARGET_LABELS, promql_metrics_and_labels
+from test_workers import worker_pids
 
 from eir.interfaces.metrics import (LATENCY_BUCKETS, DiameterCounters, EirCollector, MetricsSnapshot,
                          QueuedLatency)
@@ -115,7 +117,40 @@ def test_requests_answers_latency_and_peers_of_a_live_server(eir_server):
                if name == "eir_list_version_info"]
     assert len(version) == 1 and len(version[0]) == 12
     assert 0 <= value(samples, "eir_list_age_seconds") < 3600
-    assert value(samples, "process_cpu_seconds_total") > 0
+    assert sum(count for (name, _), count in samples.items()
+               if name == "process_cpu_seconds_total") > 0
+    assert server.stop() == 0
+
+
+def start_time(pid: int) -> float:
+    """A process's start (Unix time) from /proc, as the kernel states it."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    boot = next(float(line.split()[1]) for line in open("/proc/stat") if line.startswith("btime "))
+    return float(fields[19]) / os.sysconf("SC_CLK_TCK") + boot
+
+
+PROCESS_FAMILIES = ("process_cpu_seconds_total", "process_resident_memory_bytes",
+                    "process_virtual_memory_bytes", "process_open_fds", "process_max_fds",
+                    "process_start_time_seconds")
+
+
+def test_process_metrics_cover_the_supervisor_and_every_worker(eir_server):
+    """With workers, process_* has one series per process, labelled worker="supervisor",
+    "0", "1", each that process's own (its start time is the one /proc gives its pid); the
+    old code served the supervisor's alone, unlabelled."""
+    server, url = metrics_server(eir_server, "--workers", "2")
+    processes = {"supervisor": server.process.pid,
+                 **{str(index): pid for index, pid in worker_pids(server).items()}}
+    assert len(set(processes.values())) == 3
+    samples = scrape(url)
+    for label, pid in processes.items():
+        for family in PROCESS_FAMILIES:
+            assert value(samples, family, worker=label) > 0, (family, label)
+        assert abs(value(samples, "process_start_time_seconds", worker=label) -
+                   start_time(pid)) < 0.05, label
+    unlabelled = [name for name, labels in samples
+                  if name.startswith("process_") and "worker" not in dict(labels)]
+    assert unlabelled == []
     assert server.stop() == 0
 
 
@@ -287,8 +322,9 @@ def test_every_dashboard_query_resolves_against_a_live_scrape(eir_server, tmp_pa
     config = tmp_path / "eir.yaml"
     config.write_text(f"sync:\n  source: {source}\n  interval_seconds: 3600\n"
                       f"store:\n  directory: {store}\n")
+    # Two workers, whatever the machine's cores: the process panels group by `worker`.
     server, url = metrics_server(eir_server, "--config", str(config), "--sbi", "127.0.0.1:0",
-                                 lists=[])
+                                 "--workers", "2", lists=[])
     scrape_until(url, lambda s: value(s, "eir_sync_total", outcome="up_to_date") == 1,
                  "the start-up sync")
     with httpx.Client(http1=False, http2=True, timeout=10) as client:
@@ -308,8 +344,11 @@ def test_every_dashboard_query_resolves_against_a_live_scrape(eir_server, tmp_pa
         assert metrics, expression
         for metric in metrics:
             assert metric in labels_of, f"{expression}: {metric} is not served"
-            missing = labels - labels_of[metric] - TARGET_LABELS  # those Prometheus adds
-            assert not missing, f"{expression}: {metric} has no label {missing}"
+        # Each label on some metric of the expression (a join's `by` groups what it kept),
+        # or one that Prometheus adds.
+        missing = labels - set().union(*(labels_of[metric] for metric in metrics)) \
+            - TARGET_LABELS
+        assert not missing, f"{expression}: {sorted(metrics)} have no label {missing}"
 
 
 def _snapshot(**changes) -> MetricsSnapshot:

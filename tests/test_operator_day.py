@@ -330,6 +330,11 @@ def test_dump_with_operator_writes_the_zip_dirbs_core_names(tmp_path):
     assert result.returncode == 0, result.stderr
     with zipfile.ZipFile(tmp_path / "op1_20261120_20261120.zip") as archive:
         assert archive.namelist() == ["op1_20261120_20261120.csv"]
+        # Dated when it was written, not 1980-01-01 (a member opened by its name alone).
+        written = archive.getinfo("op1_20261120_20261120.csv").date_time[:3]
+        assert written == date.today().timetuple()[:3]
+        assert archive.getinfo("op1_20261120_20261120.csv").compress_type == \
+            zipfile.ZIP_DEFLATED
         assert archive.read("op1_20261120_20261120.csv").decode().splitlines()[1] == \
             "20261120,35000000000002,001010000000002,,006"
     refused = run_eir("dump", "--date", "20261120", "--operator", "OP1", cwd=tmp_path)

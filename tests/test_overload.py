@@ -93,6 +93,7 @@ def test_a_read_beyond_the_queue_bound_gets_3004_for_the_excess_and_the_rest_in_
     assert peer.backlog == 0 and admission.queued_total == 0
     assert peer.resume(1.2) == b""
     assert (peer.refused_busy, admission.refused_total) == (8, 8)
+    assert sum(peer.answered.values()) == 20 and peer.answered["ERROR"] == 8  # per peer
 
 
 def test_3004_answer_is_a_valid_error_eca_echoing_the_session_id():

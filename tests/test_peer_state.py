@@ -14,7 +14,8 @@ from eir.diameter.codec import Avp, Framer, decode_avps, encode_message, parse_h
 from eir.diameter.constants import (APPLICATION_COMMON, APPLICATION_RELAY, APPLICATION_S13,
                                     FLAG_ERROR, FLAG_PROXIABLE, FLAG_REQUEST, VENDOR_3GPP)
 from eir.diameter.dictionary import Dictionary
-from eir.diameter.peer import LocalIdentity, PeerConnection, PeerState, Timers
+from eir.diameter.peer import (ANSWERED_DUPLICATE, ANSWERED_ERROR, LocalIdentity,
+                               PeerConnection, PeerState, Timers)
 from eir.lists.native import load_rule_set
 from eir.interfaces.s13 import S13Application
 
@@ -93,10 +94,10 @@ def dpr() -> bytes:
     return request(DPR, PEER_ORIGIN + E("Disconnect-Cause", "DO_NOT_WANT_TO_TALK_TO_YOU"))
 
 
-def ecr() -> bytes:
+def ecr(imei: str = "35209900176148") -> bytes:
     body = (E("Session-Id", "mme.test;1") + E("Auth-Session-State", 1) + PEER_ORIGIN
             + E("Destination-Realm", "test.realm")
-            + E("Terminal-Information", [E("IMEI", "35209900176148")]))
+            + E("Terminal-Information", [E("IMEI", imei)]))
     return request(ECR, body, APPLICATION_S13, FLAG_REQUEST | FLAG_PROXIABLE)
 
 
@@ -409,5 +410,24 @@ def test_a_bug_in_the_application_answers_5012_and_keeps_the_connection():
     assert answer.value("Result-Code") == 5012
     assert peer.state is PeerState.OPEN
     assert "RuntimeError: boom" in event_text(peer)
+    assert peer.answered[ANSWERED_ERROR] == 1 and sum(peer.answered.values()) == 1
     application.check.rule_set = working
     assert one_message(peer.receive(ecr(), 2.0)).value("Result-Code") == 2001
+
+
+def test_answers_are_counted_per_connection_by_outcome():
+    """PeerConnection.answered: what GET /v1/peers and the console show per MME."""
+    peer, other = open_peer(), open_peer()
+    assert one_message(peer.receive(ecr(), 1.0)).value("Equipment-Status") == 1
+    assert one_message(peer.receive(ecr(), 1.1)).value("Equipment-Status") == 1
+    # Whitelisted for the lab's range; in no list (5422); not an IMEI (5004).
+    peer.receive(ecr("35000000000042"), 1.2)
+    peer.receive(ecr("35123456789012"), 1.3)
+    assert one_message(peer.receive(ecr("3512345678901x"), 1.4)).value("Result-Code") == 5004
+    # An S13 request with the E bit set: a protocol error (3008), an error all the same.
+    peer.receive(request(ECR, PEER_ORIGIN, APPLICATION_S13,
+                         FLAG_REQUEST | FLAG_PROXIABLE | FLAG_ERROR), 1.5)
+    peer.receive(dwr(), 1.6)  # base protocol: not an application answer
+    assert peer.answered == {"BLACKLISTED": 2, "WHITELISTED": 1, "GREYLISTED": 0,
+                             "UNKNOWN": 1, ANSWERED_ERROR: 2, ANSWERED_DUPLICATE: 0}
+    assert not any(other.answered.values())

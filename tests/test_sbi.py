@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import shutil
 import signal
 import socket
@@ -176,16 +177,19 @@ def test_curl_http2_prior_knowledge(eir_server_module):
     assert (json.loads(body), status) == ({"status": "GREYLISTED"}, "2 200"), result.stderr
 
 
-def test_reload_is_seen_at_once(eir_server, tmp_path):
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_reload_is_seen_at_once(eir_server, tmp_path, workers):
     lists = tmp_path / "lists.csv"
     lists.write_text("imei,status,imsi,reason\n35209900176148,whitelist,,\n")
-    server, url = start_sbi(eir_server, lists=[lists])
+    server, url = start_sbi(eir_server, lists=[lists], workers=workers)
     pei = imei("35209900176148")
     with h2c_client() as client:
         assert status_of(client, url, pei=pei) == (200, {"status": "WHITELISTED"})
         lists.write_text("imei,status,imsi,reason\n35209900176148,blacklist,,stolen\n")
         mark = len(server.lines)
         server.process.send_signal(signal.SIGHUP)
+        for worker in range(int(workers)) if workers != "1" else ():
+            server.wait_for_log(rf"worker {worker}: lists reloaded", start=mark)
         server.wait_for_log(r"lists reloaded", start=mark)
         assert status_of(client, url, pei=pei) == (200, {"status": "BLACKLISTED"})
     assert server.stop() == 0
@@ -193,7 +197,9 @@ def test_reload_is_seen_at_once(eir_server, tmp_path):
 
 # -- TLS -------------------------------------------------------------------------------------
 
-def test_tls_with_alpn_h2(eir_server, tmp_path):
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_tls_with_alpn_h2(eir_server, tmp_path, workers):
+    """With workers, the socket is handed over before the handshake: the worker does it."""
     from test_tls import Authority
 
     ca = Authority(tmp_path, "Test Operator CA")
@@ -201,16 +207,21 @@ def test_tls_with_alpn_h2(eir_server, tmp_path):
     config = tmp_path / "eir.yaml"
     config.write_text("sbi:\n  tls:\n    listen: 127.0.0.1:0\n    certificate: eir.pem\n"
                       "    key: eir.key\n")
-    server = eir_server("--config", str(config), "--workers", "1")
+    server = eir_server("--config", str(config), "--workers", workers)
     url = endpoint(server, TLS_LINE)
     trusting = ssl.create_default_context(cafile=str(ca.path))
     with httpx.Client(http2=True, verify=trusting, timeout=10) as client:
         response = client.get(url + STATUS_PATH, params={"pei": imei("35209900176148")})
     assert response.http_version == "HTTP/2"  # negotiated by ALPN
     assert (response.status_code, response.json()) == (200, {"status": "BLACKLISTED"})
+    mark = len(server.lines)
     with pytest.raises(httpx.ConnectError):  # and it is TLS: an unknown CA is refused
         httpx.get(url + STATUS_PATH, params={"pei": imei("35209900176148")}, timeout=10)
+    by = r"worker \d+: " if workers != "1" else ""
+    server.wait_for_log(by + r".*TLS handshake refused", start=mark)
     assert server.stop() == 0
+    served_by = re.findall(r"^.*N5g-eir connection from", server.log(), re.MULTILINE)
+    assert served_by and all(re.search(by, line) for line in served_by), served_by
 
 
 # -- audit, metrics, observations (a supervisor with workers: the default) -----------------

@@ -82,6 +82,8 @@ METRIC_LABELS = {
     "eir_sbi_connections": set(),
     "eir_nrf_registered": set(),
     "eir_build_info": {"version"},
+    "process_cpu_seconds_total": {"worker"},  # worker: with several workers (metrics.py)
+    "process_resident_memory_bytes": {"worker"},
 }
 # Labels Prometheus adds to every series it scrapes (its target's), beside the EIR's own.
 TARGET_LABELS = {"instance", "job"}

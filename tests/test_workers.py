@@ -80,6 +80,10 @@ def test_two_connections_go_to_two_workers_and_are_seen_as_one_server(eir_server
             peers = httpx.get(f"{api}/v1/peers", headers=authorised(), timeout=10).json()
             assert [peer["origin_host"] for peer in peers] == ["mme.test", "mme.test"]
             assert all(peer["state"] == "open" for peer in peers)
+            # Each connection's own answers, counted by the worker that holds it.
+            assert sorted(({k: n for k, n in peer["answered"].items() if n}
+                           for peer in peers), key=str) == [{"BLACKLISTED": 3},
+                                                            {"WHITELISTED": 5}]
     # One observations database, written by the supervisor: both workers' checks in it.
     expected = {IMEI, *(f"3540450912{n:04d}" for n in range(5))}
 

@@ -35,3 +35,19 @@ class EquipmentCheck:
         if audit is not None:
             audit.record(client, imei, imsi, verdict, rule_set.version, interface)
         return verdict
+
+    def record_all(self, day: int, records: list, rule_set: RuleSet, verdict_counts=None,
+                   audit=None, interface: str = "s13", rat: str = RAT_EUTRAN) -> None:
+        """What run() does after deciding, for verdicts decided elsewhere (the S13 fast path,
+        eir.interfaces.s13): `records` holds (imei, imsi, verdict, client, ...) in the order
+        they were decided on `day` by `rule_set`. Kept in step with run(): the fast path's
+        differential tests compare observations, counters and audit."""
+        observations = self.observations
+        version = rule_set.version if audit is not None else None
+        for imei, imsi, verdict, client, _ in records:
+            if observations is not None:
+                observations.record(day, imei, imsi, rat)
+            if verdict_counts is not None:
+                verdict_counts[verdict.status] += 1
+            if audit is not None:
+                audit.record(client, imei, imsi, verdict, version, interface)

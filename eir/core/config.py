@@ -163,6 +163,10 @@ class DiameterSettings(_Strict):
     # decode and validate); beyond: 5009 DIAMETER_AVP_OCCURS_TOO_MANY_TIMES
     # (eir.diameter.overload).
     max_avps_per_message: int = Field(128, ge=32)
+    # Plain ECRs answered by the C fast path (eir/lists/_ecr.c, when built), the rest by the
+    # generic path; false: every request by the generic path (the benchmarks' baseline).
+    # Same answers either way (tests/test_fast_path.py).
+    fast_path: bool = True
     peers: list[AllowedPeerSettings] = Field(default_factory=list)  # []: any peer
     duplicates: DuplicateSettings = Field(default_factory=DuplicateSettings)
     # A CER from an Origin-Host that has an open connection already (eir.diameter.identities):
@@ -391,7 +395,8 @@ class ConsoleSettings(_Strict):
     # Addresses whose failures are tracked at once; beyond, the new ones share one count.
     max_tracked_addresses: int = Field(4096, ge=1)
     # The native CSV list the console edits (local rules); it must be one of lists.files,
-    # so that a reload applies it. null: local rules are read-only (shown, not edited).
+    # so that a reload applies it; with a store, any file, published into the store at each
+    # change (eir.lists.sync.publish_local). null: no local rules.
     local_list: Path | None = None
     # Every change made in the console (rules, rollback, unpin, sync), and every login,
     # one JSON line: time, act, role, address, before, after. null: console.jsonl in the
@@ -501,6 +506,10 @@ class SbiSettings(_Strict):
     # most this long before the close (a close with unread data would send a TCP reset,
     # which can overtake the GOAWAY); 0: closed at once.
     close_linger_seconds: float = Field(2.0, ge=0)
+    # The common request (one HEADERS frame, a plain GET) decoded and answered with
+    # pre-encoded frames beside h2 (eir.interfaces.h2wire); false: h2 does every frame (the
+    # bench baseline, bench/sbi.py --generic).
+    fast_path: bool = True
     nrf: NrfSettings | None = None
 
     @field_validator("listen")

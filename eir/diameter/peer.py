@@ -15,6 +15,13 @@ opens only once the caller
 has checked that its Origin-Host may have one more connection (eir.diameter.identities): the
 peer sets `claiming`, the caller calls `claim_decided`.
 
+An application may also answer runs of requests itself, in C (`answer_run`: the S13 fast
+path, eir.interfaces.s13 and eir/lists/_ecr.c). It is asked wherever a request would be
+handled, inside the same turns (so admission, queueing and 3004 are the generic path's), for
+the messages from there on; it answers those it takes up to the first it does not, which is
+handled here as any other, in order. What the peer does per handled request (counters, idle
+time, the duplicate cache) is done for its answers in `_fast_answered`.
+
 States: WAIT_CER (connected, nothing else allowed) → OPEN → CLOSING (our DPR sent) → CLOSED.
 """
 
@@ -79,6 +86,13 @@ TOO_BUSY = AvpError(ResultCode.TOO_BUSY, None, "too busy: try another server")
 # Messages read while a CER's Origin-Host is being claimed (a peer should send nothing
 # before the CEA): beyond this, the connection is closed.
 MAX_HELD_MESSAGES = 64
+# Keys of PeerConnection.answered besides the verdicts' names (WHITELISTED, BLACKLISTED,
+# GREYLISTED, UNKNOWN): an application request answered with an error Result-Code (a bad
+# AVP, 3004 too busy, 5012...), or answered again from the duplicate cache (T flag).
+ANSWERED_ERROR = "ERROR"
+ANSWERED_DUPLICATE = "DUPLICATE"
+ANSWERED_OUTCOMES = ("WHITELISTED", "BLACKLISTED", "GREYLISTED", "UNKNOWN", ANSWERED_ERROR,
+                     ANSWERED_DUPLICATE)
 
 
 @dataclass(frozen=True)
@@ -100,12 +114,26 @@ class Application(Protocol):
     application_id: int
     vendor_id: int
 
-    def handle_request(self, header: Header, command: CommandDef, avps: AvpIndex) -> bytes:
-        """The answer to a validated request; raises AvpError when a value the
-        application checks itself is wrong (the peer then logs and calls error_answer)."""
+    def handle_request(self, header: Header, command: CommandDef,
+                       avps: AvpIndex) -> tuple[bytes, str]:
+        """The answer to a validated request and its outcome (the verdict's name, counted
+        in PeerConnection.answered); raises AvpError when a value the application checks
+        itself is wrong (the peer then logs and calls error_answer)."""
         ...
 
     def error_answer(self, header: Header, session_id: Avp | None, error: AvpError) -> bytes: ...
+
+
+class AnswerRun(Protocol):
+    """An application's fast path (optional `answer_run` attribute, None when off): answers
+    messages[start:stop] (`stop` the first it does not take, or `end`), as `handle_request`
+    would have, but for the header checks and AVP decoding and validation that it does
+    itself; returns (answers, stop, records), a record per answer whose fourth item is the
+    request's Origin-Host payload and fifth the answer (when `answers`, else None). Only
+    requests without the T flag; at most `max_avps` AVPs each."""
+
+    def __call__(self, messages: list[bytes], start: int, end: int, max_avps: int,
+                 answers: bool) -> tuple[bytes, int, list]: ...
 
 
 class PeerState(enum.Enum):
@@ -222,6 +250,13 @@ class PeerConnection:
         # (a few large requests) gets one turn per turn of the event loop, not two.
         self._full_turn = False
         self.refused_busy = 0  # requests answered 3004 on this connection
+        # Application requests answered on this connection, by outcome: the verdict's name
+        # (WHITELISTED, BLACKLISTED, GREYLISTED, UNKNOWN = 5422), ANSWERED_ERROR (3004
+        # included) or ANSWERED_DUPLICATE. For GET /v1/peers and the console's peers page;
+        # whatever answers a request (this class, a fast path) bumps it, one key per answer.
+        # A plain dict with every key present: a bump is a specialised dict store (a
+        # Counter, a dict subclass, is not specialised: ~1.5x the cost).
+        self.answered: dict[str, int] = dict.fromkeys(ANSWERED_OUTCOMES, 0)
         self._busy_templates: dict[bytes, tuple[bytes, bytes]] = {}
         self._application_ids = {a.to_bytes(4, "big") for a in self.applications}
         # False while the queue is full, until it is half empty: the caller should not read
@@ -235,6 +270,10 @@ class PeerConnection:
         self._claimed_cer: Header | None = None
         self._held: list[bytes] | None = None
         self._peer_key = b""  # the CER's Origin-Host, lower-cased, once open (duplicates)
+        # An application's fast path (see the module docstring), or None.
+        self._answer_run: AnswerRun | None = next(
+            (run for run in (getattr(a, "answer_run", None) for a in self.applications.values())
+             if run is not None), None)
 
     # -- inputs --------------------------------------------------------------------------
 
@@ -259,16 +298,12 @@ class PeerConnection:
             return self._receive_queued(messages, now, serve=True)
         # Answered now, as this connection's turn.
         self._full_turn = count >= self._per_turn or size >= self._bytes_per_turn
-        if count == 1 and framer.error is None:
+        if count == 1 and framer.error is None and self._answer_run is None:
             return self._handle(messages[0], now)
-        out = []
-        for message in messages:
-            out.append(self._handle(message, now))
-            if self.closed:
-                break
+        out = self._handle_all(messages, now)
         if framer.error is not None and not self.closed:
-            out.append(self._close_unframeable())
-        return b"".join(out)
+            out += self._close_unframeable()
+        return out
 
     @property
     def backlog(self) -> int:
@@ -414,7 +449,7 @@ class PeerConnection:
         bytes of them are answered (whichever comes first; one at least)."""
         queue = self._queue
         admission = self.admission
-        out = []
+        turn = []
         served = served_bytes = 0
         while queue and served < self._per_turn and served_bytes < self._bytes_per_turn:
             message = queue.popleft()
@@ -424,9 +459,10 @@ class PeerConnection:
             admission.queued_bytes_total -= size
             served += 1
             served_bytes += size
-            out.append(self._handle(message, now))
-            if self.closed:
-                break
+            turn.append(message)
+        # Taken off the queue first, then handled: should one close the connection, the rest
+        # of the turn is dropped with the queue (_close), as if it had stayed queued.
+        out = self._handle_all(turn, now)
         self._full_turn = served >= self._per_turn or served_bytes >= self._bytes_per_turn
         if not self.reading and (
                 len(queue) <= admission.max_queued_per_connection // 2
@@ -437,7 +473,7 @@ class PeerConnection:
                                 f"overloaded; {self._refused_in_episode} request(s) were "
                                 "answered 3004 DIAMETER_TOO_BUSY"))
             self._refused_in_episode = 0
-        return b"".join(out)
+        return out
 
     def _serve_all_then_close(self, now: float) -> bytes:
         """The stream cannot be framed any further: answer what came before, then close."""
@@ -470,6 +506,7 @@ class PeerConnection:
         (a flood is refused at ~1 µs a request, answered at ~18)."""
         self._last_request = now
         self.refused_busy += 1
+        self.answered[ANSWERED_ERROR] += 1
         self.admission.refused_total += 1
         if self.counters is not None:  # a request received, though never handled
             self.counters.request(int.from_bytes(raw[5:8], "big"))
@@ -508,6 +545,48 @@ class PeerConnection:
         self._next_end_to_end = (self._next_end_to_end + 1) & 0xFFFFF
         return encode_message(FLAG_REQUEST, code, APPLICATION_COMMON, hop_by_hop, end_to_end,
                               self.answers.origin + extra)
+
+    def _handle_all(self, messages: list[bytes], now: float) -> bytes:
+        """Handle messages in order until the connection closes: runs of them by the fast
+        path while the connection is open, the others one by one (`_handle`)."""
+        answer_run = self._answer_run
+        out = []
+        index, count = 0, len(messages)
+        while index < count:
+            if answer_run is not None and self.state is PeerState.OPEN and self._held is None:
+                answers, index = self._fast_answered(answer_run, messages, index, count, now)
+                out.append(answers)
+                if index == count:
+                    break
+            out.append(self._handle(messages[index], now))
+            index += 1
+            if self.closed:
+                break
+        return b"".join(out)
+
+    def _fast_answered(self, answer_run: AnswerRun, messages: list[bytes], start: int,
+                       end: int, now: float) -> tuple[bytes, int]:
+        """The fast path's answers from messages[start], and where it stopped; and what
+        `_handle` does per request it answers with the application (the request counted,
+        the idle time restarted, the answer counted by outcome on this connection, the answer
+        kept for retransmissions): in one place, for the whole run."""
+        duplicates = self.duplicates
+        out, stop, records = answer_run(messages, start, end, self.max_avps_per_message,
+                                        duplicates is not None)
+        if stop == start:
+            return out, stop
+        self._last_request = now
+        counted = self.counters.request if self.counters is not None else None
+        store = duplicates.store if duplicates is not None else None
+        peer_key = self._peer_key
+        answered = self.answered
+        for raw, record in zip(messages[start:stop], records):
+            answered[record[2].status_name] += 1  # the verdict, as handle_request's outcome
+            if counted is not None:
+                counted(int.from_bytes(raw[5:8], "big"))
+            if store is not None:
+                store(*request_keys(peer_key, record[3], raw), record[4], now)
+        return out, stop
 
     def _handle(self, raw: bytes, now: float) -> bytes:
         held = self._held
@@ -581,6 +660,7 @@ class PeerConnection:
                     mismatches = duplicates.mismatches
                     answer = duplicates.answer_for(identity, digest, raw, now)
                     if answer is not None:
+                        self.answered[ANSWERED_DUPLICATE] += 1
                         self.events.append((logging.INFO, f"{untrusted(self.peer_host)}: "
                                             "duplicate request (T flag, end-to-end id "
                                             f"{header.end_to_end:#010x}): answered as before"))
@@ -593,14 +673,16 @@ class PeerConnection:
                                             "request answered under that id: answered anew"))
             session_id = found["Session-Id"][0] if "Session-Id" in found else None
             try:
-                answer = handler.handle_request(header, command, found)
+                answer, outcome = handler.handle_request(header, command, found)
             except AvpError as error:  # the application's own checks of AVP values
                 return self._avp_error(header, handler, session_id, error)
             except Exception as exc:  # noqa: BLE001 - one request must not cost the link
                 self.events.append((logging.ERROR, f"{untrusted(self.peer_host)}: answering 5012 "
                                     f"UNABLE_TO_COMPLY: {type(exc).__name__}: {untrusted(exc)}"))
+                self.answered[ANSWERED_ERROR] += 1
                 return handler.error_answer(header, session_id, AvpError(
                     ResultCode.UNABLE_TO_COMPLY, None, "internal error"))
+            self.answered[outcome] += 1
             if duplicates is not None:
                 duplicates.store(identity, digest, answer, now)
             return answer
@@ -633,6 +715,8 @@ class PeerConnection:
     def _protocol_error(self, header: Header, raw: bytes, code: ResultCode,
                         text: str) -> bytes:
         session_id = _leading_session_id(raw, self.max_avps_per_message)
+        if header.application in self.applications:
+            self.answered[ANSWERED_ERROR] += 1
         self.events.append((logging.INFO, f"{untrusted(self.peer_host)}: answering "
                             f"{code.value} "
                             f"{code.name}: {text}"))
@@ -644,6 +728,7 @@ class PeerConnection:
                             f"{error.result_code.value} {error.result_code.name}: "
                             f"{untrusted(error.text)}"))
         if handler is not None:
+            self.answered[ANSWERED_ERROR] += 1
             return handler.error_answer(header, session_id, error)
         if header.code == COMMAND_CAPABILITIES_EXCHANGE:
             answer = self._capabilities_answer(header, error.result_code, error.failed_avp,
@@ -727,12 +812,7 @@ class PeerConnection:
             self._close(f"CER refused with 5012 DIAMETER_UNABLE_TO_COMPLY: {refusal}",
                         logging.WARNING)
             return answer
-        out = [self._open(header)]
-        for raw in held:
-            out.append(self._handle(raw, now))
-            if self.closed:
-                break
-        return b"".join(out)
+        return self._open(header) + self._handle_all(held, now)
 
     def _open(self, header: Header) -> bytes:
         self.state = PeerState.OPEN

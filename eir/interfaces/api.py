@@ -166,6 +166,10 @@ class PeerInfo(BaseModel):
     origin_host: str | None
     origin_realm: str | None
     connected_seconds: float
+    answered: dict[str, int] = Field(description=(
+        "requests answered on this connection since it opened, by outcome: WHITELISTED, "
+        "BLACKLISTED, GREYLISTED, UNKNOWN (5422), ERROR (any error Result-Code, 3004 "
+        "included), DUPLICATE (answered again from the duplicate cache)"))
 
 
 class Health(BaseModel):

@@ -24,7 +24,8 @@ keeps the per-process list and sync facts of the newest snapshot. A server with 
 (eir.serve.workers) asks each worker for its snapshot at every scrape (`metrics_app`, over
 the supervisor's channel) and serves the merge of its own and theirs (`merged_snapshot`),
 instead of prometheus-client's multiprocess mode, which writes a memory-mapped file on every
-`.inc()` and does not support custom collectors.
+`.inc()` and does not support custom collectors. The `process_*` metrics are per process
+(`ProcessesCollector`: one series per worker, read from /proc by the supervisor).
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ PEER_STATES = ("wait-cer", "open", "closing")
 SYNC_OUTCOMES = ("published", "up_to_date", "refused")
 RETRANSMISSION_OUTCOMES = ("answered_from_cache", "not_cached", "different_request")
 DUPLICATE_PEER_ACTIONS = ("refused", "allowed")
+SUPERVISOR_LABEL = "supervisor"  # the `worker` label of the supervisor's process_* series
 
 
 class DiameterCounters:
@@ -518,14 +520,61 @@ def _sbi_families(s: MetricsSnapshot):
                             "5G_EIR NF instance", value=s.nrf_registered)
 
 
-def registry_for(snapshot: Callable[[], MetricsSnapshot]):
-    """A prometheus-client registry with open EIR's collector and the process collector
-    (CPU, memory, file descriptors)."""
-    from prometheus_client import CollectorRegistry, ProcessCollector
+class ProcessesCollector:
+    """prometheus-client's process metrics (`process_cpu_seconds_total`,
+    `process_resident_memory_bytes`, `process_virtual_memory_bytes`, `process_open_fds`,
+    `process_max_fds`, `process_start_time_seconds`) of this process and of its workers.
+
+    Without workers (`worker_pids()` is None): this process's, unlabelled, as
+    prometheus-client's ProcessCollector gives them. With workers: one series per process,
+    labelled `worker` (the worker's index, or "supervisor"), each read from /proc/PID at
+    the scrape, as a process reads its own. Per process rather than summed, because what
+    these metrics are watched for is a process's own: its file descriptors against its own
+    limit, its restart (a new start time), its memory; `sum by (instance)` gives the EIR's
+    CPU and memory (the page cache of a memory-mapped snapshot is shared: resident memory
+    summed over the workers counts it once per worker)."""
+
+    def __init__(self, worker_pids: Callable[[], dict[int, int] | None]):
+        self.worker_pids = worker_pids
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        from prometheus_client import ProcessCollector
+        from prometheus_client.core import Metric
+
+        pids = self.worker_pids()
+        if pids is None:
+            return ProcessCollector(registry=None).collect()
+        families: dict[str, Metric] = {}
+        processes = [(SUPERVISOR_LABEL, "self"),
+                     *((str(index), pid) for index, pid in sorted(pids.items()))]
+        for label, pid in processes:
+            # A process gone since (a worker restarting) is left out: the reader ignores
+            # the OSError of its /proc directory.
+            reader = ProcessCollector(pid=lambda pid=pid: pid, registry=None)
+            for family in reader.collect():
+                merged = families.get(family.name)
+                if merged is None:
+                    merged = families[family.name] = Metric(family.name, family.documentation,
+                                                            family.type)
+                for sample in family.samples:
+                    merged.add_sample(sample.name, {**sample.labels, "worker": label},
+                                      sample.value)
+        return families.values()
+
+
+def registry_for(snapshot: Callable[[], MetricsSnapshot],
+                 worker_pids: Callable[[], dict[int, int] | None] = lambda: None):
+    """A prometheus-client registry with open EIR's collector and the process metrics (CPU,
+    memory, file descriptors) of this process and its workers (`worker_pids()`: {index: pid},
+    None without workers)."""
+    from prometheus_client import CollectorRegistry
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(EirCollector(snapshot))
-    ProcessCollector(registry=registry)
+    registry.register(ProcessesCollector(worker_pids))
     return registry
 
 
@@ -535,7 +584,11 @@ def metrics_app(server: ServerView):
     from prometheus_client import make_asgi_app
 
     workers: list[MetricsSnapshot] = []  # the workers' metrics, gathered at each scrape
-    app = make_asgi_app(registry_for(lambda: merged_snapshot(server, workers)))
+
+    def worker_pids() -> dict[int, int] | None:
+        return None if server.supervisor is None else server.supervisor.worker_pids()
+
+    app = make_asgi_app(registry_for(lambda: merged_snapshot(server, workers), worker_pids))
 
     async def gathering(scope, receive, send):
         # Several workers (eir.serve.workers): their counters are asked for at each scrape, so

@@ -14,9 +14,11 @@ from eir.core.decision import RuleSet
 
 class WorkerGatherer(Protocol):
     """The supervisor of several workers (eir.serve.workers.Supervisor), as the interfaces
-    use it: one question to every worker, their answers in a list."""
+    use it: one question to every worker, their answers in a list; the workers' pids."""
 
     async def ask_all(self, question: str) -> list: ...
+
+    def worker_pids(self) -> dict[int, int]: ...  # {index: pid} of the workers serving now
 
 
 class ServerView(Protocol):

@@ -2,12 +2,18 @@
 
 Everything the answer holds but the Session-Id and the verdict is the same for every request,
 so answers are built from pre-encoded templates: one per verdict.
+
+The fast path: when eir.lists._lookup is built and `diameter.fast_path` is on, `answer_run`
+answers runs of plain ECRs in one C call (eir/lists/_ecr.c: framing checks, validation, the
+decision, the answer from these templates) and hands every other request back to the generic
+path (eir.diameter.peer calls it); what the generic path does per verdict (observe, count,
+audit: EquipmentCheck.record_all) is done here for the run, in one loop.
 """
 
 from __future__ import annotations
 
 from eir.check.service import EquipmentCheck
-from eir.core.decision import EquipmentStatus
+from eir.core.decision import EquipmentStatus, today
 from eir.core.imei import ImeiError, is_imsi, normalise_imei
 from eir.diameter.codec import Avp, Header, encode_avp, encode_message
 from eir.diameter.constants import (
@@ -21,8 +27,17 @@ from eir.diameter.constants import (
 from eir.diameter.dictionary import AvpError, AvpIndex, CommandDef, Dictionary
 from eir.diameter.peer import AnswerBuilder, LocalIdentity
 
+try:
+    from eir.lists._lookup import answer_ecrs
+except ImportError:  # the optional C extension is not built: the generic path answers all
+    answer_ecrs = None
+
 NO_STATE_MAINTAINED = 1
 INTERFACE = "s13"  # the audit records' `interface`
+# A verdict's name as PeerConnection.answered counts it (Verdict.status_name, without the
+# cost of an Enum's `name` on the hot path).
+OUTCOMES: dict[EquipmentStatus | None, str] = {status: status.name for status in EquipmentStatus}
+OUTCOMES[None] = "UNKNOWN"
 
 
 class S13Application:
@@ -30,7 +45,7 @@ class S13Application:
     vendor_id = VENDOR_3GPP
 
     def __init__(self, dictionary: Dictionary, local: LocalIdentity, check: EquipmentCheck,
-                 counters=None, audit=None):
+                 counters=None, audit=None, fast_path: bool = True):
         self.dictionary = dictionary
         # The rule set in force and the observation log (shared with N5g-eir).
         self.check = check
@@ -56,8 +71,33 @@ class S13Application:
             encode("Vendor-Id", VENDOR_3GPP),
             encode("Experimental-Result-Code",
                    int(ExperimentalResultCode.ERROR_EQUIPMENT_UNKNOWN))]) + self.answers.origin
+        # The C fast path's templates, by status value, then None (5422).
+        self._fast_templates = tuple(self._templates[status] for status in (*EquipmentStatus,
+                                                                              None))
+        # None: every request takes the generic path (diameter.fast_path off, or no C).
+        self.answer_run = self._answer_run if fast_path and answer_ecrs is not None else None
+        self.fast_answers = 0  # requests the fast path answered
 
-    def handle_request(self, header: Header, command: CommandDef, avps: AvpIndex) -> bytes:
+    def _answer_run(self, messages: list[bytes], start: int, end: int, max_avps: int,
+                    answers: bool) -> tuple[bytes, int, list]:
+        """Answer messages[start:stop] in C, `stop` being the first one the fast path does not
+        take (or `end`): (answers, stop, records), a record per answer (IMEI, IMSI, verdict,
+        Origin-Host, and the answer bytes when `answers`, else None); see eir/lists/_ecr.c.
+        The verdicts are observed, counted and audited here, as check.run does."""
+        check = self.check
+        rule_set = check.rule_set
+        day = today()
+        out, stop, records = answer_ecrs(
+            messages, start, end, max_avps, self._fast_templates,
+            getattr(getattr(rule_set, "snapshot", None), "hot_lookup", None), rule_set.decide,
+            day, answers)
+        if records:
+            self.fast_answers += len(records)
+            check.record_all(day, records, rule_set, self.verdict_counts, self.audit, INTERFACE)
+        return out, stop, records
+
+    def handle_request(self, header: Header, command: CommandDef,
+                       avps: AvpIndex) -> tuple[bytes, str]:
         session_id = avps["Session-Id"][0]
         terminal = avps.groups["Terminal-Information"][0]
         imei_avp = terminal.get("IMEI")
@@ -87,7 +127,8 @@ class S13Application:
         if proxy_info:
             body += b"".join(avp.encode() for avp in proxy_info)
         return encode_message(header.flags & FLAG_PROXIABLE, header.code, header.application,
-                              header.hop_by_hop, header.end_to_end, body)
+                              header.hop_by_hop, header.end_to_end, body), OUTCOMES[
+            verdict.status]
 
     def error_answer(self, header: Header, session_id: Avp | None, error: AvpError) -> bytes:
         return self.answers.error(header, session_id, error.result_code, error.failed_avp,

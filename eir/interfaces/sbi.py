@@ -21,15 +21,21 @@ Library: the `h2` package (python-hyper), sans-IO, inside our own sans-IO `SbiSe
 errors; docs/5G.md "Limits") under an asyncio.BufferedProtocol: bytes in, events out, bytes
 back, in the same callback, as the Diameter peer state machine works. One request
 costs one HEADERS frame decoded and one encoded, no task, no ASGI scope, no framework
-routing: it shares the event loop with Diameter, so it has to stay that cheap. (hypercorn,
+routing: it shares the event loop with Diameter, so it has to stay that cheap. The common
+request (a plain GET in one HEADERS frame) does not even go through h2: it is decoded and
+answered with the verdict's pre-encoded frames beside it (eir.interfaces.h2wire,
+`sbi.fast_path`; ~5x less CPU, docs/5G.md "The fast path, and what h2 costs"). (hypercorn,
 an ASGI server on top of the same h2, would add a task and an ASGI round trip per request,
 and its own serving loop and signal handling beside ours, for one fixed GET.) The same
 module holds a small h2 client (`H2Client`), for the NRF (NFRegister, heartbeat,
 NFDeregister, TS 29.510) and bench/sbi.py.
 
-Processes: the N5g-eir listener runs in the process that is not a worker (eir.serve.workers): the
-only process, or the supervisor, which keeps the lists, the observations writer and its own
-audit writer for these verdicts.
+Processes: with workers (eir.serve.workers), the supervisor binds the N5g-eir listeners,
+accepts, counts each connection against the `sbi` connection limits and hands the accepted
+socket to a worker, as it does S13's; the worker serves it (`N5gEir.adopt`: over TLS the
+worker does the handshake). The NRF registration stays in the supervisor (`N5gEir.start`
+with the supervisor's bound sockets); the counters are summed over the workers by /metrics.
+Alone (`--workers 1`), the process listens itself.
 """
 
 from __future__ import annotations
@@ -38,15 +44,17 @@ import asyncio
 import ipaddress
 import json
 import logging
+import socket
 import ssl
 import traceback
 import uuid
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlsplit
 
 from h2.config import H2Configuration
-from h2.connection import H2Connection
+from h2.connection import ConnectionState, H2Connection
 from h2.errors import ErrorCodes
 from h2.events import (
     ConnectionTerminated,
@@ -69,9 +77,26 @@ from eir.check.service import EquipmentCheck
 from eir.core.config import SbiSettings, parse_host_port
 from eir.core.decision import EquipmentStatus
 from eir.core.imei import IMEI_KEY_LENGTH, is_imsi
-from eir.core.logs import audit_log
 from eir.core.untrusted import untrusted
 from eir.diameter.overload import ConnectionLimits
+from eir.interfaces.h2wire import (
+    CONTINUATION,
+    DATA,
+    END_HEADERS,
+    END_STREAM,
+    FRAME_HEADER_BYTES,
+    HEADERS,
+    PADDED,
+    PING,
+    PRIORITY,
+    PRIORITY_FLAG,
+    RST_STREAM,
+    SETTINGS,
+    WINDOW_UPDATE,
+    decode_request,
+    encode_block,
+    frame_header,
+)
 from eir.interfaces.metrics import UNKNOWN_EQUIPMENT_STATUS
 from eir.interfaces.ports import ServerView
 from eir.net.flow import ReadGate
@@ -90,6 +115,9 @@ PROBLEM_JSON = b"application/problem+json"
 NRF_TIMEOUT_SECONDS = 5.0
 DEREGISTER_TIMEOUT_SECONDS = 2.0
 UNKNOWN_CLIENT = b"?"
+# No answer body is longer (a 400's detail quotes at most 40 characters of the parameter):
+# the fast path answers while both flow control windows hold at least this much.
+MAX_BODY_BYTES = 1024
 
 
 # -- the request: query parameters --------------------------------------------------------
@@ -133,7 +161,12 @@ def parse_supi(supi: str | None) -> str | None:
 def query_parameters(query: bytes) -> dict[str, str]:
     """The query's parameters, percent-decoded; the first of a repeated name counts."""
     found: dict[str, str] = {}
-    for name, value in parse_qsl(query.decode("latin-1"), keep_blank_values=True):
+    text = query.decode("latin-1")
+    if b"%" in query or b"+" in query:
+        pairs = parse_qsl(text, keep_blank_values=True)
+    else:  # nothing to decode (the usual query): parse_qsl's split, without its decoding
+        pairs = [field.partition("=")[::2] for field in text.split("&") if field]
+    for name, value in pairs:
         found.setdefault(name, value)
     return found
 
@@ -160,12 +193,29 @@ def _headers(status: int, content_type: bytes, body: bytes,
 @dataclass(frozen=True, slots=True)
 class Answer:
     status: int
-    headers: list
+    headers: list  # for h2
     body: bytes
+    # For the fast path (eir.interfaces.h2wire): the HEADERS frame's first 5 bytes; its
+    # block (pre-encoded, literals without indexing) and the DATA frame's first 5 bytes;
+    # each frame's stream id goes after its first 5 bytes.
+    headers_frame: bytes
+    block_and_data_frame: bytes
 
     @classmethod
     def of(cls, status: int, content_type: bytes, body: bytes, extra: tuple = ()) -> "Answer":
-        return cls(status, _headers(status, content_type, body, extra), body)
+        if len(body) > MAX_BODY_BYTES:
+            raise ValueError(f"an answer body of {len(body)} bytes (at most {MAX_BODY_BYTES})")
+        headers = _headers(status, content_type, body, extra)
+        block = encode_block(headers)
+        return cls(status, headers, body,
+                   frame_header(len(block), HEADERS, END_HEADERS),
+                   block + frame_header(len(body), DATA, END_STREAM))
+
+    def frames(self, stream_id: bytes) -> bytes:
+        """The answer on stream `stream_id` (4 bytes): a HEADERS frame and a DATA frame
+        that ends the stream."""
+        return b"".join((self.headers_frame, stream_id, self.block_and_data_frame, stream_id,
+                         self.body))
 
 
 # The answers that do not depend on the request, built once.
@@ -235,13 +285,13 @@ class EquipmentIdentityCheck:
 # -- the HTTP/2 server side: the sans-IO session ------------------------------------------
 
 CLIENT_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-FRAME_HEADER_BYTES = 9
 # Ours is never raised above the initial value (RFC 9113 §6.5.2): no frame the client may
 # send is longer.
 MAX_FRAME_BYTES = 16384
-(DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE,
- CONTINUATION) = range(10)
-FLAG_END_STREAM, FLAG_END_HEADERS = 0x1, 0x4
+# The frame flags of a request the fast path may take (one HEADERS frame, no padding, no
+# priority: a GET): eir.interfaces.h2wire.
+FAST_FLAGS = END_STREAM | END_HEADERS
+FAST_FLAGS_MASK = END_STREAM | END_HEADERS | PADDED | PRIORITY_FLAG
 # Frames that carry no request, counted against sbi.max_control_frames_per_second (with
 # empty DATA frames that do not end their stream, and unknown frame types).
 CONTROL_FRAMES = frozenset((PRIORITY, SETTINGS, PING, WINDOW_UPDATE))
@@ -319,6 +369,8 @@ class SbiSession:
       header block longer than `max_header_list_bytes` is refused before it is decoded
       (CONTINUATION floods, HPACK bombs), a frame longer than 16 KiB before it is buffered;
       each with GOAWAY ENHANCE_YOUR_CALM or FRAME_SIZE_ERROR.
+    With `fast_path`, the common request is answered here without h2 (`_answer_fast`,
+    eir.interfaces.h2wire), in frame order with what h2 receives.
     Stream errors stay stream errors: a stream beyond `max_concurrent_streams` gets
     RST_STREAM REFUSED_STREAM, a malformed request RST_STREAM PROTOCOL_ERROR (both counted
     as resets), one the client reset is not answered. Every h2 exception ends here, as a
@@ -349,6 +401,7 @@ class SbiSession:
         self._started = now
         self._last_request = now
         self._last_stream = 0  # the highest stream answered or refused
+        self.fast_path = settings.fast_path  # eir.interfaces.h2wire
 
     @property
     def closed(self) -> bool:
@@ -409,35 +462,108 @@ class SbiSession:
     # -- one turn --------------------------------------------------------------------------
 
     def _turn(self, now: float) -> bytes:
-        end, error = self._cut(now)
-        data = bytes(self._buffer[:end])
-        del self._buffer[:end]
+        """The frames of this turn, in order: h2 receives them, except the requests the fast
+        path answers (`_answer_fast`); h2 first receives what came before each of those, so
+        that both see the connection as it is at that frame."""
+        end, fast, error = self._cut(now)
+        buffer = self._buffer
+        h2 = self.h2
+        out = bytearray()  # what earlier parts of the turn answered
+        start = 0
         try:
-            if data:
-                self._handle(self.h2.receive_data(data), now)
-            if error is not None:
-                raise error
+            for position, length in fast:
+                if start < position:
+                    self._handle(h2.receive_data(bytes(buffer[start:position])), now)
+                    out += h2.data_to_send()
+                    if self.closed:
+                        break
+                    start = position
+                if buffer[position + 3] == RST_STREAM:
+                    if self._closed_unknown_to_h2(buffer, position):
+                        start = position + FRAME_HEADER_BYTES + length
+                    continue
+                answer = self._answer_fast(buffer, position, length, now)
+                if answer is not None:
+                    out += answer
+                    start = position + FRAME_HEADER_BYTES + length
+            else:
+                if start < end:
+                    self._handle(h2.receive_data(bytes(buffer[start:end])), now)
+                    out += h2.data_to_send()
+                if error is not None:
+                    raise error
         except SbiConnectionError as exc:
-            return self._close(exc.code, str(exc), logging.WARNING)
+            out += self._close(exc.code, str(exc), logging.WARNING)
         except H2Error as exc:
-            return self._close(goaway_code(exc), f"HTTP/2 protocol error: "
+            out += self._close(goaway_code(exc), f"HTTP/2 protocol error: "
                                f"{exc or type(exc).__name__}", logging.INFO)
         except Exception as exc:  # noqa: BLE001 - a defect: this connection only, logged
             where = traceback.extract_tb(exc.__traceback__)[-1]
-            return self._close(ErrorCodes.INTERNAL_ERROR, f"internal error: {exc!r} at "
+            out += self._close(ErrorCodes.INTERNAL_ERROR, f"internal error: {exc!r} at "
                                f"{where.filename}:{where.lineno}", logging.ERROR)
-        return self.h2.data_to_send()
+        else:
+            del buffer[:end]
+        return bytes(out)
 
-    def _cut(self, now: float) -> tuple[int, SbiConnectionError | None]:
-        """How many buffered bytes this turn hands h2 (whole frames, within the turn's
-        budget), and the connection error found in the frame after them, if any."""
+    def _closed_unknown_to_h2(self, buffer: bytearray, position: int) -> bool:
+        """Whether the frame at `position` is on a stream h2 has seen opened and holds no
+        state of: one the fast path answered (or one h2 closed and has since forgotten). A
+        RST_STREAM on it is dropped (RFC 9113 §5.1: it may come shortly after our
+        END_STREAM), where h2 would take it for a frame on a stream it forgot, a connection
+        error. (Counted against max_resets_per_second all the same, in `_cut`.)"""
+        h2 = self.h2
+        stream_id = int.from_bytes(buffer[position + 5:position + 9], "big") & 0x7FFFFFFF
+        return (stream_id not in h2.streams and stream_id & 1 == 1
+                and 0 < stream_id <= h2.highest_inbound_stream_id)
+
+    def _answer_fast(self, buffer: bytearray, position: int, length: int,
+                     now: float) -> bytes | None:
+        """The answer to the HEADERS frame at `position` (END_STREAM, END_HEADERS) if it is
+        a new stream's plain request (eir.interfaces.h2wire) and its answer fits the flow
+        control windows; else None, and h2 receives the frame."""
+        h2 = self.h2
+        stream_id = int.from_bytes(buffer[position + 5:position + 9], "big") & 0x7FFFFFFF
+        # h2 answers the first request (its connection state opens with it) and any after
+        # it stopped serving (GOAWAY).
+        if (h2.state_machine.state is not ConnectionState.SERVER_OPEN
+                or not stream_id & 1 or stream_id <= h2.highest_inbound_stream_id
+                or len(self._pending) + len(self._blocked)
+                >= self.settings.max_concurrent_streams
+                or h2.encoder.table_size_changes  # for h2's next block to signal
+                or min(h2.outbound_flow_control_window,
+                       h2.remote_settings.initial_window_size) < MAX_BODY_BYTES):
+            return None
+        start = position + FRAME_HEADER_BYTES
+        request = decode_request(bytes(buffer[start:start + length]),
+                                 h2.decoder.header_table, self.settings.max_header_list_bytes)
+        if request is None:
+            return None
+        method, path, agent = request
+        check = self.check
+        answer = check.answer(method, path, agent or self.remote)
+        # The stream was opened and closed: h2 takes a later frame on it as on a closed
+        # stream; the DATA frame took its bytes from the connection's send window.
+        h2.highest_inbound_stream_id = stream_id
+        h2.outbound_flow_control_window -= len(answer.body)
+        requests = check.counters.requests
+        requests[answer.status] = requests.get(answer.status, 0) + 1
+        self._last_request = now
+        self._last_stream = stream_id
+        return answer.frames(stream_id.to_bytes(4, "big"))
+
+    def _cut(self, now: float) -> tuple[int, list[tuple[int, int]], SbiConnectionError | None]:
+        """How many buffered bytes this turn takes (whole frames, within the turn's
+        budget), the (position, length) of the frames among them the fast path may take
+        (requests, and resets of streams it answered), and the connection error found in the
+        frame after them, if any."""
         buffer = self._buffer
         size = len(buffer)
         settings = self.settings
+        fast: list[tuple[int, int]] = []
         position = min(self._preface_left, size)  # h2 checks the preface itself
         self._preface_left -= position
         if self._preface_left:
-            return position, None
+            return position, fast, None
         byte_budget = position + settings.bytes_per_turn
         frames = 0
         self.waiting = False
@@ -448,13 +574,13 @@ class SbiSession:
             length = int.from_bytes(buffer[position:position + 3], "big")
             kind, flags = buffer[position + 3], buffer[position + 4]
             if length > MAX_FRAME_BYTES:
-                return position, SbiConnectionError(
+                return position, fast, SbiConnectionError(
                     ErrorCodes.FRAME_SIZE_ERROR,
                     f"a frame of {length} bytes, above SETTINGS_MAX_FRAME_SIZE")
             if kind == HEADERS or kind == CONTINUATION:
                 self._header_block += length
                 if self._header_block > settings.max_header_list_bytes:
-                    return position, SbiConnectionError(
+                    return position, fast, SbiConnectionError(
                         ErrorCodes.ENHANCE_YOUR_CALM,
                         f"a header block of more than {settings.max_header_list_bytes} "
                         "bytes (sbi.max_header_list_bytes)")
@@ -463,19 +589,24 @@ class SbiSession:
                     self._header_block -= length  # counted again when whole
                 break
             if kind == HEADERS or kind == CONTINUATION:
-                if flags & FLAG_END_HEADERS:
+                if flags & END_HEADERS:
+                    if (kind == HEADERS and self._header_block == length and self.fast_path
+                            and flags & FAST_FLAGS_MASK == FAST_FLAGS):
+                        fast.append((position, length))  # a whole block in one frame
                     self._header_block = 0
             elif kind == RST_STREAM:
                 if not self._resets.spend(now):
-                    return position, self._flood("streams reset", "max_resets_per_second")
+                    return position, fast, self._flood("streams reset", "max_resets_per_second")
+                if self.fast_path and length == 4:
+                    fast.append((position, length))  # on a stream answered fast?
             elif (kind in CONTROL_FRAMES or kind > CONTINUATION
-                  or kind == DATA and not length and not flags & FLAG_END_STREAM):
+                  or kind == DATA and not length and not flags & END_STREAM):
                 if not self._control.spend(now):
-                    return position, self._flood("frames without a request",
+                    return position, fast, self._flood("frames without a request",
                                                  "max_control_frames_per_second")
             position += FRAME_HEADER_BYTES + length
             frames += 1
-        return position, None
+        return position, fast, None
 
     def _flood(self, what: str, setting: str) -> SbiConnectionError:
         settings = self.settings
@@ -527,6 +658,13 @@ class SbiSession:
                 self._blocked.pop(event.stream_id, None)
             elif kind is RemoteSettingsChanged:
                 self._settled = True
+                encoder = h2.encoder
+                if encoder.table_size_changes:
+                    # hpack forgets a pending SETTINGS_HEADER_TABLE_SIZE change when the
+                    # same size comes again before our next block (its `resized` flag is
+                    # set anew, to False): that block would lack the update the client
+                    # waits for, a COMPRESSION_ERROR there (tests/test_sbi_fast.py found it).
+                    encoder.header_table.resized = True
 
     def _closed_by_client(self, events: list) -> None:
         for event in events:
@@ -626,6 +764,8 @@ class SbiConnection(ReadGate, asyncio.BufferedProtocol):
                 transport.abort()
                 return
             self._address = address
+        # Which process holds which AMF's connection (a worker's lines start "worker N: ").
+        log.info("N5g-eir connection from %s", self.remote, extra={"peer": self._address})
         service.counters.connections += 1
         self.transport = transport  # type: ignore[assignment]
         service.connections.add(self)
@@ -738,7 +878,6 @@ class N5gEir:
         self.read_buffer = memoryview(bytearray(settings.read_bytes))
         self.h2_config = self.h2_configuration()
         self.check = EquipmentIdentityCheck(server.check, self.counters, server.audit)
-        self._own_audit = None
         self.tls_context = None
         if settings.tls is not None:
             tls = settings.tls
@@ -758,36 +897,53 @@ class N5gEir:
                                normalize_outbound_headers=False,
                                validate_inbound_headers=False)  # SbiSession checks them
 
-    async def start(self) -> None:
-        loop = self.loop = asyncio.get_running_loop()
-        if self.check.audit is None and self.server.supervisor is not None:
-            # A supervisor (eir.serve.workers) has no audit writer (its workers have theirs): it
-            # gets one for these verdicts.
-            self.check.audit = self._own_audit = audit_log(self.server.settings)
+    def wanted(self) -> list[tuple[str, bool]]:
+        """(HOST:PORT, TLS) of each listener the settings ask for."""
         wanted = []
         if self.settings.listen:
-            wanted.append((self.settings.listen, None, "http", "h2c"))
+            wanted.append((self.settings.listen, False))
         if self.settings.tls is not None:
-            wanted.append((self.settings.tls.listen, self.tls_context, "https", "TLS, ALPN h2"))
-        for listen, context, scheme, how in wanted:
-            host, port = parse_host_port(listen)
-            try:
-                listener = await loop.create_server(
-                    self._tls_acceptor if context is not None else lambda: SbiConnection(self),
-                    host, port, reuse_address=True)
-            except OSError as exc:
-                raise OSError(f"sbi {listen}: {exc.strerror or exc}") from None
-            self.listeners.append(listener)
-            for sock in listener.sockets:
-                bound = sock.getsockname()
-                url = _url(scheme, bound[0], bound[1])
-                self.urls.append(url)
-                log.info("N5g-eir served on %s/%s/%s/ (%s)", url, SERVICE_NAME, API_VERSION,
-                         how)
-        if self._own_audit is not None:
-            self._own_audit.start()
+            wanted.append((self.settings.tls.listen, True))
+        return wanted
+
+    async def start(self, bound: list[tuple[socket.socket, bool]] | None = None) -> None:
+        """Listen on the `sbi` addresses, or, in a supervisor, name the listening sockets
+        it `bound` (it accepts on them and hands each connection to a worker); then register
+        with the NRF."""
+        loop = self.loop = asyncio.get_running_loop()
+        if bound is None:
+            bound = []
+            for listen, tls in self.wanted():
+                host, port = parse_host_port(listen)
+                try:
+                    listener = await loop.create_server(
+                        self._tls_acceptor if tls else lambda: SbiConnection(self),
+                        host, port, reuse_address=True)
+                except OSError as exc:
+                    raise OSError(f"sbi {listen}: {exc.strerror or exc}") from None
+                self.listeners.append(listener)
+                bound += [(sock, tls) for sock in listener.sockets]
+        for sock, tls in bound:
+            host, port = sock.getsockname()[:2]
+            url = _url("https" if tls else "http", host, port)
+            self.urls.append(url)
+            log.info("N5g-eir served on %s/%s/%s/ (%s)", url, SERVICE_NAME, API_VERSION,
+                     "TLS, ALPN h2" if tls else "h2c")
         if self.nrf is not None:
             self.nrf.start()
+
+    def serve_handed_over(self, limits) -> None:
+        """A worker: connections come from the supervisor (`adopt`), admitted there;
+        `limits` (eir.serve.workers.ForwardedLimits) reports each one's end back."""
+        self.loop = asyncio.get_running_loop()
+        self.limits = limits
+
+    def adopt(self, address: str, tls: bool) -> Callable[[], asyncio.Protocol]:
+        """The protocol factory for a connection the supervisor accepted from `address`
+        (and counted): over TLS the handshake is done here, then an SbiConnection."""
+        if tls:
+            return self._tls_acceptor
+        return lambda: SbiConnection(self, admitted=address)
 
     def _tls_acceptor(self) -> TlsAcceptor:
         """A TLS connection, counted against the limits from accept (its handshake within
@@ -808,8 +964,6 @@ class N5gEir:
             connection.close()
         for listener in self.listeners:
             await listener.wait_closed()
-        if self._own_audit is not None:
-            await asyncio.get_running_loop().run_in_executor(None, self._own_audit.close)
 
 
 # -- a small HTTP/2 client (the NRF, bench/sbi.py) ----------------------------------------

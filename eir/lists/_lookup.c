@@ -26,8 +26,7 @@
  * and cuts and overlaps the second (see "Memory misses" below). Optional: eir.lists.snapshot falls back to
  * the Python path when this module is not built.
  */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
+#include "_lookup.h"
 #include <stdint.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -667,6 +666,12 @@ ExactIndex_lookup(ExactIndex *self, PyObject *const *args, Py_ssize_t nargs)
     Py_RETURN_NONE;
 }
 
+PyObject *
+eir_exact_lookup(PyObject *index, PyObject *const *args, Py_ssize_t nargs)
+{
+    return ExactIndex_lookup((ExactIndex *)index, args, nargs);
+}
+
 static PyObject *
 ExactIndex_pair(ExactIndex *self, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -759,11 +764,26 @@ static PyTypeObject ExactIndexType = {
     .tp_methods = ExactIndex_methods,
 };
 
+PyObject *
+eir_exact_index_of(PyObject *lookup)
+{
+    if (!PyCFunction_Check(lookup))
+        return NULL;
+    PyObject *self = PyCFunction_GET_SELF(lookup);
+    if (self == NULL || Py_TYPE(self) != &ExactIndexType)
+        return NULL;
+    /* the lookup() method, not another one of the index */
+    if (PyCFunction_GET_FUNCTION(lookup) != (PyCFunction)(void (*)(void))ExactIndex_lookup)
+        return NULL;
+    return self;
+}
+
 static struct PyModuleDef lookup_module = {
     PyModuleDef_HEAD_INIT, "eir.lists._lookup",
     "IMEI+IMSI and exact-IMEI snapshot search in C (optional; eir.lists.snapshot falls back to "
-    "Python).", -1,
-    NULL,
+    "Python), and the S13 ECR fast path (answer_ecrs, eir/lists/_ecr.c; optional too: "
+    "eir.interfaces.s13 then answers every request through the generic path).", -1,
+    eir_ecr_methods,
 };
 
 PyMODINIT_FUNC

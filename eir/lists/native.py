@@ -142,24 +142,68 @@ def csv_rows(text: str, name: str) -> Iterator[tuple[str, list[str]]]:
         raise CsvRowError(f"{name}:{reader.line_num}: row: {exc}") from None
 
 
-def read_native_csv(path: Path | str, display_name: str | None = None,
-                    digest=None) -> list[Rule]:
-    """All rules of one file, or ListError naming every bad row. `digest` (a hashlib
-    object), when given, is updated with the file's bytes."""
-    path = Path(path)
-    name = display_name or str(path)
+def read_text(path: Path, name: str, digest=None) -> str:
+    """A CSV file's text (UTF-8; a leading BOM, as spreadsheets export, skipped), or ListError
+    saying why not, named `name`. `digest` (a hashlib object), when given, is updated with
+    the file's bytes."""
     try:
         content = path.read_bytes()
     except OSError as exc:
         raise ListError([f"{name}: cannot open: {exc.strerror or exc}"]) from None
     try:
-        text = content.decode("utf-8-sig")  # a leading BOM (spreadsheet exports) is skipped
+        text = content.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = content.count(b"\n", 0, exc.start) + 1
         raise ListError([f"{name}:{line}: encoding: not UTF-8 ({exc.reason} at byte "
                          f"{exc.start})"]) from None
     if digest is not None:
         digest.update(content)
+    return text
+
+
+def read_imei_table(path: Path, columns: str) -> tuple[list[str], list[tuple[str,
+                                                                           dict[str, str]]]]:
+    """A CSV of rows keyed by IMEI, other than a list (`eir replay`'s request mixes, `eir
+    conformance`'s expected verdicts): (its header in lower case, (`file:line`, {column: cell,
+    stripped}) of every row after it). Blank lines and `#` lines are skipped; `columns` names
+    the header expected, for messages. ListError when the file cannot be read, is not UTF-8,
+    has no header, or rows with more cells than the header (each named)."""
+    name = str(path)
+    text = read_text(path, name)
+    try:
+        rows = list(csv_rows(text, name))
+    except CsvRowError as exc:
+        raise ListError([str(exc)]) from None
+    if not rows:
+        raise ListError([f"{name}:1: header: file is empty (expected {columns})"])
+    header = [cell.strip().lower() for cell in rows[0][1]]
+    problems = [f"{where}: row: {len(row)} cells, header has {len(header)}"
+                for where, row in rows[1:] if len(row) > len(header)]
+    if problems:
+        raise ListError(problems)
+    return header, [(where, dict(zip(header, (cell.strip() for cell in row))))
+                    for where, row in rows[1:]]
+
+
+def imei_and_imsi(where: str, cells: dict[str, str]) -> tuple[str, str | None, list[str]]:
+    """A read_imei_table row's `imei` (14 to 16 digits, as sent) and optional `imsi`, and
+    what is wrong with them (`file:line: field: problem`; none when the row is good)."""
+    imei, imsi = cells.get("imei", ""), cells.get("imsi", "")
+    problems = []
+    if not (imei.isascii() and imei.isdigit() and 14 <= len(imei) <= 16):
+        problems.append(f"{where}: imei: {imei!r} is not an IMEI (14 to 16 digits)")
+    if imsi and not is_imsi(imsi):
+        problems.append(f"{where}: imsi: {imsi!r} is not an IMSI (5 to 15 digits)")
+    return imei, imsi or None, problems
+
+
+def read_native_csv(path: Path | str, display_name: str | None = None,
+                    digest=None) -> list[Rule]:
+    """All rules of one file, or ListError naming every bad row. `digest` (a hashlib
+    object), when given, is updated with the file's bytes."""
+    path = Path(path)
+    name = display_name or str(path)
+    text = read_text(path, name, digest)
     problems: list[str] = []
     rules: list[Rule] = []
     # The first row of each subject (IMEI, range or TAC, with its IMSI): a later row of the

@@ -153,9 +153,10 @@ class Store:
         self.snapshots.mkdir(parents=True, exist_ok=True)
         return self.snapshots / f".{version}{SUFFIX}.{os.getpid()}.tmp"
 
-    def publish_file(self, temporary: Path, version: str) -> Path:
+    def publish_file(self, temporary: Path, version: str, by: str | None = None) -> Path:
         """Put the snapshot written to `temporary` in force under `version` (call inside
-        `locked()`): checked, made durable, renamed into place, then CURRENT switched."""
+        `locked()`): checked, made durable, renamed into place, then CURRENT switched;
+        journaled (with `by` whom, when not a sync: the console's local rules)."""
         try:
             snapshot = Snapshot.open(temporary)  # refuse to publish what could not be opened
         except SnapshotError as exc:
@@ -177,7 +178,7 @@ class Store:
         _atomic_write(self.pointer, f"{version}\n".encode("ascii"))
         self._record("publish", version, previous, manifest=info.manifest,
                      files=[{"name": source.get("name"), "sha256": source.get("sha256")}
-                            for source in info.sources])
+                            for source in info.sources], **({"by": by} if by else {}))
         self._prune()
         return path
 

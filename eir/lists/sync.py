@@ -84,7 +84,7 @@ from eir.lists.fetch import (
 )
 from eir.lists.manifest import Manifest, ManifestError, parse_manifest
 from eir.lists.names import FULL_NAME
-from eir.lists.native import ListError
+from eir.lists.native import ListError, read_native_entries
 from eir.lists.snapshot import SnapshotError, write_snapshot
 from eir.lists.state import DeltaError, ListState
 from eir.lists.store import Store, StoreError
@@ -93,6 +93,10 @@ MANIFEST = "manifest.json"
 DOWNLOADS = "download"  # STORE/download/: the cache of URL sources
 LIST_SUFFIXES = (".csv", ".zip", ".txt")
 _DATE_PREFIX = re.compile(r"^(\d{8}(?:_\d{6})?)_(.+)$")
+# The name of the console's local rules among a store's lists (publish_local). A drop
+# directory's list is named by its file (with a suffix) or by what follows its date: a
+# name with a space and no suffix is none of them.
+LOCAL_LIST = "local rules"
 
 
 @dataclass
@@ -387,33 +391,71 @@ def _apply(store: Store, updates: dict[str, "_Update"], ignored: list[str],
         if current is not None and not changed:
             return SyncResult(current, False, _sources(states),
                               store.open_current().info.counts, ignored)
-        version = store.next_version()
-        # States are saved before compiling, each written block by block from its mapped
-        # or spilled entries; unchanged ones keep their file. If the compile is refused, the
-        # unreferenced state files are removed by the next publish.
-        kept = {} if current is None else store.open_current().info.states
-        state_files = {name: kept[name] if state is in_force.get(name) and name in kept
-                       else store.save_state(name, version, state.save)
-                       for name, state in states.items()}
-        lists = [state.entries for state in states.values() if state.entries is not None]
-        tac_names: dict[int, str] = {}
-        for state in states.values():
-            tac_names.update(state.tac_names)
-        temporary = store.snapshot_temporary(version)
-        try:
-            with open(temporary, "wb") as out:
-                write_snapshot(out, lists, version, tac_names, _sources(states),
-                               states=state_files, scratch=scratch,
-                               manifest=publication.provenance)
-        except SnapshotError as exc:
-            temporary.unlink(missing_ok=True)
-            raise SyncError(str(exc)) from None
-        except BaseException:  # a full disk: leave no partial file behind
-            temporary.unlink(missing_ok=True)
-            raise
-        store.publish_file(temporary, version)
+        version = _compile(store, states, in_force, current, scratch, publication.provenance)
     return SyncResult(version, True, _sources(states),
                       store.open_current().info.counts, ignored)
+
+
+def _compile(store: Store, states: dict[str, ListState], in_force: dict[str, ListState],
+             current: str | None, scratch: Path, manifest: dict | None,
+             by: str | None = None) -> str:
+    """Save the states that changed, compile them into a snapshot that records `manifest`
+    (a registry manifest's provenance) and publish it, journaled `by` whom (None: a sync),
+    under the lock; its version. `in_force`: the states of version `current`."""
+    version = store.next_version()
+    # States are saved before compiling, each written block by block from its mapped
+    # or spilled entries; unchanged ones keep their file. If the compile is refused, the
+    # unreferenced state files are removed by the next publish.
+    kept = {} if current is None else store.open_current().info.states
+    state_files = {name: kept[name] if state is in_force.get(name) and name in kept
+                   else store.save_state(name, version, state.save)
+                   for name, state in states.items()}
+    lists = [state.entries for state in states.values() if state.entries is not None]
+    tac_names: dict[int, str] = {}
+    for state in states.values():
+        tac_names.update(state.tac_names)
+    temporary = store.snapshot_temporary(version)
+    try:
+        with open(temporary, "wb") as out:
+            write_snapshot(out, lists, version, tac_names, _sources(states),
+                           states=state_files, scratch=scratch, manifest=manifest)
+    except SnapshotError as exc:
+        temporary.unlink(missing_ok=True)
+        raise SyncError(str(exc)) from None
+    except BaseException:  # a full disk: leave no partial file behind
+        temporary.unlink(missing_ok=True)
+        raise
+    store.publish_file(temporary, version, by=by)
+    return version
+
+
+def publish_local(store: Store, path: Path, by: str | None = None) -> str:
+    """Put the native CSV list `path` (the console's local rules) in force in `store` as
+    the list LOCAL_LIST, beside the registry's lists in force, as a new version (journaled,
+    `by` whom); that version. A sync keeps it (lists the source does not mention stay in
+    force), a rollback puts back the local rules of the version it returns to. The file is
+    validated as every list file is (ListError); a pinned store refuses (SyncError): the
+    operator rolled back on purpose, and unpins first."""
+    entries = read_native_entries(path, display_name=path.name)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    with store.scratch() as scratch, store.locked():
+        pinned = store.pinned()
+        if pinned is not None:
+            raise SyncError(f"{store.root}: pinned at version {pinned} by a rollback: local "
+                            "rules are not published over it; unpin first (the console's "
+                            "Lists page, or `eir lists unpin`)")
+        in_force = _in_force(store)
+        states = dict(in_force)
+        states[LOCAL_LIST] = ListState(LOCAL_LIST, "", entries,
+                                       files=[_file_id(path.name, digest)])
+        current = store.current_version()
+        # The registry's manifest stays that of the version in force: the next sync of the
+        # same sequence changes nothing, a newer one publishes (keeping these rules).
+        manifest = None if current is None else store.open_current().info.manifest
+        try:
+            return _compile(store, states, in_force, current, scratch, manifest, by=by)
+        except OSError as exc:
+            raise SyncError(f"cannot publish {path.name} into {store.root}: {exc}") from None
 
 
 def _refuse_if_pinned(store: Store) -> None:

@@ -371,8 +371,10 @@ class Progress:
             self._line()
 
     def _line(self) -> None:
+        from eir.replay.stats import clear_histogram, values_at_percentiles
+
         rate = self.answered_since / self.since_line
-        p99 = (self.window.get_value_at_percentile(99.0) / 1000
+        p99 = (values_at_percentiles(self.window, [99.0])[0] / 1000
                if self.window.get_total_count() else None)
         if self.count:
             done = min(1.0, self.answered / self.count)
@@ -393,7 +395,7 @@ class Progress:
             sys.stderr.write(text + "\n")
         sys.stderr.flush()
         self.shown = True
-        self.window.reset()
+        clear_histogram(self.window)
         self.since_line = 0.0
         self.answered_since = 0
 

@@ -8,6 +8,11 @@ from that due time, not from when it could be written, so a full window or a slo
 as latency instead of being hidden (coordinated omission). Flat out, latency runs from the
 write. Answers are matched by hop-by-hop id. DWR and DPR from the server are answered; at the
 end each connection sends DPR and waits (bounded) for DPA.
+
+Per request the harness does little more than a minimal pipelining client (bench/replay_cpu.py
+measures both): a request is one bytes `%` of its template; a read is framed and its answers
+classified in one pass (messages.AnswerReader, a memo of the answers' shapes); the verdicts
+are counted and the latencies recorded into the histogram in bulk once per interval.
 """
 
 from __future__ import annotations
@@ -17,29 +22,43 @@ import os
 import signal
 import socket
 import struct
+from collections import Counter
 from dataclasses import dataclass
+from itertools import repeat
 from typing import Callable
 
 from eir.diameter.constants import (
     COMMAND_CAPABILITIES_EXCHANGE,
     COMMAND_DISCONNECT_PEER,
     FLAG_REQUEST,
-    HEADER_LENGTH,
 )
 from eir.replay.messages import (
+    COUNTER_MODULO,
+    AnswerReader,
     Identity,
-    VerdictReader,
+    VerdictClasses,
     encode_answer_to,
     encode_cer,
     encode_dpr,
-    is_error,
     verdict_of,
 )
-from eir.replay.stats import INTERVAL_S, IntervalReport, WorkerResult, new_histogram, record
+from eir.replay.stats import (
+    INTERVAL_S,
+    IntervalReport,
+    WorkerResult,
+    clear_histogram,
+    new_histogram,
+    record_latencies,
+)
 from eir.replay.workload import Workload
 
+_IDS = struct.Struct("!II")
 _WORD = struct.Struct("!I")
-CHUNK = 16  # requests per write: the server always has the next ones queued
+# Requests per write. Flat out, a connection also waits for room for a whole chunk (or for all
+# it has left) before it writes: fewer, fuller writes (each one a TCP send, a system call),
+# and with a window of several chunks the server still always has the next ones queued.
+CHUNK = 32
+LAST_HOP_BY_HOP = 0xFFFFFFFE  # then 1 again (0 and 0xFFFFFFFF are the CER's and the DPR's)
 CONNECT_TIMEOUT_S = 5.0
 DPA_TIMEOUT_S = 2.0
 CER_HOP_BY_HOP, DPR_HOP_BY_HOP = 0, 0xFFFFFFFF
@@ -83,7 +102,7 @@ class Connection(asyncio.Protocol):
         self.worker = worker
         self.number = number  # global connection number j: sends requests j, j+N, j+2N, ...
         self.loop = asyncio.get_running_loop()
-        self.buffer = b""
+        self.reader = AnswerReader(worker.verdict_classes)
         self.transport: asyncio.Transport | None = None
         self.cea: asyncio.Future = self.loop.create_future()
         self.dpa: asyncio.Future = self.loop.create_future()
@@ -119,39 +138,35 @@ class Connection(asyncio.Protocol):
         now = self.loop.time()
         if self.flow is not None:
             self.flow.server_sent(data)
-        buffer = self.buffer + data if self.buffer else data
-        end = len(buffer)
-        pos = 0
-        unpack = _WORD.unpack_from
-        outstanding = self.outstanding
-        worker = self.worker
-        while end - pos >= HEADER_LENGTH:
-            length = unpack(buffer, pos)[0] & 0xFFFFFF
-            if length < HEADER_LENGTH:
-                self._abort(f"the server sent a message of length {length}")
-                return
-            if end - pos < length:
-                break
-            message = buffer[pos:pos + length]
-            pos += length
-            flags_code = unpack(message, 4)[0]
-            if flags_code >> 24 & FLAG_REQUEST:
-                self._server_request(message, flags_code & 0xFFFFFF)
-                continue
-            entry = outstanding.pop(unpack(message, 12)[0], None)
-            if entry is not None:
-                worker.answered(entry, message, now)
-            elif flags_code & 0xFFFFFF == COMMAND_CAPABILITIES_EXCHANGE:
-                if not self.cea.done():
-                    self.cea.set_result(message)
-            elif flags_code & 0xFFFFFF == COMMAND_DISCONNECT_PEER:
-                if not self.dpa.done():
-                    self.dpa.set_result(None)
-            else:
-                worker.result.late_answers += 1
-        self.buffer = buffer[pos:]
+        entries: list[tuple[float, float, int]] = []
+        classes: list[int] = []
+        others: list[bytes] = []
+        problem = self.reader.feed(data, self.outstanding, entries, classes, others)
+        if entries:
+            self.worker.answered(entries, classes, now)
+        for message in others:
+            self._other_message(message)
+        if problem is not None:
+            self._abort(problem)
+            return
         if self.sending:
             self.pump()
+
+    def _other_message(self, message: bytes) -> None:
+        """A message that answers no outstanding request: the server's DWR or DPR, our CEA or
+        DPA, or an answer after its request timed out."""
+        flags_code = _WORD.unpack_from(message, 4)[0]
+        code = flags_code & 0xFFFFFF
+        if flags_code >> 24 & FLAG_REQUEST:
+            self._server_request(message, code)
+        elif code == COMMAND_CAPABILITIES_EXCHANGE:
+            if not self.cea.done():
+                self.cea.set_result(message)
+        elif code == COMMAND_DISCONNECT_PEER:
+            if not self.dpa.done():
+                self.dpa.set_result(None)
+        else:
+            self.worker.result.late_answers += 1
 
     # -- sending ----------------------------------------------------------------------------
 
@@ -171,54 +186,78 @@ class Connection(asyncio.Protocol):
         if room <= 0:
             return
         now = self.loop.time()
-        start = worker.start
-        step = plan.total_connections
-        limit = worker.limit
-        duration = plan.duration_s
+        dues = self._paced_dues(room, now) if worker.paced else self._flat_out_dues(room, now)
         workload = plan.workload
-        templates, order = workload.templates, workload.order
+        formats = worker.formats
+        order = workload.order
         cycle = len(order)
+        step = plan.total_connections
         outstanding = self.outstanding
-        batch: list[bytes] = []
-        i = self.next_request
+        pack_ids = _IDS.pack
+        first = i = self.next_request
         hop_by_hop = self.next_hop_by_hop
-        paced = worker.paced
-        while room > 0:
+        batch: list[bytes] = []
+        add = batch.append
+        for due in dues:
+            outstanding[hop_by_hop] = (due, now, i)
+            add(formats[order[i % cycle]] % (pack_ids(hop_by_hop, i & 0xFFFFFFFF),
+                                             i % COUNTER_MODULO))
+            hop_by_hop = hop_by_hop + 1 if hop_by_hop < LAST_HOP_BY_HOP else 1
+            i += step
+            if len(batch) == CHUNK:
+                self.write(b"".join(batch))
+                batch.clear()
+        if batch:
+            self.write(b"".join(batch))
+        self.next_request = i
+        self.next_hop_by_hop = hop_by_hop
+        worker.sent((i - first) // step)
+        if self.done_sending:
+            self._maybe_finish()
+
+    def _flat_out_dues(self, room: int, now: float):
+        """As many requests as there is room for (and left to send), due now."""
+        worker = self.worker
+        duration = worker.plan.duration_s
+        if worker.stopping or (duration is not None and now - worker.start >= duration):
+            self.done_sending = True
+            return ()
+        step = worker.plan.total_connections
+        left = max(0, (worker.limit - self.next_request + step - 1) // step)
+        if left <= room:
+            self.done_sending = True
+            return repeat(now, left)
+        if room < min(CHUNK, worker.plan.window):
+            return ()  # a whole chunk when there is room for it
+        return repeat(now, room)
+
+    def _paced_dues(self, room: int, now: float) -> list[float]:
+        """The due times of the requests due by now (at most `room`); a wake-up at the next."""
+        worker = self.worker
+        plan = worker.plan
+        start, duration, limit = worker.start, plan.duration_s, worker.limit
+        step = plan.total_connections
+        offset = plan.offset
+        dues: list[float] = []
+        i = self.next_request
+        while len(dues) < room:
             if i >= limit or worker.stopping:
                 self.done_sending = True
                 break
-            if paced:
-                due = start + plan.offset(i)
-                if duration is not None and due - start >= duration:
-                    self.done_sending = True
-                    break
-                if due > now:
-                    self._wake_at(due)
-                    break
-                lag = now - due
-                if lag > worker.result.max_send_lag_s:
-                    worker.result.max_send_lag_s = lag
-            else:
-                if duration is not None and now - start >= duration:
-                    self.done_sending = True
-                    break
-                due = now
-            outstanding[hop_by_hop] = (due, now, i)
-            batch.append(templates[order[i % cycle]].instance(hop_by_hop, i & 0xFFFFFFFF, i))
-            hop_by_hop = hop_by_hop + 1 if hop_by_hop < 0xFFFFFFFE else 1
+            due = start + offset(i)
+            if duration is not None and due - start >= duration:
+                self.done_sending = True
+                break
+            if due > now:
+                self._wake_at(due)
+                break
+            dues.append(due)
             i += step
-            room -= 1
-            if len(batch) == CHUNK:
-                self.write(b"".join(batch))
-                batch = []
-        if batch:
-            self.write(b"".join(batch))
-        sent = (i - self.next_request) // step
-        self.next_request = i
-        self.next_hop_by_hop = hop_by_hop
-        worker.sent(sent)
-        if self.done_sending:
-            self._maybe_finish()
+        if dues:
+            lag = now - min(dues)
+            if lag > worker.result.max_send_lag_s:
+                worker.result.max_send_lag_s = lag
+        return dues
 
     def _wake_at(self, due: float) -> None:
         timer = self.timer
@@ -291,7 +330,13 @@ class Worker:
         self.histogram = new_histogram()
         self.interval_counts = [0, 0, 0, 0]  # sent, answered, errors, timeouts
         self.interval_index = 0
-        self.read_verdict = VerdictReader()
+        self.formats = [template.format for template in plan.workload.templates]
+        self.verdict_classes = VerdictClasses()
+        # The answers since the last interval report: counted and recorded when it is made.
+        self.latencies: list[float] = []  # seconds
+        self.classes: list[int] = []  # verdict class numbers
+        self.expected_now = 0  # of them, error answers the workload meant to provoke
+        self.check_each = plan.workload.captured is not None  # compare with the capture
         self.all_finished: asyncio.Future | None = None
         self.pcap = None
 
@@ -301,33 +346,53 @@ class Worker:
         self.result.sent += count
         self.interval_counts[0] += count
 
-    def answered(self, entry: tuple[float, float, int], message: bytes, now: float) -> None:
-        start, _, i = entry
-        record(self.histogram, int((now - start) * 1_000_000))
-        verdict = self.read_verdict(message)
+    def answered(self, entries: list[tuple[float, float, int]], classes: list[int],
+                 now: float) -> None:
+        """The answers of one read: entries (due, sent, request number) and verdict classes."""
+        self.result.last_answer = now
+        self.latencies.extend([now - entry[0] for entry in entries])
+        self.classes.extend(classes)
+        if self.check_each or (self.plan.workload.expected_errors is not None
+                               and not self.verdict_classes.errors.isdisjoint(classes)):
+            self._check_each(entries, classes)
+
+    def _check_each(self, entries: list[tuple[float, float, int]], classes: list[int]) -> None:
+        """Error answers the workload meant to provoke; changes from a capture's verdicts."""
+        workload = self.plan.workload
+        order, expected, captured = workload.order, workload.expected_errors, workload.captured
+        cycle = len(order)
+        errors, verdicts = self.verdict_classes.errors, self.verdict_classes.verdicts
         result = self.result
-        result.answered += 1
-        result.last_answer = now
-        result.by_verdict[verdict] += 1
-        counts = self.interval_counts
-        counts[1] += 1
-        if is_error(verdict):
-            expected = self.plan.workload.expected_errors
-            if expected is not None and \
-                    expected[self.plan.workload.order[i % len(self.plan.workload.order)]] \
-                    == verdict[0]:
+        for (_, _, i), number in zip(entries, classes):
+            template = order[i % cycle]
+            verdict = verdicts[number]
+            if number in errors and expected is not None and expected[template] == verdict[0]:
                 result.expected_errors += 1
-            else:
-                counts[2] += 1
-        captured = self.plan.workload.captured
-        if captured is not None:
-            template = self.plan.workload.order[i % len(self.plan.workload.order)]
-            before = captured[template]
-            if before is not None:
-                result.compared += 1
-                if before != verdict:
-                    imei, imsi = self.plan.workload.subjects[template]
-                    result.diffs[(imei, imsi, before, verdict)] += 1
+                self.expected_now += 1
+            if captured is not None:
+                before = captured[template]
+                if before is not None:
+                    result.compared += 1
+                    if before != verdict:
+                        imei, imsi = workload.subjects[template]
+                        result.diffs[(imei, imsi, before, verdict)] += 1
+
+    def _count_answers(self) -> None:
+        """Count and record the answers since the last interval report into it."""
+        counts = self.interval_counts
+        result = self.result
+        errors, verdicts = self.verdict_classes.errors, self.verdict_classes.verdicts
+        error_answers = 0
+        for number, n in Counter(self.classes).items():
+            result.by_verdict[verdicts[number]] += n
+            if number in errors:
+                error_answers += n
+        answered = len(self.classes)
+        result.answered += answered
+        counts[1] += answered
+        counts[2] += error_answers - self.expected_now
+        record_latencies(self.histogram, self.latencies)
+        self.latencies, self.classes, self.expected_now = [], [], 0
 
     def timed_out(self, count: int) -> None:
         self.result.timeouts += count
@@ -455,10 +520,11 @@ class Worker:
         ended = int((now - self.start) / INTERVAL_S)  # intervals before this one have ended
         last = ended if final else ended - 1
         while self.interval_index <= last:
+            self._count_answers()
             counts = self.interval_counts
             self.sink(IntervalReport(self.plan.worker, self.interval_index, *counts,
                                      self.histogram.encode()))
-            self.histogram.reset()
+            clear_histogram(self.histogram)
             self.interval_counts = [0, 0, 0, 0]
             self.interval_index += 1
 

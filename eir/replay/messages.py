@@ -9,7 +9,7 @@ place, so sending costs a copy and three small writes, not an encode.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 from eir.core.decision import EquipmentStatus
@@ -22,6 +22,7 @@ from eir.diameter.constants import (
     COMMAND_ME_IDENTITY_CHECK,
     FLAG_PROXIABLE,
     FLAG_REQUEST,
+    HEADER_LENGTH,
     VENDOR_3GPP,
     DisconnectCause,
     ResultCode,
@@ -29,6 +30,8 @@ from eir.diameter.constants import (
 from eir.diameter.dictionary import Dictionary
 
 SESSION_COUNTER_DIGITS = 12
+COUNTER_MODULO = 10 ** SESSION_COUNTER_DIGITS
+COUNTER_FORMAT = b"%%0%dd" % SESSION_COUNTER_DIGITS  # %012d
 _IDS = struct.Struct("!II")
 _U32 = struct.Struct("!I")
 
@@ -91,19 +94,29 @@ def encode_answer_to(request: bytes, identity: Identity) -> bytes:
 @dataclass(frozen=True)
 class EcrTemplate:
     """One pre-encoded ECR; `counter_at` is where the Session-Id's counter digits start
-    (None when the Session-Id is to be sent as it is, as in a replayed capture)."""
+    (None when the Session-Id is to be sent as it is, as in a replayed capture).
+
+    `format` is the ECR as a bytes %-format taking (hop-by-hop and end-to-end ids packed,
+    counter): one `%` builds a request, the cheapest way CPython has to patch three fields
+    (the load generator builds every request this way)."""
 
     raw: bytes
     counter_at: int | None
+    format: bytes = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        raw, at = self.raw, self.counter_at
+        head = raw[:12].replace(b"%", b"%%") + b"%b"
+        if at is None:
+            # "%.0a" consumes the counter and writes nothing (ascii() cut to 0 characters).
+            text = head + raw[20:].replace(b"%", b"%%") + b"%.0a"
+        else:
+            text = (head + raw[20:at].replace(b"%", b"%%") + COUNTER_FORMAT
+                    + raw[at + SESSION_COUNTER_DIGITS:].replace(b"%", b"%%"))
+        object.__setattr__(self, "format", text)
 
     def instance(self, hop_by_hop: int, end_to_end: int, counter: int) -> bytes:
-        buffer = bytearray(self.raw)
-        _IDS.pack_into(buffer, 12, hop_by_hop, end_to_end)
-        at = self.counter_at
-        if at is not None:
-            buffer[at:at + SESSION_COUNTER_DIGITS] = b"%012d" % (
-                counter % 10 ** SESSION_COUNTER_DIGITS)
-        return bytes(buffer)
+        return self.format % (_IDS.pack(hop_by_hop, end_to_end), counter % COUNTER_MODULO)
 
 
 def ecr_template(identity: Identity, imei: str, imsi: str | None,
@@ -140,8 +153,13 @@ Verdict = tuple[int | None, int | None]
 
 def verdict_of(message: bytes) -> Verdict:
     """The verdict an ECA carries, read with our codec (no dictionary: only 4 AVPs matter)."""
+    return verdict_of_avps(message[HEADER_LENGTH:])
+
+
+def verdict_of_avps(data: bytes) -> Verdict:
+    """The verdict carried by a run of AVPs (an answer's, after its header)."""
     try:
-        avps = decode_avps(message, 20, len(message))
+        avps = decode_avps(data, 0, len(data))
     except AvpLengthError:
         return None, None
     result = status = experimental = None
@@ -162,38 +180,104 @@ def verdict_of(message: bytes) -> Verdict:
     return (result if result is not None else experimental), status
 
 
-class VerdictReader:
-    """verdict_of, memoised on the answer's bytes after its Session-Id.
+class VerdictClasses:
+    """Numbers the verdicts of a run's answers (0, 1, 2, ... in order of first sight) and
+    remembers which number the AVPs of each answer shape have.
 
-    An EIR's answers differ from one another only in their Session-Id and ids (and the
-    verdict), so a few distinct tails cover a whole run; a bounded memo keeps answers that
-    all differ (error texts) from growing it without end."""
+    An EIR's answers differ from one another only in their ids and Session-Id (and their
+    verdict), so the bytes after the Session-Id are the key of a memo: after the first answer
+    of each shape, classifying one costs a dict lookup. The verdict depends on those bytes
+    alone (the Session-Id is none of the AVPs verdict_of_avps reads), so the memo cannot
+    answer differently from a full decode, whatever the server's AVP order, Experimental-Result
+    or Failed-AVP. It is bounded: answers that all differ (error texts naming the request)
+    are decoded each time past MAX_SHAPES shapes instead of growing it without end."""
 
-    MAX_ENTRIES = 4096
+    MAX_SHAPES = 4096
 
     def __init__(self) -> None:
-        self._memo: dict[bytes, Verdict] = {}
+        self.verdicts: list[Verdict] = []  # class number → verdict
+        self.errors: set[int] = set()  # the class numbers whose verdict is_error
+        self.memo: dict[bytes, int] = {}  # an answer's AVPs after its Session-Id → class
+        self._numbers: dict[Verdict, int] = {}
 
-    def __call__(self, message: bytes) -> Verdict:
-        tail = _after_session_id(message)
-        if tail is None:
-            return verdict_of(message)
-        verdict = self._memo.get(tail)
-        if verdict is None:
-            verdict = verdict_of(message)
-            if len(self._memo) < self.MAX_ENTRIES:
-                self._memo[tail] = verdict
-        return verdict
+    def classify(self, avps: bytes) -> int:
+        number = self.memo.get(avps)
+        if number is None:
+            number = self.number(verdict_of_avps(avps))
+            if len(self.memo) < self.MAX_SHAPES:
+                self.memo[avps] = number
+        return number
+
+    def number(self, verdict: Verdict) -> int:
+        number = self._numbers.get(verdict)
+        if number is None:
+            number = self._numbers[verdict] = len(self.verdicts)
+            self.verdicts.append(verdict)
+            if is_error(verdict):
+                self.errors.add(number)
+        return number
 
 
-def _after_session_id(message: bytes) -> bytes | None:
-    if len(message) < 28:
+_HEADER = struct.Struct("!5I")
+_HEADER_AND_AVP = struct.Struct("!7I")  # the header, then the first AVP's code, flags|length
+_REQUEST_BIT = FLAG_REQUEST << 24
+_AVP_VENDOR_BIT = 0x80 << 24
+
+
+class AnswerReader:
+    """Frames one connection's stream and classifies the answers to our requests, in one pass
+    over each read with no object per answer but its memo key (sans-IO: bytes in, lists out).
+
+    `feed` pops each answer's hop-by-hop id from `outstanding` and appends the entry found to
+    `entries` and its verdict class (VerdictClasses, shared by a worker's connections) to
+    `classes`; every other message (a request from the server, CEA, DPA, an answer to nothing
+    outstanding) goes to `others`, whole and in order."""
+
+    def __init__(self, verdict_classes: VerdictClasses) -> None:
+        self.verdict_classes = verdict_classes
+        self.buffer = b""
+
+    def feed(self, data: bytes, outstanding: dict, entries: list, classes: list,
+             others: list[bytes]) -> str | None:
+        """Consume `data`; None, or what is wrong with the stream (it cannot be framed on)."""
+        buffer = self.buffer + data if self.buffer else data
+        end = len(buffer)
+        pos = 0
+        unpack_long, unpack_short = _HEADER_AND_AVP.unpack_from, _HEADER.unpack_from
+        memo = self.verdict_classes.memo
+        classify = self.verdict_classes.classify
+        pop = outstanding.pop
+        add_entry, add_class = entries.append, classes.append
+        while end - pos >= HEADER_LENGTH:
+            if end - pos >= 28:
+                word, flags_code, _, hop_by_hop, _, avp_code, avp_word = unpack_long(buffer, pos)
+            else:
+                word, flags_code, _, hop_by_hop, _ = unpack_short(buffer, pos)
+                avp_code = 0
+            length = word & 0xFFFFFF
+            if length < HEADER_LENGTH:
+                self.buffer = b""
+                return f"the server sent a message of length {length}"
+            stop = pos + length
+            if stop > end:
+                break
+            entry = None if flags_code & _REQUEST_BIT else pop(hop_by_hop, None)
+            if entry is None:
+                others.append(buffer[pos:stop])
+                pos = stop
+                continue
+            after = pos + HEADER_LENGTH
+            if avp_code == SESSION_ID and not avp_word & _AVP_VENDOR_BIT and length >= 28:
+                avp_length = avp_word & 0xFFFFFF
+                if avp_length >= 8:  # shorter, a full decode fails where a cut one might not
+                    after += (avp_length + 3) & ~3  # past the end: b"", no verdict, as decoded
+            key = buffer[after:stop]
+            number = memo.get(key)
+            add_entry(entry)
+            add_class(classify(key) if number is None else number)
+            pos = stop
+        self.buffer = buffer[pos:]
         return None
-    code, word = _IDS.unpack_from(message, 20)
-    if code != SESSION_ID or word >> 24 & 0x80:
-        return None
-    length = word & 0xFFFFFF
-    return message[20 + ((length + 3) & ~3):]
 
 
 def describe(verdict: Verdict) -> str:

@@ -16,11 +16,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from eir.core.decision import EquipmentStatus, RuleSet, UnknownPolicy
-from eir.core.imei import is_imsi, luhn_check_digit
-from eir.lists.native import CsvRowError, ListError, csv_rows, load_rule_set, read_native_csv
+from eir.core.imei import luhn_check_digit
+from eir.lists.native import (
+    ListError,
+    imei_and_imsi,
+    load_rule_set,
+    read_imei_table,
+    read_native_csv,
+)
 from eir.replay.messages import EcrTemplate, Identity, Verdict, ecr_template
 
-MAX_REPORTED_PROBLEMS = 50
 GENERATED_SEQUENCE = 1000  # distinct requests of a generated mix; shares exact per 1000
 CLASSES = ("white", "black", "grey", "unknown", "invalid")
 DEFAULT_MIX = "white=60,black=20,grey=10,unknown=5,invalid=5"
@@ -66,54 +71,26 @@ def read_mix(path: Path, identity: Identity) -> Workload:
     """A CSV with an `imei` column and an optional `imsi` column (other columns, such as a
     native list's `status` and `reason`, are ignored). Blank lines and `#` lines are skipped.
     Every bad row is reported as `file:line: field: problem`."""
-    name = str(path)
     try:
-        text = path.read_bytes().decode("utf-8")
-    except OSError as exc:
-        raise WorkloadError(f"{name}: cannot open: {exc.strerror or exc}") from None
-    except UnicodeDecodeError as exc:
-        raise WorkloadError(f"{name}:1: encoding: not UTF-8 ({exc.reason})") from None
+        header, table = read_imei_table(path, "imei,imsi")
+    except ListError as exc:
+        raise WorkloadError(str(exc)) from None
+    if "imei" not in header:
+        raise WorkloadError(f"{path}: header: no imei column (expected imei,imsi)")
     problems: list[str] = []
     rows: list[tuple[str, str | None]] = []
-    header: list[str] | None = None
-    try:
-        for where, row in csv_rows(text, name):
-            if header is None:
-                header = [cell.strip().lower() for cell in row]
-                if "imei" not in header:
-                    raise WorkloadError(f"{where}: header: no imei column (expected imei,imsi)")
-                continue
-            if len(row) > len(header):
-                problems.append(f"{where}: row: {len(row)} cells, header has {len(header)}")
-                continue
-            cells = dict(zip(header, (cell.strip() for cell in row)))
-            imei, imsi = cells.get("imei", ""), cells.get("imsi", "")
-            row_ok = True
-            if not (imei.isascii() and imei.isdigit() and 14 <= len(imei) <= 16):
-                problems.append(f"{where}: imei: {imei!r} is not an IMEI (14 to 16 digits)")
-                row_ok = False
-            if imsi and not is_imsi(imsi):
-                problems.append(f"{where}: imsi: {imsi!r} is not an IMSI (5 to 15 digits)")
-                row_ok = False
-            if row_ok:
-                rows.append((imei, imsi or None))
-    except CsvRowError as exc:
-        problems.append(str(exc))
-    if header is None and not problems:
-        problems.append(f"{name}:1: header: file is empty (expected imei,imsi)")
+    for where, cells in table:
+        imei, imsi, row_problems = imei_and_imsi(where, cells)
+        problems += row_problems
+        if not row_problems:
+            rows.append((imei, imsi))
     if problems:
-        raise WorkloadError(_problem_text(problems))
+        raise WorkloadError(str(ListError(problems)))
     if not rows:
-        raise WorkloadError(f"{name}: no rows after the header")
+        raise WorkloadError(f"{path}: no rows after the header")
     templates = [ecr_template(identity, imei, imsi) for imei, imsi in rows]
-    return Workload("csv", f"{len(rows):,} IMEI/IMSI rows from {name}", templates, rows,
+    return Workload("csv", f"{len(rows):,} IMEI/IMSI rows from {path}", templates, rows,
                     list(range(len(rows))))
-
-
-def _problem_text(problems: list[str]) -> str:
-    shown = problems[:MAX_REPORTED_PROBLEMS]
-    more = len(problems) - len(shown)
-    return "\n".join(shown) + (f"\n... and {more} more problems" if more > 0 else "")
 
 
 # -- generated mix ----------------------------------------------------------------------------

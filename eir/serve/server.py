@@ -46,11 +46,13 @@ from eir.net.security import (
     server_tls_context,
 )
 from eir.serve.workers import (
+    SBI_TRANSPORTS,
     Channel,
     ForwardedLimits,
     ForwardingBackend,
     Supervisor,
     WorkerLogPrefix,
+    limits_kind,
     worker_channel,
 )
 
@@ -362,13 +364,13 @@ class EirServer:
         # The check both interfaces run (decide, observe, count, audit): one rule set in force.
         self.check = EquipmentCheck(rule_set, observations)
         self.s13 = S13Application(dictionary, self.local, self.check, counters=self.counters,
-                                  audit=audit)
+                                  audit=audit, fast_path=settings.diameter.fast_path)
         # Several workers (eir.serve.workers): the supervisor has `supervisor` and no Diameter
         # connections of its own; a worker has `worker_channel` and no listeners.
         self.supervisor = None
         self.worker_socket: socket.socket | None = None  # a worker's end of its channel
         self.worker_channel = None
-        self._listening: list[tuple[socket.socket, str]] = []  # the supervisor's
+        self._listening: list[tuple[socket.socket, str]] = []  # the supervisor's (+ N5g-eir's)
         self._staged_rule_set: RuleSet | None = None  # a worker's, between prepare and commit
         self._staged_lists: ListSettings | None = None  # and the list settings it came with
         self.applications = {self.s13.application_id: self.s13}
@@ -417,7 +419,8 @@ class EirServer:
                 continue
             found.append({"remote": connection.remote, "state": peer.state.value,
                           "origin_host": peer.peer_host, "origin_realm": peer.peer_realm,
-                          "connected_seconds": round(now - connection.connected_at, 3)})
+                          "connected_seconds": round(now - connection.connected_at, 3),
+                          "answered": dict(peer.answered)})
         return found
 
     @property
@@ -443,6 +446,8 @@ class EirServer:
             self.worker_channel = Channel(self.loop, self.worker_socket, self._on_control,
                                           self._control_lost)
             self.connection_limits = ForwardedLimits(self.worker_channel)
+            if self.sbi is not None:
+                self.sbi.serve_handed_over(ForwardedLimits(self.worker_channel, "sbi"))
             return
         if self.supervisor is not None:
             await self._start_supervised()
@@ -495,16 +500,29 @@ class EirServer:
             self._listening += [(sock, transport) for sock in sockets]
         if not self._listening:
             raise OSError("no listen address could be bound")
+        # N5g-eir's listeners too: their connections are handed over as S13's are (the
+        # URLs are logged, and the NRF told, by self.sbi.start).
+        for item, tls in self.sbi.wanted() if self.sbi is not None else ():
+            host, port = parse_host_port(item)
+            try:
+                sockets = _listening_sockets(host, port, "tcp")
+            except OSError as exc:
+                for sock, _ in self._listening:
+                    sock.close()
+                raise OSError(f"sbi {item}: {exc.strerror or exc}") from None
+            self._listening += [(sock, "sbi-tls" if tls else "sbi") for sock in sockets]
         await self.supervisor.start()
         for sock, transport in self._listening:
             self.loop.add_reader(sock.fileno(), self._accept, sock, transport)
-            bound = sock.getsockname()
-            self.addresses.append((bound[0], bound[1]))
-            log.info("listening on %s %s", transport, format_address(bound))
+            if transport not in SBI_TRANSPORTS:
+                bound = sock.getsockname()
+                self.addresses.append((bound[0], bound[1]))
+                log.info("listening on %s %s", transport, format_address(bound))
 
     def _accept(self, listener: socket.socket, transport: str) -> None:
         """Accept what is waiting (a bounded number per turn) and hand it to a worker."""
-        limits = self.connection_limits
+        sbi = limits_kind(transport) == "sbi"
+        limits = self.sbi.limits if sbi else self.connection_limits
         for _ in range(ACCEPTS_PER_TURN):
             try:
                 sock, address = listener.accept()
@@ -515,8 +533,8 @@ class EirServer:
                 return
             refusal = limits.admit(address[0])
             if refusal is not None:
-                log.warning("%s: connection refused: %s", format_address(address), refusal,
-                            extra={"peer": address[0]})
+                log.warning("%s: %sconnection refused: %s", format_address(address),
+                            "N5g-eir " if sbi else "", refusal, extra={"peer": address[0]})
                 sock.close()
                 continue
             self.supervisor.hand_over(sock, address[0], transport)
@@ -550,7 +568,11 @@ class EirServer:
 
     async def _adopt(self, sock: socket.socket, address: str, transport: str) -> None:
         """Serve a connection the supervisor accepted (and counted against the limits)."""
-        if transport == "tls":
+        limits = self.connection_limits
+        if transport in SBI_TRANSPORTS:
+            factory = self.sbi.adopt(address, SBI_TRANSPORTS[transport])
+            limits = self.sbi.limits
+        elif transport == "tls":
             factory = self._tls_acceptor
         else:
             factory = functools.partial(DiameterProtocol, self, address)
@@ -559,7 +581,7 @@ class EirServer:
         except OSError as exc:
             log.info("a connection handed over was lost before it started: %s", exc)
             sock.close()
-            self.connection_limits.release(address)
+            limits.release(address)
 
     async def _prepare_lists(self, message: dict) -> None:
         lists = message.get("lists")
@@ -780,8 +802,11 @@ class EirServer:
             log.info("audit: %g of verdicts to %s", self.audit.sample, self.audit.path)
         if self.operations is not None:
             await self.operations.start()
-        if self.sbi is not None and self.worker_socket is None:  # not in workers
-            await self.sbi.start()
+        if self.sbi is not None and self.worker_socket is None:  # workers: connections only
+            await self.sbi.start([(sock, SBI_TRANSPORTS[transport])
+                                  for sock, transport in self._listening
+                                  if transport in SBI_TRANSPORTS]
+                                 if self.supervisor is not None else None)
         if self.grandfathering is not None:
             self.spawn(self._keep_grandfathering())
         if self.settings.store.directory is not None and self.worker_socket is None:

@@ -1,14 +1,14 @@
 """Several worker processes behind the same listeners (`workers`, `eir serve --workers N`).
 
 One event loop answers Diameter on one core. With N workers, the process `eir serve`
-started becomes the **supervisor**: it binds the listeners, accepts every connection and
-hands the accepted socket to the worker with the fewest connections (SCM_RIGHTS over a
-Unix socket pair), and runs everything that must exist once: /metrics (the workers'
-counters merged), the admin API, registry syncs and the store watch, the observation
-database writer, the audit file. Each **worker** is `python -m eir` re-run with the same
-arguments (so a crashed worker can be started again, and no threads are forked); it loads
-the same lists (a store's snapshot is a memory-mapped file: one copy in the page cache for
-all workers) and serves the connections it is given.
+started becomes the **supervisor**: it binds the listeners (S13's and N5g-eir's), accepts
+every connection and hands the accepted socket to the worker with the fewest connections
+(SCM_RIGHTS over a Unix socket pair), and runs everything that must exist once: /metrics
+(the workers' counters merged), the admin API, the NRF registration, registry syncs and the
+store watch, the observation database writer, the audit file. Each **worker** is `python -m
+eir` re-run with the same arguments (so a crashed worker can be started again, and no
+threads are forked); it loads the same lists (a store's snapshot is a memory-mapped file:
+one copy in the page cache for all workers) and serves the connections it is given.
 
 Why hand over accepted sockets rather than SO_REUSEPORT: an MME keeps one or two
 long-lived connections. SO_REUSEPORT spreads connections by a hash of their addresses,
@@ -17,13 +17,15 @@ instead gives each new connection to the least-loaded worker.
 
 The control channel (SOCK_SEQPACKET, one per worker) carries pickled dicts, both ways:
 
-* supervisor → worker: `connection` (with the socket's fd), `snapshot` and `peers`
+* supervisor → worker: `connection` (with the socket's fd; its `transport` says whether it
+  is S13's, or N5g-eir's: SBI_TRANSPORTS), `snapshot` and `peers`
   (requests with an `id`, answered by a `reply`), `prepare` / `commit` / `abort` (list
   swaps: every worker loads the new lists first, then all swap on `commit`, so that they
   change version together, within a message's latency), `stop`.
 * worker → supervisor: `ready`, `closed` (a handed-over connection ended: the connection
-  limits are counted in the supervisor), `claim` (a request, answered by a `reply`: may a
-  CER's Origin-Host open a connection, eir.diameter.identities: the registry is here) and
+  limits, S13's or N5g-eir's as its `kind` says, are counted in the supervisor), `claim`
+  (a request, answered by a `reply`: may a CER's Origin-Host open a connection,
+  eir.diameter.identities: the registry is here) and
   `release` (that connection ended), `reply`, and `observations` (the records a
   worker's ObservationLog would have written: the supervisor's ObservationLog writes them,
   so one writer owns the database).
@@ -55,6 +57,15 @@ OBSERVATIONS_PER_MESSAGE = 5000
 MESSAGES_PER_TURN = 16  # control messages handled per turn of the event loop
 RESTART_DELAY_SECONDS = 1.0  # before restarting a worker that died within the window
 RESTART_DELAY_WINDOW = 10.0
+# Hand-over transports of N5g-eir connections (eir.interfaces.sbi): cleartext h2c, and TLS
+# (the worker does the handshake); S13's are "tcp", "sctp" and "tls".
+SBI_TRANSPORTS = {"sbi": False, "sbi-tls": True}  # transport → TLS
+
+
+def limits_kind(transport: str) -> str:
+    """Which connection limits a handed-over connection counts against: "sbi" or
+    "diameter"."""
+    return "sbi" if transport in SBI_TRANSPORTS else "diameter"
 
 
 class WorkerStartError(Exception):
@@ -208,7 +219,8 @@ class Worker:
         self.observations: socket.socket | None = None
         self.ready = False
         self.connections = 0
-        self.addresses: list[str] = []  # of its connections, as counted by the limits
+        # (limits kind, address) of its connections, as counted by the limits
+        self.addresses: list[tuple[str, str]] = []
         self.hosts: list[str] = []  # Origin-Hosts its connections claimed (peer_identities)
         self.ready_event = asyncio.Event()
         self.started_at = 0.0  # loop time of its latest start
@@ -289,9 +301,10 @@ class Supervisor:
         for fd in fds:  # workers send no descriptors
             os.close(fd)
         if op == "closed":
+            kind = message["kind"]
             worker.connections -= 1
-            worker.addresses.remove(message["address"])
-            self.server.connection_limits.release(message["address"])
+            worker.addresses.remove((kind, message["address"]))
+            self._limits(kind).release(message["address"])
         elif op == "claim":  # a CER passed its checks: may its Origin-Host open here?
             granted, why = self.server.peer_identities.claim(message["host"])
             if granted:
@@ -336,8 +349,8 @@ class Supervisor:
     def _on_exit(self, worker: Worker) -> None:
         self._close_observations(worker)
         # Its connections went with it: give their places back to the limits.
-        for address in worker.addresses:
-            self.server.connection_limits.release(address)
+        for kind, address in worker.addresses:
+            self._limits(kind).release(address)
         worker.addresses.clear()
         for host in worker.hosts:
             self.server.peer_identities.release(host)
@@ -369,6 +382,12 @@ class Supervisor:
         if not self._stopping:
             self._spawn(worker)
 
+    def _limits(self, kind: str):
+        """The supervisor's connection limits of that kind (eir.diameter.overload)."""
+        if kind == "sbi":
+            return self.server.sbi.limits
+        return self.server.connection_limits
+
     def hand_over(self, sock: socket.socket, address: str, transport: str) -> None:
         """Give an accepted connection to the ready worker with the fewest connections (kept
         here until one is ready)."""
@@ -378,7 +397,7 @@ class Supervisor:
             return
         worker = min(ready, key=lambda w: w.connections)
         worker.connections += 1
-        worker.addresses.append(address)
+        worker.addresses.append((limits_kind(transport), address))
         worker.channel.send({"op": "connection", "address": address, "transport": transport},
                             (sock,))
 
@@ -409,6 +428,11 @@ class Supervisor:
             else:
                 found.append(reply)
         return found
+
+    def worker_pids(self) -> dict[int, int]:
+        """{index: pid} of the ready workers (their process_* metrics, eir.interfaces.metrics)."""
+        return {worker.index: worker.process.pid for worker in self.workers
+                if worker.ready and worker.process is not None}
 
     async def swap_lists(self, lists=None) -> tuple[bool, str | None]:
         """Every worker loads the lists in force now (with the list settings `lists`, when
@@ -488,11 +512,12 @@ class WorkerLogPrefix(logging.Filter):
 
 
 class ForwardedLimits:
-    """A worker's connection limits: the supervisor admitted the connection already; its
-    end is reported back so the supervisor can count it out."""
+    """A worker's connection limits (S13's, or N5g-eir's: `kind`): the supervisor admitted
+    the connection already; its end is reported back so the supervisor can count it out."""
 
-    def __init__(self, channel: Channel):
+    def __init__(self, channel: Channel, kind: str = "diameter"):
         self.channel = channel
+        self.kind = kind
         self.open = 0
 
     def admit(self, address: str) -> None:
@@ -501,7 +526,7 @@ class ForwardedLimits:
 
     def release(self, address: str) -> None:
         self.open -= 1
-        self.channel.send({"op": "closed", "address": address})
+        self.channel.send({"op": "closed", "address": address, "kind": self.kind})
 
 
 class ForwardingBackend(Backend):

@@ -3,8 +3,10 @@
     /console/login         the API token (admin) or the read-only token (read) for a session
     /console/lookup        IMEI (+ IMSI) → verdict, reason, source, device, observations
     /console/rules         the local rules (console.local_list): search; add, edit, delete
+                           (with a store: published into it, eir.lists.sync.publish_local)
     /console/lists         versions in force and kept, provenance; rollback, unpin, sync now
-    /console/peers         connected MMEs/AMFs and live traffic (refreshed in place)
+    /console/peers         connected MMEs (each connection's answers by verdict: eir.diameter.
+                           peer's PeerConnection.answered), AMFs, live traffic (in place)
 
 Pages are Jinja2 templates with autoescaping on for every template (a reason or an IMEI is
 text, never markup), one CSS file and a few lines of JavaScript for the live view (served

@@ -27,6 +27,7 @@ from eir.core.decision import format_day
 from eir.core.imei import normalise_imei
 from eir.core.logs import mask_imsi, redact
 from eir.core.untrusted import untrusted
+from eir.diameter.peer import ANSWERED_DUPLICATE, ANSWERED_ERROR
 from eir.interfaces.api import (
     ApiProblem,
     connected_peers,
@@ -43,8 +44,9 @@ from eir.interfaces.metrics import (
     worker_snapshots,
 )
 from eir.interfaces.ports import ServerView
-from eir.lists.native import parse_imsi
-from eir.lists.store import operator
+from eir.lists.native import ListError, parse_imsi
+from eir.lists.store import Store, StoreError, operator
+from eir.lists.sync import SyncError
 
 log = logging.getLogger("eir.console")
 
@@ -54,6 +56,7 @@ JOURNAL_NAME = "console.jsonl"
 # Fixed texts a redirect may ask a page to show (?done=...): never text from the URL.
 DONE = {"added": "Rule added and the lists reloaded.",
         "edited": "Rule changed and the lists reloaded.",
+        "published": "The local rules file is in force as it is.",
         "deleted": "Rule deleted and the lists reloaded.",
         "rollback": "Rolled back; the store is pinned until unpinned.",
         "unpin": "Store unpinned: syncs publish again.",
@@ -65,6 +68,10 @@ SECURITY_HEADERS = {
                                "frame-ancestors 'none'; base-uri 'none'",
     "x-frame-options": "DENY", "x-content-type-options": "nosniff",
     "referrer-policy": "no-referrer", "cache-control": "no-store"}
+# The per-connection answer counts the peers table shows (eir.diameter.peer's
+# PeerConnection.answered keys), with their column titles.
+PEER_OUTCOMES = {"WHITELISTED": "White", "BLACKLISTED": "Black", "GREYLISTED": "Grey",
+                 "UNKNOWN": "Unknown", ANSWERED_ERROR: "Errors", ANSWERED_DUPLICATE: "Repeated"}
 STATIC = {"console.css": "text/css; charset=utf-8",
           "console.js": "text/javascript; charset=utf-8"}
 
@@ -285,7 +292,11 @@ def console_app(server: ServerView, token: str) -> FastAPI:
             return to_login(request)
         rows = local.rules(q.strip()) if local is not None else []
         return page(request, "rules.html", viewer=viewer, rows=rows, q=q[:200],
-                    path=str(local.path) if local is not None else None)
+                    path=str(local.path) if local is not None else None,
+                    store=str(local.store.root) if local and local.store else None,
+                    differs=local is not None and local.differs_from(
+                        server.rule_set.snapshot.info.sources),
+                    version=server.rule_set.version)
 
     @app.get("/rules/new")
     async def new_rule(request: Request):
@@ -326,12 +337,7 @@ def console_app(server: ServerView, token: str) -> FastAPI:
                 row = None if index is None else local.find(index, form.get("tag", ""))
                 return page(request, "rule_form.html", 400, viewer=viewer, row=row,
                             cells=cells, problems=exc.problems)
-            if not await server.reload_lists():
-                local.restore(previous)
-                await server.reload_lists()
-                raise ConsoleProblem(409, "Reload refused", [
-                    "the change was undone; the lists in force stay in force:",
-                    server.last_reload_error or "see the server's log"])
+            await put_in_force(viewer, previous)
         act = "rule-delete" if delete else "rule-add" if index is None else "rule-edit"
         # IMSIs masked as in the audit log (unless logging.show_imsi); the list file has them.
         shown_before, shown_after = (None if row is None else dict(
@@ -342,6 +348,45 @@ def console_app(server: ServerView, token: str) -> FastAPI:
                     untrusted(viewer.who), untrusted(shown_before), untrusted(shown_after))
         done = "deleted" if delete else "added" if index is None else "edited"
         return RedirectResponse(f"{request.scope.get('root_path', '')}/rules?done={done}",
+                                303)
+
+    async def put_in_force(viewer: Viewer, previous: bytes | None) -> None:
+        """The local list's file, just changed, in force: published into the store (if the
+        lists come from one), then reloaded; else the file put back as it was (`previous`)
+        and ConsoleProblem."""
+        assert local is not None
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(None, local.publish, f"{viewer.who}; {operator()}")
+        except (ListError, SyncError, StoreError) as exc:
+            local.restore(previous)
+            raise ConsoleProblem(409, "Not published", [
+                f"the change was undone; the store {local.store.root if local.store else ''} "
+                "keeps the version in force:", str(exc)]) from None
+        if await server.reload_lists():
+            return
+        if local.store is not None:  # published: the store's version in force holds it
+            raise ConsoleProblem(409, "Reload refused", [
+                f"the change is in force in the store ({local.store.root}), but this "
+                "server could not load it; it tries again when it polls the store:",
+                server.last_reload_error or "see the server's log"])
+        local.restore(previous)
+        await server.reload_lists()
+        raise ConsoleProblem(409, "Reload refused", [
+            "the change was undone; the lists in force stay in force:",
+            server.last_reload_error or "see the server's log"])
+
+    @app.post("/rules/publish")
+    async def publish_rules(request: Request):
+        """With a store: put the file in force as it is (after a rollback or a hand edit)."""
+        viewer, _ = await changer(request)
+        _need_local(local)
+        async with edit_lock:
+            before = server.rule_set.version
+            await put_in_force(viewer, local.snapshot())
+        await record("rules-publish", viewer.session.role, viewer.address,
+                     list=str(local.path), before=before, after=server.rule_set.version)
+        return RedirectResponse(f"{request.scope.get('root_path', '')}/rules?done=published",
                                 303)
 
     @app.post("/rules/add")
@@ -435,7 +480,8 @@ def console_app(server: ServerView, token: str) -> FastAPI:
         return page(request, "live.html", viewer=viewer, **await live_numbers())
 
     async def live_numbers() -> dict:
-        return {"peers": await connected_peers(server),
+        return {"peers": await connected_peers(server), "outcomes": list(PEER_OUTCOMES),
+                "outcome_names": PEER_OUTCOMES,
                 "traffic": traffic(merged_snapshot(server, await worker_snapshots(server))),
                 "taken": time.strftime("%H:%M:%S")}
 
@@ -452,14 +498,14 @@ def _append(path: Path, line: str) -> None:
 
 
 def _local_list(settings) -> LocalList | None:
-    """console.local_list, which must be one of lists.files (else a reload would not read
-    it): ConfigError otherwise."""
+    """console.local_list: with a store, published into it at each change; else it must be
+    one of lists.files (else a reload would not read it): ConfigError otherwise. Or None
+    (no local rules)."""
     path = settings.console.local_list
     if path is None:
         return None
     if settings.store.directory is not None:
-        raise ConfigError("console.local_list: the lists come from the store "
-                          "(store.directory), which reads no list files")
+        return LocalList(path, Store(settings.store.directory, settings.store.keep))
     if Path(path).resolve() not in {Path(f).resolve() for f in settings.lists.files}:
         raise ConfigError(f"console.local_list: {path} must be one of lists.files (or a "
                           "--list), so that a reload applies it")
@@ -469,7 +515,7 @@ def _local_list(settings) -> LocalList | None:
 def _need_local(local: LocalList | None) -> None:
     if local is None:
         raise ConsoleProblem(409, "No local list", "set console.local_list (one of "
-                             "lists.files) to edit local rules")
+                             "lists.files, or any file with a store) to edit local rules")
 
 
 def _local_target(request: Request, target: str) -> str:

@@ -1,6 +1,9 @@
 """The local rules: a native CSV list (eir.lists.native) that the console edits, row by row.
 
-The file is `console.local_list`, one of `lists.files`. A change is made on a copy of the
+The file is `console.local_list`, one of `lists.files`; or, when the lists come from a snapshot
+store, a file that eir.lists.sync.publish_local compiles into the store as one more list
+beside the registry's (`publish`: a new version; syncs keep it, a rollback goes back to the
+local rules of the version it puts back). A change is made on a copy of the
 file's rows, written to a temporary file beside it and validated there by
 eir.lists.read_native_csv, the function every list file is read with (`eir check`, `eir
 serve`, a reload): a change the CLI would refuse is refused with the same `line: field:
@@ -23,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from eir.lists.native import COLUMNS, ListError, read_native_csv
+from eir.lists.store import Store
+from eir.lists.sync import LOCAL_LIST, publish_local
 
 
 class RuleEditError(Exception):
@@ -62,8 +67,27 @@ class RuleRow:
 
 
 class LocalList:
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, store: Store | None = None):
         self.path = Path(path)
+        self.store = store  # None: the file is one of lists.files, read by every reload
+
+    def publish(self, by: str) -> None:
+        """Put the file in force before the reload: with a store, as a new version of it
+        (ListError, SyncError, StoreError when refused); without, the reload reads it."""
+        if self.store is not None:
+            publish_local(self.store, self.path, by)
+
+    def differs_from(self, sources: list[dict]) -> bool:
+        """With a store: the file is not what the version in force holds as its local
+        rules (`sources`: its snapshot's), e.g. after a rollback or a hand edit."""
+        if self.store is None:
+            return False
+        in_force = [source.get("sha256") for source in sources
+                    if source.get("list") == LOCAL_LIST]
+        if not in_force:  # none published yet: the same as a file of no rules
+            return bool(self.rules())
+        content = self.snapshot()
+        return content is None or in_force != [hashlib.sha256(content).hexdigest()]
 
     def _read(self) -> list[list[str] | RuleRow]:
         """The file's rows after the header: comment rows as their cells, rules as RuleRow."""
