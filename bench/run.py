@@ -615,8 +615,10 @@ ROWS = [
     ("eir replay CPU per request", "replay_cpu_us_per_request", "µs", False,
      [("mme-sim", "mme_sim_cpu_us_per_request"),
       ("e2e.py's minimal client", "minimal_client_cpu_us_per_request")]),
-    ("N5g-eir server CPU per request", "sbi_server_us_per_request", "µs", False, []),
-    ("N5g-eir whole machine", "sbi_req_per_s_machine", "req/s", False, []),
+    ("N5g-eir server CPU per request", "sbi_server_us_per_request", "µs", False,
+     [("h2 generic", "sbi_generic_server_us_per_request")]),
+    ("N5g-eir whole machine", "sbi_req_per_s_machine", "req/s", False,
+     [("h2 generic", "sbi_generic_req_per_s_machine")]),
 ]
 
 
@@ -767,8 +769,11 @@ def main() -> int:
     if entries:
         print(f"resident memory, eir serve --store --workers {args.workers}:", flush=True)
         memory = resident_memory(args.cache, entries, args.workers, min(seconds, 3.0))
-    # N5g-eir beside S13: the same lists over HTTP/2 (bench/sbi.py).
-    sbi = run_part("sbi.py", ["--quick"] if args.quick else [])
+    # N5g-eir beside S13: the same lists over HTTP/2 (bench/sbi.py), one worker on one core,
+    # then the whole machine; each with sbi.fast_path off too when the baseline runs.
+    sbi_options = (["--quick"] if args.quick else []) + (["--baseline"] if baseline else [])
+    sbi = run_part("sbi.py", sbi_options)
+    sbi_machine = run_part("sbi.py", sbi_options + ["--workers", str(args.workers)])
     # The load generator beside a minimal pipelining client (bench/replay_cpu.py, full run).
     replay_cpu = (run_part("replay_cpu.py", [])
                   if not args.quick and (BENCH / "replay_cpu.py").is_file() else None)
@@ -805,10 +810,16 @@ def main() -> int:
                        e2e_ratio_vs_python_diameter=e2e["ratio_vs_python_diameter_server"])
     figures.update({key if key.startswith("sbi_") else f"sbi_{key}": value
                     for key, value in sbi.items()})
+    figures.update({f"sbi_machine_{key.removeprefix('sbi_')}": value
+                    for key, value in sbi_machine.items()})
+    figures.update(sbi_req_per_s_machine=sbi_machine.get("sbi_req_per_s"),
+                   sbi_generic_req_per_s_machine=sbi_machine.get("sbi_generic_req_per_s"))
     if replay_cpu is not None:
         figures.update(
             minimal_client_cpu_us_per_request=replay_cpu.get("baseline_cpu_us_per_request"),
-            replay_cpu_py_us_per_request=replay_cpu.get("replay_cpu_us_per_request"))
+            replay_cpu_py_us_per_request=replay_cpu.get("replay_cpu_us_per_request"),
+            replay_in_process_us_per_request=replay_cpu.get(
+                "replay_in_process_us_per_request"))
     if memory is not None:
         figures.update(snapshot_entries=memory["entries"], snapshot_mb=memory["snapshot_mb"],
                        rss_mb_per_worker=memory["rss_mb_per_worker"],
@@ -834,11 +845,15 @@ def main() -> int:
                   f"{ours['best']['runs'][driver]['rate'] / max(row['rate'], 1e-9):.1f}×")
     for key, (label, _) in paths.items():
         print(f"  whole machine, {label}: {machine[key]['split']}")
-    sbi_machine = ("" if "sbi_req_per_s_machine" in figures else
-                   " (bench/sbi.py gives no whole-machine figure: one connection only)")
-    print(f"  N5g-eir (HTTP/2, one connection): {figures['sbi_req_per_s_one_conn']:,} req/s, "
-          f"p99 {figures['sbi_p99_ms']} ms, {figures['sbi_server_us_per_request']} µs of "
-          f"server CPU per request{sbi_machine}")
+    print(f"  N5g-eir (HTTP/2, bench/sbi.py, client {figures.get('sbi_client', 'python')}): "
+          f"one worker {figures['sbi_req_per_s']:,} req/s, p99 {figures['sbi_p99_ms']} ms, "
+          f"{figures['sbi_server_us_per_request']} µs of server CPU per request; "
+          f"--workers {args.workers}: {figures['sbi_req_per_s_machine']:,} req/s, "
+          f"{figures['sbi_machine_server_us_per_request']} µs per request")
+    if figures.get("replay_in_process_us_per_request") is not None:
+        print(f"  eir replay's own work per request in process (replay_cpu.py): "
+              f"{figures['replay_in_process_us_per_request']} µs; its socket run "
+              f"{figures['replay_cpu_py_us_per_request']} µs")
     print(f"  hot path in-process (hotpath.py): {figures['hotpath_ecr_per_s']:,} ECR/s, p99 "
           f"{figures['hotpath_p99_us']} µs" + (
               f"; e2e.py: {figures['e2e_ecr_per_s_one_conn']:,} ECR/s, server "
