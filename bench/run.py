@@ -29,8 +29,8 @@ Parts, in order (the list and request mix are hotpath.py's: 105,000 rules, 4,096
    built once by bench/scale.py's generator and `eir sync`, cached under --cache; `eir serve
    --store --workers N` answers a short replay run on N connections, then each process's RSS
    and Pss (/proc/PID/smaps_rollup) and the snapshot mapping's resident share are read.
-6. N5g-eir: bench/sbi.py, its JSON read (server CPU per request; req/s on one connection and,
-   when sbi.py measures it, on the whole machine).
+6. N5g-eir: bench/sbi.py with one worker, then with --workers N; each with its baseline
+   (sbi.fast_path off, --baseline) when the generic path runs; their JSON read.
 7. In the full run, when it is there, bench/replay_cpu.py: `eir replay`'s CPU per request
    beside e2e.py's minimal pipelining client (a baseline for the load generator's own cost).
 
