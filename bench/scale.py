@@ -4,19 +4,27 @@ in-process lookup, with the figures extrapolated to 1.2 billion IMEIs.
     python3 bench/scale.py                      # 100,000,000 IMEIs (about 10 minutes here)
     python3 bench/scale.py --quick              # 1,000,000 IMEIs, about 30 s (CI)
     python3 bench/scale.py --entries 10000000 --keep --workdir /tmp/scale10m
+    python3 bench/scale.py --target --keep --workdir /tmp/scale-1200m
+                                                # 1,200,000,000 IMEIs, zipped; ~30 GB of
+                                                # disk and hours on a shared 2-core VM
+                                                # (bench/RESULTS.md, "1.2 billion IMEIs")
 
 Steps (a work directory under /tmp, removed at the end unless --keep):
 
 1. Generate `<date>_blacklist.csv` (imei,block_date,reasons): N distinct IMEIs over about
    20,000 TACs with Zipf popularity (a TAC holds at most --tac-fill of its 1,000,000 serial
    numbers, the excess goes to the next TACs), in random order; 15 digits, Luhn check digit
-   or a spare 0; 36 block dates and 7 reason combinations. numpy, chunked writes. And the
+   or a spare 0; 36 block dates and 7 reason combinations (the rows of each 2,000,000-row
+   chunk grouped by them). numpy, chunked writes; with --zip-level (--target: 1) the lists
+   are `<date>_blacklist.zip` etc., one deflated CSV each, as DIRBS publishes them. And the
    exceptions (pairing) list `<date>_exceptions_<op>.csv` (imei,imsi,msisdn) beside it:
    --exceptions x N pairs (5%), IMEIs from the same TAC popularity, a fifth of them taken
    from the blacklist (a blocked IMEI its owner's SIM may still use), 3% with a second IMSI;
    IMSIs of one MCC/MNC. `eir sync` compiles both into one snapshot.
 2. `python -m eir sync --source DIR --store STORE` as a subprocess (import time counts):
-   rows/s and its peak RSS (VmHWM polled). Then the same steps called in-process, each timed, for
+   rows/s, its peak RSS (VmHWM and RssAnon polled) and peak disk (the store directory's
+   allocated blocks, and the filesystem's growth; the sync is killed if less than 4 GiB stay
+   free). Then the same steps called in-process, each timed, for
    the split (checksum, parse, compile, publish) with the peak RSS of each step.
 3. Bytes per IMEI: snapshot file size / N.
 4. Start-up: wall time from Popen of `python -m eir serve --store STORE --listen
@@ -27,7 +35,10 @@ Steps (a work directory under /tmp, removed at the end unless --keep):
    an IMSI: 40% listed IMEIs, 40% absent ones, 20% IMEIs of exception pairs (with the IMSI:
    half of those carry their paired IMSI, half another one).
 6. The serving process's resident memory after its first answer, against the snapshot size.
-7. The figures extrapolated to 1.2 billion IMEIs, with the reasoning.
+7. ECRs served from the snapshot: `eir serve --store --workers 1` and `eir replay` flat out
+   on one connection for --serve-seconds (listed IMEIs, IMEI+IMSI pairs and absent IMEIs),
+   with the server's CPU per ECR (`--serve-rate-of DIR`: only this, on a kept run).
+8. The figures extrapolated to 1.2 billion IMEIs, with the reasoning.
 
 The last line printed is one JSON object with the headline figures.
 """
@@ -39,6 +50,7 @@ import datetime
 import gc
 import json
 import os
+import queue
 import random
 import shutil
 import socket
@@ -47,6 +59,7 @@ import sys
 import tempfile
 import threading
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,6 +87,10 @@ WORLD_TACS = 200_000  # order of magnitude of TACs ever allocated: the TAC direc
 TARGETS = {"bytes_per_imei": 5.0, "build_rows_per_s": 1_000_000, "start_to_serving_s": 2.0,
            "lookup_p99_us": 2.0}
 CHUNK_ROWS = 2_000_000
+SERIAL_BITS = 20  # a generated IMEI's code: TAC index << SERIAL_BITS | serial (< 2**20)
+SERIAL_MASK = (1 << SERIAL_BITS) - 1
+MAX_PLAIN_ENTRIES = 200_000_000  # above: the lists must be zipped to fit the disk
+MIN_FREE_DISK = 4 << 30  # bytes left free on the disk while eir sync runs, or it is killed
 REASONS = (  # DIRBS condition names, `|`-joined when several apply
     ("gsma_not_found", 0.30), ("local_stolen", 0.25), ("duplicate_mk1", 0.15),
     ("not_on_registration_list", 0.15), ("malformed_imei", 0.03),
@@ -131,13 +148,14 @@ class Dataset:
     exceptions: Path | None = None
     pairs: int = 0  # rows of the exceptions list
     pair_sample: np.ndarray | None = None  # random (imei, imsi) rows of it, shape (k, 2)
-    csv_bytes: int = 0  # both files
+    csv_bytes: int = 0  # both files, as written (zipped or not)
+    text_bytes: int = 0  # both files' CSV, uncompressed
     seconds: float = 0.0
 
 
 def generate(directory: Path, n: int, tac_count: int, zipf: float, fill: float,
              spare_fraction: float, seed: int, sample_size: int,
-             exceptions_fraction: float = 0.0) -> Dataset:
+             exceptions_fraction: float = 0.0, zip_level: int = 0) -> Dataset:
     started = time.perf_counter()
     rng = np.random.default_rng(seed)
     counts = tac_counts(n, tac_count, zipf, int(fill * SNR_DIGITS))
@@ -146,15 +164,22 @@ def generate(directory: Path, n: int, tac_count: int, zipf: float, fill: float,
     candidates = (rng.choice(TAC_PREFIXES, 3 * len(counts), p=(.40, .30, .10, .05, .05, .05, .05))
                   .astype(np.int64) * 1_000_000 + rng.integers(0, 1_000_000, 3 * len(counts)))
     tacs = rng.permutation(np.unique(candidates))[:len(counts)]
-    keys = np.empty(n, np.uint64)
+    # Each IMEI as (index of its TAC in `tacs`) << SERIAL_BITS | serial: its digits and
+    # Luhn sum then come from small tables (digit_table), not from 14 divisions a row.
+    codes = np.empty(n, np.uint64)
     position = 0
-    for tac, count in zip(tacs.tolist(), counts.tolist()):
+    for index, count in enumerate(counts.tolist()):
         serials = rng.choice(SNR_DIGITS, size=count, replace=False)
-        keys[position:position + count] = serials
-        keys[position:position + count] += np.uint64(tac * SNR_DIGITS)
+        codes[position:position + count] = serials
+        codes[position:position + count] |= np.uint64(index << SERIAL_BITS)
         position += count
-    rng.shuffle(keys)  # a registry export is in no useful order: the build must sort
-    sample = keys[:sample_size].copy()
+    rng.shuffle(codes)  # a registry export is in no useful order: the build must sort
+
+    def keys_of(some_codes: np.ndarray) -> np.ndarray:  # 14-digit keys
+        return (tacs[(some_codes >> np.uint64(SERIAL_BITS)).astype(np.intp)].astype(np.uint64)
+                * np.uint64(SNR_DIGITS) + (some_codes & np.uint64(SERIAL_MASK)))
+
+    sample = keys_of(codes[:sample_size])
 
     dates = [(datetime.date(2021, 1, 15) + datetime.timedelta(days=30 * i)).strftime("%Y%m%d")
              for i in range(36)]
@@ -162,50 +187,77 @@ def generate(directory: Path, n: int, tac_count: int, zipf: float, fill: float,
     date_p /= date_p.sum()
     reason_p = np.array([p for _, p in REASONS])
     reason_p /= reason_p.sum()
-    tails = [f",{d},{r}\n".encode() for d in dates for r, _ in REASONS]
-    combo_p = np.outer(date_p, reason_p).ravel()
-    width = max(len(t) for t in tails)
-    tail_table = np.zeros((len(tails), width), np.uint8)
-    for i, tail in enumerate(tails):
-        tail_table[i, :len(tail)] = np.frombuffer(tail, np.uint8)
+    tails = [np.frombuffer(f",{d},{r}\n".encode(), np.uint8) for d in dates for r, _ in REASONS]
+    tail_cdf = np.cumsum(np.outer(date_p, reason_p).ravel())
+    tac_digits, tac_luhn = digit_table(tacs, 8)
+    serial_digits, serial_luhn = digit_table(np.arange(SNR_DIGITS), 6)
 
-    path = directory / f"{datetime.date.today():%Y%m%d}_blacklist.csv"
-    with open(path, "wb") as out:
+    path = directory / f"{datetime.date.today():%Y%m%d}_blacklist{'.zip' if zip_level else '.csv'}"
+    with ListFile(path, zip_level) as out:
         out.write(b"imei,block_date,reasons\n")
         for start in range(0, n, CHUNK_ROWS):
-            chunk = keys[start:start + CHUNK_ROWS]
-            m = len(chunk)
-            row = np.zeros((m, 15 + width), np.uint8)  # 0 bytes: padding, dropped below
-            digits = row[:, :14]
-            rest = chunk.copy()
-            for j in range(13, -1, -1):
-                digits[:, j] = rest % 10
-                rest //= 10
-            doubled = digits[:, 1::2] * 2
-            total = digits[:, 0::2].sum(1, dtype=np.int64) + \
-                (doubled // 10 + doubled % 10).sum(1, dtype=np.int64)
+            m = min(CHUNK_ROWS, n - start)
+            # The rows of a chunk are written grouped by their block_date and reasons
+            # (fixed-width blocks, no per-byte packing); the IMEIs stay in random order.
+            tail = np.minimum(np.searchsorted(tail_cdf, rng.random(m)), len(tails) - 1)
+            order = np.argsort(tail.astype(np.uint8), kind="stable")
+            chunk = codes[start:start + m][order]
+            tac_index = (chunk >> np.uint64(SERIAL_BITS)).astype(np.intp)
+            serial = (chunk & np.uint64(SERIAL_MASK)).astype(np.intp)
+            imei = np.empty((m, 15), np.uint8)
+            imei[:, :8] = tac_digits[tac_index]
+            imei[:, 8:14] = serial_digits[serial]
+            total = tac_luhn[tac_index] + serial_luhn[serial]
             check = ((10 - total % 10) % 10).astype(np.uint8)
             check[rng.random(m) < spare_fraction] = 0  # "spare digit" 0 instead of Luhn
-            row[:, 14] = check
-            row[:, :15] += 48
-            row[:, 15:] = tail_table[rng.choice(len(tails), m, p=combo_p)]
-            flat = row.reshape(-1)
-            out.write(flat[flat != 0].tobytes())
+            imei[:, 14] = check + 48
+            counts_per_tail = np.bincount(tail, minlength=len(tails))
+            text = np.empty(int(counts_per_tail @ np.array([15 + len(t) for t in tails])),
+                            np.uint8)
+            row = at = 0
+            for tail_bytes, count in zip(tails, counts_per_tail.tolist()):
+                if not count:
+                    continue
+                width = 15 + len(tail_bytes)
+                block = text[at:at + count * width].reshape(count, width)
+                block[:, :15] = imei[row:row + count]
+                block[:, 15:] = tail_bytes
+                row += count
+                at += count * width
+            out.write(text)
     data = Dataset(path, n, tacs, counts, sample)
+    data.text_bytes = out.text_bytes
     pairs = round(exceptions_fraction * n)
     if pairs:
-        data.exceptions = directory / \
-            f"{datetime.date.today():%Y%m%d}_exceptions_{EXCEPTIONS_OPERATOR}.csv"
-        data.pairs, data.pair_sample = generate_exceptions(
-            data.exceptions, rng, pairs, keys[sample_size:], tacs, counts, sample_size)
-    del keys
+        data.exceptions = directory / (f"{datetime.date.today():%Y%m%d}_exceptions_"
+                                       f"{EXCEPTIONS_OPERATOR}{'.zip' if zip_level else '.csv'}")
+        data.pairs, data.pair_sample, pair_text = generate_exceptions(
+            data.exceptions, rng, pairs, keys_of(codes[sample_size:sample_size + pairs]),
+            tacs, counts, sample_size, zip_level)
+        data.text_bytes += pair_text
+    del codes
     data.csv_bytes = sum(p.stat().st_size for p in (path, data.exceptions) if p is not None)
     data.seconds = time.perf_counter() - started
     return data
 
 
+def digit_table(values: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ASCII digits of each value, zero-padded to `width`; each value's Luhn sum, its
+    odd positions doubled): an IMEI's TAC is 8 digits and its serial 6, both even, so the
+    IMEI's Luhn sum is its TAC's plus its serial's."""
+    digits = np.empty((len(values), width), np.uint8)
+    rest = values.astype(np.uint64)
+    for j in range(width - 1, -1, -1):
+        digits[:, j] = rest % 10
+        rest //= 10
+    doubled = digits[:, 1::2] * 2
+    luhn = digits[:, 0::2].sum(1, dtype=np.int64) + (doubled // 10 + doubled % 10).sum(1)
+    return digits + 48, luhn.astype(np.uint16)
+
+
 def generate_exceptions(path: Path, rng, pairs: int, blacklisted: np.ndarray,
-                        tacs: np.ndarray, counts: np.ndarray, sample_size: int):
+                        tacs: np.ndarray, counts: np.ndarray, sample_size: int,
+                        zip_level: int = 0):
     """Write a DIRBS exceptions list of `pairs` rows (imei,imsi,msisdn; IMEIs normalised to
     14 digits as DIRBS writes them); returns (rows, a random sample of (imei, imsi) rows).
 
@@ -227,15 +279,76 @@ def generate_exceptions(path: Path, rng, pairs: int, blacklisted: np.ndarray,
     msisdn = 628_000_000_000 + rng.integers(0, 10**9, pairs)
     order = rng.permutation(pairs)
     imei, imsi, msisdn = imei[order], imsi[order], msisdn[order]
-    with open(path, "w") as out:
-        out.write("imei,imsi,msisdn\n")
+    with ListFile(path, zip_level) as out:
+        out.write(b"imei,imsi,msisdn\n")
         for start in range(0, pairs, CHUNK_ROWS):
             end = start + CHUNK_ROWS
             out.write("".join(f"{i:014d},{s},{m}\n" for i, s, m in zip(
                 imei[start:end].tolist(), imsi[start:end].tolist(),
-                msisdn[start:end].tolist())))
+                msisdn[start:end].tolist())).encode())
     picked = rng.choice(pairs, min(sample_size, pairs), replace=False)
-    return pairs, np.stack([imei[picked], imsi[picked]], axis=1)
+    return pairs, np.stack([imei[picked], imsi[picked]], axis=1), out.text_bytes
+
+
+class ListFile:
+    """Where a generated list goes: a plain CSV, or (zip_level > 0) a zip archive holding
+    it as one deflated member named like the archive (`x.zip` holds `x.csv`), as DIRBS
+    publishes its lists. Deflating runs in a thread (zlib releases the GIL) so that it
+    overlaps the generation of the next chunk; zip64 lets the member exceed 4 GiB."""
+
+    def __init__(self, path: Path, zip_level: int = 0):
+        self.path = path
+        self.zip_level = zip_level
+        self.text_bytes = 0  # of CSV, before compression
+
+    def __enter__(self) -> "ListFile":
+        if not self.zip_level:
+            self._file = open(self.path, "wb")
+            self._write = self._file.write
+            return self
+        self._archive = zipfile.ZipFile(self.path, "w", zipfile.ZIP_DEFLATED,
+                                        compresslevel=self.zip_level)
+        self._file = self._archive.open(self.path.with_suffix(".csv").name, "w",
+                                        force_zip64=True)
+        self._queue: queue.Queue = queue.Queue(maxsize=3)
+        self._failure: BaseException | None = None
+        self._thread = threading.Thread(target=self._drain, daemon=True)
+        self._thread.start()
+        self._write = self._queue.put
+        return self
+
+    def _drain(self) -> None:
+        while (chunk := self._queue.get()) is not None:
+            try:
+                self._file.write(chunk)
+            except BaseException as exc:  # reported by close
+                self._failure = exc
+
+    def write(self, chunk: bytes) -> None:
+        self.text_bytes += len(chunk)
+        self._write(chunk)
+
+    def __exit__(self, *exc) -> None:
+        if self.zip_level:
+            self._queue.put(None)
+            self._thread.join()
+            self._file.close()
+            self._archive.close()
+            if self._failure is not None:
+                raise self._failure
+        else:
+            self._file.close()
+
+
+def first_row(path: Path) -> str:
+    """The first data row of a generated list (CSV or zipped)."""
+    if path.suffix == ".zip":
+        with zipfile.ZipFile(path) as archive, archive.open(archive.namelist()[0]) as member:
+            member.readline()
+            return member.readline().decode().strip()
+    with path.open() as handle:
+        handle.readline()
+        return handle.readline().strip()
 
 
 def luhn_ok(imei15: str) -> bool:
@@ -261,6 +374,8 @@ class Build:
     peak_rss: int  # bytes (VmHWM: includes mapped list files, which are page cache)
     output: str
     peak_anon: int = 0  # bytes: the peak of RssAnon, the memory the build really needs
+    peak_store: int = 0  # bytes: the store directory's peak allocated size (PeakDisk)
+    peak_filesystem: int = 0  # bytes: the peak growth of the filesystem's used space
 
 
 def run_sync(source: Path, store: Path, cwd: Path) -> Build:
@@ -270,15 +385,69 @@ def run_sync(source: Path, store: Path, cwd: Path) -> Build:
         started = time.perf_counter()
         process = subprocess.Popen(command, cwd=cwd, env=subprocess_env(), stdout=output,
                                    stderr=subprocess.STDOUT)
+        disk = PeakDisk(store, process)
         peak = PeakRss(process.pid)
         process.wait()
         seconds = time.perf_counter() - started
         peak.stop()
+        disk.stop()
         output.seek(0)
         text = output.read()
     if process.returncode != 0:
         raise SystemExit(f"eir sync failed (exit {process.returncode}):\n{text}")
-    return Build(seconds, peak.bytes, text.strip(), peak.anon)
+    return Build(seconds, peak.bytes, text.strip(), peak.anon, disk.store, disk.filesystem)
+
+
+class PeakDisk:
+    """The peak disk space a sync takes, polled every half second: the store directory's
+    allocated blocks (sort runs, tables, states, the snapshot; holes punched in a file do
+    not count), and the growth of the filesystem's used space since the start (also counts
+    unlinked files still open, such as spilled sections, and whatever else runs on the
+    machine). On a shared machine the sync is killed if the filesystem's free space falls
+    below MIN_FREE_DISK, so that a benchmark does not fill the disk under other work."""
+
+    def __init__(self, store: Path, process: subprocess.Popen):
+        self.root = store
+        self.process = process
+        self.killed = False
+        self.store = 0
+        self.filesystem = 0
+        self._start = self._used()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+
+    def _used(self) -> int:
+        usage = shutil.disk_usage(self.root.parent)
+        if usage.free < MIN_FREE_DISK and self.process.poll() is None:
+            self.killed = True
+            self.process.kill()
+            log(f"eir sync KILLED: {mb(usage.free):,.0f} MB left on the filesystem of "
+                f"{self.root}")
+        return usage.total - usage.free
+
+    def _poll(self) -> None:
+        while True:
+            self.store = max(self.store, _allocated(self.root))
+            self.filesystem = max(self.filesystem, self._used() - self._start)
+            if self._done.wait(0.5):
+                return
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join(5)
+
+
+def _allocated(root: Path) -> int:
+    """Bytes allocated on disk to the files under root (st_blocks: sparse holes excluded)."""
+    total = 0
+    for directory, _, files in os.walk(root):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(directory, name)).st_blocks * 512
+            except OSError:
+                pass  # removed meanwhile
+    return total
 
 
 class PeakRss:
@@ -450,6 +619,66 @@ def _mapping_rss(pid: int, path: Path) -> int:
     return total
 
 
+def format_served(served: dict) -> str:
+    return (f"{served['rate']:,.0f} ECR/s, p50 {served['p50_ms']:.2f} / p99 "
+            f"{served['p99_ms']:.2f} ms, server CPU {served['server_cpu_us_per_ecr']:.1f} "
+            f"µs/ECR, errors {served['errors']}")
+
+
+# -- 8. ECRs served from the snapshot --------------------------------------------------------
+
+
+def serve_rate(store: Path, cwd: Path, seconds: float, seed: int, count: int = 20_000
+               ) -> dict:
+    """`eir serve --store STORE --workers 1` loaded by `eir replay` flat out on one
+    connection (window 128) for `seconds`: ECR/s, latency and the server's CPU per ECR (its
+    process tree, from /proc). The mix: `count` listed IMEIs drawn from the snapshot with a
+    random IMSI, its IMEI+IMSI pairs with their own IMSI, and as many IMEIs absent from
+    the list (random serials in its TACs), shuffled."""
+    from load_table import replay  # bench/: eir replay's JSON report, trimmed
+    from helpers_process import start_eir
+
+    rng = random.Random(seed)
+    snapshot = Snapshot.open(sorted((store / "snapshots").glob("*.eirsnap"))[-1])
+    subjects = [(imei, imsi or str(IMSI_PREFIX * 10**10 + rng.randrange(10**10)))
+                for imei, imsi in snapshot.sample_subjects(rng, count // 2)]
+    tacs = snapshot._tac
+    subjects += [(f"{tacs[rng.randrange(len(tacs))] * SNR_DIGITS + rng.randrange(SNR_DIGITS):014d}",
+                  str(IMSI_PREFIX * 10**10 + rng.randrange(10**10))) for _ in range(count // 2)]
+    rng.shuffle(subjects)
+    del snapshot, tacs
+    mix = cwd / "serve-mix.csv"
+    mix.write_text("imei,imsi\n" + "".join(f"{imei},{imsi}\n" for imei, imsi in subjects))
+    server = start_eir("--store", str(store), "--workers", "1", lists=[], cwd=cwd,
+                       timeout=120)
+    try:
+        before = _tree_cpu(server.process.pid)
+        report = replay(server.port, mix, seconds, None, [])
+        cpu = _tree_cpu(server.process.pid) - before
+    finally:
+        server.stop()
+    report["server_cpu_us_per_ecr"] = cpu * 1e6 / max(1, report["sent"])
+    report["mix"] = len(subjects)
+    return report
+
+
+def _tree_cpu(pid: int) -> float:
+    """CPU seconds (user + system) of a process and its descendants, from /proc."""
+    total = 0.0
+    ticks = os.sysconf("SC_CLK_TCK")
+    pending = [pid]
+    while pending:
+        current = pending.pop()
+        try:
+            fields = Path(f"/proc/{current}/stat").read_text().rpartition(")")[2].split()
+            total += (int(fields[11]) + int(fields[12])) / ticks
+            for task in Path(f"/proc/{current}/task").iterdir():
+                pending += [int(c) for c in (task / "children").read_text().split()]
+        except (OSError, ValueError):
+            continue  # exited meanwhile
+    return total
+
+
 # -- 5. lookup -----------------------------------------------------------------------------
 
 
@@ -462,12 +691,12 @@ def _timed(function, queries, day) -> list[int]:
     out = [0] * len(queries)
     for i, (imei, imsi) in enumerate(queries):
         started = clock()
-        function(imei, imsi, None, day)
+        function(imei, imsi, day)
         out[i] = clock() - started
     return out
 
 
-def _empty(imei, imsi=None, software_version=None, day=None):
+def _empty(imei, imsi=None, day=None):
     return None
 
 
@@ -522,18 +751,18 @@ def measure_lookups(snapshot_path: Path, data: Dataset, count: int, seed: int
     paired = [f"{imei:014d}" for imei, _ in pairs]
     paired_imsis = [str(imsi) for _, imsi in pairs[:own]] + random_imsis[own:paired_count]
     for imei in present[:1000]:
-        verdict = rule_set.decide(imei, None, None, day)
+        verdict = rule_set.decide(imei, None, day)
         if verdict.status is not EquipmentStatus.BLACKLISTED or verdict.match is not Match.IMEI:
             raise SystemExit(f"{imei}: expected BLACKLISTED by IMEI, got {verdict}")
     for i, (imei, imsi) in enumerate(zip(paired[:2000], paired_imsis[:2000])):
-        verdict = rule_set.decide(imei, imsi, None, day)
+        verdict = rule_set.decide(imei, imsi, day)
         if i < own:
             if verdict.status is not EquipmentStatus.WHITELISTED or \
                     verdict.match is not Match.IMEI_IMSI:
                 raise SystemExit(f"{imei} with its IMSI {imsi}: expected WHITELISTED by the "
                                  f"IMEI+IMSI pair, got {verdict}")
         else:  # another IMSI: the pair does not apply, the IMEI alone decides
-            alone = rule_set.decide(imei, None, None, day)
+            alone = rule_set.decide(imei, None, day)
             if verdict != alone or verdict.match is Match.IMEI_IMSI:
                 raise SystemExit(f"{imei} with another IMSI {imsi}: expected {alone}, got "
                                  f"{verdict}")
@@ -567,20 +796,22 @@ def build_and_measure(work: Path, name: str, n: int, args):
     source, store = directory / "source", directory / "store"
     source.mkdir(parents=True)
     data = generate(source, n, args.tacs, args.zipf, args.tac_fill, args.spare_fraction,
-                    args.seed, max(args.lookups, 1000), args.exceptions)
+                    args.seed, max(args.lookups, 1000), args.exceptions, args.zip_level)
     log(f"[{name}] generated {data.csv.name}: {n:,} IMEIs in {len(data.tacs):,} TACs "
         f"(largest {data.counts.max():,}, median {int(np.median(data.counts)):,})"
         + (f", and {data.exceptions.name}: {data.pairs:,} IMEI+IMSI pairs"
            if data.exceptions else "") +
-        f", {mb(data.csv_bytes):,.0f} MB, in {data.seconds:.1f} s")
-    with data.csv.open() as handle:
-        handle.readline()
-        first = handle.readline().strip()
+        f", {mb(data.csv_bytes):,.0f} MB"
+        + (f" (deflate level {args.zip_level}; {mb(data.text_bytes):,.0f} MB of CSV)"
+           if args.zip_level else "") + f", in {data.seconds:.1f} s")
+    first = first_row(data.csv)
     log(f"[{name}] first row: {first}  (Luhn {'ok' if luhn_ok(first[:15]) else 'spare 0'})")
     build = run_sync(source, store, directory)
     log(f"[{name}] eir sync: {build.seconds:.1f} s, {(n + data.pairs) / build.seconds:,.0f} "
         "rows/s, "
-        f"peak RSS {mb(build.peak_rss):,.0f} MB -- {build.output.splitlines()[-1]}")
+        f"peak RSS {mb(build.peak_rss):,.0f} MB (anonymous {mb(build.peak_anon):,.0f} MB), "
+        f"peak disk: store {mb(build.peak_store):,.0f} MB, filesystem +"
+        f"{mb(build.peak_filesystem):,.0f} MB -- {build.output.splitlines()[-1]}")
     snapshot = sorted((store / "snapshots").glob("*.eirsnap"))[-1]
     probe = f"{int(data.sample[0]):014d}"
     runs = []
@@ -614,8 +845,35 @@ def main() -> int:
     parser.add_argument("--split", choices=("auto", "yes", "no"), default="auto",
                         help="time sync's steps in-process too (auto: when memory allows)")
     parser.add_argument("--seed", type=int, default=20_200_915)
+    parser.add_argument("--zip-level", type=int, default=0, choices=range(10),
+                        help="write the lists zipped, as DIRBS publishes them, with this "
+                        "deflate level (0: plain CSV)")
+    parser.add_argument("--serve-seconds", type=float, default=10,
+                        help="seconds of eir replay against eir serve --store (0: none)")
+    parser.add_argument("--serve-rate-of", type=Path, metavar="DIR",
+                        help="only that: the ECRs served from DIR/store, the main/ directory "
+                        "of a --keep run")
+    parser.add_argument("--target", action="store_true",
+                        help=f"Indonesia's {TARGET_ENTRIES:,} IMEIs: --entries "
+                        f"{TARGET_ENTRIES} --zip-level 1 --split no (about an hour and "
+                        "~45 GB of disk here; see bench/RESULTS.md)")
     args = parser.parse_args()
+    if args.target:
+        args.entries, args.split = TARGET_ENTRIES, "no"
+        args.zip_level = args.zip_level or 1
+    if args.serve_rate_of:
+        work = args.serve_rate_of
+        log(f"eir replay flat out on one connection for {args.serve_seconds:g} s against "
+            f"eir serve --store {work / 'store'} --workers 1 ...")
+        served = serve_rate(work / "store", work, args.serve_seconds, args.seed)
+        log(format_served(served))
+        log(json.dumps(served))
+        return 0
     n = QUICK_ENTRIES if args.quick else args.entries
+    if n > MAX_PLAIN_ENTRIES and not args.zip_level:
+        raise SystemExit(f"{n:,} IMEIs as plain CSV (~43 B a row) would take "
+                         f"{n * 43 * 2 / 1e9:,.0f} GB of disk with the sync's copy: give "
+                         "--zip-level (or --target)")
     if args.workdir:
         args.workdir.mkdir(parents=True, exist_ok=False)
         work = args.workdir
@@ -676,6 +934,13 @@ def run(work: Path, n: int, args) -> int:
     lookups, overhead, open_seconds, tac_count = measure_lookups(snapshot, data, args.lookups,
                                                                  args.seed)
     with_imsi = max(lookups, key=lambda item: item.p99)
+    served = None
+    if args.serve_seconds:
+        log(f"[main] eir replay flat out on one connection for {args.serve_seconds:g} s "
+            "against eir serve --store --workers 1 ...")
+        served = serve_rate(work / "main" / "store", work / "main", args.serve_seconds,
+                            args.seed)
+        log(f"[main]   {format_served(served)}")
 
     # -- 7. extrapolation
     tac_directory = sum(sections[s][1] for s in ("tac", "tac_start"))
@@ -689,8 +954,15 @@ def run(work: Path, n: int, args) -> int:
     # both lists grow with the blacklist: 1.2e9 IMEIs and the same share of pairs
     extrapolated_build_s = TARGET_ENTRIES * (n + data.pairs) / n / rows_per_s
     # The build sorts in spilled runs and merges block by block (eir/lists/table.py): its
-    # anonymous memory is bounded by the run size, so the slope is ~0, not a cost per row.
-    extrapolated_peak = build.peak_anon + max(0.0, peak_per_row) * (TARGET_ENTRIES - n)
+    # anonymous memory is bounded by the run size, so the slope is ~0, not a cost per row,
+    # once the list fills a few runs; below that the slope measures the runs filling up
+    # and says nothing of larger lists (measured: 2.3 GB at 1.2e9, bench/RESULTS.md).
+    from eir.lists.table import RUN_ROWS
+    extrapolated_peak = build.peak_anon + max(0.0, peak_per_row) * (TARGET_ENTRIES - n) \
+        if n >= 2 * RUN_ROWS else None
+    peak_text = (f"{mb(build.peak_anon):,.0f} MB + {peak_per_row:.1f} B per extra row = "
+                 f"{extrapolated_peak / 1e9:.1f} GB at 1.2e9" if extrapolated_peak else
+                 f"not extrapolated from fewer than two runs of {RUN_ROWS:,} rows")
     largest_tac = int(data.counts.max())
     probes = int(np.ceil(np.log2(largest_tac + 1)))
 
@@ -745,6 +1017,8 @@ def run(work: Path, n: int, args) -> int:
                      "p99 <= 2 µs" if item is with_imsi else "",
                      mark("lookup_p99_us") if item is with_imsi else ""))
     rows += [
+        ("ECRs served (eir replay, 1 connection)",
+         format_served(served) if served else "not measured", "", ""),
         ("VmRSS of eir serve after 1st answer (warm)",
          f"{mb(warm.vm_rss):,.1f} MB (anon {mb(warm.rss_anon):,.1f}, file {mb(warm.rss_file):,.1f})",
          f"snapshot {mb(snapshot_bytes):,.1f} MB", f"{rss_ratio:.3f}x"),
@@ -774,9 +1048,9 @@ def run(work: Path, n: int, args) -> int:
     log(f"  build: 1.2e9 x {(n + data.pairs) / n:.2f} rows / {rows_per_s:,.0f} rows/s = "
         f"{extrapolated_build_s / 60:.1f} min "
         f"(linear: parse and checksum are; the two sorts are n log n, a few % more). Peak "
-        f"anonymous memory is bounded by the sort runs: {mb(build.peak_anon):,.0f} MB + "
-        f"{peak_per_row:.1f} B per extra row = {extrapolated_peak / 1e9:.1f} GB at 1.2e9; "
-        f"the spilled runs and tables need ~12-28 B per row of scratch disk in the store.")
+        f"anonymous memory is bounded by the sort runs: {peak_text} "
+        f"(measured at 1.2e9: 2.3 GB); the sync's scratch disk is ~24 B per row at its peak "
+        f"(sync measured +{mb(build.peak_filesystem):,.0f} MB on the filesystem here).")
     log(f"  start-up: independent of the IMEI count. Opening maps the file and parses only "
         f"the header JSON (attributes: {len(header['attributes'])}, O(meanings)) and checks "
         f"the TAC directory (O(TACs): {tac_count:,} here, ~{WORLD_TACS:,} at most worldwide); "
@@ -813,8 +1087,11 @@ def run(work: Path, n: int, args) -> int:
         "snapshot_mb": round(mb(snapshot_bytes), 1),
         "extrapolated_1_2e9_snapshot_gb": round(extrapolated_bytes / 1e9, 2),
         "extrapolated_1_2e9_build_minutes": round(extrapolated_build_s / 60, 1),
-        "extrapolated_1_2e9_build_peak_gb": round(extrapolated_peak / 1e9, 1),
+        "extrapolated_1_2e9_build_peak_gb": round(extrapolated_peak / 1e9, 1)
+        if extrapolated_peak else None,
         "extrapolated_1_2e9_pairs_gb": round(extrapolated_pair_bytes / 1e9, 2),
+        "ecr_per_s": round(served["rate"]) if served else None,
+        "ecr_server_cpu_us": round(served["server_cpu_us_per_ecr"], 1) if served else None,
         "targets_met": met,
     }))
     return 0

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from eir.core.decision import EquipmentStatus
-from eir.lists import table
+from eir.lists import sections, table
 from eir.lists.entries import Attribute, Kind, ListDelta, ListEntries
 from eir.lists.state import ListState
 from eir.lists.table import Block, EntrySorter, merge, open_table, write_table
@@ -76,6 +76,18 @@ def test_table_file_round_trip_and_refusals(tmp_path):
         open_table(path)
 
 
+def mapped_under(directory):
+    """Names of the files under `directory` this process has mapped (unlinked ones too)."""
+    names = set()
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split(maxsplit=5)
+            path = fields[5].strip() if len(fields) == 6 else ""
+            if path.startswith(f"{directory}/"):
+                names.add(path.removesuffix(" (deleted)").rpartition("/")[2])
+    return names
+
+
 def attribute(i):
     return Attribute(Kind.BLACKLIST, "bl.csv", block_date=20200101 + i, reason=f"r{i}")
 
@@ -117,7 +129,9 @@ def test_delta_applied_to_a_spilled_state_matches_the_in_memory_result(tmp_path,
     monkeypatch.setattr(table, "RUN_ROWS", 200)
     monkeypatch.setattr(table, "BLOCK_ROWS", 150)
     spilled = state.apply([delta], ["d@1"], scratch=tmp_path)
-    assert list(tmp_path.glob("table-*"))  # written to scratch, not held in memory
+    # written to scratch, not held in memory: mapped, the file already unlinked
+    assert [name for name in mapped_under(tmp_path) if name.startswith("table-")]
+    assert not list(tmp_path.glob("table-*"))
     for result in (in_memory, spilled):
         assert result.entries.ordered
         got = set(zip(result.entries.imei.tolist(), result.entries.attribute.tolist()))
@@ -145,3 +159,97 @@ def test_sync_removes_its_scratch_and_a_killed_syncs_but_not_a_running_syncs(tmp
     assert sorted(p.name for p in (store.root / "tmp").iterdir()) == [running.name]
     state, = (store.root / "lists").glob("blacklist-*.state")
     assert ListState.open(state).entries.imei.tolist() == [35209900176148]
+
+
+def test_sorter_gives_the_runs_disk_space_back_as_it_merges_them(tmp_path, monkeypatch):
+    # 8 runs of 25,000 rows, merged in blocks of 2,000: each run's consumed pages are
+    # punched out while the merge goes on, and the result is the same as one sort.
+    punched = []
+
+    def punch(descriptor, offset, length, real=table.punch_hole):
+        punched.append((os.fstat(descriptor).st_ino, offset, length))
+        return real(descriptor, offset, length)
+
+    monkeypatch.setattr(table, "punch_hole", punch)
+    monkeypatch.setattr(table, "BLOCK_ROWS", 2000)
+    entries = random_entries(200_000)
+    sorter = EntrySorter(tmp_path, run_rows=25_000)
+    for start in range(0, 200_000, 25_000):
+        part = entries.slice(start, start + 25_000)
+        sorter.add(part.imei, None, None, part.attribute)
+    runs = {os.stat(path).st_ino for path in sorter.runs}
+    result = sorter.finish()
+    assert rows(result) == sorted(rows(entries))
+    assert {inode for inode, _, _ in punched} == runs  # every run gave space back
+    assert sum(length for _, _, length in punched) > 0.8 * 200_000 * 12
+
+
+def test_release_punches_only_whole_pages_already_merged(tmp_path):
+    entries = random_entries(100_000, attributes=5).sorted()
+    path = tmp_path / "run.table"
+    write_table(path, [entries], {})
+    allocated = os.stat(path).st_blocks
+    _, mapped = open_table(path)
+    release = table._Release([path])
+    release.taken([mapped.slice(0, 60_000)])
+    release.close()
+    if os.stat(path).st_blocks == allocated:
+        pytest.skip("this filesystem cannot punch holes")
+    assert os.stat(path).st_blocks * 512 <= allocated * 512 - 60_000 * 12 + 2 * 4096 * 2
+    # the rows not yet merged are intact, down to the partial page before them
+    _, again = open_table(path)
+    assert rows(again.slice(60_000, 100_000)) == rows(entries.slice(60_000, 100_000))
+
+
+def test_sync_compiles_from_the_saved_states_with_the_scratch_tables_dropped(tmp_path,
+                                                                              monkeypatch):
+    # A list larger than a sort run is sorted into a scratch table; once saved as the
+    # list's state, the compile reads the state, and the scratch table is no longer mapped
+    # (unlinked, so its space is back before the snapshot's sections spill).
+    from eir.lists import sync as sync_module
+
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    imeis = RNG.choice(10**6, 3000, replace=False) + 35_209_900_000_000
+    (drop / "20261120_blacklist.csv").write_text(
+        "imei,block_date,reasons\n" + "".join(f"{i},20200101,stolen\n" for i in imeis))
+    store = Store(tmp_path / "store")
+    monkeypatch.setattr(table, "RUN_ROWS", 1000)
+    seen = {}
+
+    def write_snapshot(out, lists, *args, scratch=None, **kwargs):
+        seen["scratch mapped"] = mapped_under(scratch)
+        seen["lists from"] = {name for name in mapped_under(store.root / "lists")}
+        return real(out, lists, *args, scratch=scratch, **kwargs)
+
+    real = sync_module.write_snapshot
+    monkeypatch.setattr(sync_module, "write_snapshot", write_snapshot)
+    assert sync(str(drop), store).published
+    assert seen["scratch mapped"] == set()
+    assert any(name.startswith("blacklist-") for name in seen["lists from"])
+    verdict = store.open_current().lookup(f"{imeis[0]}", None, 20300101)
+    assert verdict is not None and verdict.status is EquipmentStatus.BLACKLISTED
+
+
+def test_spilled_sections_give_their_disk_space_back_as_they_are_copied(tmp_path,
+                                                                         monkeypatch):
+    # Spilled sections are copied into the file in 16 MB pieces, each punched out of the
+    # spill after it is copied: the spill and the file do not both hold the section.
+    punched = []
+
+    def punch(descriptor, offset, length, real=sections.punch_hole):
+        punched.append((offset, length))
+        return real(descriptor, offset, length)
+
+    entries = random_entries(3_000_000, attributes=5).sorted()
+    whole = tmp_path / "whole.table"
+    write_table(whole, [entries], {})
+    monkeypatch.setattr(sections, "punch_hole", punch)
+    monkeypatch.setattr(sections, "SPILL_BYTES", 1 << 20)
+    spilled = tmp_path / "spilled.table"
+    write_table(spilled, [entries.slice(i, i + 500_000) for i in range(0, 3_000_000, 500_000)],
+                {})
+    assert spilled.read_bytes() == whole.read_bytes()
+    # imei: 24,000,000 bytes in two pieces, attribute: 12,000,000 in one
+    assert sorted(punched) == [(0, 12_000_000), (0, 16 << 20),
+                               (16 << 20, 24_000_000 - (16 << 20))]

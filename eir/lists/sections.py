@@ -6,14 +6,16 @@ Snapshots (eir.lists.snapshot) and list tables (eir.lists.table) share this layo
 
 The header's "sections" maps each section to (offset from the end of the header, bytes).
 Writing streams: a section is appended to in pieces, in any order, and pieces beyond a memory
-budget go to a temporary file beside the output; `finish` lays the sections out. So a file of
-billions of rows is written with memory bounded by the pieces, never the whole.
+budget go to a temporary file beside the output; `finish` lays the sections out, punching what
+it has copied out of the temporary files. So a file of billions of rows is written with memory
+bounded by the pieces, never the whole, and with disk space little above its own size.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -93,8 +95,7 @@ class SectionWriter:
         out.write(header_bytes)
         for section in self.sections.values():
             if section.spill is not None:
-                section.spill.seek(0)
-                shutil.copyfileobj(section.spill, out, _COPY_CHUNK)
+                _copy_releasing(section.spill, out)
             for piece in section.pieces:
                 out.write(piece)
             out.write(bytes(((section.nbytes + 7) & ~7) - section.nbytes))
@@ -112,6 +113,45 @@ class SectionWriter:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _copy_releasing(spill, out: BinaryIO) -> None:
+    """Copy a spilled section into `out`, punching each copied piece out of the spill file:
+    the spill and the output would otherwise both hold the section until the end (14 GB
+    each for the keys of a 1.2-billion-row list)."""
+    spill.seek(0)
+    copied, releasing = 0, True
+    while chunk := spill.read(_COPY_CHUNK):
+        out.write(chunk)
+        if releasing:  # where holes cannot be punched, the spill stays whole until closed
+            releasing = punch_hole(spill.fileno(), copied, len(chunk))
+        copied += len(chunk)
+
+
+_FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
+
+
+def punch_hole(descriptor: int, offset: int, length: int) -> bool:
+    """Deallocate [offset, offset + length) of a file (reads give zeros); False where the
+    OS or filesystem does not support it."""
+    fallocate = _libc_fallocate()
+    if fallocate is None:
+        return False
+    return fallocate(descriptor, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE,
+                     offset, length) == 0
+
+
+@functools.cache
+def _libc_fallocate():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        function = ctypes.CDLL(None, use_errno=True).fallocate
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    function.restype = ctypes.c_int
+    return function
 
 
 def read_sections(buffer, magic: bytes, types: dict[str, str], where: str

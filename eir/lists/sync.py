@@ -252,7 +252,7 @@ def sync_directory(directory: Path, store: Store,
             if problems:
                 raise SyncError(str(ListError(problems)))
             updates = _updates(parsed, digests)
-            del parsed
+            del parsed  # _apply consumes updates: the parsed lists are dropped in it
             result = _apply(store, updates, ignored, scratch, publication)
     except OSError as exc:
         # A full disk (or a read error) before CURRENT switched: the version in force stays.
@@ -341,7 +341,8 @@ def _unchanged(store: Store, publication: _Publication, warnings: list[str]) -> 
 
 def _apply(store: Store, updates: dict[str, "_Update"], ignored: list[str],
            scratch: Path, publication: _Publication) -> SyncResult:
-    """Apply parsed updates to the lists in force and publish the compiled result."""
+    """Apply parsed updates to the lists in force and publish the compiled result.
+    `updates` is consumed (emptied): see _compile for why."""
     with store.locked():
         _refuse_if_pinned(store)
         # Again under the lock: another sync may have published meanwhile.
@@ -349,45 +350,9 @@ def _apply(store: Store, updates: dict[str, "_Update"], ignored: list[str],
                      publication.where) == "same":
             return _unchanged(store, publication, [])
         in_force = _in_force(store)
-        states = dict(in_force)
-        # A newer sequence is a new publication even if no list changed: the version in
-        # force then names the manifest the registry published last.
         current = store.current_version()
-        changed = publication.manifest is not None and publication.manifest.sequence is not None
-        for name, update in updates.items():
-            state = states.get(name)
-            full = update.full
-            if full is not None and state is not None and full.run and state.run and \
-                    _run_number(full.run) < _run_number(state.run):
-                ignored.append(f"{_label(full.files[0])}: run {full.run} is older "
-                               f"than the {name} list in force (run {state.run})")
-            elif full is not None and state is not None and \
-                    _dated_before(full.files[0], state.files[0]):
-                ignored.append(f"{_label(full.files[0])}: dated before the {name} list in "
-                               f"force ({_label(state.files[0])}): an older list does not "
-                               "replace a newer one")
-            elif full is not None and (state is None or full.files[0] not in state.files):
-                state = full
-                changed = True
-            for run_deltas, run_files in update.deltas:
-                if state is None and not run_deltas[0].base:
-                    # Import-side deltas (stolen, pairing) name no base: the list starts empty.
-                    state = ListState(name, "", ListEntries(name))
-                if state is None:
-                    names = ", ".join(f.rpartition("@")[0] for f in run_files)
-                    raise SyncError(f"{names}: delta for the {name} list, but no full list "
-                                    "of it is in force or in the source")
-                if all(f in state.files for f in run_files) or (
-                        run_deltas[0].run and state.run and _run_number(run_deltas[0].run)
-                        <= _run_number(state.run)):
-                    continue  # already applied, or already part of the full list
-                try:
-                    state = state.apply(run_deltas, run_files, scratch)
-                except DeltaError as exc:
-                    raise SyncError(str(exc)) from None
-                changed = True
-            if state is not None:
-                states[name] = state
+        states, changed = _updated_states(in_force, updates, ignored, scratch, publication)
+        updates.clear()
         if current is not None and not changed:
             return SyncResult(current, False, _sources(states),
                               store.open_current().info.counts, ignored)
@@ -396,12 +361,59 @@ def _apply(store: Store, updates: dict[str, "_Update"], ignored: list[str],
                       store.open_current().info.counts, ignored)
 
 
+def _updated_states(in_force: dict[str, ListState], updates: dict[str, "_Update"],
+                    ignored: list[str], scratch: Path, publication: _Publication
+                    ) -> tuple[dict[str, ListState], bool]:
+    """Every list's state after the updates, and whether any list (or the publication)
+    changed."""
+    states = dict(in_force)
+    # A newer sequence is a new publication even if no list changed: the version in
+    # force then names the manifest the registry published last.
+    changed = publication.manifest is not None and publication.manifest.sequence is not None
+    for name, update in updates.items():
+        state = states.get(name)
+        full = update.full
+        if full is not None and state is not None and full.run and state.run and \
+                _run_number(full.run) < _run_number(state.run):
+            ignored.append(f"{_label(full.files[0])}: run {full.run} is older "
+                           f"than the {name} list in force (run {state.run})")
+        elif full is not None and state is not None and \
+                _dated_before(full.files[0], state.files[0]):
+            ignored.append(f"{_label(full.files[0])}: dated before the {name} list in "
+                           f"force ({_label(state.files[0])}): an older list does not "
+                           "replace a newer one")
+        elif full is not None and (state is None or full.files[0] not in state.files):
+            state = full
+            changed = True
+        for run_deltas, run_files in update.deltas:
+            if state is None and not run_deltas[0].base:
+                # Import-side deltas (stolen, pairing) name no base: the list starts empty.
+                state = ListState(name, "", ListEntries(name))
+            if state is None:
+                names = ", ".join(f.rpartition("@")[0] for f in run_files)
+                raise SyncError(f"{names}: delta for the {name} list, but no full list "
+                                "of it is in force or in the source")
+            if all(f in state.files for f in run_files) or (
+                    run_deltas[0].run and state.run and _run_number(run_deltas[0].run)
+                    <= _run_number(state.run)):
+                continue  # already applied, or already part of the full list
+            try:
+                state = state.apply(run_deltas, run_files, scratch)
+            except DeltaError as exc:
+                raise SyncError(str(exc)) from None
+            changed = True
+        if state is not None:
+            states[name] = state
+    return states, changed
+
+
 def _compile(store: Store, states: dict[str, ListState], in_force: dict[str, ListState],
              current: str | None, scratch: Path, manifest: dict | None,
              by: str | None = None) -> str:
     """Save the states that changed, compile them into a snapshot that records `manifest`
     (a registry manifest's provenance) and publish it, journaled `by` whom (None: a sync),
-    under the lock; its version. `in_force`: the states of version `current`."""
+    under the lock; its version. `in_force`: the states of version `current`; `states` is
+    updated to the saved states."""
     version = store.next_version()
     # States are saved before compiling, each written block by block from its mapped
     # or spilled entries; unchanged ones keep their file. If the compile is refused, the
@@ -410,6 +422,13 @@ def _compile(store: Store, states: dict[str, ListState], in_force: dict[str, Lis
     state_files = {name: kept[name] if state is in_force.get(name) and name in kept
                    else store.save_state(name, version, state.save)
                    for name, state in states.items()}
+    # The snapshot is compiled from the saved states, mapped, and what the parse and the
+    # deltas left in the scratch directory is dropped now: its tables are unlinked
+    # (eir.lists.table), so their space comes back here, before the compile spills the
+    # snapshot's sections (at 1.2 billion IMEIs: 14 GB that would otherwise be taken
+    # three times over: scratch table, state, snapshot).
+    for name, file_name in state_files.items():
+        states[name] = ListState.open(store.state_path(file_name))
     lists = [state.entries for state in states.values() if state.entries is not None]
     tac_names: dict[int, str] = {}
     for state in states.values():

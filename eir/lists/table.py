@@ -24,16 +24,17 @@ memory.
 from __future__ import annotations
 
 import itertools
+import json
 import mmap
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
 from eir.lists.entries import ListEntries
-from eir.lists.sections import SectionFileError, SectionWriter, read_sections
+from eir.lists.sections import SectionFileError, SectionWriter, punch_hole, read_sections
 
 TABLE_MAGIC = b"EIRLIST1"
 COLUMN_TYPES = {"imei": "<u8", "imsi": "<u8", "subscriber": "<u8", "attribute": "<u4"}
@@ -181,11 +182,16 @@ def merge(sources: list[Block], block_rows: int | None = None) -> Iterator[list[
         yield pieces
 
 
-def merged(sources: list[Block], block_rows: int | None = None) -> Iterator[Block]:
-    """The entries of sorted `sources`, in key order, block by block."""
+def merged(sources: list[Block], block_rows: int | None = None,
+           taken: Callable[[list[Block]], None] | None = None) -> Iterator[Block]:
+    """The entries of sorted `sources`, in key order, block by block. With `taken`, it is
+    called with every block's pieces (each source's slice) once the consumer asks for the
+    next block: a consumer that copies each block (write_table) is done with them then."""
     for pieces in merge(sources, block_rows):
         live = [p for p in pieces if len(p)]
         yield live[0] if len(live) == 1 else Block.concatenate(live).sorted(runs=True)
+        if taken is not None:
+            taken(pieces)
 
 
 def collect(blocks: Iterable[Block], scratch: Path | None) -> Block:
@@ -200,11 +206,21 @@ def collect(blocks: Iterable[Block], scratch: Path | None) -> Block:
         if scratch is not None and rows > RUN_ROWS:
             path = scratch / f"table-{os.getpid()}-{next(_names)}.table"
             write_table(path, itertools.chain(held, blocks), {}, scratch)
-            return open_table(path)[1]
+            return _mapped_and_unlinked(path)
     return Block.concatenate(held)
 
 
 _names = itertools.count()
+
+
+def _mapped_and_unlinked(path: Path) -> Block:
+    """The entries of a scratch table, mapped, with the file unlinked at once: its disk space
+    comes back as soon as the last array of the mapping is dropped (a sync drops a list
+    it has saved as a state before it compiles the snapshot: eir.lists.sync), not when the
+    scratch directory is removed at the end."""
+    block = open_table(path)[1]
+    path.unlink()
+    return block
 
 
 # -- table files -----------------------------------------------------------------------------
@@ -305,10 +321,64 @@ class EntrySorter:
         if self.pending_rows:
             self._spill()
         runs = [open_table(path)[1] for path in self.runs]
+        released = _Release(self.runs)
         path = self.scratch / f"sorted-{os.getpid()}-{next(_names)}.table"
-        write_table(path, merged(runs), {}, self.scratch)
+        try:
+            write_table(path, merged(runs, taken=released.taken), {}, self.scratch)
+        finally:
+            released.close()
         del runs
         for run in self.runs:
             run.unlink(missing_ok=True)  # mapped pages stay valid until dropped
         self.runs = []
-        return open_table(path)[1]
+        return _mapped_and_unlinked(path)
+
+
+class _Release:
+    """Gives the disk space of the sort runs back as the merge consumes them, so that the
+    runs and the merged table do not both take the list's size (12 B a row each: 14 GB
+    apiece for a 1.2-billion-row blacklist): the pages of each run already merged are
+    punched out of its file (fallocate PUNCH_HOLE; whole pages only, behind the merge's
+    position). Where the filesystem or the OS cannot, nothing is released until the runs
+    are removed after the merge, as before."""
+
+    def __init__(self, paths: list[Path]):
+        self.files = []  # per run: (descriptor, [(column offset, item size, punched to)])
+        self.consumed = [0] * len(paths)
+        for path in paths:
+            columns = [[offset, size, offset] for offset, size in _column_offsets(path)]
+            self.files.append((os.open(path, os.O_WRONLY), columns))
+
+    def taken(self, pieces: list[Block]) -> None:
+        if not self.files:
+            return
+        for index, piece in enumerate(pieces):
+            self.consumed[index] += len(piece)
+            descriptor, columns = self.files[index]
+            for column in columns:
+                offset, size, punched = column
+                end = (offset + self.consumed[index] * size) // _PAGE * _PAGE
+                start = -(-punched // _PAGE) * _PAGE
+                if end > start and not punch_hole(descriptor, start, end - start):
+                    self.close()  # not supported here: keep the runs whole
+                    return
+                column[2] = max(punched, end)
+
+    def close(self) -> None:
+        for descriptor, _ in self.files:
+            os.close(descriptor)
+        self.files = []
+
+
+_PAGE = mmap.PAGESIZE
+
+
+def _column_offsets(path: Path) -> list[tuple[int, int]]:
+    """(file offset, item size) of each stored column of a table file."""
+    with open(path, "rb") as handle:
+        start = handle.read(16)
+        length = int.from_bytes(start[8:12], "little")
+        header = json.loads(handle.read(length))
+    body = (16 + length + 7) & ~7
+    return [(body + offset, np.dtype(COLUMN_TYPES[name]).itemsize)
+            for name, (offset, _) in header["sections"].items()]
