@@ -38,7 +38,6 @@ from itertools import islice
 from operator import attrgetter, itemgetter
 from typing import TYPE_CHECKING, Protocol
 
-from eir.core.decision import VERDICT_STATUSES, status_name
 from eir.core.untrusted import untrusted
 from eir.diameter.codec import (
     Avp,
@@ -136,9 +135,11 @@ class AnswerRun(Protocol):
     """An application's fast path (optional `answer_run` attribute, None when off): answers
     messages[start:stop] (`stop` the first it does not take, or `end`), as `handle_request`
     would have, but for the header checks and AVP decoding and validation that it does
-    itself; returns (answers, stop, records), a record per answer whose fourth item is the
-    request's Origin-Host payload and fifth the answer (when `answers`, else None). Only
-    requests without the T flag; at most `max_avps` AVPs each."""
+    itself; returns (answers, stop, records), a record per answer whose third item is the
+    verdict (its `status` a key of the application's `answer_outcomes`, which names the
+    outcome as `handle_request` does), fourth the request's Origin-Host payload and fifth the
+    answer (when `answers`, else None). Only requests without the T flag; at most
+    `max_avps` AVPs each."""
 
     def __call__(self, messages: list[bytes], start: int, end: int, max_avps: int,
                  answers: bool) -> tuple[bytes, int, list]: ...
@@ -279,9 +280,12 @@ class PeerConnection:
         self._held: list[bytes] | None = None
         self._peer_key = b""  # the CER's Origin-Host, lower-cased, once open (duplicates)
         # An application's fast path (see the module docstring), or None.
-        self._answer_run: AnswerRun | None = next(
-            (run for run in (getattr(a, "answer_run", None) for a in self.applications.values())
-             if run is not None), None)
+        fast = next((a for a in self.applications.values()
+                     if getattr(a, "answer_run", None) is not None), None)
+        self._answer_run: AnswerRun | None = fast.answer_run if fast is not None else None
+        # The outcome name (a key of `answered`) of each status a fast-path record's verdict
+        # may have: the application's `answer_outcomes`, as it names them for handle_request.
+        self._answer_outcomes: dict = fast.answer_outcomes if fast is not None else {}
 
     # -- inputs --------------------------------------------------------------------------
 
@@ -615,10 +619,10 @@ class PeerConnection:
         # through Python per request.
         answered = self.answered
         statuses = list(map(_STATUS, map(_VERDICT, records)))
-        for status in VERDICT_STATUSES:
+        for status, outcome in self._answer_outcomes.items():
             count = statuses.count(status)
             if count:
-                answered[status_name(status)] += count
+                answered[outcome] += count
         counters = self.counters
         if counters is not None:
             codes = list(map(_COMMAND_CODE, run))

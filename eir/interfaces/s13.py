@@ -76,6 +76,7 @@ class S13Application:
                                                                               None))
         # None: every request takes the generic path (diameter.fast_path off, or no C).
         self.answer_run = self._answer_run if fast_path and answer_ecrs is not None else None
+        self.answer_outcomes = OUTCOMES  # how PeerConnection counts the fast path's verdicts
         self.fast_answers = 0  # requests the fast path answered
 
     def _answer_run(self, messages: list[bytes], start: int, end: int, max_avps: int,
