@@ -49,7 +49,13 @@ echo "== ruff check eir"
 .venv/bin/ruff check eir
 echo "== mypy (the eir package)"
 .venv/bin/mypy
-.venv/bin/python -m pytest
+# Every core runs tests (pytest-xdist); the tests that bound latency or rate run after
+# them, alone (the `serial` marker, tests/conftest.py). Both parts run, whichever fails.
+status=0
+.venv/bin/python -m pytest -n auto -m "not serial" || status=$?
+echo "== the tests that bound latency or rate, one at a time"
+.venv/bin/python -m pytest -m serial || status=$?
+[ "$status" -eq 0 ] || exit "$status"
 # The whole suite passed: the quick benchmark prints its figures (no timed assertion), so
 # that every change shows its effect on throughput and latency; it fails only if it breaks.
 echo "== quick benchmark (python3 bench/run.py --quick)"

@@ -27,3 +27,17 @@ def eir_server(tmp_path_factory):
     yield factory
     for running in started:
         running.kill()
+
+
+# Modules whose tests bound latency or rate (a p99 beside a flood, a paced replay's count):
+# scripts/test.sh runs them after the rest, one at a time (`-m serial`), while the others run
+# in parallel (`pytest -n auto -m "not serial"`, pytest-xdist), so that their margins are
+# measured on a machine no other test of ours is loading.
+SERIAL_MODULES = {"test_faults_wire", "test_overload", "test_sbi_attacks", "test_http1",
+                  "test_mme_sim", "test_replay"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.module is not None and item.module.__name__ in SERIAL_MODULES:
+            item.add_marker(pytest.mark.serial)
