@@ -120,9 +120,11 @@ class _SetTable:
         return found
 
 
-def _fold(keys: np.ndarray, sets: np.ndarray, table: _SetTable,
+def _fold(keys: np.ndarray, sets: np.ndarray, combined: list,
           secondary: np.ndarray | None = None):
-    """Entries sorted by key (then secondary): equal keys folded into one combined set."""
+    """Entries sorted by key (then secondary): equal keys folded into one combined set. The
+    sets of several entries are left to intern: `combined` gets (key, secondary or -1, the
+    returned set array, its index, the members) for each (see _intern_in_key_order)."""
     same = keys[1:] == keys[:-1]
     if secondary is not None:
         same &= secondary[1:] == secondary[:-1]
@@ -133,8 +135,19 @@ def _fold(keys: np.ndarray, sets: np.ndarray, table: _SetTable,
     merged = sets[starts].copy()
     # Python only over the groups that really have several entries (rare in real lists).
     for group in np.flatnonzero(np.diff(bounds) > 1):
-        merged[group] = table.intern(sets[bounds[group]:bounds[group + 1]].tolist())
+        start = bounds[group]
+        combined.append((int(keys[start]), -1 if secondary is None else int(secondary[start]),
+                         merged, group, sets[start:bounds[group + 1]].tolist()))
     return keys[starts], merged, secondary[starts] if secondary is not None else None
+
+
+def _intern_in_key_order(combined: list, table: _SetTable) -> None:
+    """Intern the combined sets _fold left, in key order (plain before pairs of one IMEI):
+    the order the whole list would give, so that the set numbers, and the snapshot's bytes,
+    do not depend on where the merge cut its blocks."""
+    combined.sort(key=lambda group: group[:2])
+    for _, _, merged, index, members in combined:
+        merged[index] = table.intern(members)
 
 
 def _range_segments(ranges, attribute_ids):
@@ -280,13 +293,16 @@ def _write_exact(writer: SectionWriter, blocks: list, remaps: list,
         block = parts[0] if len(parts) == 1 else Block.concatenate(parts).sorted(runs=True)
         imei = block.imei.astype(np.uint64, copy=False)
         plain = None if block.imsi.strides == (0,) else block.imsi == 0
+        combined: list = []
         if plain is None or plain.all():
-            keys, sets, _ = _fold(imei, block.attribute, table)
+            keys, sets, _ = _fold(imei, block.attribute, combined)
+            _intern_in_key_order(combined, table)
         else:
-            keys, sets, _ = _fold(imei[plain], block.attribute[plain], table)
+            keys, sets, _ = _fold(imei[plain], block.attribute[plain], combined)
             pair_imei, pair_set, pair_imsi = _fold(
-                imei[~plain], block.attribute[~plain], table,
+                imei[~plain], block.attribute[~plain], combined,
                 secondary=np.asarray(block.imsi)[~plain])
+            _intern_in_key_order(combined, table)
             writer.append("pair_imei", pair_imei)
             writer.append("pair_imsi", pair_imsi)
             writer.append("pair_set", pair_set)
